@@ -1,0 +1,166 @@
+"""All HVLFormer config keys, with their defaults (the paper's hyper-parameters for ViT-B/16).
+
+``add_hvlformer_config(cfg)`` is the only place keys are added; YAML files under ``configs/`` override
+them through ``_BASE_`` inheritance. detectron2's CfgNode refuses keys that do not exist here, so a
+typo in a YAML file or on the command line is a clear error, not a silent no-op.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_hvlformer_config(cfg: CN) -> None:
+    """Add the HVLFormer keys to a detectron2 config (in place)."""
+    # ------------------------------------------------------------------ data
+    # Dataset mapper for labeled training images ("hvlformer_semantic").
+    cfg.INPUT.DATASET_MAPPER_NAME = "hvlformer_semantic"
+    # Square training crop (H, W); Cityscapes uses 801.
+    cfg.INPUT.CROP.SIZE = (512, 512)
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # Random resize of the long side, as a ratio range of INPUT.RESIZE_BASE (UniMatch protocol).
+    cfg.INPUT.RESIZE_RATIO_RANGE = (0.5, 2.0)
+    # Long side that the resize ratio multiplies (VOC/COCO/ADE 512 ... Cityscapes 2048).
+    cfg.INPUT.RESIZE_BASE = 512
+    # Photometric distortion on labeled images (brightness / contrast / saturation / hue jitter).
+    cfg.INPUT.COLOR_AUG_SSD = False
+    # Pad the input to a multiple of this (the patch size divides it; 0 = no padding).
+    cfg.INPUT.SIZE_DIVISIBILITY = 32
+    # Check every label map against the class count (values >= K that are not the ignore value fail).
+    cfg.INPUT.VALIDATE_LABELS = True
+
+    # Synthetic "shapes" dataset: registered as shapes_train / shapes_val under $DETECTRON2_DATASETS.
+    cfg.DATASETS.SHAPES = CN()
+    cfg.DATASETS.SHAPES.NUM_CLASSES = 6  # background + 5 shape classes
+    cfg.DATASETS.SHAPES.IMAGE_SIZE = 128
+    cfg.DATASETS.SHAPES.NUM_TRAIN = 400
+    cfg.DATASETS.SHAPES.NUM_VAL = 50
+    cfg.DATASETS.SHAPES.SEED = 0
+
+    # ------------------------------------------------------------------ solver
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Learning-rate multiplier of the CLIP vision encoder (fine-tuned at 0.1x).
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Weight decay of normalisation layers, embeddings (position, level, query) and the learnable context.
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Exponent of the polynomial decay after warm-up ("WarmupPolyLR").
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    # Mixed precision dtype when SOLVER.AMP.ENABLED: "bfloat16" (no scaler needed) or "float16".
+    cfg.SOLVER.AMP.DTYPE = "bfloat16"
+
+    # ------------------------------------------------------------------ backbone: CLIP vision tower
+    cfg.MODEL.HVLFORMER = CN()
+    cfg.MODEL.HVLFORMER.CLIP = CN()
+    # open_clip architecture name; project configs in hvlformer/modeling/backbone/model_configs are
+    # registered too (e.g. "HVL-Tiny-ViT" for CPU tests).
+    cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME = "ViT-B-16"
+    # open_clip pretrained tag (e.g. "openai"; needs network once) or a local checkpoint path;
+    # "" = random initialisation (one warning is logged).
+    cfg.MODEL.HVLFORMER.CLIP.PRETRAINED = ""
+    # 0-based ViT blocks whose patch tokens feed the simple feature pyramid (ViT-B: 3,5,7,11;
+    # EVA02-L: 7,11,15,23). Negative indices count from the last block.
+    cfg.MODEL.HVLFORMER.CLIP.OUT_INDICES = [3, 5, 7, 11]
+    # Norm inside the stride-4 branch of the pyramid: "GN", "LN", "BN", "SyncBN" (SyncBN falls back to BN
+    # when torch.distributed is not initialised, so single-process CPU runs work).
+    cfg.MODEL.HVLFORMER.CLIP.PYRAMID_NORM = "GN"
+    # Recompute ViT blocks in the backward pass to save memory.
+    cfg.MODEL.HVLFORMER.CLIP.GRADIENT_CHECKPOINTING = False
+    # Keep a frozen copy of the initial vision encoder for L^V (f_CLS vs f_CLS^0).
+    cfg.MODEL.HVLFORMER.CLIP.FROZEN_REFERENCE = True
+
+    # ------------------------------------------------------------------ text side
+    cfg.MODEL.HVLFORMER.TEXT = CN()
+    # Learnable CoOp context tokens shared by all classes, inserted after SOT.
+    cfg.MODEL.HVLFORMER.TEXT.NUM_CONTEXT = 8
+    # Dataset-aware descriptions JSON (datasets/descriptions/<dataset>.json). "" = look up
+    # datasets/descriptions/<name>.json for the training dataset's "descriptions_name" metadata;
+    # if none exists the class-name fallback template is used.
+    cfg.MODEL.HVLFORMER.TEXT.DESCRIPTIONS = ""
+    # Descriptions per class that are averaged (R).
+    cfg.MODEL.HVLFORMER.TEXT.NUM_DESCRIPTIONS = 4
+    # Prompt used when no description file exists.
+    cfg.MODEL.HVLFORMER.TEXT.FALLBACK_TEMPLATE = "a photo of a {}."
+    # Prompt of the frozen reference embeddings T0 used by L^L ({} = class name, then attributes).
+    cfg.MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE = "a clean origami of a {} with attributes: {}"
+
+    # ------------------------------------------------------------------ HTQG (HQG + SRE)
+    # Number of hierarchical query levels E.
+    cfg.MODEL.HVLFORMER.NUM_QUERY_LEVELS = 3
+    # Decoder width D.
+    cfg.MODEL.HVLFORMER.HIDDEN_DIM = 256
+    cfg.MODEL.HVLFORMER.SRE = CN()
+    # "soft" (q * s_k), "threshold" (keep s_k > THRESHOLD), "none", "clip_zero_shot" (HierVL).
+    cfg.MODEL.HVLFORMER.SRE.MODE = "soft"
+    cfg.MODEL.HVLFORMER.SRE.THRESHOLD = 0.5
+    # Softmax temperature of the clip_zero_shot mode.
+    cfg.MODEL.HVLFORMER.SRE.TEMPERATURE = 0.01
+
+    # ------------------------------------------------------------------ PTRM
+    cfg.MODEL.HVLFORMER.PTRM = CN()
+    # "ptrm" (paper), "cross_attention" (queries attend to pixels), "none" (Table 7b ablation).
+    cfg.MODEL.HVLFORMER.PTRM.MODE = "ptrm"
+    # Kernel and hidden width of the two convolutions producing W_T, W_V, W_F.
+    cfg.MODEL.HVLFORMER.PTRM.KERNEL_SIZE = 7
+    cfg.MODEL.HVLFORMER.PTRM.HIDDEN_CHANNELS = 16
+
+    # ------------------------------------------------------------------ transformer decoder
+    cfg.MODEL.HVLFORMER.TRANSFORMER_DECODER_NAME = "HVLTransformerDecoder"
+    # Masked-attention layers N.
+    cfg.MODEL.HVLFORMER.DEC_LAYERS = 9
+    cfg.MODEL.HVLFORMER.NHEADS = 8
+    cfg.MODEL.HVLFORMER.DIM_FEEDFORWARD = 2048
+    cfg.MODEL.HVLFORMER.DROPOUT = 0.0
+    cfg.MODEL.HVLFORMER.PRE_NORM = False
+    cfg.MODEL.HVLFORMER.ENFORCE_INPUT_PROJ = False
+    # Learnable instance queries appended after the E*K textual ones (HierVL DQTD: 100; HVLFormer: 0).
+    cfg.MODEL.HVLFORMER.NUM_INSTANCE_QUERIES = 0
+    # Query classifier: "linear" (paper) or "text" (cosine to t_k; allows a new vocabulary at inference).
+    cfg.MODEL.HVLFORMER.CLASSIFIER = "linear"
+    # Input size divisibility inside the model (padding for batching).
+    cfg.MODEL.HVLFORMER.SIZE_DIVISIBILITY = 32
+
+    # ------------------------------------------------------------------ losses
+    cfg.MODEL.HVLFORMER.DEEP_SUPERVISION = True
+    cfg.MODEL.HVLFORMER.NO_OBJECT_WEIGHT = 0.1
+    cfg.MODEL.HVLFORMER.CLASS_WEIGHT = 2.0
+    cfg.MODEL.HVLFORMER.MASK_WEIGHT = 5.0
+    cfg.MODEL.HVLFORMER.DICE_WEIGHT = 5.0
+    # Importance-sampled points for the mask losses (PointRend / Mask2Former).
+    cfg.MODEL.HVLFORMER.TRAIN_NUM_POINTS = 112 * 112
+    cfg.MODEL.HVLFORMER.OVERSAMPLE_RATIO = 3.0
+    cfg.MODEL.HVLFORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # L_reg = L^L + L^VL + L^V (language, vision-language, vision regularisation).
+    cfg.MODEL.HVLFORMER.REG_LANGUAGE_WEIGHT = 1.0
+    cfg.MODEL.HVLFORMER.REG_VISION_LANGUAGE_WEIGHT = 1.0
+    cfg.MODEL.HVLFORMER.REG_VISION_WEIGHT = 1.0
+    # Temperature of the pixel-text logits of L^VL.
+    cfg.MODEL.HVLFORMER.REG_VL_TEMPERATURE = 0.07
+    # Diversity of the query levels (L_div) and the SRE presence BCE.
+    cfg.MODEL.HVLFORMER.DIV_WEIGHT = 1.0
+    cfg.MODEL.HVLFORMER.SRE_WEIGHT = 1.0
+
+    # ------------------------------------------------------------------ pixel decoder (Mask2Former keys)
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 256
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 4
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "GN"
+    # Deformable encoder layers M and their attention shape.
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 6
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_NHEADS = 8
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_POINTS = 4
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_DIM_FEEDFORWARD = 1024
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_DROPOUT = 0.0
+    # MSDeformAttn core: "auto" (fast GPU kernel for CUDA tensors when built, else PyTorch) or "pytorch".
+    cfg.MODEL.SEM_SEG_HEAD.MSDEFORM_ATTN_IMPL = "auto"
+    # HierVL: pixel tokens cross-attend to the K textual cluster centres after each deformable layer.
+    cfg.MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION = False
+
+    # ------------------------------------------------------------------ test
+    cfg.TEST.SLIDING_WINDOW = CN()
+    # Sliding-window inference (count-matrix averaging); whole-image inference when False.
+    cfg.TEST.SLIDING_WINDOW.ENABLED = False
+    cfg.TEST.SLIDING_WINDOW.CROP_SIZE = 512
+    cfg.TEST.SLIDING_WINDOW.STRIDE = 341
+    # Also report the pixel-text alignment metric (paper supplement eq. 10).
+    cfg.TEST.PIXEL_TEXT_ALIGNMENT = False
