@@ -34,6 +34,9 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.DATASETS.SHAPES.NUM_VAL = 50
     cfg.DATASETS.SHAPES.SEED = 0
 
+    # DistributedDataParallel: set True when a config leaves parameters out of the loss (e.g. a zero weight).
+    cfg.MODEL.DDP_FIND_UNUSED_PARAMETERS = False
+
     # ------------------------------------------------------------------ solver
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier of the CLIP vision encoder (fine-tuned at 0.1x).
@@ -137,6 +140,13 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.HVLFORMER.DIV_WEIGHT = 1.0
     cfg.MODEL.HVLFORMER.SRE_WEIGHT = 1.0
 
+    # HierVL options (0 = off): L_prompt = L_topo + L_anchor on the learned class embeddings, and the
+    # masked vision-language regularisation L_align + MASK_CONSISTENCY_WEIGHT * L_mask.
+    cfg.MODEL.HVLFORMER.HIERVL = CN()
+    cfg.MODEL.HVLFORMER.HIERVL.PROMPT_WEIGHT = 0.0
+    cfg.MODEL.HVLFORMER.HIERVL.MASKED_VL_WEIGHT = 0.0
+    cfg.MODEL.HVLFORMER.HIERVL.MASK_CONSISTENCY_WEIGHT = 1.0
+
     # ------------------------------------------------------------------ pixel decoder (Mask2Former keys)
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
@@ -162,5 +172,3 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.TEST.SLIDING_WINDOW.ENABLED = False
     cfg.TEST.SLIDING_WINDOW.CROP_SIZE = 512
     cfg.TEST.SLIDING_WINDOW.STRIDE = 341
-    # Also report the pixel-text alignment metric (paper supplement eq. 10).
-    cfg.TEST.PIXEL_TEXT_ALIGNMENT = False

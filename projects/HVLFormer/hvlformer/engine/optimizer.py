@@ -1,0 +1,82 @@
+"""Optimizer with HVLFormer's parameter groups (SPEC 3.1) and Mask2Former's full-model gradient clipping."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, List, Type
+
+import torch
+from detectron2.config import CfgNode
+from torch import nn
+
+NORM_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
+    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+)
+# Parameter names (last component) that are embeddings: no weight decay with WEIGHT_DECAY_EMBED = 0.
+EMBEDDING_NAMES = ("positional_embedding", "class_embedding", "pos_embed", "cls_token", "level_embed",
+                   "context", "logit_scale", "no_object_embedding")
+
+
+def get_parameter_groups(model: nn.Module, base_lr: float, weight_decay: float, weight_decay_norm: float,
+                         weight_decay_embed: float, backbone_multiplier: float) -> List[Dict[str, Any]]:
+    """One group per trainable parameter with its LR and weight decay.
+
+    - ``backbone.*`` (the fine-tuned CLIP vision encoder): LR x ``backbone_multiplier``;
+    - normalisation layers: ``weight_decay_norm``; embeddings (``nn.Embedding``, position / class /
+      level embeddings, the learnable text context, the logit scale): ``weight_decay_embed``;
+    - frozen parameters (the CLIP text tower) are skipped, so they cost no optimizer state.
+    """
+    groups: List[Dict[str, Any]] = []
+    seen = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full_name = f"{module_name}.{name}" if module_name else name
+            lr = base_lr * (backbone_multiplier if full_name.startswith("backbone.") else 1.0)
+            decay = weight_decay
+            if isinstance(module, NORM_TYPES):
+                decay = weight_decay_norm
+            elif isinstance(module, nn.Embedding) or name in EMBEDDING_NAMES:
+                decay = weight_decay_embed
+            groups.append({"params": [param], "lr": lr, "weight_decay": decay, "name": full_name})
+    return groups
+
+
+def _with_full_model_clipping(optimizer_cls: Type[torch.optim.Optimizer], max_norm: float):
+    """Subclass of ``optimizer_cls`` whose ``step`` first clips the global gradient norm of all groups."""
+
+    class FullModelGradientClippingOptimizer(optimizer_cls):
+        def step(self, closure=None):
+            all_params = itertools.chain(*[group["params"] for group in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(all_params, max_norm)
+            return super().step(closure=closure)
+
+    return FullModelGradientClippingOptimizer
+
+
+def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (or SGD) over :func:`get_parameter_groups`; SOLVER.CLIP_GRADIENTS with CLIP_TYPE
+    ``full_model`` clips the norm over the whole model, ``value``/``norm`` use detectron2's per-parameter clipping.
+    """
+    groups = get_parameter_groups(model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_NORM,
+                                  cfg.SOLVER.WEIGHT_DECAY_EMBED, cfg.SOLVER.BACKBONE_MULTIPLIER)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "ADAMW":
+        optimizer_cls, kwargs = torch.optim.AdamW, {"lr": cfg.SOLVER.BASE_LR}
+    elif name == "SGD":
+        optimizer_cls, kwargs = torch.optim.SGD, {"lr": cfg.SOLVER.BASE_LR, "momentum": cfg.SOLVER.MOMENTUM}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        return _with_full_model_clipping(optimizer_cls, clip.CLIP_VALUE)(groups, **kwargs)
+    optimizer = optimizer_cls(groups, **kwargs)
+    if clip.ENABLED:
+        from detectron2.solver.build import maybe_add_gradient_clipping
+
+        optimizer = maybe_add_gradient_clipping(cfg, optimizer)
+    return optimizer

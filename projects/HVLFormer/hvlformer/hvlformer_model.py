@@ -1,0 +1,435 @@
+"""The HVLFormer meta-architecture (SPEC section 2), registered in detectron2's ``META_ARCH_REGISTRY``.
+
+Data flow for a padded batch ``B x 3 x H x W``::
+
+    CLIP ViT (E_I) -> res2..res5, f_CLS (B x C), dense embedding (B x C x H/16 x W/16)
+    text tower (E_T) + learnable context -> t (K x C), once per step
+    HTQG: t -> Q_hat (E x K x D); SRE(res3..res5, t) -> s (B x K); Q~ = s * Q_hat (B x E x K x D)
+    pixel decoder (MSDeformAttn) -> mask_features (B x D x H/4 x W/4), [z^1, z^2, z^3] (strides 32/16/8)
+    PTRM(Q~, z) -> refined queries Q (B x E x K x D), z_out
+    transformer decoder(z_out, mask_features, Q level-major (B x E*K x D)) -> class logits, masks, attention
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from torch import Tensor, nn
+
+from .modeling.backbone import CLIPViTBackbone
+from .modeling.clip_loader import build_clip_model
+from .modeling.criterion import HVLSetCriterion, semantic_to_targets
+from .modeling.htqg import HTQG, diversity_loss
+from .modeling.matcher import HungarianMatcher
+from .modeling.pixel_decoder import build_pixel_decoder
+from .modeling.ptrm import PTRM
+from .modeling.regularization import (
+    class_presence,
+    language_regularization,
+    masked_alignment_loss,
+    masked_consistency_loss,
+    prompt_anchor_loss,
+    prompt_topology_loss,
+    relevance_loss,
+    vision_language_regularization,
+    vision_regularization,
+)
+from .modeling.text import CLIPTextEncoder, load_class_descriptions, reference_prompts, resolve_descriptions_path
+from .modeling.transformer_decoder import build_transformer_decoder
+
+logger = logging.getLogger("hvlformer")
+
+# CLIP's normalisation, in 0-255 pixel units.
+CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
+CLIP_PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
+
+
+def _dataset_classes(cfg) -> Tuple[List[str], Optional[str]]:
+    """Class names and descriptions name of the first training (or test) dataset."""
+    names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+    labeled = getattr(cfg.DATASETS, "TRAIN_LABELED", None)
+    if labeled:
+        names = list(labeled) + names
+    if not names:
+        raise ValueError("DATASETS.TRAIN (or DATASETS.TEST) must name a registered dataset to get the class list")
+    metadata = MetadataCatalog.get(names[0])
+    classes = getattr(metadata, "stuff_classes", None)
+    if not classes:
+        raise ValueError(f"dataset {names[0]!r} has no 'stuff_classes' metadata; is it registered?")
+    return list(classes), getattr(metadata, "descriptions_name", None)
+
+
+@META_ARCH_REGISTRY.register()
+class HVLFormer(nn.Module):
+    """Semi-supervised semantic segmentation with language anchors.
+
+    ``forward`` follows detectron2: a list of dicts with ``"image"`` (``3 x H x W`` uint8, RGB) and, in
+    training, ``"sem_seg"`` (``H x W`` long); it returns a dict of weighted losses in training and
+    ``[{"sem_seg": K x height x width}]`` (class scores at the original size) in inference.
+    Lower-level methods (``encode_text``, ``predict``, ``supervised_losses``) are what the
+    semi-supervised trainer uses.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: CLIPViTBackbone,
+        text_encoder: CLIPTextEncoder,
+        pixel_decoder: nn.Module,
+        htqg: HTQG,
+        ptrm: PTRM,
+        transformer_decoder: nn.Module,
+        criterion: HVLSetCriterion,
+        class_names: List[str],
+        class_prompts: List[List[str]],
+        reference_class_prompts: List[str],
+        num_query_levels: int,
+        pixel_mean: Tuple[float, ...] = CLIP_PIXEL_MEAN,
+        pixel_std: Tuple[float, ...] = CLIP_PIXEL_STD,
+        size_divisibility: int = 32,
+        ignore_value: int = 255,
+        loss_weights: Optional[Dict[str, float]] = None,
+        vl_temperature: float = 0.07,
+        text_cross_attention: bool = False,
+        masked_vl_mask_weight: float = 1.0,
+        sliding_window: bool = False,
+        window_size: int = 512,
+        window_stride: int = 341,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.text_encoder = text_encoder
+        self.pixel_decoder = pixel_decoder
+        self.htqg = htqg
+        self.ptrm = ptrm
+        self.transformer_decoder = transformer_decoder
+        self.criterion = criterion
+        self.num_query_levels = num_query_levels
+        self.size_divisibility = size_divisibility
+        self.ignore_value = ignore_value
+        weights = {"reg_language": 1.0, "reg_vision_language": 1.0, "reg_vision": 1.0, "div": 1.0, "sre": 1.0,
+                   "prompt": 0.0, "masked_vl": 0.0}
+        weights.update(loss_weights or {})
+        unknown = set(weights) - {"reg_language", "reg_vision_language", "reg_vision", "div", "sre", "prompt",
+                                  "masked_vl"}
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}")
+        self.loss_weights = weights
+        self.vl_temperature = vl_temperature
+        self.masked_vl_mask_weight = masked_vl_mask_weight
+        self.sliding_window = sliding_window
+        self.window_size = window_size
+        self.window_stride = window_stride
+        # HierVL: projection of the level queries to the K textual cluster centres of the pixel decoder.
+        hidden_dim = htqg.hqg.heads[0][-1].out_features
+        self.text_center_proj = nn.Linear(hidden_dim, hidden_dim) if text_cross_attention else None
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        # Frozen T0 reference embeddings: computed lazily on the model's device, never saved.
+        self.register_buffer("reference_text_embeddings", None, persistent=False)
+        self.set_vocabulary(class_names, class_prompts, reference_class_prompts)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, Any]:
+        hv = cfg.MODEL.HVLFORMER
+        class_names, descriptions_name = _dataset_classes(cfg)
+        num_classes = len(class_names)
+        if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES not in (num_classes, 0):
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} but the dataset "
+                             f"has {num_classes} classes")
+        clip_model, tokenizer = build_clip_model(hv.CLIP.MODEL_NAME, hv.CLIP.PRETRAINED)
+        backbone = CLIPViTBackbone(
+            visual=clip_model.visual,
+            out_indices=list(hv.CLIP.OUT_INDICES),
+            pyramid_norm=hv.CLIP.PYRAMID_NORM,
+            gradient_checkpointing=hv.CLIP.GRADIENT_CHECKPOINTING,
+            frozen_reference=hv.CLIP.FROZEN_REFERENCE,
+        )
+        text_encoder = CLIPTextEncoder(clip_model, tokenizer, num_context=hv.TEXT.NUM_CONTEXT)
+        descriptions = load_class_descriptions(
+            resolve_descriptions_path(hv.TEXT.DESCRIPTIONS, descriptions_name), class_names,
+            num_descriptions=hv.TEXT.NUM_DESCRIPTIONS, fallback_template=hv.TEXT.FALLBACK_TEMPLATE)
+        logger.info("class prompts: %s (%d per class)", descriptions.source, len(descriptions.prompts[0]))
+        shapes = backbone.output_shape()
+        pixel_decoder = build_pixel_decoder(cfg, {k: v for k, v in shapes.items()
+                                                  if k in cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES})
+        hidden_dim = hv.HIDDEN_DIM
+        if cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM != hidden_dim:
+            raise ValueError("MODEL.SEM_SEG_HEAD.CONVS_DIM must equal MODEL.HVLFORMER.HIDDEN_DIM (PTRM mixes them)")
+        htqg = HTQG(text_encoder.embed_dim, hidden_dim, hv.NUM_QUERY_LEVELS,
+                    [shapes[k].channels for k in ("res3", "res4", "res5")],
+                    sre_mode=hv.SRE.MODE, sre_threshold=hv.SRE.THRESHOLD, sre_temperature=hv.SRE.TEMPERATURE)
+        ptrm = PTRM(hidden_dim, hv.NUM_QUERY_LEVELS, num_pixel_levels=3, mode=hv.PTRM.MODE,
+                    kernel_size=hv.PTRM.KERNEL_SIZE, hidden_channels=hv.PTRM.HIDDEN_CHANNELS, num_heads=hv.NHEADS)
+        transformer_decoder = build_transformer_decoder(cfg, hidden_dim, num_classes, text_encoder.embed_dim)
+        matcher = (HungarianMatcher(cost_class=hv.CLASS_WEIGHT, cost_mask=hv.MASK_WEIGHT, cost_dice=hv.DICE_WEIGHT,
+                                    num_points=hv.TRAIN_NUM_POINTS) if hv.NUM_INSTANCE_QUERIES > 0 else None)
+        criterion = HVLSetCriterion(
+            num_classes=num_classes,
+            num_query_levels=hv.NUM_QUERY_LEVELS,
+            num_instance_queries=hv.NUM_INSTANCE_QUERIES,
+            matcher=matcher,
+            weight_dict={"loss_ce": hv.CLASS_WEIGHT, "loss_mask": hv.MASK_WEIGHT, "loss_dice": hv.DICE_WEIGHT},
+            no_object_weight=hv.NO_OBJECT_WEIGHT,
+            num_points=hv.TRAIN_NUM_POINTS,
+            oversample_ratio=hv.OVERSAMPLE_RATIO,
+            importance_sample_ratio=hv.IMPORTANCE_SAMPLE_RATIO,
+            deep_supervision=hv.DEEP_SUPERVISION,
+        )
+        return {
+            "backbone": backbone,
+            "text_encoder": text_encoder,
+            "pixel_decoder": pixel_decoder,
+            "htqg": htqg,
+            "ptrm": ptrm,
+            "transformer_decoder": transformer_decoder,
+            "criterion": criterion,
+            "class_names": class_names,
+            "class_prompts": descriptions.prompts,
+            "reference_class_prompts": reference_prompts(class_names, descriptions.attributes,
+                                                         template=hv.TEXT.REFERENCE_TEMPLATE),
+            "num_query_levels": hv.NUM_QUERY_LEVELS,
+            "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
+            "size_divisibility": hv.SIZE_DIVISIBILITY,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "loss_weights": {
+                "reg_language": hv.REG_LANGUAGE_WEIGHT,
+                "reg_vision_language": hv.REG_VISION_LANGUAGE_WEIGHT,
+                "reg_vision": hv.REG_VISION_WEIGHT if hv.CLIP.FROZEN_REFERENCE else 0.0,
+                "div": hv.DIV_WEIGHT,
+                "sre": hv.SRE_WEIGHT,
+                "prompt": hv.HIERVL.PROMPT_WEIGHT,
+                "masked_vl": hv.HIERVL.MASKED_VL_WEIGHT,
+            },
+            "vl_temperature": hv.REG_VL_TEMPERATURE,
+            "text_cross_attention": cfg.MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION,
+            "masked_vl_mask_weight": hv.HIERVL.MASK_CONSISTENCY_WEIGHT,
+            "sliding_window": cfg.TEST.SLIDING_WINDOW.ENABLED,
+            "window_size": cfg.TEST.SLIDING_WINDOW.CROP_SIZE,
+            "window_stride": cfg.TEST.SLIDING_WINDOW.STRIDE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def set_vocabulary(self, class_names: List[str], class_prompts: List[List[str]],
+                       reference_class_prompts: List[str]) -> None:
+        """Replace the class list (K names, K lists of prompts, K reference prompts).
+
+        A new K at inference needs the ``text`` classifier (the ``linear`` one has K+1 fixed outputs).
+        """
+        if not (len(class_names) == len(class_prompts) == len(reference_class_prompts)):
+            raise ValueError("class_names, class_prompts and reference_class_prompts must have the same length")
+        self.class_names = list(class_names)
+        self.class_prompts = [list(p) for p in class_prompts]
+        self.reference_class_prompts = list(reference_class_prompts)
+        self.reference_text_embeddings = None
+
+    # ------------------------------------------------------------------ building blocks
+    def encode_text(self) -> Tensor:
+        """t: ``K x C`` normalised class embeddings (one batched text pass; cached by the encoder in eval)."""
+        return self.text_encoder(self.class_prompts)
+
+    def reference_text(self) -> Tensor:
+        """T0: ``K x C`` frozen reference embeddings, computed lazily on the model's device."""
+        if self.reference_text_embeddings is None or self.reference_text_embeddings.device != self.device:
+            self.reference_text_embeddings = self.text_encoder.reference_embeddings(self.reference_class_prompts)
+        return self.reference_text_embeddings
+
+    def preprocess_images(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
+        """Normalise and pad the images of a batch to a multiple of ``size_divisibility``."""
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def pad_labels(self, batched_inputs: List[Dict[str, Any]], padded_size: Tuple[int, int]) -> Tensor:
+        """Stack the ``sem_seg`` labels into ``B x H x W``, padding with the ignore value."""
+        labels = []
+        for x in batched_inputs:
+            if "sem_seg" not in x:
+                raise KeyError("training inputs need a 'sem_seg' label map")
+            sem_seg = x["sem_seg"].to(self.device).long()
+            pad_h, pad_w = padded_size[0] - sem_seg.shape[0], padded_size[1] - sem_seg.shape[1]
+            labels.append(F.pad(sem_seg, (0, pad_w, 0, pad_h), value=self.ignore_value))
+        return torch.stack(labels)
+
+    def predict(self, images: Tensor, text_embeddings: Tensor, presence: Optional[Tensor] = None) -> Dict[str, Any]:
+        """Run the whole network on a normalised, padded batch ``B x 3 x H x W``.
+
+        Returns the transformer-decoder outputs (``pred_logits`` ``B x Q x (K+1)``, ``pred_masks``
+        ``B x Q x H/4 x W/4``, ``attn_maps``, ``aux_outputs``) plus ``features`` (backbone dict incl.
+        ``clip_global`` and ``clip_dense``), ``level_queries`` (``E x K x D``), ``htqg`` extras
+        (``relevance`` ``B x K``, ``sre_logits``) and ``ptrm_affinity``.
+        """
+        features = self.backbone(images)
+        weighted_queries, level_queries, htqg_extras = self.htqg(
+            text_embeddings, [features["res3"], features["res4"], features["res5"]],
+            global_embedding=features.get("clip_global"), presence=presence)
+        text_centers = None
+        if self.text_center_proj is not None:
+            text_centers = self.text_center_proj(weighted_queries.mean(dim=1))  # B x K x D
+        pixel_features = {k: v for k, v in features.items() if k in ("res2", "res3", "res4", "res5")}
+        mask_features, multi_scale_features = self.pixel_decoder.forward_features(pixel_features, text_centers)
+        queries, refined_features, affinity = self.ptrm(weighted_queries, multi_scale_features)
+        batch, levels, num_classes, dim = queries.shape
+        outputs = self.transformer_decoder(refined_features, mask_features,
+                                           queries.reshape(batch, levels * num_classes, dim),
+                                           class_embeddings=text_embeddings)
+        outputs["features"] = features
+        outputs["level_queries"] = level_queries
+        outputs["htqg"] = htqg_extras
+        outputs["ptrm_affinity"] = affinity
+        outputs["mask_features"] = mask_features
+        return outputs
+
+    # ------------------------------------------------------------------ training
+    def supervised_losses(self, outputs: Dict[str, Any], labels: Tensor, text_embeddings: Tensor,
+                          images: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Weighted L_seg + L_reg + L_div + SRE BCE (+ HierVL options) for a labeled batch.
+
+        labels: ``B x H x W`` long with the ignore value; images: the normalised batch (needed by L^V
+        and the masked vision-language option).
+        """
+        targets = [semantic_to_targets(label, self.num_classes, self.ignore_value) for label in labels]
+        seg_losses = self.criterion(outputs, targets)
+        losses = {k: v * self.criterion.weight_dict[k] for k, v in seg_losses.items() if k in self.criterion.weight_dict}
+        w = self.loss_weights
+        features = outputs["features"]
+        if w["reg_language"] > 0:
+            losses["loss_reg_language"] = w["reg_language"] * language_regularization(
+                text_embeddings, self.reference_text())
+        if w["reg_vision_language"] > 0:
+            losses["loss_reg_vision_language"] = w["reg_vision_language"] * vision_language_regularization(
+                features["clip_dense"], text_embeddings, labels, self.vl_temperature, self.ignore_value)
+        if w["reg_vision"] > 0:
+            if images is None:
+                raise ValueError("L^V needs the input images")
+            losses["loss_reg_vision"] = w["reg_vision"] * vision_regularization(
+                features["clip_global"], self.backbone.reference_global_embedding(images))
+        if w["div"] > 0:
+            losses["loss_div"] = w["div"] * diversity_loss(outputs["level_queries"])
+        if w["sre"] > 0 and "sre_logits" in outputs["htqg"]:
+            presence = class_presence(list(labels), self.num_classes, self.ignore_value)
+            losses["loss_sre"] = w["sre"] * relevance_loss(outputs["htqg"]["sre_logits"], presence)
+        if w["prompt"] > 0:
+            reference = self.reference_text()
+            losses["loss_prompt"] = w["prompt"] * (prompt_topology_loss(text_embeddings, reference)
+                                                   + prompt_anchor_loss(text_embeddings, reference))
+        if w["masked_vl"] > 0:
+            if images is None:
+                raise ValueError("the masked vision-language regularisation needs the input images")
+            losses["loss_masked_vl"] = w["masked_vl"] * self.masked_vision_language_loss(
+                images, labels, text_embeddings)
+        return losses
+
+    def masked_vision_language_loss(self, images: Tensor, labels: Tensor, text_embeddings: Tensor) -> Tensor:
+        """HierVL: hide all pixels of one random present class per image; L_align + lambda * L_mask.
+
+        The masked image goes through the trained encoder, the unmasked one through the frozen E_I^0.
+        """
+        stride = self.backbone.patch_size
+        hidden = torch.zeros_like(labels, dtype=torch.bool)
+        for i, label in enumerate(labels):
+            present = torch.unique(label[label != self.ignore_value])
+            if present.numel():
+                chosen = present[torch.randint(present.numel(), (1,), device=present.device)]
+                hidden[i] = label == chosen
+        masked_images = images.masked_fill(hidden[:, None], 0.0)  # 0 = the mean colour after normalisation
+        masked_dense = self.backbone(masked_images)["clip_dense"]
+        reference_dense = self.backbone.reference_dense_embedding(images)
+        size = masked_dense.shape[-2:]
+        # a patch counts as hidden when most of its pixels are
+        region = F.avg_pool2d(hidden[:, None].float(), stride)[:, 0][..., : size[0], : size[1]] > 0.5
+        patch_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        region = region & (patch_labels != self.ignore_value)
+        return (masked_alignment_loss(masked_dense, text_embeddings, patch_labels.clamp_max(self.num_classes - 1),
+                                      region, self.vl_temperature)
+                + self.masked_vl_mask_weight * masked_consistency_loss(masked_dense, reference_dense, region))
+
+    def forward(self, batched_inputs: List[Dict[str, Any]]):
+        images = self.preprocess_images(batched_inputs)
+        text_embeddings = self.encode_text()
+        if self.training:
+            labels = self.pad_labels(batched_inputs, tuple(images.tensor.shape[-2:]))
+            presence = None
+            if self.htqg.sre_mode == "clip_zero_shot":
+                presence = class_presence(list(labels), self.num_classes, self.ignore_value)
+            outputs = self.predict(images.tensor, text_embeddings, presence)
+            return self.supervised_losses(outputs, labels, text_embeddings, images.tensor)
+        return self.inference(batched_inputs, images, text_embeddings)
+
+    # ------------------------------------------------------------------ inference
+    @staticmethod
+    def semantic_scores(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
+        """``B x Q x (K+1)`` logits, ``B x Q x h x w`` mask logits -> ``B x K x h x w`` class scores.
+
+        All queries of a class (its E levels) add up: ``einsum("qc,qhw->chw", softmax[:, :K], sigmoid)``.
+        """
+        probs = pred_logits.float().softmax(dim=-1)[..., :-1]
+        return torch.einsum("bqc,bqhw->bchw", probs, pred_masks.float().sigmoid())
+
+    def _scores_for(self, images: Tensor, text_embeddings: Tensor) -> Tensor:
+        """Class scores ``B x K x H x W`` at the (padded) input resolution of a normalised batch."""
+        outputs = self.predict(images, text_embeddings)
+        masks = F.interpolate(outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.semantic_scores(outputs["pred_logits"], masks)
+
+    def sliding_window_scores(self, image: Tensor, text_embeddings: Tensor) -> Tensor:
+        """Sliding-window class scores for one normalised image ``3 x H x W`` -> ``K x H x W``.
+
+        Windows of ``window_size`` with ``window_stride``; the last window of a row/column is aligned to
+        the image border; images smaller than a window are padded (with 0, the mean colour). The
+        per-pixel scores are averaged over the windows that cover the pixel (count matrix).
+        """
+        size, stride = self.window_size, self.window_stride
+        height, width = image.shape[-2:]
+        pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+        padded = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+        full_h, full_w = padded.shape[-2:]
+        tops = list(range(0, max(full_h - size, 0) + 1, stride))
+        lefts = list(range(0, max(full_w - size, 0) + 1, stride))
+        if tops[-1] + size < full_h:
+            tops.append(full_h - size)
+        if lefts[-1] + size < full_w:
+            lefts.append(full_w - size)
+        scores = padded.new_zeros(self.num_classes, full_h, full_w)
+        counts = padded.new_zeros(1, full_h, full_w)
+        for top in tops:
+            for left in lefts:
+                window = padded[:, top: top + size, left: left + size]
+                window_scores = self._scores_for(ImageList.from_tensors([window], self.size_divisibility).tensor,
+                                                 text_embeddings)[0, :, :size, :size]
+                scores[:, top: top + size, left: left + size] += window_scores
+                counts[:, top: top + size, left: left + size] += 1
+        return (scores / counts)[:, :height, :width]
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[Dict[str, Any]], images: ImageList,
+                  text_embeddings: Tensor) -> List[Dict[str, Tensor]]:
+        """Per image ``{"sem_seg": K x height x width}`` at the original size (``height``/``width`` keys)."""
+        results = []
+        if self.sliding_window:
+            per_image = [self.sliding_window_scores(images.tensor[i, :, :h, :w], text_embeddings)
+                         for i, (h, w) in enumerate(images.image_sizes)]
+        else:
+            batch_scores = self._scores_for(images.tensor, text_embeddings)
+            per_image = [batch_scores[i, :, :h, :w] for i, (h, w) in enumerate(images.image_sizes)]
+        for scores, inputs, image_size in zip(per_image, batched_inputs, images.image_sizes):
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            results.append({"sem_seg": sem_seg_postprocess(scores, image_size, height, width)})
+        return results

@@ -1,0 +1,135 @@
+"""Hierarchical Textual Query Generation (HTQG) = HQG (multi-level query heads) + SRE (class relevance).
+
+SPEC 2.3. ``K`` classes, ``E`` query levels, ``D`` decoder width, ``C`` CLIP embedding width.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SRE_MODES = ("soft", "threshold", "none", "clip_zero_shot")
+
+
+class HierarchicalQueryGenerator(nn.Module):
+    """HQG: ``E`` heads ``MLP_e = Linear(C, D) -> ReLU -> Linear(D, D)`` turn class embeddings into queries."""
+
+    def __init__(self, text_dim: int, hidden_dim: int, num_levels: int) -> None:
+        super().__init__()
+        if num_levels < 1:
+            raise ValueError(f"NUM_QUERY_LEVELS must be >= 1, got {num_levels}")
+        self.num_levels = num_levels
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, hidden_dim))
+            for _ in range(num_levels)
+        )
+
+    def forward(self, class_embeddings: Tensor) -> Tensor:
+        """class_embeddings: ``K x C`` (t_k). Returns ``Q_hat``: ``E x K x D``."""
+        return torch.stack([head(class_embeddings) for head in self.heads], dim=0)
+
+
+def diversity_loss(level_queries: Tensor) -> Tensor:
+    """L_div: mean over classes k and ordered level pairs e != e' of ``cos(q_k^e, q_k^e')^2``.
+
+    level_queries: ``E x K x D`` (or ``B x E x K x D``, averaged over the batch too). 0 for mutually
+    orthogonal levels, 1 for identical levels; 0 when E == 1 (no pair).
+    """
+    if level_queries.dim() == 3:
+        level_queries = level_queries.unsqueeze(0)
+    num_levels = level_queries.shape[1]
+    if num_levels < 2:
+        return level_queries.sum() * 0.0
+    normed = F.normalize(level_queries.float(), dim=-1)
+    # cos[b, k, e, e'] between levels e and e' of class k
+    cos = torch.einsum("bekd,bfkd->bkef", normed, normed)
+    off_diagonal = ~torch.eye(num_levels, dtype=torch.bool, device=cos.device)
+    return cos.pow(2)[..., off_diagonal].mean()
+
+
+class SemanticRelevanceEstimator(nn.Module):
+    """SRE: ``s_k = sigmoid(MLP([phi(res3, res4, res5), t_k]))``.
+
+    phi = concat of the global-average-pooled backbone features, each projected to ``D``, then
+    ``Linear(3D, D)``; MLP = ``Linear(D + C, D) -> ReLU -> Linear(D, 1)``.
+    """
+
+    def __init__(self, feature_channels: List[int], text_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.level_projections = nn.ModuleList(nn.Linear(c, hidden_dim) for c in feature_channels)
+        self.fuse = nn.Linear(hidden_dim * len(feature_channels), hidden_dim)
+        self.mlp = nn.Sequential(nn.Linear(hidden_dim + text_dim, hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, 1))
+
+    def forward(self, features: List[Tensor], class_embeddings: Tensor) -> Tensor:
+        """features: list of ``B x C_l x H_l x W_l``; class_embeddings ``K x C``. Returns logits ``B x K``."""
+        pooled = [proj(f.mean(dim=(2, 3))) for proj, f in zip(self.level_projections, features)]
+        image_context = self.fuse(torch.cat(pooled, dim=1))  # B x D
+        batch, num_classes = image_context.shape[0], class_embeddings.shape[0]
+        joint = torch.cat([image_context[:, None, :].expand(batch, num_classes, -1),
+                           class_embeddings[None].expand(batch, -1, -1).to(image_context.dtype)], dim=-1)
+        return self.mlp(joint).squeeze(-1)
+
+
+def clip_zero_shot_relevance(global_embedding: Tensor, class_embeddings: Tensor, temperature: float) -> Tensor:
+    """HierVL relevance: softmax over classes of ``cos(f_CLS, t_k) / temperature``. Returns ``B x K``."""
+    logits = F.normalize(global_embedding.float(), dim=-1) @ F.normalize(class_embeddings.float(), dim=-1).t()
+    return (logits / temperature).softmax(dim=-1)
+
+
+class HTQG(nn.Module):
+    """HQG + SRE: produces the relevance-weighted hierarchical queries ``Q~`` (``B x E x K x D``).
+
+    SRE modes (paper Table 6): ``soft`` (``q~ = s_k * q``), ``threshold`` (keep classes with
+    ``s_k > threshold``; the hard gate passes no gradient to the SRE, which is still trained by its
+    BCE), ``none`` (no SRE), ``clip_zero_shot`` (HierVL: ``s_k`` from CLIP's global embedding; on
+    labeled images the ground-truth presence is used instead).
+    """
+
+    def __init__(self, text_dim: int, hidden_dim: int, num_levels: int, feature_channels: List[int],
+                 sre_mode: str = "soft", sre_threshold: float = 0.5, sre_temperature: float = 0.01) -> None:
+        super().__init__()
+        if sre_mode not in SRE_MODES:
+            raise ValueError(f"MODEL.HVLFORMER.SRE.MODE must be one of {SRE_MODES}, got {sre_mode!r}")
+        self.hqg = HierarchicalQueryGenerator(text_dim, hidden_dim, num_levels)
+        self.sre_mode = sre_mode
+        self.sre_threshold = sre_threshold
+        self.sre_temperature = sre_temperature
+        self.sre = (SemanticRelevanceEstimator(feature_channels, text_dim, hidden_dim)
+                    if sre_mode in ("soft", "threshold") else None)
+
+    def forward(self, class_embeddings: Tensor, features: List[Tensor], global_embedding: Optional[Tensor] = None,
+                presence: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+        """Build the weighted queries.
+
+        Args:
+            class_embeddings: ``K x C`` normalised class text embeddings t_k.
+            features: backbone features res3..res5, each ``B x C_l x H_l x W_l`` (for the SRE).
+            global_embedding: ``B x C`` f_CLS (for ``clip_zero_shot``).
+            presence: optional ``B x K`` ground-truth class presence (labeled images; ``clip_zero_shot``).
+        Returns:
+            (``Q~``: ``B x E x K x D``, ``Q_hat``: ``E x K x D`` unweighted, extras) where extras holds
+            ``"sre_logits"`` (``B x K``) for the learned modes and ``"relevance"`` (``B x K``) always.
+        """
+        level_queries = self.hqg(class_embeddings)  # E x K x D
+        batch = features[0].shape[0]
+        extras: Dict[str, Tensor] = {}
+        if self.sre is not None:
+            logits = self.sre(features, class_embeddings)
+            extras["sre_logits"] = logits
+            scores = logits.sigmoid()
+            relevance = scores if self.sre_mode == "soft" else (scores > self.sre_threshold).to(scores.dtype)
+        elif self.sre_mode == "clip_zero_shot":
+            if presence is not None:
+                relevance = presence.to(level_queries.dtype)
+            elif global_embedding is not None:
+                relevance = clip_zero_shot_relevance(global_embedding, class_embeddings, self.sre_temperature)
+            else:
+                raise ValueError("SRE mode clip_zero_shot needs the CLIP global embedding or GT presence")
+        else:
+            relevance = level_queries.new_ones(batch, class_embeddings.shape[0])
+        extras["relevance"] = relevance
+        weighted = level_queries[None] * relevance[:, None, :, None].to(level_queries.dtype)
+        return weighted, level_queries, extras
