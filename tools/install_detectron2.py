@@ -136,6 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wheel-dir", type=Path, default=None,
                         help="only build the rewritten wheel (and download its requirements) into this folder")
+    parser.add_argument("--no-requirements", action="store_true",
+                        help="with --wheel-dir: do not download detectron2's requirements as well")
     parser.add_argument("--force", action="store_true", help="reinstall even if detectron2 imports")
     args = parser.parse_args()
 
@@ -149,7 +151,9 @@ def main() -> None:
         out_dir = args.wheel_dir if args.wheel_dir is not None else Path(tmp)
         wheel, requirements = repack(source, out_dir)
         if args.wheel_dir is not None:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-d", str(out_dir), *requirements], check=True)
+            if not args.no_requirements:
+                subprocess.run([sys.executable, "-m", "pip", "download", "-d", str(out_dir), *requirements],
+                               check=True)
             print(f"wrote {wheel} and its requirements to {out_dir}")
             return
         subprocess.run([sys.executable, "-m", "pip", "install", *requirements], check=True)

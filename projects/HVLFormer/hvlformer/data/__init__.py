@@ -1,0 +1,68 @@
+"""Data: the synthetic shapes dataset, folder datasets, checked readers and the semantic dataset mapper.
+
+Importing this package registers the default shapes datasets (``shapes_train`` / ``shapes_val``,
+6 classes, 128 px, 400 + 50 images, seed 0; generated lazily on the first ``DatasetCatalog.get``).
+Call :func:`register_shapes` / :func:`register_shapes_from_cfg` to replace them with other parameters.
+"""
+import warnings
+
+# ``python -m hvlformer.data.shapes`` imports this package (and so ``shapes``) before running the module
+# as __main__; runpy then warns about the already-imported module. The CLI only generates files, so the
+# double import is harmless: silence exactly that message.
+warnings.filterwarnings(
+    "ignore",
+    message=r"'hvlformer\.data\.shapes' found in sys\.modules after import of package 'hvlformer\.data'",
+    category=RuntimeWarning,
+)
+
+from .dataset_mapper import (  # noqa: E402
+    HVLFormerSemanticDatasetMapper,
+    PadTo,
+    RandomCropPad,
+    ResizeLongestSide,
+    build_train_geometry_augmentations,
+    dataset_num_classes,
+)
+from .folder import default_class_colors, load_sem_seg_folder, register_sem_seg_folder  # noqa: E402
+from .shapes import (  # noqa: E402
+    SHAPES_CLASSES_FILE,
+    generate_shapes_split,
+    register_shapes,
+    register_shapes_from_cfg,
+    shapes_class_colors,
+    shapes_class_names,
+    shapes_root,
+)
+from .validation import (  # noqa: E402
+    check_dataset_root,
+    check_image_label_sizes,
+    check_label_values,
+    read_image_checked,
+    read_label_checked,
+)
+
+register_shapes()
+
+__all__ = [
+    "HVLFormerSemanticDatasetMapper",
+    "PadTo",
+    "RandomCropPad",
+    "ResizeLongestSide",
+    "build_train_geometry_augmentations",
+    "dataset_num_classes",
+    "default_class_colors",
+    "load_sem_seg_folder",
+    "register_sem_seg_folder",
+    "SHAPES_CLASSES_FILE",
+    "generate_shapes_split",
+    "register_shapes",
+    "register_shapes_from_cfg",
+    "shapes_class_colors",
+    "shapes_class_names",
+    "shapes_root",
+    "check_dataset_root",
+    "check_image_label_sizes",
+    "check_label_values",
+    "read_image_checked",
+    "read_label_checked",
+]

@@ -1,0 +1,131 @@
+"""A generic "image folder + mask folder" semantic-segmentation dataset.
+
+Images and masks are paired by their path relative to the root without the extension
+(``image_root/a/b.jpg`` <-> ``label_root/a/b.png``), so nested folders work. Every image needs a mask
+(a clear error lists the ones without); masks without an image are ignored with a warning.
+``label_root=None`` gives unlabeled entries (no ``sem_seg_file_name``), for the unlabeled split of
+semi-supervised training.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .validation import check_dataset_root
+
+__all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "default_class_colors"]
+
+logger = logging.getLogger(__name__)
+PathLike = Union[str, os.PathLike]
+
+
+def _index_files(root: str, ext: str) -> Dict[str, str]:
+    """Map "relative/path/stem" -> absolute file path for all files under ``root`` ending in ``ext``."""
+    ext_l = ext.lower()
+    out: Dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for fn in filenames:
+            if fn.startswith(".") or not fn.lower().endswith(ext_l):
+                continue
+            full = os.path.join(dirpath, fn)
+            key = os.path.relpath(full, root)[: -len(ext)].replace(os.sep, "/")
+            out[key] = full
+    return out
+
+
+def load_sem_seg_folder(
+    image_root: PathLike,
+    label_root: Optional[PathLike],
+    image_ext: str = ".jpg",
+    label_ext: str = ".png",
+) -> List[Dict[str, Any]]:
+    """Dataset dicts ``{"file_name", "sem_seg_file_name", "image_id"}`` sorted by relative path."""
+    image_root = check_dataset_root(image_root, "Image folder")
+    images = _index_files(image_root, image_ext)
+    if not images:
+        raise FileNotFoundError(f"No images with extension {image_ext!r} found under {image_root}.")
+    if label_root is None:
+        return [{"file_name": images[k], "image_id": k} for k in sorted(images)]
+
+    label_root = check_dataset_root(label_root, "Label (mask) folder")
+    labels = _index_files(label_root, label_ext)
+    missing = sorted(k for k in images if k not in labels)
+    if missing:
+        shown = ", ".join(images[k] for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"{len(missing)} of {len(images)} images under {image_root} have no mask '<same name>{label_ext}' "
+            f"under {label_root}: {shown}"
+        )
+    extra = len(set(labels) - set(images))
+    if extra:
+        logger.warning(f"{extra} masks under {label_root} have no image with extension {image_ext!r}; ignored.")
+    return [
+        {"file_name": images[k], "sem_seg_file_name": labels[k], "image_id": k} for k in sorted(images)
+    ]
+
+
+def default_class_colors(num_classes: int) -> List[List[int]]:
+    """A deterministic, well-spread RGB palette (the Pascal VOC bit-interleaving scheme)."""
+    colors = []
+    for i in range(num_classes):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colors.append([r, g, b])
+    return colors
+
+
+def register_sem_seg_folder(
+    name: str,
+    image_root: PathLike,
+    label_root: Optional[PathLike],
+    class_names: Sequence[str],
+    ignore_label: int = 255,
+    colors: Optional[Sequence[Sequence[int]]] = None,
+    descriptions_name: Optional[str] = None,
+    image_ext: str = ".jpg",
+    label_ext: str = ".png",
+) -> str:
+    """Register a folder dataset in ``DatasetCatalog`` / ``MetadataCatalog`` (replacing ``name``).
+
+    Loading is lazy (the folders are listed by ``DatasetCatalog.get``). Returns ``name``.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    class_names = [str(c) for c in class_names]
+    if not class_names:
+        raise ValueError(f"register_sem_seg_folder({name!r}): class_names is empty.")
+    if colors is None:
+        colors = default_class_colors(len(class_names))
+    colors = [list(map(int, c)) for c in colors]
+    if len(colors) != len(class_names):
+        raise ValueError(
+            f"register_sem_seg_folder({name!r}): {len(colors)} colors for {len(class_names)} classes."
+        )
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    image_root, label_root_s = os.fspath(image_root), (os.fspath(label_root) if label_root is not None else None)
+    DatasetCatalog.register(
+        name, lambda: load_sem_seg_folder(image_root, label_root_s, image_ext=image_ext, label_ext=label_ext)
+    )
+    meta: Dict[str, Any] = dict(
+        stuff_classes=class_names,
+        stuff_colors=colors,
+        ignore_label=int(ignore_label),
+        evaluator_type="sem_seg",
+        image_root=image_root,
+    )
+    if label_root_s is not None:
+        meta["sem_seg_root"] = label_root_s
+    if descriptions_name is not None:
+        meta["descriptions_name"] = descriptions_name
+    MetadataCatalog.get(name).set(**meta)
+    return name

@@ -1,0 +1,429 @@
+"""CLIP vision encoder E_I as a detectron2 backbone (SPEC 2.1).
+
+``CLIPViTBackbone`` wraps an open_clip vision tower and returns
+
+- ``res2`` .. ``res5`` (strides 4, 8, 16, 32): a ViTDet simple feature pyramid over the patch tokens of the
+  four blocks in ``out_indices`` (block ``out_indices[i]`` feeds level ``i``):
+  res2 = ConvT2x2(w -> w/2) -> Norm -> GELU -> ConvT2x2(-> w/4); res3 = ConvT2x2(w -> w/2);
+  res4 = identity (w); res5 = MaxPool2 (w). ``w`` is the tower width.
+- ``clip_global``: f_CLS, the tower's own image embedding (after ln_post and proj), ``B x C``.
+- ``clip_dense``: patch tokens of the last block -> ln_post -> proj, ``B x C x H/16 x W/16``.
+
+Decisions:
+
+- Two tower kinds, one small adapter class each, chosen by an explicit ``isinstance`` check:
+  open_clip's native ``VisionTransformer`` (CLIP ViT-B/16 ...) and open_clip's ``TimmModel`` wrapping a
+  timm ``Eva`` (EVA02-CLIP). Anything else is a clear ``TypeError``. The adapters hold no modules: they
+  run a given tower, so the same code runs the trained tower and the frozen reference copy.
+- Positional embeddings are interpolated (bicubic, float32, no antialias) from the pretraining grid to the
+  input grid on every call (nothing size-dependent is cached); prefix (class) positions are kept. EVA02's
+  rotary embedding is rebuilt for the input grid the same way timm does for dynamic sizes.
+- The nominal token stride is 16 for every tower, so ``output_shape()`` strides are always 4/8/16/32 and
+  inputs must have H, W divisible by 16. A tower with another patch size (EVA02-L/14) gets its input
+  resized bilinearly to ``(H/16 * p, W/16 * p)`` first, so its token grid is still ``H/16 x W/16``.
+- Patch dropout of the tower (a pretraining trick) is never applied: dense prediction needs every token.
+- ``pyramid_norm``: detectron2 ``get_norm`` names; ``""`` = no norm. ``"SyncBN"`` becomes plain ``"BN"``
+  unless torch.distributed is initialised with more than one process (single-process CPU runs work).
+- The frozen reference E_I^0 (for L^V) is a deep copy of the tower taken at construction (i.e. of the CLIP
+  weights ``build_clip_model`` loaded), kept in a plain list: it is not a submodule, so it is not in
+  ``state_dict()``, ``parameters()``, the optimizer or DDP; ``_apply`` moves/casts it with the backbone.
+  If the tower's initial weights are loaded later by other means, call :meth:`reset_reference`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ..clip_loader import build_clip_model
+
+__all__ = ["CLIPViTBackbone", "interpolate_pos_embed", "NOMINAL_STRIDE"]
+
+#: Token stride of every supported tower, as seen from outside (inputs are resized for other patch sizes).
+NOMINAL_STRIDE = 16
+
+_LEVELS = ("res2", "res3", "res4", "res5")
+
+
+def interpolate_pos_embed(pos: Tensor, num_prefix: int, src_grid: Tuple[int, int],
+                          dst_grid: Tuple[int, int]) -> Tensor:
+    """Resample absolute position embeddings ``L x C`` (``num_prefix`` leading rows, then a ``src_grid``
+    row-major grid) to ``dst_grid`` with bicubic interpolation. Prefix rows are kept as they are; at the
+    source size the input is returned unchanged."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos
+    prefix, grid = pos[:num_prefix], pos[num_prefix:]
+    if grid.shape[0] != src_grid[0] * src_grid[1]:
+        raise ValueError(f"position embedding has {grid.shape[0]} grid rows, expected {src_grid[0]}x{src_grid[1]}")
+    grid = grid.float().reshape(1, src_grid[0], src_grid[1], -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(dst_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(dst_grid[0] * dst_grid[1], -1).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=0)
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+class _TowerAdapter:
+    """How to run one kind of open_clip vision tower token by token. Holds only static facts about the
+    tower (no modules, no tensors), so it serves the trained tower and the frozen reference alike."""
+
+    width: int
+    embed_dim: int
+    patch_size: int
+    num_blocks: int
+    num_prefix: int
+
+    def embed(self, visual: nn.Module, x: Tensor) -> Tuple[Tensor, Tuple[int, int], Optional[Tensor]]:
+        """Image -> ``(tokens B x (P + h*w) x width, (h, w), extra block input)``."""
+        raise NotImplementedError
+
+    def blocks(self, visual: nn.Module) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, x: Tensor, extra: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def heads(self, visual: nn.Module, x: Tensor, dense: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """Final-block tokens -> ``(global B x C, dense patch embeddings B x h*w x C or None)``."""
+        raise NotImplementedError
+
+
+class _OpenCLIPViTAdapter(_TowerAdapter):
+    """open_clip ``VisionTransformer``: conv1, class_embedding, positional_embedding, ln_pre,
+    transformer.resblocks, ln_post, proj."""
+
+    def __init__(self, visual: VisionTransformer) -> None:
+        if visual.attn_pool is not None:
+            raise TypeError("open_clip VisionTransformer with attentional pooling is not supported")
+        if visual.pool_type not in ("tok", "avg"):
+            raise TypeError(f"open_clip VisionTransformer pool_type {visual.pool_type!r} is not supported")
+        ph, pw = visual.patch_size
+        if ph != pw:
+            raise TypeError(f"non-square patches {visual.patch_size} are not supported")
+        self.patch_size = ph
+        self.grid = tuple(visual.grid_size)
+        self.width = visual.conv1.out_channels
+        self.embed_dim = visual.proj.shape[1] if visual.proj is not None else self.width
+        self.num_blocks = len(visual.transformer.resblocks)
+        self.num_prefix = 1
+        self.batch_first = getattr(visual.transformer, "batch_first", True)
+
+    def embed(self, visual, x):
+        x = visual.conv1(x)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + interpolate_pos_embed(visual.positional_embedding, 1, self.grid, (h, w)).to(x.dtype)
+        return visual.ln_pre(x), (h, w), None
+
+    def blocks(self, visual):
+        return visual.transformer.resblocks
+
+    def run_block(self, block, x, extra):
+        if self.batch_first:
+            return block(x)
+        return block(x.transpose(0, 1)).transpose(0, 1)
+
+    def _pool(self, visual, x):
+        return x[:, 1:].mean(dim=1) if visual.pool_type == "avg" else x[:, 0]
+
+    def heads(self, visual, x, dense):
+        proj = visual.proj
+        if visual.final_ln_after_pool:
+            pooled = visual.ln_post(self._pool(visual, x))
+            tokens = visual.ln_post(x[:, 1:]) if dense else None
+        else:
+            x = visual.ln_post(x if dense else x[:, :1] if visual.pool_type == "tok" else x)
+            pooled, tokens = self._pool(visual, x), (x[:, 1:] if dense else None)
+        if proj is not None:
+            pooled = pooled @ proj
+            tokens = tokens @ proj if tokens is not None else None
+        return pooled, tokens
+
+
+class _TimmEvaAdapter(_TowerAdapter):
+    """open_clip ``TimmModel`` around a timm ``Eva`` (EVA02-CLIP): patch_embed, cls_token, pos_embed, rope,
+    norm_pre, blocks, norm, then timm's pooled head (fc_norm, head) and open_clip's ``head``."""
+
+    def __init__(self, visual: TimmModel) -> None:
+        trunk = visual.trunk
+        if trunk.attn_pool is not None or "pool" in visual.head:
+            raise TypeError("timm EVA towers with attention pooling are not supported")
+        if getattr(trunk, "rope_mixed", False):
+            raise TypeError("timm EVA towers with mixed (per-depth) RoPE are not supported")
+        ph, pw = trunk.patch_embed.patch_size
+        if ph != pw:
+            raise TypeError(f"non-square patches {trunk.patch_embed.patch_size} are not supported")
+        self.patch_size = ph
+        self.grid = tuple(trunk.patch_embed.grid_size)
+        self.width = trunk.embed_dim
+        self.num_blocks = len(trunk.blocks)
+        self.num_prefix = trunk.num_prefix_tokens
+        self.embed_dim = self._output_dim(visual)
+
+    @staticmethod
+    def _output_dim(visual: TimmModel) -> int:
+        for module in reversed(list(visual.head.modules()) + [visual.trunk.head]):
+            if isinstance(module, nn.Linear):
+                return module.out_features
+        return visual.trunk.embed_dim
+
+    def _rope(self, trunk, grid: Tuple[int, int]) -> Optional[Tensor]:
+        rope = trunk.rope
+        if rope is None:
+            return None
+        feat_shape = getattr(rope, "feat_shape", None)
+        if feat_shape is None:  # built for dynamic sizes: computes any grid itself
+            return rope.get_embed(shape=list(grid))
+        if tuple(feat_shape) == tuple(grid):
+            return rope.get_embed()
+        # Built for a fixed grid (open_clip does not ask timm for dynamic sizes): rebuild the concatenated
+        # sin/cos table for this grid from the rope's frequency bands, as timm's dynamic mode does.
+        build = getattr(rope, "_build_embed_cat", None)
+        if build is None:
+            raise TypeError(f"cannot resize the rotary embedding {type(rope).__name__} to grid {grid}")
+        return build(list(grid), rope.bands)
+
+    def embed(self, visual, x):
+        trunk = visual.trunk
+        pe = trunk.patch_embed
+        x = pe.proj(x)
+        h, w = x.shape[-2:]
+        x = pe.norm(x.flatten(2).transpose(1, 2))
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (trunk.cls_token, trunk.reg_token) if t is not None]
+        pos = None
+        if trunk.pos_embed is not None:
+            pos_prefix = 0 if trunk.no_embed_class else self.num_prefix
+            pos = interpolate_pos_embed(trunk.pos_embed[0], pos_prefix, self.grid, (h, w)).unsqueeze(0)
+        if trunk.no_embed_class:
+            x = x + pos if pos is not None else x
+            x = torch.cat(prefix + [x], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1)
+            x = x + pos if pos is not None else x
+        x = trunk.norm_pre(trunk.pos_drop(x))
+        return x, (h, w), self._rope(trunk, (h, w))
+
+    def blocks(self, visual):
+        return visual.trunk.blocks
+
+    def run_block(self, block, x, extra):
+        return block(x, rope=extra)
+
+    def heads(self, visual, x, dense):
+        trunk = visual.trunk
+        x = trunk.norm(x)
+        pooled = visual.head(trunk.forward_head(x))
+        tokens = None
+        if dense:
+            tokens = visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(x[:, self.num_prefix:]))))
+        return pooled, tokens
+
+
+def _select_adapter(visual: nn.Module) -> _TowerAdapter:
+    if isinstance(visual, VisionTransformer):
+        return _OpenCLIPViTAdapter(visual)
+    if isinstance(visual, TimmModel):
+        from timm.models.eva import Eva  # timm is only needed for EVA towers
+
+        if isinstance(visual.trunk, Eva):
+            return _TimmEvaAdapter(visual)
+        raise TypeError(
+            f"unsupported timm vision tower {type(visual.trunk).__name__}: CLIPViTBackbone supports timm Eva "
+            "(EVA02-CLIP) towers only"
+        )
+    raise TypeError(
+        f"unsupported vision tower {type(visual).__name__}: CLIPViTBackbone supports open_clip "
+        "VisionTransformer (CLIP ViT) and TimmModel around a timm Eva (EVA02-CLIP)"
+    )
+
+
+def _resolve_norm(norm: str) -> str:
+    if norm == "SyncBN":
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return "BN"
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------- backbone
+@BACKBONE_REGISTRY.register()
+class CLIPViTBackbone(Backbone):
+    """CLIP vision encoder E_I with a simple feature pyramid; see the module docstring."""
+
+    @configurable
+    def __init__(
+        self,
+        visual: nn.Module,
+        out_indices: Sequence[int] = (3, 5, 7, 11),
+        pyramid_norm: str = "GN",
+        gradient_checkpointing: bool = False,
+        frozen_reference: bool = True,
+    ) -> None:
+        """
+        Args:
+            visual: an open_clip vision tower (``model.visual``).
+            out_indices: 4 block indices (0-based, negative = from the end) feeding res2..res5; a single index
+                feeds all four levels (plain ViTDet).
+            pyramid_norm: norm of the res2 branch (detectron2 ``get_norm`` name, ``""`` = none).
+            gradient_checkpointing: recompute each block in backward (training only).
+            frozen_reference: keep a frozen copy of the initial tower for :meth:`reference_global_embedding`.
+        """
+        super().__init__()
+        self._adapter = _select_adapter(visual)
+        self.visual = visual
+        self.width = self._adapter.width
+        self.embed_dim = self._adapter.embed_dim
+        self.patch_size = self._adapter.patch_size
+        self.num_blocks = self._adapter.num_blocks
+        self.out_indices = self._normalise_indices(out_indices)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+
+        w = self.width
+        if w % 4:
+            raise ValueError(f"tower width {w} must be divisible by 4 for the feature pyramid")
+        norm = _resolve_norm(pyramid_norm)
+        self.pyramid = nn.ModuleDict({
+            "res2": nn.Sequential(
+                nn.ConvTranspose2d(w, w // 2, kernel_size=2, stride=2),
+                get_norm(norm, w // 2) or nn.Identity(),
+                nn.GELU(),
+                nn.ConvTranspose2d(w // 2, w // 4, kernel_size=2, stride=2),
+            ),
+            "res3": nn.ConvTranspose2d(w, w // 2, kernel_size=2, stride=2),
+            "res4": nn.Identity(),
+            "res5": nn.MaxPool2d(kernel_size=2, stride=2),
+        })
+        self._out_features = list(_LEVELS)
+        self._out_feature_channels = {"res2": w // 4, "res3": w // 2, "res4": w, "res5": w}
+        self._out_feature_strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+        # Plain list: deliberately not a registered submodule (see module docstring).
+        self._reference: List[nn.Module] = []
+        if frozen_reference:
+            self.reset_reference()
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
+        if input_shape is not None and input_shape.channels not in (None, 3):
+            raise ValueError(f"CLIP vision towers take 3-channel images, got input_shape {input_shape}")
+        c = cfg.MODEL.HVLFORMER.CLIP
+        model, _ = build_clip_model(c.MODEL_NAME, c.PRETRAINED)
+        return {
+            "visual": model.visual,
+            "out_indices": list(c.OUT_INDICES),
+            "pyramid_norm": c.PYRAMID_NORM,
+            "gradient_checkpointing": c.GRADIENT_CHECKPOINTING,
+            "frozen_reference": c.FROZEN_REFERENCE,
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def _normalise_indices(self, out_indices: Sequence[int]) -> List[int]:
+        indices = [int(i) for i in out_indices]
+        if len(indices) == 1:
+            indices = indices * len(_LEVELS)
+        if len(indices) != len(_LEVELS):
+            raise ValueError(f"out_indices needs 4 block indices (res2..res5) or 1, got {list(out_indices)}")
+        n = self.num_blocks
+        resolved = []
+        for i in indices:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise ValueError(f"out index {i} is out of range for a tower with {n} blocks")
+            resolved.append(j)
+        return resolved
+
+    @property
+    def size_divisibility(self) -> int:
+        return NOMINAL_STRIDE
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            for name in self._out_features
+        }
+
+    def _prepare_input(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images B x 3 x H x W, got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if H % NOMINAL_STRIDE or W % NOMINAL_STRIDE:
+            raise ValueError(
+                f"input size {H}x{W} must be divisible by {NOMINAL_STRIDE} (pad the batch, e.g. "
+                "MODEL.HVLFORMER.SIZE_DIVISIBILITY)"
+            )
+        p = self.patch_size
+        if p != NOMINAL_STRIDE:
+            x = F.interpolate(x, size=(H // NOMINAL_STRIDE * p, W // NOMINAL_STRIDE * p), mode="bilinear",
+                              align_corners=False)
+        return x
+
+    def _run_tower(self, visual: nn.Module, x: Tensor, take: Sequence[int],
+                   checkpointing: bool) -> Tuple[Tensor, Dict[int, Tensor], Tuple[int, int]]:
+        ad = self._adapter
+        x, grid, extra = ad.embed(visual, x)
+        taken: Dict[int, Tensor] = {}
+        for i, block in enumerate(ad.blocks(visual)):
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(ad.run_block, block, x, extra, use_reentrant=False)
+            else:
+                x = ad.run_block(block, x, extra)
+            if i in take:
+                taken[i] = x
+        return x, taken, grid
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        """x: normalised images ``B x 3 x H x W`` (H, W divisible by 16). Returns res2..res5, clip_global
+        (``B x C``) and clip_dense (``B x C x H/16 x W/16``)."""
+        x = self._prepare_input(x)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        final, taken, (h, w) = self._run_tower(self.visual, x, set(self.out_indices), checkpointing)
+        B, P = x.shape[0], self._adapter.num_prefix
+
+        def to_map(tokens: Tensor) -> Tensor:
+            return tokens.transpose(1, 2).reshape(B, -1, h, w)
+
+        out = {name: self.pyramid[name](to_map(taken[idx][:, P:])) for name, idx in zip(_LEVELS, self.out_indices)}
+        pooled, dense = self._adapter.heads(self.visual, final, dense=True)
+        out["clip_global"] = pooled
+        out["clip_dense"] = to_map(dense)
+        return out
+
+    # ------------------------------------------------------------------ frozen reference E_I^0
+    def reset_reference(self) -> None:
+        """(Re)take the frozen reference E_I^0 as a copy of the tower's current weights."""
+        ref = copy.deepcopy(self.visual).eval()
+        ref.requires_grad_(False)
+        self._reference = [ref]
+
+    @property
+    def reference_tower(self) -> Optional[nn.Module]:
+        return self._reference[0] if self._reference else None
+
+    def reference_global_embedding(self, x: Tensor) -> Tensor:
+        """f_CLS^0 of the frozen initial tower for images ``x`` (as in :meth:`forward`), ``B x C``, no grad."""
+        if not self._reference:
+            raise RuntimeError(
+                "this CLIPViTBackbone was built with frozen_reference=False "
+                "(MODEL.HVLFORMER.CLIP.FROZEN_REFERENCE), so it has no frozen reference tower for L^V"
+            )
+        ref = self._reference[0]
+        with torch.no_grad():
+            final, _, _ = self._run_tower(ref, self._prepare_input(x), (), checkpointing=False)
+            return self._adapter.heads(ref, final, dense=False)[0]
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for ref in self._reference:
+            ref._apply(fn, recurse)
+        return self

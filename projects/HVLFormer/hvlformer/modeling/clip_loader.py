@@ -1,0 +1,136 @@
+"""Build open_clip models (architecture + optional weights) for the vision backbone and the text side.
+
+Decisions (SPEC 2.1 "Weights"):
+
+- ``pretrained == ""``: the model is randomly initialised and ONE warning is logged, saying the model is
+  untrained and how to give weights. Nothing touches the network.
+- ``pretrained`` is an existing local file: open_clip loads that state dict (strictly; a checkpoint of a
+  different architecture is an error naming the file and the model).
+- ``pretrained`` looks like a path (has a path separator or a checkpoint suffix) but does not exist:
+  ``FileNotFoundError`` at once, instead of asking a model hub about a misspelt path.
+- any other string is an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...). An unknown
+  tag for the architecture is a ``ValueError`` listing the known tags (no network); a known tag whose
+  download fails (offline, no cache) is a ``RuntimeError`` that says what to do, chaining the cause.
+
+The project's own architectures (``hvlformer/modeling/backbone/model_configs/*.json``, e.g. the CPU-test
+model ``HVL-Tiny-ViT`` and its timm-EVA02 twin ``HVL-Tiny-EVA``) are registered with open_clip by
+:func:`register_project_model_configs`, which :func:`build_clip_model` calls itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Tuple
+
+import open_clip
+from torch import nn
+
+__all__ = ["MODEL_CONFIG_DIR", "register_project_model_configs", "build_clip_model"]
+
+logger = logging.getLogger(__name__)
+
+#: Folder of the project's open_clip architecture configs (one JSON per architecture).
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "backbone" / "model_configs"
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+
+
+def register_project_model_configs() -> None:
+    """Make the JSON architectures in :data:`MODEL_CONFIG_DIR` known to open_clip (idempotent)."""
+    names = {p.stem for p in MODEL_CONFIG_DIR.glob("*.json")}
+    if names and not names.issubset(open_clip.list_models()):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextmanager
+def _without_root_messages(prefix: str) -> Iterator[None]:
+    """Drop root-logger records starting with ``prefix`` (open_clip's own 'no weights' notice is replaced
+    by our single, more specific warning)."""
+    root = logging.getLogger()
+    flt = _DropMessages(prefix)
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or (os.altsep is not None and os.altsep in value) or value.endswith(_CHECKPOINT_SUFFIXES)
+
+
+def build_clip_model(model_name: str, pretrained: str = "") -> Tuple[nn.Module, Callable]:
+    """Create an open_clip model and its tokenizer.
+
+    Args:
+        model_name: open_clip architecture name (``"ViT-B-16"``, ``"EVA02-L-14-336"``, ``"HVL-Tiny-ViT"``).
+        pretrained: ``""`` (random init, one warning), a local checkpoint file, or an open_clip tag.
+
+    Returns:
+        ``(model, tokenizer)``: an open_clip ``CLIP`` / ``CustomTextCLIP`` (fp32, CPU) and
+        ``open_clip.get_tokenizer(model_name)``.
+    """
+    register_project_model_configs()
+    if ":" not in model_name and open_clip.get_model_config(model_name) is None:
+        raise ValueError(
+            f"Unknown open_clip architecture {model_name!r}. Known: {', '.join(open_clip.list_models())}. "
+            f"Project architectures live in {MODEL_CONFIG_DIR}."
+        )
+    pretrained = pretrained or ""
+
+    if not pretrained:
+        with _without_root_messages("No pretrained weights loaded"):
+            model = open_clip.create_model(model_name, pretrained=None)
+        logger.warning(
+            "CLIP model %r is RANDOMLY INITIALISED (MODEL.HVLFORMER.CLIP.PRETRAINED is empty): it is untrained, "
+            "fine for tests and smoke runs only. To use real weights set MODEL.HVLFORMER.CLIP.PRETRAINED to a "
+            "local checkpoint file, or to an open_clip tag (e.g. 'openai' for ViT-B-16; downloads once, needs "
+            "network) - see open_clip.list_pretrained_tags_by_model(%r).",
+            model_name, model_name,
+        )
+    elif os.path.isfile(pretrained):
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained)
+        except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as e:
+            raise RuntimeError(
+                f"Could not load the CLIP checkpoint {pretrained!r} into architecture {model_name!r}: {e}. "
+                "Is it an open_clip state dict of this architecture?"
+            ) from e
+        logger.info("Loaded CLIP weights for %s from %s", model_name, pretrained)
+    elif _looks_like_path(pretrained):
+        raise FileNotFoundError(
+            f"MODEL.HVLFORMER.CLIP.PRETRAINED={pretrained!r} looks like a file path but no such file exists."
+        )
+    else:
+        known = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in known:
+            raise ValueError(
+                f"{pretrained!r} is neither an existing file nor an open_clip pretrained tag of {model_name!r}. "
+                f"Known tags: {known or 'none'}."
+            )
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise RuntimeError(
+                f"Could not get the open_clip weights {model_name!r}/{pretrained!r} ({e}). The tag is downloaded "
+                "from a model hub once and then cached. Either run once with network access (unset "
+                "HF_HUB_OFFLINE), or download the checkpoint elsewhere and set MODEL.HVLFORMER.CLIP.PRETRAINED "
+                "to the local file path, or set it to '' for a randomly initialised model (tests only). "
+                "Set HF_HUB_OFFLINE=1 to make offline runs fail fast instead of waiting for the hub."
+            ) from e
+        logger.info("Loaded CLIP weights %s/%s", model_name, pretrained)
+
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model, tokenizer

@@ -1,0 +1,130 @@
+"""HQG / L_div / SRE modes and PTRM (SPEC 2.3, 2.4)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hvlformer.modeling.htqg import HTQG, HierarchicalQueryGenerator, diversity_loss
+from hvlformer.modeling.ptrm import PTRM, PTRMLevel
+
+
+def test_hqg_shapes_and_independent_heads():
+    torch.manual_seed(0)
+    hqg = HierarchicalQueryGenerator(text_dim=12, hidden_dim=8, num_levels=3)
+    t = torch.randn(5, 12)
+    q = hqg(t)
+    assert q.shape == (3, 5, 8)
+    # level e is exactly MLP_e(t)
+    for e in range(3):
+        torch.testing.assert_close(q[e], hqg.heads[e](t))
+    assert not torch.allclose(q[0], q[1])
+
+
+def test_diversity_loss_orthogonal_identical_and_value():
+    eye = torch.eye(4)
+    orthogonal = torch.stack([eye[:2], eye[2:]])  # E=2, K=2, D=4: levels orthogonal per class
+    assert diversity_loss(orthogonal).item() == pytest.approx(0.0, abs=1e-7)
+    same = torch.randn(1, 3, 6).repeat(3, 1, 1)   # identical levels
+    assert diversity_loss(same).item() == pytest.approx(1.0, abs=1e-6)
+    # hand case: two levels at 60 degrees -> cos^2 = 1/4
+    a = torch.tensor([[[1.0, 0.0]]])
+    b = torch.tensor([[[0.5, math.sqrt(3) / 2]]])
+    assert diversity_loss(torch.cat([a, b])).item() == pytest.approx(0.25, abs=1e-6)
+    assert diversity_loss(torch.randn(1, 3, 4)).item() == 0.0  # E = 1: no pair
+
+
+def _features(batch=2):
+    return [torch.randn(batch, 6, 8, 8), torch.randn(batch, 7, 4, 4), torch.randn(batch, 8, 2, 2)]
+
+
+@pytest.mark.parametrize("mode", ["soft", "threshold", "none"])
+def test_sre_modes(mode):
+    torch.manual_seed(0)
+    htqg = HTQG(text_dim=10, hidden_dim=16, num_levels=2, feature_channels=[6, 7, 8], sre_mode=mode)
+    t = F.normalize(torch.randn(4, 10), dim=-1)
+    weighted, q_hat, extras = htqg(t, _features())
+    assert weighted.shape == (2, 2, 4, 16) and q_hat.shape == (2, 4, 16)
+    relevance = extras["relevance"]
+    assert relevance.shape == (2, 4)
+    torch.testing.assert_close(weighted, q_hat[None] * relevance[:, None, :, None])
+    if mode == "soft":
+        torch.testing.assert_close(relevance, extras["sre_logits"].sigmoid())
+    elif mode == "threshold":
+        assert set(relevance.unique().tolist()) <= {0.0, 1.0}
+        torch.testing.assert_close(relevance, (extras["sre_logits"].sigmoid() > 0.5).float())
+    else:
+        assert "sre_logits" not in extras and torch.all(relevance == 1)
+
+
+def test_sre_clip_zero_shot_uses_gt_presence_or_clip_similarity():
+    htqg = HTQG(text_dim=3, hidden_dim=4, num_levels=1, feature_channels=[6, 7, 8], sre_mode="clip_zero_shot")
+    t = torch.eye(3)
+    presence = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    _, _, extras = htqg(t, _features(), presence=presence)
+    torch.testing.assert_close(extras["relevance"], presence)
+    global_embedding = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    _, _, extras = htqg(t, _features(), global_embedding=global_embedding)
+    # cos = 1 for the matching class, 0 otherwise; temperature 0.01 -> softmax almost one-hot
+    assert extras["relevance"].argmax(dim=1).tolist() == [0, 2]
+    torch.testing.assert_close(extras["relevance"].sum(dim=1), torch.ones(2))
+
+
+def test_unknown_sre_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="SRE.MODE"):
+        HTQG(4, 4, 1, [1, 1, 1], sre_mode="hard")
+
+
+def test_ptrm_level_matches_equations():
+    torch.manual_seed(0)
+    level = PTRMLevel(dim=8, kernel_size=3, hidden_channels=4)
+    queries, pixels = torch.randn(2, 5, 8), torch.randn(2, 8, 6, 7)
+    update, refined, affinity = level(queries, pixels)
+    assert update.shape == (2, 5, 8) and refined.shape == pixels.shape and affinity.shape == (2, 5, 6, 7)
+    torch.testing.assert_close(affinity.sum(dim=1), torch.ones(2, 6, 7))  # softmax over the K classes
+    # recompute steps 1-5 independently
+    v = level.visual_proj(pixels)
+    logits = torch.einsum("bkd,bdhw->bkhw", level.query_proj(queries), v) / math.sqrt(8)
+    a = logits.softmax(1)
+    t = torch.einsum("bkhw,bkd->bdhw", a, level.text_proj(queries))
+    x = torch.stack([t.mean(1), v.mean(1), (t + v).mean(1)], 1)
+    w = level.gate(x)
+    t2 = t * w[:, 1:2] * w[:, 2:3]
+    v2 = v * w[:, 0:1] * w[:, 2:3]
+    pooled = (a.flatten(2) @ t2.flatten(2).transpose(1, 2)) / a.flatten(2).sum(-1, keepdim=True)
+    torch.testing.assert_close(update, level.query_out(pooled))
+    torch.testing.assert_close(refined, pixels + level.pixel_out(v2))
+
+
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+def test_ptrm_modes_and_extra_levels(num_levels):
+    torch.manual_seed(0)
+    queries = torch.randn(2, num_levels, 4, 16)
+    pixels = [torch.randn(2, 16, s, s) for s in (2, 4, 8)]
+    ptrm = PTRM(16, num_levels, mode="ptrm", kernel_size=3, hidden_channels=4, num_heads=2)
+    refined_q, refined_z, affinities = ptrm(queries, pixels)
+    assert refined_q.shape == queries.shape
+    assert [z.shape for z in refined_z] == [z.shape for z in pixels]
+    assert len(affinities) == 3
+    for z_in, z_out in zip(pixels, refined_z):
+        assert not torch.allclose(z_in, z_out)
+    # extra pixel levels use the finest query level
+    assert [ptrm.query_level_of(i) for i in range(3)] == [min(i, num_levels - 1) for i in range(3)]
+    # gradients reach the queries through every level
+    q = queries.clone().requires_grad_(True)
+    out_q, out_z, _ = ptrm(q, pixels)
+    (out_q.square().sum() + sum(z.square().sum() for z in out_z)).backward()
+    assert torch.all(q.grad.abs().sum(dim=(0, 2, 3)) > 0)
+
+
+def test_ptrm_none_is_identity_and_cross_attention_changes_queries_only():
+    queries = torch.randn(2, 3, 4, 16)
+    pixels = [torch.randn(2, 16, s, s) for s in (2, 4, 8)]
+    q, z, a = PTRM(16, 3, mode="none")(queries, pixels)
+    assert q is queries and all(x is y for x, y in zip(z, pixels)) and a == []
+    q, z, a = PTRM(16, 3, mode="cross_attention", num_heads=2)(queries, pixels)
+    assert not torch.allclose(q, queries)
+    assert all(torch.equal(x, y) for x, y in zip(z, pixels))
+    torch.testing.assert_close(a[2].flatten(2).sum(-1), torch.ones(2, 4))  # attention over pixels
+    with pytest.raises(ValueError, match="PTRM.MODE"):
+        PTRM(16, 3, mode="attention")
