@@ -248,6 +248,24 @@ def test_module_zero_offsets_single_level_reads_reference_pixel():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_module_offsets_are_in_pixels_of_the_level():
+    # Offset bias (+1, 0) px for every head: a query at the centre of pixel (r, c) of a non-square map
+    # reads pixel (r, c + 1); (0, -2) reads pixel (r - 2, c). Checks the (x, y) order and the per-level
+    # normalisation by (W, H).
+    torch.manual_seed(0)
+    shapes = [(5, 6)]
+    x, sh, start = _flatten_levels(shapes, B=1, D=8, seed=4)
+    rows, cols = torch.tensor([2, 4]), torch.tensor([1, 3])
+    ref = torch.stack(((cols + 0.5) / 6, (rows + 0.5) / 5), -1).view(1, 2, 1, 2)
+    for (dx, dy), (r2, c2) in (((1.0, 0.0), (rows, cols + 1)), ((0.0, -2.0), (rows - 2, cols))):
+        m = _zero_offset_module(8, 1, 2)
+        with torch.no_grad():
+            m.sampling_offsets.bias.copy_(torch.tensor([dx, dy]).repeat(2))
+        out = m(torch.randn(1, 2, 8), ref, x, sh, start)
+        expected = m.output_proj(m.value_proj(x[0, r2 * 6 + c2]))
+        torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_module_zero_offsets_two_levels_average_and_padding_mask():
     torch.manual_seed(0)
     shapes = [(4, 4), (2, 2)]

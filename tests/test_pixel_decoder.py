@@ -63,6 +63,19 @@ def test_structure_matches_mask2former():
     assert {"adapter_1.weight", "layer_1.weight", "mask_features.weight"} <= names
 
 
+def test_reference_points_are_pixel_centres():
+    from hvlformer.modeling.pixel_decoder import MSDeformAttnTransformerEncoderOnly
+
+    ref = MSDeformAttnTransformerEncoderOnly.get_reference_points([(2, 3), (1, 2)], 2, torch.device("cpu"))
+    assert ref.shape == (2, 8, 2, 2)
+    expected = torch.tensor([[1 / 6, 1 / 4], [3 / 6, 1 / 4], [5 / 6, 1 / 4],
+                             [1 / 6, 3 / 4], [3 / 6, 3 / 4], [5 / 6, 3 / 4],
+                             [1 / 4, 1 / 2], [3 / 4, 1 / 2]])  # (x, y), row-major per level
+    for b in range(2):
+        for lvl in range(2):
+            torch.testing.assert_close(ref[b, :, lvl], expected)
+
+
 def test_forward_equals_forward_features():
     dec = _decoder().eval()
     f = _features(64, 64)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from argparse import Namespace
-from typing import Type
+from typing import List, Type
 
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer
@@ -19,10 +19,24 @@ def setup_cfg(args: Namespace, freeze: bool = True) -> CfgNode:
     add_hvlformer_config(cfg)
     if getattr(args, "config_file", ""):
         cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(getattr(args, "opts", []) or []))
+    opts = list(getattr(args, "opts", []) or [])
+    check_override_keys(cfg, opts)
+    cfg.merge_from_list(opts)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def check_override_keys(cfg: CfgNode, opts: List[str]) -> None:
+    """Raise a KeyError naming the first ``KEY VALUE`` override whose key does not exist."""
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number: {opts}")
+    for key in opts[0::2]:
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise KeyError(f"unknown config key {key!r} (see hvlformer/config.py for the HVLFormer keys)")
+            node = node[part]
 
 
 def build_trainer_class(cfg: CfgNode) -> Type[DefaultTrainer]:

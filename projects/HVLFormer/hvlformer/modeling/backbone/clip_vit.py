@@ -137,16 +137,16 @@ class _OpenCLIPViTAdapter(_TowerAdapter):
         return x[:, 1:].mean(dim=1) if visual.pool_type == "avg" else x[:, 0]
 
     def heads(self, visual, x, dense):
-        proj = visual.proj
+        tokens = visual.ln_post(x[:, 1:]) if dense else None
         if visual.final_ln_after_pool:
             pooled = visual.ln_post(self._pool(visual, x))
-            tokens = visual.ln_post(x[:, 1:]) if dense else None
+        elif visual.pool_type == "tok":
+            pooled = visual.ln_post(x[:, 0])  # LayerNorm is per token
         else:
-            x = visual.ln_post(x if dense else x[:, :1] if visual.pool_type == "tok" else x)
-            pooled, tokens = self._pool(visual, x), (x[:, 1:] if dense else None)
-        if proj is not None:
-            pooled = pooled @ proj
-            tokens = tokens @ proj if tokens is not None else None
+            pooled = tokens.mean(dim=1) if dense else visual.ln_post(x[:, 1:]).mean(dim=1)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+            tokens = tokens @ visual.proj if dense else None
         return pooled, tokens
 
 
@@ -172,7 +172,8 @@ class _TimmEvaAdapter(_TowerAdapter):
 
     @staticmethod
     def _output_dim(visual: TimmModel) -> int:
-        for module in reversed(list(visual.head.modules()) + [visual.trunk.head]):
+        # the last Linear applied (open_clip's head after timm's head) sets the output width
+        for module in reversed([visual.trunk.head, *visual.head.modules()]):
             if isinstance(module, nn.Linear):
                 return module.out_features
         return visual.trunk.embed_dim

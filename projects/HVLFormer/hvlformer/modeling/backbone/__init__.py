@@ -1,0 +1,4 @@
+"""CLIP vision backbones (importing this package registers ``CLIPViTBackbone`` in BACKBONE_REGISTRY)."""
+from .clip_vit import NOMINAL_STRIDE, CLIPViTBackbone, interpolate_pos_embed
+
+__all__ = ["CLIPViTBackbone", "interpolate_pos_embed", "NOMINAL_STRIDE"]

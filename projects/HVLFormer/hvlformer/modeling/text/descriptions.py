@@ -1,0 +1,151 @@
+"""Dataset-aware class descriptions (SPEC 2.2) and the frozen reference prompts of L^L.
+
+A descriptions file ``datasets/descriptions/<dataset>.json`` has the schema::
+
+    {
+      "dataset": "voc",
+      "attributes": ["general consumer photos", "object-centric", ...],
+      "classes": {"aeroplane": ["sentence 1", "sentence 2", "sentence 3", "sentence 4"], ...}
+    }
+
+``load_class_descriptions`` turns it into ``K`` lists of up to ``R`` prompts (class order = the dataset's
+class order). Decisions:
+
+- no path (``None`` / ``""``): one fallback prompt per class (``"a photo of a {}."``), no attributes;
+- a path that does not exist: ``FileNotFoundError`` naming it (a typo must not silently fall back);
+- a class of the dataset missing from the file: ``ValueError`` naming the class and the file;
+  classes in the file that the dataset does not use are ignored;
+- more than ``R`` descriptions: the first ``R`` are used; fewer: all that are there (at least one).
+- class names are matched exactly (the names of the dataset metadata).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+__all__ = [
+    "ClassDescriptions",
+    "load_class_descriptions",
+    "resolve_descriptions_path",
+    "reference_prompts",
+    "DEFAULT_FALLBACK_TEMPLATE",
+    "DEFAULT_REFERENCE_TEMPLATE",
+]
+
+DEFAULT_FALLBACK_TEMPLATE = "a photo of a {}."
+DEFAULT_REFERENCE_TEMPLATE = "a clean origami of a {} with attributes: {}"
+#: Filled into the attribute slot of the reference template when a dataset has no attributes.
+NO_ATTRIBUTES = "unspecified"
+
+
+@dataclass
+class ClassDescriptions:
+    """``prompts[k]``: the descriptions of class ``k`` (1..R strings); ``attributes``: dataset attributes;
+    ``source``: the file they came from, or ``"fallback: <template>"``."""
+
+    prompts: List[List[str]]
+    attributes: List[str] = field(default_factory=list)
+    source: str = ""
+
+
+def _fail(path: str, msg: str) -> ValueError:
+    return ValueError(f"descriptions file {path}: {msg}")
+
+
+def _string_list(value, path: str, what: str) -> List[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(path, f"{what} must be a list of strings")
+    return [v.strip() for v in value if v.strip()]
+
+
+def load_class_descriptions(
+    path: Optional[str],
+    class_names: Sequence[str],
+    num_descriptions: int = 4,
+    fallback_template: str = DEFAULT_FALLBACK_TEMPLATE,
+) -> ClassDescriptions:
+    """Load the descriptions of ``class_names`` (see the module docstring for the rules)."""
+    if num_descriptions < 1:
+        raise ValueError(f"num_descriptions must be >= 1, got {num_descriptions}")
+    if not class_names:
+        raise ValueError("class_names is empty")
+    if not path:
+        return ClassDescriptions(
+            prompts=[[fallback_template.format(name)] for name in class_names],
+            attributes=[],
+            source=f"fallback: {fallback_template}",
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"descriptions file not found: {path}")
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise _fail(path, f"not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), dict):
+        raise _fail(path, 'expected an object with a "classes" object {class name: [descriptions]}')
+    attributes = _string_list(data.get("attributes", []), path, '"attributes"')
+    classes = data["classes"]
+    prompts = []
+    for name in class_names:
+        if name not in classes:
+            raise _fail(path, f"class {name!r} has no descriptions")
+        sentences = _string_list(classes[name], path, f"descriptions of class {name!r}")
+        if not sentences:
+            raise _fail(path, f"class {name!r} has no (non-empty) descriptions")
+        prompts.append(sentences[:num_descriptions])
+    return ClassDescriptions(prompts=prompts, attributes=attributes, source=str(path))
+
+
+def _repository_root() -> Optional[Path]:
+    """The folder holding ``setup.py`` above this file (None when installed without the source tree)."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "setup.py").is_file():
+            return parent
+    return None
+
+
+def resolve_descriptions_path(cfg_value: str, descriptions_name: Optional[str]) -> Optional[str]:
+    """Where the descriptions file is.
+
+    ``cfg_value`` (MODEL.HVLFORMER.TEXT.DESCRIPTIONS), when set, wins: it is returned as found relative to
+    the current directory, else relative to the repository root, else unchanged (so loading it fails with
+    its name). Otherwise ``<dir>/descriptions/<descriptions_name>.json`` is looked up, ``<dir>`` being
+    ``./datasets``, ``$DETECTRON2_DATASETS`` and ``<repository>/datasets`` in that order. None if nothing
+    exists (the caller then uses the fallback template).
+    """
+    root = _repository_root()
+    if cfg_value:
+        if os.path.isabs(cfg_value) or os.path.exists(cfg_value) or root is None:
+            return cfg_value
+        in_root = root / cfg_value
+        return str(in_root) if in_root.exists() else cfg_value
+    if not descriptions_name:
+        return None
+    dirs = [Path("datasets")]
+    if os.environ.get("DETECTRON2_DATASETS"):
+        dirs.append(Path(os.environ["DETECTRON2_DATASETS"]))
+    if root is not None:
+        dirs.append(root / "datasets")
+    for d in dirs:
+        candidate = d / "descriptions" / f"{descriptions_name}.json"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def reference_prompts(
+    class_names: Sequence[str],
+    attributes: Sequence[str],
+    template: str = DEFAULT_REFERENCE_TEMPLATE,
+) -> List[str]:
+    """The frozen reference prompts p^0 of L^L, one per class: ``template.format(class, attributes)`` with
+    the attributes joined by ``", "`` (``"unspecified"`` when there are none). A template with a single
+    ``{}`` gets the class name only."""
+    attrs = ", ".join(attributes) if attributes else NO_ATTRIBUTES
+    if template.count("{}") == 1:
+        return [template.format(name) for name in class_names]
+    return [template.format(name, attrs) for name in class_names]
