@@ -183,12 +183,33 @@ def test_text_cross_attention_per_level_centers():
     m_shared, _ = dec.forward_features(f, shared)
     m_levels, _ = dec.forward_features(f, shared[:, None].expand(1, 3, 4, CONV_DIM))
     torch.testing.assert_close(m_shared, m_levels, rtol=1e-5, atol=1e-5)
-    # changing only the coarsest level's centres changes the result
-    per_level = shared[:, None].repeat(1, 3, 1, 1)
-    per_level[:, 0] = torch.randn(1, 4, CONV_DIM)
-    assert not torch.allclose(dec.forward_features(f, per_level)[0], m_shared, atol=1e-4)
     with pytest.raises(ValueError, match="per-level"):
-        dec.forward_features(f, per_level[:, :2])
+        dec.forward_features(f, shared[:, None].expand(1, 2, 4, CONV_DIM))
+
+    # With a single encoder layer nothing mixes the levels after the text attention (only the per-token
+    # FFN follows), so changing the centres of level l changes z^l and no other level.
+    dec1 = _decoder(text_cross_attention=True, transformer_enc_layers=1).eval()
+    base = shared[:, None].repeat(1, 3, 1, 1)
+    _, z_base = dec1.forward_features(f, base)
+    for lvl in range(3):
+        changed = base.clone()
+        changed[:, lvl] = torch.randn(1, 4, CONV_DIM)
+        _, z = dec1.forward_features(f, changed)
+        for other in range(3):
+            if other == lvl:
+                assert not torch.allclose(z[other], z_base[other], atol=1e-4), (lvl, other)
+            else:
+                torch.testing.assert_close(z[other], z_base[other])
+
+
+def test_text_layer_requires_centers():
+    dec = _decoder(text_cross_attention=True, transformer_enc_layers=1)
+    layer = dec.transformer.layers[0]
+    src = torch.randn(1, 5, CONV_DIM)
+    ref = torch.rand(1, 5, 3, 2)
+    shapes = torch.tensor([[1, 1], [1, 2], [1, 2]])
+    with pytest.raises(ValueError, match="text_centers"):
+        layer(src, torch.zeros_like(src), ref, shapes, torch.tensor([0, 1, 3]))
 
 
 def test_autocast_bf16():

@@ -282,7 +282,7 @@ class MSDeformAttn(nn.Module):
             attn = logits.view(B, n_queries, self.n_heads, self.n_levels * self.n_points).softmax(-1)
             attn = attn.view(B, n_queries, self.n_heads, self.n_levels, self.n_points)
             # Offsets are in pixels of each level: divide by (W_l, H_l) to get normalised units.
-            normalizer = input_spatial_shapes.to(device=query.device, dtype=loc_dtype)
+            normalizer = input_spatial_shapes.flip(-1).to(device=query.device, dtype=loc_dtype)
             sampling_locations = (
                 reference_points.to(loc_dtype)[:, :, None, :, None, :]
                 + offsets / normalizer[None, None, None, :, None, :]

@@ -1,0 +1,230 @@
+"""HVLFormerSemanticDatasetMapper: crop/pad, label-image alignment, test mode, validation."""
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+
+from hvlformer.config import add_hvlformer_config
+from hvlformer.data import HVLFormerSemanticDatasetMapper, register_sem_seg_folder
+
+# Well-separated colours encoding the classes of the alignment test.
+PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 0, 0]], dtype=np.uint8)
+
+
+def _cfg(crop=64, base=64, ratio=(0.5, 2.0), dataset=None, num_classes=5):
+    cfg = get_cfg()
+    add_hvlformer_config(cfg)
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.INPUT.CROP.SIZE = (crop, crop)
+    cfg.INPUT.RESIZE_BASE = base
+    cfg.INPUT.RESIZE_RATIO_RANGE = ratio
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    if dataset is not None:
+        cfg.DATASETS.TRAIN = (dataset,)
+        cfg.DATASETS.TEST = (dataset,)
+    return cfg
+
+
+def _write(tmp_path, image, label, stem="s"):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    (tmp_path / "lbl").mkdir(exist_ok=True)
+    img_path, lbl_path = tmp_path / "img" / f"{stem}.png", tmp_path / "lbl" / f"{stem}.png"
+    Image.fromarray(image).save(img_path)  # lossless, so colours encode labels exactly
+    Image.fromarray(label.astype(np.uint8)).save(lbl_path)
+    return {"file_name": str(img_path), "sem_seg_file_name": str(lbl_path),
+            "height": image.shape[0], "width": image.shape[1]}
+
+
+def _layout(h, w):
+    """An asymmetric label map: a flip or shift that is not applied to both would show."""
+    lbl = np.zeros((h, w), np.uint8)
+    lbl[:, w // 5 : w // 2] = 1
+    lbl[: h // 3, w // 2 :] = 2
+    yy, xx = np.mgrid[0:h, 0:w]
+    lbl[(yy - 0.7 * h) ** 2 + (xx - 0.8 * w) ** 2 < (0.15 * min(h, w)) ** 2] = 3
+    return lbl
+
+
+def test_train_crop_pads_small_images_with_zero_and_ignore(tmp_path):
+    h, w = 30, 40
+    image = np.random.default_rng(0).integers(50, 256, (h, w, 3), dtype=np.uint8)
+    label = np.random.default_rng(1).integers(0, 4, (h, w), dtype=np.uint8)
+    d = _write(tmp_path, image, label)
+    for color_aug in (False, True):
+        cfg = _cfg(crop=64, base=40, ratio=(1.0, 1.0))  # no resize: long side stays 40
+        cfg.INPUT.COLOR_AUG_SSD = color_aug
+        mapper = HVLFormerSemanticDatasetMapper(cfg, is_train=True)
+        for seed in range(4):
+            np.random.seed(seed)
+            out = mapper(d)
+            img, sem = out["image"], out["sem_seg"]
+            assert img.dtype == torch.uint8 and tuple(img.shape) == (3, 64, 64)
+            assert sem.dtype == torch.long and tuple(sem.shape) == (64, 64)
+            pad = sem == 255
+            assert int(pad.sum()) == 64 * 64 - h * w
+            assert (img[:, pad] == 0).all()
+            if not color_aug:
+                assert (img[:, ~pad] >= 50).all()
+                # the content is the source (possibly flipped), sitting in the top rows
+                content = img[:, :h][:, :, ~pad[0]].permute(1, 2, 0).numpy()
+                assert np.array_equal(content, image) or np.array_equal(content, image[:, ::-1])
+            assert (out["height"], out["width"]) == (h, w)
+
+
+def test_train_label_image_alignment_under_resize_crop_flip(tmp_path):
+    h, w = 150, 200
+    label = _layout(h, w)
+    d = _write(tmp_path, PALETTE[label], label)
+    cfg = _cfg(crop=96, base=160, ratio=(0.5, 2.0))
+    mapper = HVLFormerSemanticDatasetMapper(cfg, is_train=True)
+    sizes, flipped_layouts = set(), set()
+    for seed in range(12):
+        np.random.seed(seed)
+        out = mapper(d)
+        img = out["image"].permute(1, 2, 0).numpy().astype(np.int64)
+        sem = out["sem_seg"].numpy()
+        assert sem.shape == (96, 96)
+        # nearest palette colour of every pixel
+        dist = ((img[:, :, None, :] - PALETTE[None, None].astype(np.int64)) ** 2).sum(-1)
+        decoded = dist.argmin(-1)
+        valid = sem != 255
+        # interior pixels: the 3x3 label neighbourhood is constant (boundaries are resampled)
+        padded = np.pad(sem, 1, mode="edge")
+        same = np.ones_like(valid)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                same &= padded[1 + dy : 1 + dy + 96, 1 + dx : 1 + dx + 96] == sem
+        interior = valid & same
+        assert interior.sum() > 0.5 * valid.sum()
+        agreement = (decoded[interior] == sem[interior]).mean()
+        assert agreement > 0.99, (seed, agreement)
+        assert (decoded[valid] == sem[valid]).mean() > 0.95
+        assert (decoded[~valid] == 4).all()  # padding is black in the image and ignore in the label
+        sizes.add(int(valid.sum()))
+    assert len(sizes) > 3  # the random resize/crop really varies
+
+
+def test_flip_happens_and_is_applied_to_both(tmp_path):
+    h, w = 40, 40
+    label = np.zeros((h, w), np.uint8)
+    label[:, :10] = 1  # a band on the left only
+    d = _write(tmp_path, PALETTE[label], label)
+    cfg = _cfg(crop=40, base=40, ratio=(1.0, 1.0))
+    cfg.INPUT.SIZE_DIVISIBILITY = 0
+    mapper = HVLFormerSemanticDatasetMapper(cfg, is_train=True)
+    sides = set()
+    for seed in range(10):
+        np.random.seed(seed)
+        out = mapper(d)
+        sem = out["sem_seg"].numpy()
+        left = (sem[:, :10] == 1).all()
+        right = (sem[:, -10:] == 1).all()
+        assert left != right
+        sides.add("left" if left else "right")
+        green = out["image"][1].numpy() == 255
+        np.testing.assert_array_equal(green, sem == 1)
+    assert sides == {"left", "right"}
+
+
+def test_test_mode_keeps_original_size_and_labels(tmp_path):
+    h, w = 45, 70
+    label = _layout(h, w)
+    image = PALETTE[label]
+    label[0, :5] = 255
+    d = _write(tmp_path, image, label)
+    mapper = HVLFormerSemanticDatasetMapper(_cfg(crop=32, base=32), is_train=False)
+    out = mapper(d)
+    assert tuple(out["image"].shape) == (3, h, w) and (out["height"], out["width"]) == (h, w)
+    np.testing.assert_array_equal(out["sem_seg"].numpy(), label.astype(np.int64))
+    np.testing.assert_array_equal(out["image"].permute(1, 2, 0).numpy(), image)
+    # unlabeled entries: no "sem_seg"
+    out = mapper({"file_name": d["file_name"]})
+    assert "sem_seg" not in out and (out["height"], out["width"]) == (h, w)
+    # the input dict is not modified
+    assert "image" not in d
+
+
+def test_bgr_format(tmp_path):
+    label = _layout(20, 20)
+    d = _write(tmp_path, PALETTE[label], label)
+    cfg = _cfg()
+    cfg.INPUT.FORMAT = "BGR"
+    out = HVLFormerSemanticDatasetMapper(cfg, is_train=False)(d)
+    np.testing.assert_array_equal(out["image"].permute(1, 2, 0).numpy(), PALETTE[label][:, :, ::-1])
+
+
+def test_size_divisibility_padding_in_training(tmp_path):
+    label = _layout(50, 50)
+    d = _write(tmp_path, PALETTE[label], label)
+    cfg = _cfg(crop=60, base=50, ratio=(1.0, 1.0))
+    cfg.INPUT.SIZE_DIVISIBILITY = 32
+    out = HVLFormerSemanticDatasetMapper(cfg, is_train=True)(d)
+    assert tuple(out["image"].shape) == (3, 64, 64)
+    sem = out["sem_seg"]
+    assert int((sem == 255).sum()) == 64 * 64 - 50 * 50
+
+
+def test_validation_errors(tmp_path):
+    label = _layout(20, 30)
+    d = _write(tmp_path, PALETTE[label], label)
+    mapper = HVLFormerSemanticDatasetMapper(_cfg(num_classes=3), is_train=False)
+    with pytest.raises(ValueError, match=r"s\.png.*\[3\]"):
+        mapper(d)  # label 3 with K = 3
+    HVLFormerSemanticDatasetMapper(_cfg(num_classes=4), is_train=True)(d)
+    cfg = _cfg(num_classes=3)
+    cfg.INPUT.VALIDATE_LABELS = False
+    assert HVLFormerSemanticDatasetMapper(cfg, is_train=False)(d)["sem_seg"].max() == 3
+    # image / label size mismatch
+    d2 = _write(tmp_path, PALETTE[_layout(20, 31)], label, stem="mismatch")
+    d2.pop("height"), d2.pop("width")
+    with pytest.raises(ValueError, match=r"mismatch\.png.*mismatch\.png"):
+        HVLFormerSemanticDatasetMapper(_cfg(), is_train=True)(d2)
+    # corrupt image
+    bad = tmp_path / "img" / "corrupt_img.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match=r"corrupt_img\.png.*corrupt"):
+        HVLFormerSemanticDatasetMapper(_cfg(), is_train=True)({"file_name": str(bad)})
+    with pytest.raises(FileNotFoundError, match="missing_img.jpg"):
+        HVLFormerSemanticDatasetMapper(_cfg(), is_train=False)({"file_name": str(tmp_path / "missing_img.jpg")})
+    # dataset dict size disagreeing with the file
+    d3 = dict(d, height=21)
+    with pytest.raises(ValueError, match=r"s\.png"):
+        mapper(d3)
+
+
+def test_num_classes_from_metadata_or_head(tmp_path):
+    label = _layout(16, 16)
+    _write(tmp_path, PALETTE[label], label)
+    try:
+        register_sem_seg_folder("t_mapper_ds", tmp_path / "img", tmp_path / "lbl",
+                                ["a", "b", "c", "d", "e", "f", "g"], ignore_label=200, image_ext=".png")
+        m = HVLFormerSemanticDatasetMapper(_cfg(dataset="t_mapper_ds", num_classes=2), is_train=True)
+        assert m.num_classes == 7 and m.ignore_label == 200
+        m = HVLFormerSemanticDatasetMapper(_cfg(dataset="t_mapper_ds", num_classes=2), is_train=False)
+        assert m.num_classes == 7
+        d = DatasetCatalog.get("t_mapper_ds")[0]
+        assert m(d)["sem_seg"].shape == (16, 16)
+    finally:
+        DatasetCatalog.remove("t_mapper_ds")
+        MetadataCatalog.remove("t_mapper_ds")
+    m = HVLFormerSemanticDatasetMapper(_cfg(dataset="t_unregistered_ds", num_classes=9), is_train=True)
+    assert m.num_classes == 9 and m.ignore_label == 255
+    # explicit construction (no cfg)
+    m = HVLFormerSemanticDatasetMapper(False, augmentations=[], image_format="RGB", ignore_label=255,
+                                       size_divisibility=0, num_classes=4, validate_labels=True)
+    assert m.num_classes == 4 and not m.is_train
+
+
+def test_on_shapes_dataset(tmp_path):
+    from hvlformer.data import generate_shapes_split
+
+    dicts = generate_shapes_split(tmp_path, "train", 2, 64, 6, 0)
+    cfg = _cfg(crop=64, base=64, num_classes=6)
+    mapper = HVLFormerSemanticDatasetMapper(cfg, is_train=True)
+    for d in dicts:
+        out = mapper(d)
+        assert tuple(out["image"].shape) == (3, 64, 64) and tuple(out["sem_seg"].shape) == (64, 64)
+        vals = set(out["sem_seg"].unique().tolist())
+        assert vals <= set(range(6)) | {255}
