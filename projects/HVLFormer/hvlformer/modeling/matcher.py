@@ -93,7 +93,7 @@ class HungarianMatcher(nn.Module):
                                        align_corners=False).squeeze(1)
                 cost = (self.cost_class * cost_class
                         + self.cost_mask * pairwise_sigmoid_ce(out_pts, tgt_pts)
-                        )
+                        + self.cost_dice * pairwise_dice(out_pts, tgt_pts))
                 cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8).cpu().numpy()
                 row, col = linear_sum_assignment(cost)
                 indices.append((torch.as_tensor(np.asarray(row), dtype=torch.int64),

@@ -64,7 +64,7 @@ def interpolate_pos_embed(pos: Tensor, num_prefix: int, src_grid: Tuple[int, int
     prefix, grid = pos[:num_prefix], pos[num_prefix:]
     if grid.shape[0] != src_grid[0] * src_grid[1]:
         raise ValueError(f"position embedding has {grid.shape[0]} grid rows, expected {src_grid[0]}x{src_grid[1]}")
-    grid = grid.float().reshape(1, src_grid[0], src_grid[1], -1).permute(0, 3, 1, 2)
+    grid = grid.float().reshape(1, src_grid[0], src_grid[1], -1).permute(0, 3, 2, 1)
     grid = F.interpolate(grid, size=tuple(dst_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(dst_grid[0] * dst_grid[1], -1).to(pos.dtype)
     return torch.cat([prefix, grid], dim=0)

@@ -155,8 +155,8 @@ def ms_deform_attn(
         ``B x Lq x nH*Dh`` in ``value.dtype``.
 
     The locations and the bilinear sampling run with autocast disabled and in float32 (or float64 if
-    given): bf16 locations would quantise positions to ~1/256 of the map, i.e. several pixels on a
-    stride-8 level, and the CUDA kernel of Deformable-DETR only supports float32/float64 anyway.
+    given): bf16 locations near 1 are quantised in steps of 1/256 of the map, a quarter to half a pixel on
+    the stride-8 level of a 512-1024 px input, and Deformable-DETR's CUDA kernel only takes float32/64.
     """
     if impl not in MS_DEFORM_ATTN_IMPLS:
         raise ValueError(f"Unknown MSDeformAttn impl {impl!r}; expected one of {MS_DEFORM_ATTN_IMPLS}")
