@@ -91,6 +91,8 @@ def test_local_checkpoint_path_is_loaded(tiny_model, tmp_path):
 
 
 def test_bad_pretrained_values_fail_fast(monkeypatch):
+    with pytest.raises(ValueError, match="No-Such-Arch"):
+        build_clip_model("No-Such-Arch")
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         build_clip_model(TINY, "no_such_dir/weights.pt")
     with pytest.raises(ValueError, match="not_a_tag"):
@@ -204,11 +206,13 @@ def test_frozen_reference(tiny_model):
 
     x = torch.randn(2, 3, 128, 128)
     before = {k: v.clone() for k, v in ref.state_dict().items()}
-    f0 = bb.reference_global_embedding(x)
-    assert not f0.requires_grad
+    f0, d0 = bb.reference_global_embedding(x), bb.reference_dense_embedding(x)
+    assert not f0.requires_grad and not d0.requires_grad and d0.shape == (2, 64, 8, 8)
     bb.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(bb(x)["clip_global"], f0, atol=1e-6, rtol=0)  # initially identical
+    with torch.no_grad():  # initially identical to the trained tower
+        out = bb(x)
+        torch.testing.assert_close(out["clip_global"], f0, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out["clip_dense"], d0, atol=1e-6, rtol=0)
     bb.train()
     opt = torch.optim.SGD(bb.parameters(), lr=1.0)
     out = bb(x)
@@ -218,6 +222,7 @@ def test_frozen_reference(tiny_model):
     for k, v in ref.state_dict().items():  # ... the reference did not
         assert torch.equal(v, before[k]), k
     torch.testing.assert_close(bb.reference_global_embedding(x), f0, atol=0, rtol=0)
+    torch.testing.assert_close(bb.reference_dense_embedding(x), d0, atol=0, rtol=0)
     assert not ref.training  # .train() on the backbone does not reach the reference
 
     bb.to(torch.float64)
@@ -226,8 +231,9 @@ def test_frozen_reference(tiny_model):
 
     no_ref = make_backbone(tiny_model, frozen_reference=False)
     assert no_ref.reference_tower is None
-    with pytest.raises(RuntimeError, match="frozen_reference=False"):
-        no_ref.reference_global_embedding(x)
+    for method in (no_ref.reference_global_embedding, no_ref.reference_dense_embedding):
+        with pytest.raises(RuntimeError, match="frozen_reference=False"):
+            method(x)
 
 
 def test_build_from_cfg():

@@ -228,3 +228,39 @@ def test_on_shapes_dataset(tmp_path):
         assert tuple(out["image"].shape) == (3, 64, 64) and tuple(out["sem_seg"].shape) == (64, 64)
         vals = set(out["sem_seg"].unique().tolist())
         assert vals <= set(range(6)) | {255}
+
+
+def test_augmentations_directly():
+    from detectron2.data import transforms as T
+
+    from hvlformer.data import PadTo, RandomCropPad, ResizeLongestSide
+
+    img = np.full((30, 50, 3), 7, np.uint8)
+    seg = np.zeros((30, 50), np.uint8)
+    seg[:, 25:] = 1
+    np.random.seed(0)
+    for _ in range(5):
+        aug_in = T.AugInput(img.copy(), sem_seg=seg.copy())
+        T.AugmentationList([ResizeLongestSide(100, (0.5, 2.0))])(aug_in)
+        assert 50 <= max(aug_in.image.shape[:2]) <= 200
+        assert aug_in.image.shape[:2] == aug_in.sem_seg.shape
+        assert abs(aug_in.image.shape[1] / aug_in.image.shape[0] - 50 / 30) < 0.1  # aspect kept
+    aug_in = T.AugInput(img.copy(), sem_seg=seg.copy())
+    T.AugmentationList([RandomCropPad((40, 40), pad=True, pad_value=0, seg_pad_value=255)])(aug_in)
+    assert aug_in.image.shape == (40, 40, 3)
+    assert ((aug_in.sem_seg == 255) == (aug_in.image[..., 0] == 0)).all()
+    assert (aug_in.sem_seg[30:] == 255).all() and (aug_in.sem_seg[:30] != 255).all()
+    # crop offsets are independent in x and y (detectron2's FixedSizeCrop uses one factor for both)
+    offsets = set()
+    big = np.zeros((100, 100, 3), np.uint8)
+    for s in range(30):
+        np.random.seed(s)
+        t = RandomCropPad((20, 20)).get_transform(big).transforms[0]
+        offsets.add(t.x0 == t.y0)
+    assert False in offsets
+    # category-area constraint: prefers crops with more than one class when possible
+    np.random.seed(1)
+    t = RandomCropPad((20, 20), pad=False, single_category_max_area=0.75).get_transform(img, seg)
+    crop = t.apply_segmentation(seg)
+    assert len(np.unique(crop)) == 2
+    assert PadTo(size_divisibility=32).get_transform(img).apply_image(img).shape == (32, 64, 3)

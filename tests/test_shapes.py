@@ -292,9 +292,10 @@ def test_register_from_cfg(tmp_path, monkeypatch):
         assert MetadataCatalog.get("shapes_val").stuff_classes == ["background", "circle", "square"]
         assert MetadataCatalog.get("shapes_train").image_root == str(tmp_path / "shapes_3c_40px_seed5" / "images" / "train")
     finally:
-        monkeypatch.delenv("DETECTRON2_DATASETS")
-        S.register_shapes()  # restore the defaults for other tests
+        monkeypatch.undo()  # back to the session's $DETECTRON2_DATASETS ...
+        S.register_shapes()  # ... and the default registration, for other tests
     assert len(MetadataCatalog.get("shapes_train").stuff_classes) == 6
+    assert MetadataCatalog.get("shapes_train").image_root == str(S.shapes_root(6, 128, 0) / "images" / "train")
 
 
 def test_command_line(tmp_path, capsys):

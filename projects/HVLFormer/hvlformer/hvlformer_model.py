@@ -281,7 +281,10 @@ class HVLFormer(nn.Module):
             global_embedding=features.get("clip_global"), presence=presence)
         text_centers = None
         if self.text_center_proj is not None:
-            text_centers = self.text_center_proj(weighted_queries.mean(dim=1))  # B x K x D
+            # HierVL's per-level textual cluster centres c_t^(l) (B x 3 x K x D) when there is one query
+            # level per pixel-decoder level, otherwise one shared set from the mean of the levels (B x K x D).
+            centers = self.text_center_proj(weighted_queries)
+            text_centers = centers if centers.shape[1] == 3 else centers.mean(dim=1)
         pixel_features = {k: v for k, v in features.items() if k in ("res2", "res3", "res4", "res5")}
         mask_features, multi_scale_features = self.pixel_decoder.forward_features(pixel_features, text_centers)
         queries, refined_features, affinity = self.ptrm(weighted_queries, multi_scale_features)

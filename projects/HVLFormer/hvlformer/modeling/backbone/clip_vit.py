@@ -28,9 +28,11 @@ Decisions:
   weights ``build_clip_model`` loaded), kept in a plain list: it is not a submodule, so it is not in
   ``state_dict()``, ``parameters()``, the optimizer or DDP; ``_apply`` moves/casts it with the backbone.
   If the tower's initial weights are loaded later by other means, call :meth:`reset_reference`.
+  ``reference_global_embedding`` (f_CLS^0, L^V) and ``reference_dense_embedding`` (HierVL L_mask) run it.
 """
 from __future__ import annotations
 
+import abc
 import copy
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -64,14 +66,14 @@ def interpolate_pos_embed(pos: Tensor, num_prefix: int, src_grid: Tuple[int, int
     prefix, grid = pos[:num_prefix], pos[num_prefix:]
     if grid.shape[0] != src_grid[0] * src_grid[1]:
         raise ValueError(f"position embedding has {grid.shape[0]} grid rows, expected {src_grid[0]}x{src_grid[1]}")
-    grid = grid.float().reshape(1, src_grid[0], src_grid[1], -1).permute(0, 3, 2, 1)
+    grid = grid.float().reshape(1, src_grid[0], src_grid[1], -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=tuple(dst_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(dst_grid[0] * dst_grid[1], -1).to(pos.dtype)
     return torch.cat([prefix, grid], dim=0)
 
 
 # ---------------------------------------------------------------------------------------------- adapters
-class _TowerAdapter:
+class _TowerAdapter(abc.ABC):
     """How to run one kind of open_clip vision tower token by token. Holds only static facts about the
     tower (no modules, no tensors), so it serves the trained tower and the frozen reference alike."""
 
@@ -81,19 +83,21 @@ class _TowerAdapter:
     num_blocks: int
     num_prefix: int
 
+    @abc.abstractmethod
     def embed(self, visual: nn.Module, x: Tensor) -> Tuple[Tensor, Tuple[int, int], Optional[Tensor]]:
         """Image -> ``(tokens B x (P + h*w) x width, (h, w), extra block input)``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def blocks(self, visual: nn.Module) -> Sequence[nn.Module]:
-        raise NotImplementedError
+        """The transformer blocks, in order."""
 
+    @abc.abstractmethod
     def run_block(self, block: nn.Module, x: Tensor, extra: Optional[Tensor]) -> Tensor:
-        raise NotImplementedError
+        """One block on batch-first tokens."""
 
+    @abc.abstractmethod
     def heads(self, visual: nn.Module, x: Tensor, dense: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """Final-block tokens -> ``(global B x C, dense patch embeddings B x h*w x C or None)``."""
-        raise NotImplementedError
 
 
 class _OpenCLIPViTAdapter(_TowerAdapter):
@@ -142,8 +146,8 @@ class _OpenCLIPViTAdapter(_TowerAdapter):
             pooled = visual.ln_post(self._pool(visual, x))
         elif visual.pool_type == "tok":
             pooled = visual.ln_post(x[:, 0])  # LayerNorm is per token
-        else:
-            pooled = tokens.mean(dim=1) if dense else visual.ln_post(x[:, 1:]).mean(dim=1)
+        else:  # avg over the normalised patch tokens
+            pooled = (tokens if dense else visual.ln_post(x[:, 1:])).mean(dim=1)
         if visual.proj is not None:
             pooled = pooled @ visual.proj
             tokens = tokens @ visual.proj if dense else None
@@ -156,7 +160,7 @@ class _TimmEvaAdapter(_TowerAdapter):
 
     def __init__(self, visual: TimmModel) -> None:
         trunk = visual.trunk
-        if trunk.attn_pool is not None or "pool" in visual.head:
+        if trunk.attn_pool is not None or hasattr(visual.head, "pool"):
             raise TypeError("timm EVA towers with attention pooling are not supported")
         if getattr(trunk, "rope_mixed", False):
             raise TypeError("timm EVA towers with mixed (per-depth) RoPE are not supported")
@@ -248,6 +252,11 @@ def _select_adapter(visual: nn.Module) -> _TowerAdapter:
     )
 
 
+def _tokens_to_map(tokens: Tensor, h: int, w: int) -> Tensor:
+    """``B x h*w x C`` row-major patch tokens -> ``B x C x h x w``."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
 def _resolve_norm(norm: str) -> str:
     if norm == "SyncBN":
         dist = torch.distributed
@@ -277,7 +286,8 @@ class CLIPViTBackbone(Backbone):
                 feeds all four levels (plain ViTDet).
             pyramid_norm: norm of the res2 branch (detectron2 ``get_norm`` name, ``""`` = none).
             gradient_checkpointing: recompute each block in backward (training only).
-            frozen_reference: keep a frozen copy of the initial tower for :meth:`reference_global_embedding`.
+            frozen_reference: keep a frozen copy E_I^0 of the initial tower for
+                :meth:`reference_global_embedding` / :meth:`reference_dense_embedding`.
         """
         super().__init__()
         self._adapter = _select_adapter(visual)
@@ -286,6 +296,7 @@ class CLIPViTBackbone(Backbone):
         self.embed_dim = self._adapter.embed_dim
         self.patch_size = self._adapter.patch_size
         self.num_blocks = self._adapter.num_blocks
+        self.token_stride = NOMINAL_STRIDE  # stride of res4 / clip_dense for every tower (see module doc)
         self.out_indices = self._normalise_indices(out_indices)
         self.gradient_checkpointing = bool(gradient_checkpointing)
 
@@ -296,7 +307,7 @@ class CLIPViTBackbone(Backbone):
         self.pyramid = nn.ModuleDict({
             "res2": nn.Sequential(
                 nn.ConvTranspose2d(w, w // 2, kernel_size=2, stride=2),
-                get_norm(norm, w // 2) or nn.Identity(),
+                get_norm(norm, w // 2) if norm else nn.Identity(),
                 nn.GELU(),
                 nn.ConvTranspose2d(w // 2, w // 4, kernel_size=2, stride=2),
             ),
@@ -389,15 +400,14 @@ class CLIPViTBackbone(Backbone):
         x = self._prepare_input(x)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         final, taken, (h, w) = self._run_tower(self.visual, x, set(self.out_indices), checkpointing)
-        B, P = x.shape[0], self._adapter.num_prefix
-
-        def to_map(tokens: Tensor) -> Tensor:
-            return tokens.transpose(1, 2).reshape(B, -1, h, w)
-
-        out = {name: self.pyramid[name](to_map(taken[idx][:, P:])) for name, idx in zip(_LEVELS, self.out_indices)}
+        P = self._adapter.num_prefix
+        out = {
+            name: self.pyramid[name](_tokens_to_map(taken[idx][:, P:], h, w))
+            for name, idx in zip(_LEVELS, self.out_indices)
+        }
         pooled, dense = self._adapter.heads(self.visual, final, dense=True)
         out["clip_global"] = pooled
-        out["clip_dense"] = to_map(dense)
+        out["clip_dense"] = _tokens_to_map(dense, h, w)
         return out
 
     # ------------------------------------------------------------------ frozen reference E_I^0
@@ -411,17 +421,25 @@ class CLIPViTBackbone(Backbone):
     def reference_tower(self) -> Optional[nn.Module]:
         return self._reference[0] if self._reference else None
 
-    def reference_global_embedding(self, x: Tensor) -> Tensor:
-        """f_CLS^0 of the frozen initial tower for images ``x`` (as in :meth:`forward`), ``B x C``, no grad."""
+    def _reference_outputs(self, x: Tensor, dense: bool) -> Tuple[Tensor, Optional[Tensor]]:
         if not self._reference:
             raise RuntimeError(
                 "this CLIPViTBackbone was built with frozen_reference=False "
-                "(MODEL.HVLFORMER.CLIP.FROZEN_REFERENCE), so it has no frozen reference tower for L^V"
+                "(MODEL.HVLFORMER.CLIP.FROZEN_REFERENCE), so it has no frozen reference tower E_I^0"
             )
         ref = self._reference[0]
         with torch.no_grad():
-            final, _, _ = self._run_tower(ref, self._prepare_input(x), (), checkpointing=False)
-            return self._adapter.heads(ref, final, dense=False)[0]
+            final, _, (h, w) = self._run_tower(ref, self._prepare_input(x), (), checkpointing=False)
+            pooled, tokens = self._adapter.heads(ref, final, dense=dense)
+        return pooled, (_tokens_to_map(tokens, h, w) if dense else None)
+
+    def reference_global_embedding(self, x: Tensor) -> Tensor:
+        """f_CLS^0 of the frozen initial tower for images ``x`` (as in :meth:`forward`), ``B x C``, no grad."""
+        return self._reference_outputs(x, dense=False)[0]
+
+    def reference_dense_embedding(self, x: Tensor) -> Tensor:
+        """Dense embedding of the frozen initial tower (as ``clip_dense``), ``B x C x H/16 x W/16``, no grad."""
+        return self._reference_outputs(x, dense=True)[1]
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
