@@ -344,7 +344,7 @@ class HVLFormer(nn.Module):
 
         The masked image goes through the trained encoder, the unmasked one through the frozen E_I^0.
         """
-        stride = self.backbone.patch_size
+        stride = self.backbone.token_stride
         hidden = torch.zeros_like(labels, dtype=torch.bool)
         for i, label in enumerate(labels):
             present = torch.unique(label[label != self.ignore_value])

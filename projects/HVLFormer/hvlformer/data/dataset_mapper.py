@@ -203,7 +203,7 @@ def dataset_num_classes(cfg, is_train: bool = True) -> Tuple[int, int]:
     head_k = int(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
     ignore = int(ignore) if ignore is not None else int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
     if classes is not None:
-        if len(classes) != head_k:
+        if head_k > 0 and len(classes) != head_k:  # 0 = "take it from the dataset"
             logger.warning(
                 f"Dataset {name!r} has {len(classes)} classes but MODEL.SEM_SEG_HEAD.NUM_CLASSES = {head_k}; "
                 f"the mapper validates labels against the dataset's {len(classes)} classes."

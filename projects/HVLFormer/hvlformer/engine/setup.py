@@ -1,9 +1,11 @@
 """Config setup shared by train_net.py, the demo and the tools."""
 from __future__ import annotations
 
+import logging
 from argparse import Namespace
 from typing import List, Type
 
+import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer
 
@@ -22,6 +24,11 @@ def setup_cfg(args: Namespace, freeze: bool = True) -> CfgNode:
     opts = list(getattr(args, "opts", []) or [])
     check_override_keys(cfg, opts)
     cfg.merge_from_list(opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # detectron2 defaults to CUDA; on a machine without a GPU run on the CPU instead of failing.
+        logging.getLogger("hvlformer").warning("MODEL.DEVICE=%s but CUDA is not available: using the CPU",
+                                               cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
     if freeze:
         cfg.freeze()
     return cfg
