@@ -1,0 +1,161 @@
+"""The assembled HVLFormer meta-architecture on the tiny random-weight CLIP and the shapes dataset."""
+import argparse
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from hvlformer import setup_cfg
+from hvlformer.data import register_shapes_from_cfg
+
+torch.set_num_threads(2)
+CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
+SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
+         "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "2",
+         "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
+
+
+def make_model(*opts, train=True):
+    cfg = setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[*SMALL, *opts]))
+    register_shapes_from_cfg(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train(train)
+    return model
+
+
+def batch(num_classes=6, sizes=((64, 64), (64, 64)), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for h, w in sizes:
+        label = torch.randint(0, num_classes, (h, w), generator=g)
+        label[:4] = 255
+        out.append({"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), "sem_seg": label,
+                    "height": h, "width": w})
+    return out
+
+
+EXPECTED_LOSSES = {"loss_ce", "loss_mask", "loss_dice", "loss_reg_language", "loss_reg_vision_language",
+                   "loss_reg_vision", "loss_div", "loss_sre"}
+
+
+def test_training_losses_and_gradients():
+    model = make_model()
+    losses = model(batch())
+    assert EXPECTED_LOSSES <= set(losses)
+    assert {"loss_ce_0", "loss_mask_1", "loss_dice_1"} <= set(losses)  # deep supervision: N + 1 predictions
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    # the text tower is frozen; only its learnable context trains
+    text = model.text_encoder
+    assert text.context.grad is not None and text.context.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in text.named_parameters() if n != "context")
+    for name in ("backbone", "pixel_decoder", "htqg", "ptrm", "transformer_decoder"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    # the frozen encoder copy is not part of the checkpoint
+    assert not any("reference" in key for key in model.state_dict())
+
+
+def test_loss_weights_come_from_the_config():
+    model = make_model("MODEL.HVLFORMER.REG_LANGUAGE_WEIGHT", "0.0", "MODEL.HVLFORMER.DIV_WEIGHT", "3.0",
+                       "MODEL.HVLFORMER.CLASS_WEIGHT", "0.5")
+    torch.manual_seed(1)
+    losses = model(batch())
+    assert "loss_reg_language" not in losses
+    from hvlformer.modeling.htqg import diversity_loss
+
+    expected_div = 3.0 * diversity_loss(model.htqg.hqg(model.encode_text()))
+    torch.testing.assert_close(losses["loss_div"], expected_div)
+    assert model.criterion.weight_dict["loss_ce"] == 0.5
+
+
+def test_inference_output_at_original_size():
+    model = make_model(train=False)
+    inputs = [{"image": torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8), "height": 96, "width": 160},
+              {"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}]
+    with torch.no_grad():
+        outputs = model(inputs)
+    assert outputs[0]["sem_seg"].shape == (6, 96, 160)
+    assert outputs[1]["sem_seg"].shape == (6, 64, 64)
+    # scores: sum over queries of p(class) * sigmoid(mask): non-negative, and summed over the classes at
+    # most one per query (each query's class probabilities without no-object sum to <= 1)
+    scores = outputs[1]["sem_seg"]
+    assert scores.min() >= 0 and scores.sum(dim=0).max() <= model.num_query_levels * model.num_classes
+
+
+def test_semantic_scores_sum_levels_of_a_class():
+    from hvlformer.hvlformer_model import HVLFormer
+
+    logits = torch.full((1, 4, 3), -30.0)  # K = 2, E = 2 -> 4 queries, + no-object
+    logits[0, 0, 0] = logits[0, 2, 0] = 30.0  # queries 0 and 2 (levels 0, 1) say class 0
+    logits[0, 1, 1] = logits[0, 3, 2] = 30.0  # query 1 says class 1, query 3 says no-object
+    masks = torch.full((1, 4, 1, 1), 30.0)
+    scores = HVLFormer.semantic_scores(logits, masks)
+    torch.testing.assert_close(scores[0, :, 0, 0], torch.tensor([2.0, 1.0]))
+
+
+def test_sliding_window_equals_whole_image_for_one_window():
+    model = make_model("TEST.SLIDING_WINDOW.CROP_SIZE", "64", "TEST.SLIDING_WINDOW.STRIDE", "42", train=False)
+    inputs = batch(sizes=((64, 64),))
+    with torch.no_grad():
+        whole = model(inputs)[0]["sem_seg"]
+        model.sliding_window = True
+        sliding = model(inputs)[0]["sem_seg"]
+    torch.testing.assert_close(sliding, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_sliding_window_count_averaging(monkeypatch):
+    model = make_model("TEST.SLIDING_WINDOW.CROP_SIZE", "64", "TEST.SLIDING_WINDOW.STRIDE", "32", train=False)
+    calls = []
+
+    def fake_scores(images, text_embeddings):  # each window scores the number of its call everywhere
+        calls.append(images.shape[-2:])
+        return torch.full((1, 6, *images.shape[-2:]), float(len(calls)))
+
+    monkeypatch.setattr(model, "_scores_for", fake_scores)
+    scores = model.sliding_window_scores(torch.zeros(3, 64, 128), None)
+    # windows at x = 0, 32, 64 -> values 1, 2, 3; columns 32..63 see windows 1,2; 64..95 see 2,3
+    assert len(calls) == 3 and all(tuple(c) == (64, 64) for c in calls)
+    expected = torch.tensor([1.0] * 32 + [1.5] * 32 + [2.5] * 32 + [3.0] * 32)
+    torch.testing.assert_close(scores[0, 0], expected)
+    # an image smaller than the window is padded to one window and cropped back
+    small = model.sliding_window_scores(torch.zeros(3, 40, 50), None)
+    assert small.shape == (6, 40, 50)
+
+
+def test_text_classifier_accepts_a_new_vocabulary():
+    model = make_model("MODEL.HVLFORMER.CLASSIFIER", "text", train=False)
+    names = ["cat", "dog", "grass"]
+    model.set_vocabulary(names, [[f"a photo of a {n}."] for n in names], [f"a {n}" for n in names])
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}])
+    assert out[0]["sem_seg"].shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("opts, extra_losses", [
+    (["MODEL.HVLFORMER.NUM_INSTANCE_QUERIES", "3"], set()),
+    (["MODEL.HVLFORMER.PTRM.MODE", "cross_attention"], set()),
+    (["MODEL.HVLFORMER.PTRM.MODE", "none", "MODEL.HVLFORMER.SRE.MODE", "none"], set()),
+    (["MODEL.HVLFORMER.SRE.MODE", "threshold", "MODEL.HVLFORMER.NUM_QUERY_LEVELS", "1"], set()),
+    (["MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION", "True", "MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot",
+      "MODEL.HVLFORMER.HIERVL.PROMPT_WEIGHT", "1.0", "MODEL.HVLFORMER.HIERVL.MASKED_VL_WEIGHT", "1.0",
+      "MODEL.HVLFORMER.NUM_INSTANCE_QUERIES", "2"], {"loss_prompt", "loss_masked_vl"}),
+])
+def test_config_variants_train(opts, extra_losses):
+    model = make_model(*opts)
+    losses = model(batch())
+    assert extra_losses <= set(losses)
+    if "none" in opts:
+        assert "loss_sre" not in losses
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+
+
+def test_bad_label_value_is_a_clear_error():
+    model = make_model()
+    inputs = batch()
+    inputs[0]["sem_seg"][10, 10] = 7  # K = 6, not the ignore value
+    with pytest.raises(ValueError, match="7"):
+        model(inputs)
