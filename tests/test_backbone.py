@@ -26,13 +26,7 @@ TINY_EVA = "HVL-Tiny-EVA"
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

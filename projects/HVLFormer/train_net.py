@@ -13,6 +13,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from hvlformer import build_trainer_class, setup_cfg
 
@@ -20,6 +21,8 @@ from hvlformer import build_trainer_class, setup_cfg
 def main(args):
     cfg = setup_cfg(args)
     default_setup(cfg, args)
+    # the project's own log lines (class prompts, missing weights, ...) go to the same log file
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hvlformer")
     trainer_class = build_trainer_class(cfg)
     if args.eval_only:
         model = trainer_class.build_model(cfg)
