@@ -81,3 +81,10 @@ def test_two_process_gloo_run(tmp_path):
               env_extra={"OMP_NUM_THREADS": "1"})
     assert "mIoU" in log
     assert (out / "model_final.pth").exists()
+
+
+@pytest.mark.slow
+def test_tiny_config_reaches_50_miou(tmp_path):
+    """The README's tiny training command, unchanged: >= 50 mIoU on shapes_val (about 10 min on 2 cores)."""
+    log = run(["OUTPUT_DIR", str(tmp_path / "tiny")], timeout=1800)
+    assert final_miou(log) >= 50.0

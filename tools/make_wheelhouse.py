@@ -70,10 +70,21 @@ def _pip(*args: str) -> bool:
     return subprocess.run([sys.executable, "-m", "pip", *args], check=False).returncode == 0
 
 
+def platform_tags(platform: str) -> list[str]:
+    """``manylinux_2_N_x86_64`` -> every manylinux tag it accepts (2_17 .. 2_N, manylinux2014) plus ``any``."""
+    match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    if not match:
+        return [platform, "any"]
+    newest, arch = int(match.group(1)), match.group(2)
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(newest, 16, -1)]
+    return tags + [f"manylinux2014_{arch}", "any"]
+
+
 def fetch(name: str, version: str, out: Path, python_version: str, platform: str) -> None:
     """Binary wheel for the target, else build one here from the source archive."""
-    target = ["--python-version", python_version, "--platform", platform, "--platform", "any",
-              "--implementation", "cp"]
+    target = ["--python-version", python_version, "--implementation", "cp"]
+    for tag in platform_tags(platform):
+        target += ["--platform", tag]
     if _pip("download", "--quiet", "--no-deps", "--only-binary=:all:", *target, "-d", str(out), f"{name}=={version}"):
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,8 +99,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "wheelhouse")
     parser.add_argument("--python-version", default=f"{sys.version_info.major}.{sys.version_info.minor}")
-    parser.add_argument("--platform", default="manylinux2014_x86_64",
-                        help="pip platform tag of the target (manylinux_2_28_x86_64 etc. are accepted too)")
+    parser.add_argument("--platform", default="manylinux_2_35_x86_64",
+                        help="newest manylinux tag the target's glibc supports (default: glibc 2.35, "
+                             "e.g. Ubuntu 22.04); older manylinux tags are accepted too")
     parser.add_argument("--no-torch", action="store_true", help="leave out torch/torchvision/NVIDIA packages")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
