@@ -14,7 +14,8 @@ CONFIG = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
 # A small, fast variant of the tiny config: 64 px images, few iterations.
 FAST = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "48", "DATASETS.SHAPES.NUM_VAL", "8",
         "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64", "SOLVER.IMS_PER_BATCH", "4",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "5", "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "512"]
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "5", "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "512",
+        "SEED", "0"]
 
 
 def run(args, env_extra=None, timeout=600):
@@ -31,7 +32,8 @@ def metrics(output_dir):
 
 
 def final_miou(log):
-    found = re.findall(r"'mIoU': ([0-9.]+)", log)
+    """mIoU from detectron2's last "copypaste: mIoU,fwIoU,mACC,pACC" table in the log."""
+    found = re.findall(r"copypaste: mIoU,fwIoU,mACC,pACC\n.*copypaste: ([0-9.]+),", log)
     assert found, "no mIoU in the log"
     return float(found[-1])
 
@@ -39,20 +41,19 @@ def final_miou(log):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
-    log = run(["--num-gpus", "1", *FAST, "SOLVER.MAX_ITER", "60", "SOLVER.CHECKPOINT_PERIOD", "30",
-               "TEST.EVAL_PERIOD", "60", "OUTPUT_DIR", str(out)])
+    log = run(["--num-gpus", "1", *FAST, "SOLVER.MAX_ITER", "200", "SOLVER.CHECKPOINT_PERIOD", "100",
+               "TEST.EVAL_PERIOD", "200", "OUTPUT_DIR", str(out)])
     return out, log
 
 
 def test_training_decreases_loss_and_beats_chance(trained):
     out, log = trained
     records = [r for r in metrics(out) if "total_loss" in r]
-    first = sum(r["total_loss"] for r in records[:3]) / 3
-    last = sum(r["total_loss"] for r in records[-3:]) / 3
+    first, last = records[0]["total_loss"], records[-1]["total_loss"]  # medians over 20 iterations
     assert last < 0.8 * first, (first, last)
-    # 6 classes: a constant prediction of the most frequent class (background) has mIoU < 17
-    assert final_miou(log) > 25.0
-    assert (out / "model_final.pth").exists() and (out / "model_0000029.pth").exists()
+    # 6 classes, about 75 % background: predicting background everywhere scores about 13 mIoU
+    assert final_miou(log) > 20.0
+    assert (out / "model_final.pth").exists() and (out / "model_0000099.pth").exists()
 
 
 def test_eval_only_reproduces_metrics(trained):
@@ -64,15 +65,15 @@ def test_eval_only_reproduces_metrics(trained):
 
 def test_resume_continues_from_last_iteration(trained, tmp_path):
     out, _ = trained
-    # a copy that stops at iteration 30 (checkpoint model_0000029.pth) then resumes to 40
+    # a copy that stops at iteration 100 (checkpoint model_0000099.pth) then resumes to 110
     resume_dir = tmp_path / "resume"
     resume_dir.mkdir()
-    (resume_dir / "model_0000029.pth").write_bytes((out / "model_0000029.pth").read_bytes())
-    (resume_dir / "last_checkpoint").write_text("model_0000029.pth")
-    log = run(["--resume", *FAST, "SOLVER.MAX_ITER", "40", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(resume_dir)])
-    assert "Starting training from iteration 30" in log
+    (resume_dir / "model_0000099.pth").write_bytes((out / "model_0000099.pth").read_bytes())
+    (resume_dir / "last_checkpoint").write_text("model_0000099.pth")
+    log = run(["--resume", *FAST, "SOLVER.MAX_ITER", "110", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(resume_dir)])
+    assert "Starting training from iteration 100" in log
     iterations = [r["iteration"] for r in metrics(resume_dir) if "total_loss" in r]
-    assert iterations and min(iterations) >= 30 and max(iterations) == 39
+    assert iterations and min(iterations) >= 100 and max(iterations) == 109
 
 
 def test_two_process_gloo_run(tmp_path):

@@ -34,6 +34,19 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.DATASETS.SHAPES.NUM_VAL = 50
     cfg.DATASETS.SHAPES.SEED = 0
 
+    # Labeled / unlabeled split files in the UniMatch / SemiVL format ("image_path [mask_path]" per line,
+    # relative to the root of DATASET), registered as "split_labeled" / "split_unlabeled" when set
+    # (hvlformer.data.register_split_files_from_cfg). The paper's seeded splits need none of this: they are
+    # registered as "<dataset>_<count>_seed<seed>_labeled" / "..._unlabeled" (datasets/README.md).
+    cfg.DATASETS.SPLIT = CN()
+    # Registered full training set whose images the files list, e.g. "voc_train"; masks come from it.
+    cfg.DATASETS.SPLIT.DATASET = ""
+    # Labeled list (registered as "split_labeled"); "" = none. Relative paths: to the working directory,
+    # else to the dataset root.
+    cfg.DATASETS.SPLIT.LABELED_FILE = ""
+    # Unlabeled list (registered as "split_unlabeled"; a mask column is ignored); "" = none.
+    cfg.DATASETS.SPLIT.UNLABELED_FILE = ""
+
     # DistributedDataParallel: set True when a config leaves parameters out of the loss (e.g. a zero weight).
     cfg.MODEL.DDP_FIND_UNUSED_PARAMETERS = False
 
@@ -172,3 +185,7 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.TEST.SLIDING_WINDOW.ENABLED = False
     cfg.TEST.SLIDING_WINDOW.CROP_SIZE = 512
     cfg.TEST.SLIDING_WINDOW.STRIDE = 341
+    # Pixel-text alignment of the supplement (eq. 10): the model's inference outputs carry the per-level
+    # mean cosine similarity between the refined textual queries and the per-pixel embeddings, and the
+    # evaluator reports it (PixelTextAlignmentEvaluator, "pixel_text_alignment" in the results).
+    cfg.TEST.PIXEL_TEXT_ALIGNMENT = False

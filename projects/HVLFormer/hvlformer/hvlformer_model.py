@@ -103,6 +103,7 @@ class HVLFormer(nn.Module):
         sliding_window: bool = False,
         window_size: int = 512,
         window_stride: int = 341,
+        pixel_text_alignment: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -128,6 +129,8 @@ class HVLFormer(nn.Module):
         self.sliding_window = sliding_window
         self.window_size = window_size
         self.window_stride = window_stride
+        # TEST.PIXEL_TEXT_ALIGNMENT: inference outputs also carry the eq.-10 pixel-text alignment (E values).
+        self.pixel_text_alignment = pixel_text_alignment
         # HierVL: projection of the level queries to the K textual cluster centres of the pixel decoder.
         hidden_dim = htqg.hqg.heads[0][-1].out_features
         self.text_center_proj = nn.Linear(hidden_dim, hidden_dim) if text_cross_attention else None
@@ -217,6 +220,7 @@ class HVLFormer(nn.Module):
             "sliding_window": cfg.TEST.SLIDING_WINDOW.ENABLED,
             "window_size": cfg.TEST.SLIDING_WINDOW.CROP_SIZE,
             "window_stride": cfg.TEST.SLIDING_WINDOW.STRIDE,
+            "pixel_text_alignment": cfg.TEST.PIXEL_TEXT_ALIGNMENT,
         }
 
     @property
@@ -297,6 +301,7 @@ class HVLFormer(nn.Module):
         outputs["htqg"] = htqg_extras
         outputs["ptrm_affinity"] = affinity
         outputs["mask_features"] = mask_features
+        outputs["refined_queries"] = queries  # B x E x K x D (PTRM output), e.g. for the eq.-10 alignment
         return outputs
 
     # ------------------------------------------------------------------ training
@@ -424,6 +429,8 @@ class HVLFormer(nn.Module):
     def inference(self, batched_inputs: List[Dict[str, Any]], images: ImageList,
                   text_embeddings: Tensor) -> List[Dict[str, Tensor]]:
         """Per image ``{"sem_seg": K x height x width}`` at the original size (``height``/``width`` keys)."""
+        if self.pixel_text_alignment:
+            return self.inference_with_alignment(batched_inputs, images, text_embeddings)
         results = []
         if self.sliding_window:
             per_image = [self.sliding_window_scores(images.tensor[i, :, :h, :w], text_embeddings)
@@ -435,4 +442,54 @@ class HVLFormer(nn.Module):
             height = inputs.get("height", image_size[0])
             width = inputs.get("width", image_size[1])
             results.append({"sem_seg": sem_seg_postprocess(scores, image_size, height, width)})
+        return results
+
+    @torch.no_grad()
+    def inference_with_alignment(self, batched_inputs: List[Dict[str, Any]], images: ImageList,
+                                 text_embeddings: Tensor) -> List[Dict[str, Tensor]]:
+        """``inference`` plus ``"pixel_text_alignment"`` (``E`` values, supplement eq. 10) per image.
+
+        A forward hook on the transformer decoder sees the refined queries and ``mask_features`` of every
+        decoder call (the whole batch, or one sliding window); the batch padding is left out, and the
+        windows of an image are averaged (see :mod:`hvlformer.evaluation.alignment`).
+        """
+        from .evaluation.alignment import ALIGNMENT_KEY, pixel_text_alignment, valid_cells
+
+        levels = self.num_query_levels
+        records: List[Tensor] = []
+        valid: Dict[str, Any] = {}
+
+        def hook(module, args, kwargs, output):
+            mask_features = args[1] if len(args) > 1 else kwargs["mask_features"]
+            queries = args[2] if len(args) > 2 else kwargs["text_queries"]
+            batch, num_queries, dim = queries.shape
+            cells = [valid_cells(size, valid["input_size"], mask_features.shape[-2:]) for size in valid["sizes"]]
+            records.append(pixel_text_alignment(queries.reshape(batch, levels, num_queries // levels, dim),
+                                                mask_features, cells))
+
+        handle = self.transformer_decoder.register_forward_hook(hook, with_kwargs=True)
+        try:
+            per_image, alignment = [], []
+            if self.sliding_window:
+                div = max(self.size_divisibility, 1)
+                padded_window = -(-self.window_size // div) * div
+                valid["input_size"] = (padded_window, padded_window)
+                for i, (h, w) in enumerate(images.image_sizes):
+                    records.clear()
+                    valid["sizes"] = [(min(h, self.window_size), min(w, self.window_size))]
+                    per_image.append(self.sliding_window_scores(images.tensor[i, :, :h, :w], text_embeddings))
+                    alignment.append(torch.cat(records).mean(dim=0))
+            else:
+                valid["input_size"] = tuple(images.tensor.shape[-2:])
+                valid["sizes"] = list(images.image_sizes)
+                batch_scores = self._scores_for(images.tensor, text_embeddings)
+                per_image = [batch_scores[i, :, :h, :w] for i, (h, w) in enumerate(images.image_sizes)]
+                alignment = list(torch.cat(records))
+        finally:
+            handle.remove()
+        results = []
+        for scores, value, inputs, image_size in zip(per_image, alignment, batched_inputs, images.image_sizes):
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            results.append({"sem_seg": sem_seg_postprocess(scores, image_size, height, width), ALIGNMENT_KEY: value})
         return results

@@ -3,6 +3,11 @@
 Importing this package registers the default shapes datasets (``shapes_train`` / ``shapes_val``,
 6 classes, 128 px, 400 + 50 images, seed 0; generated lazily on the first ``DatasetCatalog.get``).
 Call :func:`register_shapes` / :func:`register_shapes_from_cfg` to replace them with other parameters.
+
+It also registers the real datasets of :mod:`.builtin` (VOC, COCO-81, ADE20K, Cityscapes: full sets and
+the paper's seeded splits) under ``$DETECTRON2_DATASETS``, lazily: nothing is read at import time and
+absent data only fail at ``DatasetCatalog.get`` (with the path and ``datasets/README.md``). Split files and
+custom semi-supervised datasets: :mod:`.splits`.
 """
 import warnings
 
@@ -23,6 +28,22 @@ from .dataset_mapper import (  # noqa: E402
     build_train_geometry_augmentations,
     dataset_num_classes,
 )
+from .builtin import (  # noqa: E402
+    BUILTIN_DATASETS,
+    PAPER_SPLIT_COUNTS,
+    PAPER_SPLIT_SEEDS,
+    builtin_class_colors,
+    builtin_class_names,
+    builtin_dataset_root,
+    datasets_root,
+    load_builtin_dataset,
+    load_paper_split,
+    make_paper_split,
+    paper_split_dir,
+    paper_split_name,
+    register_builtin_datasets,
+    write_paper_splits,
+)
 from .folder import default_class_colors, load_sem_seg_folder, register_sem_seg_folder  # noqa: E402
 from .shapes import (  # noqa: E402
     SHAPES_CLASSES_FILE,
@@ -33,6 +54,14 @@ from .shapes import (  # noqa: E402
     shapes_class_names,
     shapes_root,
 )
+from .splits import (  # noqa: E402
+    load_split_files,
+    parse_split_file,
+    register_custom_semi_dataset,
+    register_split_files,
+    register_split_files_from_cfg,
+    seeded_split,
+)
 from .validation import (  # noqa: E402
     check_dataset_root,
     check_image_label_sizes,
@@ -42,6 +71,7 @@ from .validation import (  # noqa: E402
 )
 
 register_shapes()
+register_builtin_datasets()  # lazy: nothing is read until DatasetCatalog.get
 
 __all__ = [
     "HVLFormerSemanticDatasetMapper",
@@ -50,6 +80,26 @@ __all__ = [
     "ResizeLongestSide",
     "build_train_geometry_augmentations",
     "dataset_num_classes",
+    "BUILTIN_DATASETS",
+    "PAPER_SPLIT_COUNTS",
+    "PAPER_SPLIT_SEEDS",
+    "builtin_class_colors",
+    "builtin_class_names",
+    "builtin_dataset_root",
+    "datasets_root",
+    "load_builtin_dataset",
+    "load_paper_split",
+    "make_paper_split",
+    "paper_split_dir",
+    "paper_split_name",
+    "register_builtin_datasets",
+    "write_paper_splits",
+    "load_split_files",
+    "parse_split_file",
+    "register_custom_semi_dataset",
+    "register_split_files",
+    "register_split_files_from_cfg",
+    "seeded_split",
     "default_class_colors",
     "load_sem_seg_folder",
     "register_sem_seg_folder",

@@ -17,10 +17,11 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
-from detectron2.evaluation import SemSegEvaluator
+from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
 from detectron2.utils.file_io import PathManager
 
 from ..data.validation import check_label_values
+from .alignment import PixelTextAlignmentEvaluator
 
 __all__ = ["load_sem_seg_indices", "HVLSemSegEvaluator", "build_sem_seg_evaluator"]
 
@@ -73,8 +74,15 @@ class HVLSemSegEvaluator(SemSegEvaluator):
         super().process(inputs, [o if isinstance(o, dict) else {"sem_seg": o} for o in outputs])
 
 
-def build_sem_seg_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> HVLSemSegEvaluator:
-    """The semantic-segmentation evaluator of ``dataset_name`` (output under ``cfg.OUTPUT_DIR/inference``)."""
+def build_sem_seg_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None):
+    """The semantic-segmentation evaluator of ``dataset_name`` (output under ``cfg.OUTPUT_DIR/inference``).
+
+    With ``TEST.PIXEL_TEXT_ALIGNMENT`` on, a ``DatasetEvaluators`` of it and the
+    :class:`~hvlformer.evaluation.alignment.PixelTextAlignmentEvaluator` (supplement eq. 10).
+    """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-    return HVLSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+    evaluator = HVLSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+    if cfg.TEST.get("PIXEL_TEXT_ALIGNMENT", False):
+        return DatasetEvaluators([evaluator, PixelTextAlignmentEvaluator(distributed=True)])
+    return evaluator

@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Prepare ADE20K SceneParsing (ADEChallengeData2016, 150 classes) for HVLFormer.
+
+Input (``--src``): ``ADEChallengeData2016.zip`` or its extracted ``ADEChallengeData2016/``
+(``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png``).
+
+Output under ``--root`` (default ``$DETECTRON2_DATASETS``, else ``datasets``)::
+
+    ADEChallengeData2016/images                                        link (or the folder itself)
+    ADEChallengeData2016/annotations_detectron2/{training,validation}/*.png
+
+Label rule: the official value 0 ("other objects" / unlabeled) becomes 255 (ignore) and every class
+value v in 1..150 becomes v - 1, so label i is class i + 1 of ``objectInfo150`` (the names are in
+``hvlformer/data/classes/ade20k.json``). Values above 150, a mask whose size differs from its image, and
+an image without a mask are errors naming the file. 20,210 training and 2,000 validation images.
+
+Idempotent: existing masks are kept (``--overwrite`` rewrites them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+ARCHIVE = "ADEChallengeData2016.zip"
+SPLITS = ("training", "validation")
+EXPECTED = {"training": 20210, "validation": 2000}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Convert ADE20K SceneParsing annotations for HVLFormer (see datasets/README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--src", required=True, help=f"folder with {ARCHIVE} or its extracted ADEChallengeData2016/")
+    p.add_argument("--root", default=os.environ.get("DETECTRON2_DATASETS", "datasets"),
+                   help="output root ($DETECTRON2_DATASETS)")
+    p.add_argument("--workers", type=int, default=None, help="conversion processes (default: min(8, CPUs))")
+    p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist")
+    p.add_argument("--copy-images", action="store_true", help="copy the images folder instead of linking it")
+    return p.parse_args(argv)
+
+
+def ade_to_train_labels(raw: np.ndarray) -> np.ndarray:
+    """Official ADE20K values (0 = unlabeled, 1..150) -> 0..149 with 255 = ignore."""
+    lut = (np.arange(256, dtype=np.int32) - 1).astype(np.uint8)  # 0 -> 255 (uint8 wrap), v -> v - 1
+    return lut[raw]
+
+
+def convert_one(job: Tuple[str, str, str, bool]) -> str:
+    from hvlformer.data.builtin import check_label_matches_image, write_label_png
+    from hvlformer.data.validation import read_label_checked
+
+    image, source, out, overwrite = job
+    if not overwrite and os.path.isfile(out):
+        return "kept"
+    # 151 values: 0 (unlabeled) and the classes 1..150; anything else is an error naming the file.
+    raw = read_label_checked(source, num_classes=151, ignore_label=None).astype(np.uint8)
+    check_label_matches_image(raw, image, source)
+    write_label_png(out, ade_to_train_labels(raw))
+    return "written"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from hvlformer.data.builtin import default_workers, link_dir, locate_source, require_dir, run_jobs
+    from hvlformer.data.folder import load_sem_seg_folder
+
+    src = locate_source(args.src, ["ADEChallengeData2016", ""], ["images", "annotations"], [ARCHIVE],
+                        "ADE20K SceneParsing (ADEChallengeData2016/)")
+    out_root = Path(args.root) / "ADEChallengeData2016"
+    print(f"ADE20K: {src}\noutput: {out_root}")
+    plans = {}
+    for split in SPLITS:
+        images = require_dir(src / "images" / split, f"ADE20K images/{split}")
+        annotations = require_dir(src / "annotations" / split, f"ADE20K annotations/{split}")
+        pairs = load_sem_seg_folder(images, annotations, image_ext=".jpg", label_ext=".png")
+        plans[split] = [
+            (d["file_name"], d["sem_seg_file_name"],
+             str(out_root / "annotations_detectron2" / split / (d["image_id"] + ".png")), args.overwrite)
+            for d in pairs
+        ]
+    print(f"images: {link_dir(src / 'images', out_root / 'images', copy=args.copy_images)}")
+    for split, jobs in plans.items():
+        results = run_jobs(convert_one, jobs, args.workers or default_workers(), f"ADE20K {split}")
+        note = "" if len(jobs) == EXPECTED[split] else f"  (the official archive has {EXPECTED[split]:,})"
+        print(f"{split}: {len(jobs):,} images, {results.count('written'):,} masks written, "
+              f"{results.count('kept'):,} already there{note}")
+    print(f"done: {out_root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

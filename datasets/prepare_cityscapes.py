@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Prepare Cityscapes (gtFine, 19 classes) for HVLFormer, without cityscapesScripts.
+
+Input (``--src``): ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip`` (from
+cityscapes-dataset.com, after logging in) or their extracted ``leftImg8bit/`` and ``gtFine/``.
+
+Output under ``--root`` (default ``$DETECTRON2_DATASETS``, else ``datasets``)::
+
+    cityscapes/leftImg8bit                                          link (or the folder itself)
+    cityscapes/gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png 0..18, 255 = ignore
+
+Label rule: each ``*_gtFine_labelIds.png`` is mapped through the official label table (label id ->
+train id, stored in ``hvlformer/data/classes/cityscapes.json``); the 15 ids without a train id (and 255,
+the uint8 form of the license plate's id -1) become 255. Any other value, a mask whose size differs from
+its image, and an image without its ``labelIds`` file are errors naming the file. 2,975 training and 500
+validation images (the test split has no public labels and is skipped).
+
+Idempotent: existing outputs are kept (``--overwrite`` rewrites them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+IMAGE_ARCHIVE = "leftImg8bit_trainvaltest.zip"
+LABEL_ARCHIVE = "gtFine_trainvaltest.zip"
+SPLITS = ("train", "val")
+EXPECTED = {"train": 2975, "val": 500}
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
+TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Convert Cityscapes gtFine label ids to the 19 train ids for HVLFormer (see datasets/README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--src", required=True,
+                   help=f"folder with leftImg8bit/ and gtFine/ (or {IMAGE_ARCHIVE} and {LABEL_ARCHIVE})")
+    p.add_argument("--root", default=os.environ.get("DETECTRON2_DATASETS", "datasets"),
+                   help="output root ($DETECTRON2_DATASETS)")
+    p.add_argument("--workers", type=int, default=None, help="conversion processes (default: min(8, CPUs))")
+    p.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
+    p.add_argument("--copy-images", action="store_true", help="copy leftImg8bit instead of linking it")
+    return p.parse_args(argv)
+
+
+def label_ids_to_train_ids(label_ids: np.ndarray, source: str = "") -> np.ndarray:
+    """Map Cityscapes label ids to train ids (255 = ignore); unknown ids are an error naming ``source``."""
+    from hvlformer.data.builtin import cityscapes_id_to_train_id_lut
+
+    lut = cityscapes_id_to_train_id_lut()
+    if label_ids.dtype != np.uint8:
+        if label_ids.size and (label_ids.min() < 0 or label_ids.max() > 255):
+            raise ValueError(f"Label file {source}: values outside 0..255 are not Cityscapes label ids.")
+        label_ids = label_ids.astype(np.uint8)
+    present = np.nonzero(np.bincount(label_ids.ravel(), minlength=256))[0]
+    unknown = [int(v) for v in present if lut[v] < 0]
+    if unknown:
+        raise ValueError(
+            f"Label file {source} contains values {unknown} that are not Cityscapes label ids (0..33; see "
+            f"hvlformer/data/classes/cityscapes.json). Is it a *_gtFine_labelIds.png file?"
+        )
+    return lut[label_ids].astype(np.uint8)
+
+
+def convert_one(job: Tuple[str, str, str, bool]) -> str:
+    from hvlformer.data.builtin import check_label_matches_image, write_label_png
+    from hvlformer.data.validation import read_label_checked
+
+    image, source, out, overwrite = job
+    if not overwrite and os.path.isfile(out):
+        return "kept"
+    ids = read_label_checked(source, num_classes=None)
+    check_label_matches_image(ids, image, source)
+    write_label_png(out, label_ids_to_train_ids(ids, source))
+    return "written"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from hvlformer.data.builtin import default_workers, link_dir, locate_source, require_dir, run_jobs
+    from hvlformer.data.folder import load_sem_seg_folder
+
+    src = Path(args.src)
+    images_src = locate_source(src, ["", "cityscapes"], ["leftImg8bit/train", "leftImg8bit/val"],
+                               [IMAGE_ARCHIVE], "Cityscapes images (leftImg8bit/)") / "leftImg8bit"
+    labels_src = locate_source(src, ["", "cityscapes"], ["gtFine/train", "gtFine/val"],
+                               [LABEL_ARCHIVE], "Cityscapes fine annotations (gtFine/)") / "gtFine"
+    out_root = Path(args.root) / "cityscapes"
+    print(f"Cityscapes images: {images_src}\nCityscapes labels: {labels_src}\noutput: {out_root}")
+    plans = {}
+    for split in SPLITS:
+        images = require_dir(images_src / split, f"Cityscapes leftImg8bit/{split}")
+        labels = require_dir(labels_src / split, f"Cityscapes gtFine/{split}")
+        pairs = load_sem_seg_folder(images, labels, image_ext=IMAGE_SUFFIX, label_ext=LABEL_IDS_SUFFIX)
+        plans[split] = [
+            (d["file_name"], d["sem_seg_file_name"],
+             str(out_root / "gtFine" / split / (d["image_id"] + TRAIN_IDS_SUFFIX)), args.overwrite)
+            for d in pairs
+        ]
+    print(f"leftImg8bit: {link_dir(images_src, out_root / 'leftImg8bit', copy=args.copy_images)}")
+    for split, jobs in plans.items():
+        results = run_jobs(convert_one, jobs, args.workers or default_workers(), f"Cityscapes {split}")
+        note = "" if len(jobs) == EXPECTED[split] else f"  (the official archives have {EXPECTED[split]:,})"
+        print(f"{split}: {len(jobs):,} images, {results.count('written'):,} masks written, "
+              f"{results.count('kept'):,} already there{note}")
+    print(f"done: {out_root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""HVLFormerPredictor: label maps, probabilities, input formats and the open-vocabulary swap."""
+import argparse
+import json
+import os
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from hvlformer import setup_cfg
+from hvlformer.predictor import HVLFormerPredictor, SemanticPrediction, normalize_scores, parse_vocabulary
+
+CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
+SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
+         "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
+SHAPES = ["background", "circle", "square", "triangle", "star", "cross"]
+PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+
+
+def make_predictor(*opts):
+    cfg = setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[*SMALL, *opts]))
+    torch.manual_seed(0)
+    return HVLFormerPredictor(cfg)
+
+
+@pytest.fixture(scope="module")
+def text_predictor(single_thread):
+    return make_predictor("MODEL.HVLFORMER.CLASSIFIER", "text")
+
+
+@pytest.fixture(scope="module")
+def linear_predictor(single_thread):
+    return make_predictor()
+
+
+def check_prediction(result, height, width, num_classes):
+    assert isinstance(result, SemanticPrediction)
+    assert result.labels.shape == (height, width) and result.labels.dtype == np.int64
+    assert result.labels.min() >= 0 and result.labels.max() < num_classes
+    assert result.scores.shape == result.probabilities.shape == (num_classes, height, width)
+    np.testing.assert_allclose(result.probabilities.sum(axis=0), 1.0, rtol=1e-4)
+    assert (result.probabilities >= 0).all()
+    # same argmax as the raw scores (the normalisation is per pixel and monotonic)
+    np.testing.assert_array_equal(result.probabilities.argmax(axis=0), result.labels)
+
+
+def test_array_and_path_inputs(linear_predictor):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    check_prediction(linear_predictor(image), 50, 70, 6)  # BGR array (detectron2's convention)
+    # RGB array of the flipped channels = the same image
+    same = linear_predictor(np.ascontiguousarray(image[:, :, ::-1]), format="RGB")
+    np.testing.assert_array_equal(same.labels, linear_predictor(image).labels)
+    # grey, RGBA and float [0, 1] arrays are accepted
+    check_prediction(linear_predictor(image[:, :, 0]), 50, 70, 6)
+    check_prediction(linear_predictor(np.dstack([image, np.full((50, 70), 255, np.uint8)])), 50, 70, 6)
+    check_prediction(linear_predictor(image.astype(np.float32) / 255.0), 50, 70, 6)
+    # a real photo, read from its path (at its own resolution)
+    photo = linear_predictor(PHOTO)
+    check_prediction(photo, 600, 512, 6)
+    assert photo.class_names == SHAPES
+
+
+def test_bad_inputs_are_clear_errors(linear_predictor, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        linear_predictor(str(tmp_path / "missing.jpg"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        linear_predictor(str(broken))
+    with pytest.raises(ValueError, match="H x W x 3"):
+        linear_predictor(np.zeros((4, 5, 2), np.uint8))
+
+
+def test_min_size_test_resizes_internally_but_not_the_output(single_thread):
+    predictor = make_predictor("INPUT.MIN_SIZE_TEST", "32", "INPUT.MAX_SIZE_TEST", "64")
+    check_prediction(predictor(np.zeros((48, 96, 3), np.uint8)), 48, 96, 6)
+
+
+def test_vocabulary_swap_changes_channels_names_and_palette(text_predictor):
+    image = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    before = text_predictor(image)
+    assert before.num_classes == 6
+    circle_color = text_predictor.metadata.stuff_colors[1]
+    names = text_predictor.set_vocabulary("cat, dog, circle, grass")
+    assert names == ["cat", "dog", "circle", "grass"]
+    after = text_predictor(image)
+    check_prediction(after, 40, 48, 4)
+    assert after.class_names == names
+    assert text_predictor.model.class_prompts == [[f"a photo of a {n}."] for n in names]
+    meta = text_predictor.metadata
+    assert meta.stuff_classes == names and len(meta.stuff_colors) == 4
+    assert meta.stuff_colors[2] == circle_color  # a training class keeps its colour
+    assert len({tuple(c) for c in meta.stuff_colors}) == 4  # new names get distinct colours
+    text_predictor.reset_vocabulary()
+    np.testing.assert_allclose(text_predictor(image).scores, before.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_vocabulary_with_descriptions_file(text_predictor, tmp_path):
+    path = tmp_path / "pets.json"
+    path.write_text(json.dumps({"attributes": ["indoor photos"],
+                                "classes": {"cat": ["a small furry cat.", "a cat on a sofa."],
+                                            "dog": ["a dog with floppy ears."]}}))
+    try:
+        text_predictor.set_vocabulary(["cat", "dog"], str(path))
+        assert text_predictor.model.class_prompts == [["a small furry cat.", "a cat on a sofa."],
+                                                      ["a dog with floppy ears."]]
+        assert "indoor photos" in text_predictor.model.reference_class_prompts[0]
+        check_prediction(text_predictor(np.zeros((32, 32, 3), np.uint8)), 32, 32, 2)
+        with pytest.raises(ValueError, match="'bird' has no descriptions"):
+            text_predictor.set_vocabulary(["cat", "bird"], str(path))
+    finally:
+        text_predictor.reset_vocabulary()
+
+
+def test_linear_classifier_refuses_a_new_class_count(linear_predictor):
+    with pytest.raises(ValueError, match="MODEL.HVLFORMER.CLASSIFIER text"):
+        linear_predictor.set_vocabulary("cat, dog, grass")
+    assert linear_predictor.class_names == SHAPES  # unchanged after the error
+    renamed = ["bg", "round", "box", "tri", "star", "plus"]
+    try:
+        linear_predictor.set_vocabulary(renamed)  # same K: allowed, only relabels (with a warning)
+        assert linear_predictor(np.zeros((32, 32, 3), np.uint8)).class_names == renamed
+    finally:
+        linear_predictor.reset_vocabulary()
+
+
+def test_parse_vocabulary_and_normalisation():
+    assert parse_vocabulary(" cat,dog ,\n grass,, ") == ["cat", "dog", "grass"]
+    with pytest.raises(ValueError, match="names no class"):
+        parse_vocabulary(" , ")
+    with pytest.raises(ValueError, match="more than once"):
+        parse_vocabulary("cat, dog, cat")
+    probs = normalize_scores(torch.tensor([[[0.0, 3.0]], [[0.0, 1.0]]]))
+    torch.testing.assert_close(probs[:, 0, 0], torch.tensor([0.5, 0.5]))  # all-zero scores: uniform
+    torch.testing.assert_close(probs[:, 0, 1], torch.tensor([0.75, 0.25]), rtol=1e-5, atol=1e-5)
