@@ -99,24 +99,26 @@ def expand_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[Tuple[str, s
 
 
 def output_stems(paths: Sequence[str]) -> List[str]:
-    """A unique file-name stem per input: the name without extension, prefixed with parent folders (and
-    finally numbered) where two inputs would collide."""
+    """A unique file-name stem per input: the name without extension; where two inputs would collide, the
+    parent folder's name is prefixed (``a/x.jpg``, ``b/x.jpg`` -> ``a_x``, ``b_x``), then the extension
+    appended (``x.jpg``, ``x.png`` -> ``x_jpg``, ``x_png``), then a number."""
     stems = [Path(p).stem or "image" for p in paths]
-    depth = 1
-    while True:
+
+    def refine(make):
         counts = Counter(stems)
-        clashes = [i for i, s in enumerate(stems) if counts[s] > 1]
-        if not clashes or depth > 4:
-            break
-        for i in clashes:
-            parts = Path(os.path.abspath(paths[i])).with_suffix("").parts[-depth - 1:]
-            stems[i] = "_".join(parts).strip("_") or "image"
-        depth += 1
-    counts, seen = Counter(stems), Counter()
-    for i, s in enumerate(stems):
-        if counts[s] > 1:
-            seen[s] += 1
-            stems[i] = f"{s}_{seen[s]}"
+        for i, stem in enumerate(stems):
+            if counts[stem] > 1:
+                stems[i] = make(i, stem)
+
+    refine(lambda i, stem: f"{Path(os.path.abspath(paths[i])).parent.name}_{stem}")
+    refine(lambda i, stem: f"{stem}_{Path(paths[i]).suffix.lstrip('.')}")
+    seen: Counter = Counter()
+
+    def number(i, stem):
+        seen[stem] += 1
+        return f"{stem}_{seen[stem]}"
+
+    refine(number)
     return stems
 
 

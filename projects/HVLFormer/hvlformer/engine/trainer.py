@@ -20,6 +20,14 @@ from .optimizer import build_optimizer
 from .train_loop import AutocastTrainer, amp_dtype
 
 
+def wrap_ddp(cfg: CfgNode, model):
+    """DistributedDataParallel when more than one process trains (gloo/CPU: no device ids)."""
+    kwargs = {"broadcast_buffers": False, "find_unused_parameters": cfg.MODEL.DDP_FIND_UNUSED_PARAMETERS}
+    if not cfg.MODEL.DEVICE.startswith("cuda"):
+        kwargs["device_ids"] = None
+    return create_ddp_model(model, **kwargs)
+
+
 class Trainer(DefaultTrainer):
     """Supervised training on labeled images (``DATASETS.TRAIN``), evaluation on ``DATASETS.TEST``."""
 
@@ -32,8 +40,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False,
-                                 find_unused_parameters=cfg.MODEL.DDP_FIND_UNUSED_PARAMETERS)
+        model = wrap_ddp(cfg, model)
         if cfg.SOLVER.AMP.ENABLED:
             self._trainer = AutocastTrainer(model, data_loader, optimizer, dtype=amp_dtype(cfg.SOLVER.AMP.DTYPE))
         else:
