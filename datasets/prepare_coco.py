@@ -18,6 +18,7 @@ Label rule (from the instance annotations, with pycocotools):
   to the smallest (ties: in annotation-id order, the later one on top), because a small object that
   overlaps a large one is usually in front of it (a cup on a table) and would otherwise vanish.
 * **Crowd regions** (``iscrowd=1``) become 255 (ignore), except where a non-crowd instance covers them.
+* Annotations without a valid polygon (fewer than 3 points) are skipped and counted in the summary.
 * Every image of the annotation file gets a mask (images without instances are all background), so
   ``train2017`` has 118,287 images and ``val2017`` 5,000, as in UniMatch's COCO splits.
 
@@ -75,14 +76,38 @@ def category_to_label(categories: Sequence[Dict[str, Any]], annotation_file: str
     return {c["id"]: i + 1 for i, c in enumerate(cats)}
 
 
+def instance_mask(ann: Dict[str, Any], h: int, w: int) -> Optional[np.ndarray]:
+    """The H x W bool mask of one annotation (polygons, RLE or uncompressed RLE); ``None`` when it has no
+    valid polygon (fewer than 3 points), as a few official annotations do."""
+    from pycocotools import mask as mask_utils
+
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        polygons = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            return None
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))
+    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg
+    return mask_utils.decode(rle).astype(bool)
+
+
 def semantic_mask(coco, image_id: int, cat_to_label: Dict[int, int], source: str = "") -> np.ndarray:
     """The 81-class label map of one image (rules in the module docstring)."""
+    return _semantic_mask(coco, image_id, cat_to_label, source)[0]
+
+
+def _semantic_mask(coco, image_id: int, cat_to_label: Dict[int, int], source: str) -> Tuple[np.ndarray, int]:
+    """``(label map, number of annotations skipped for lack of a valid polygon)``."""
     info = coco.imgs[image_id]
     h, w = int(info["height"]), int(info["width"])
     label = np.zeros((h, w), dtype=np.uint8)
     crowd = np.zeros((h, w), dtype=bool)
     covered = np.zeros((h, w), dtype=bool)
     painted: List[Tuple[int, int, np.ndarray, int]] = []
+    skipped = 0
     for ann in coco.imgToAnns.get(image_id, []):
         cat = ann["category_id"]
         if cat not in cat_to_label:
@@ -90,7 +115,10 @@ def semantic_mask(coco, image_id: int, cat_to_label: Dict[int, int], source: str
                 f"{source}: annotation {ann.get('id')} of image {image_id} has category_id {cat}, which is not "
                 f"one of the file's categories."
             )
-        m = coco.annToMask(ann).astype(bool)
+        m = instance_mask(ann, h, w)
+        if m is None:
+            skipped += 1
+            continue
         if m.shape != (h, w):
             raise ValueError(f"{source}: annotation {ann.get('id')} decodes to {m.shape}, but image {image_id} is {(h, w)}.")
         if ann.get("iscrowd", 0):
@@ -102,20 +130,22 @@ def semantic_mask(coco, image_id: int, cat_to_label: Dict[int, int], source: str
         label[m] = lab
         covered |= m
     label[crowd & ~covered] = 255
-    return label
+    return label, skipped
 
 
-def convert_one(job: Tuple[int, str, str, bool, str]) -> str:
+def convert_one(job: Tuple[int, str, str, bool, str]) -> Tuple[str, int]:
+    """Write one mask; returns ``("written" | "kept", skipped annotations)``."""
     from hvlformer.data.builtin import check_label_matches_image, write_label_png
 
     image_id, image_path, out, overwrite, source = job
     if not overwrite and os.path.isfile(out):
-        return "kept"
+        return "kept", 0
     info = _COCO.imgs[image_id]  # the annotation file's size must be the image's (checked before decoding)
     size = np.broadcast_to(np.uint8(0), (int(info["height"]), int(info["width"])))
     check_label_matches_image(size, image_path, f"{source} (image id {image_id})")
-    write_label_png(out, semantic_mask(_COCO, image_id, _CAT_TO_LABEL, source))
-    return "written"
+    label, skipped = _semantic_mask(_COCO, image_id, _CAT_TO_LABEL, source)
+    write_label_png(out, label)
+    return "written", skipped
 
 
 def prepare_split(src: Path, split: str, out_root: Path, args: argparse.Namespace) -> Dict[str, int]:
@@ -145,7 +175,11 @@ def prepare_split(src: Path, split: str, out_root: Path, args: argparse.Namespac
         results = run_jobs(convert_one, jobs, args.workers or default_workers(), f"COCO {split}")
     finally:
         _COCO, _CAT_TO_LABEL = None, {}
-    return {"written": results.count("written"), "kept": results.count("kept"), "images": len(jobs)}
+    status = [r[0] for r in results]
+    skipped = sum(r[1] for r in results)
+    if skipped:
+        print(f"{split}: {skipped} annotations without a valid polygon (fewer than 3 points) were skipped")
+    return {"written": status.count("written"), "kept": status.count("kept"), "images": len(jobs)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -135,3 +135,8 @@ def test_parse_vocabulary_and_normalisation():
     probs = normalize_scores(torch.tensor([[[0.0, 3.0]], [[0.0, 1.0]]]))
     torch.testing.assert_close(probs[:, 0, 0], torch.tensor([0.5, 0.5]))  # all-zero scores: uniform
     torch.testing.assert_close(probs[:, 0, 1], torch.tensor([0.75, 0.25]), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path, single_thread):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        make_predictor("MODEL.WEIGHTS", str(tmp_path / "nope.pth"))

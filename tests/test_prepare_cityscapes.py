@@ -1,4 +1,6 @@
 """datasets/prepare_cityscapes.py on tiny fake leftImg8bit / gtFine folders in the official layout."""
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +93,18 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (src / "gtFine").rename(src / "gtFine_elsewhere")
     with pytest.raises(FileNotFoundError, match=r"gtFine.*gtFine_trainvaltest\.zip"):
         run(src, root)
+
+
+def test_command_line_with_worker_processes(tmp_path):
+    """The script as users run it: a separate process, --help, two forked conversion workers."""
+    script = Path(cs_script.__file__)
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--src" in help_text and "--overwrite" in help_text
+    ids = make_fake_cityscapes(tmp_path / "downloads")
+    proc = subprocess.run([sys.executable, str(script), "--src", str(tmp_path / "downloads"), "--root",
+                           str(tmp_path / "datasets"), "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train: 2 images, 2 masks written" in proc.stdout
+    label = np.asarray(Image.open(tmp_path / "datasets" / "cityscapes" / "gtFine" / "train" / "aachen"
+                                  / "aachen_000000_000019_gtFine_labelTrainIds.png"))
+    np.testing.assert_array_equal(label, EXPECTED_LUT[ids["aachen_000000_000019"]])

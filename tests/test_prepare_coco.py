@@ -105,12 +105,14 @@ def test_semantic_mask_rule_directly():
             {"id": 1, "image_id": 1, "category_id": PERSON, "iscrowd": 0, "segmentation": big, "area": 100},
             {"id": 2, "image_id": 1, "category_id": CUP, "iscrowd": 0, "segmentation": small, "area": 9},
             {"id": 3, "image_id": 1, "category_id": DOG, "iscrowd": 0, "segmentation": big, "area": 100},
+            {"id": 4, "image_id": 1, "category_id": CUP, "iscrowd": 0, "segmentation": [[1, 1, 2, 2]], "area": 0},
+            {"id": 5, "image_id": 1, "category_id": CUP, "iscrowd": 0, "segmentation": [], "area": 0},
         ],
         "categories": CATEGORIES,
     }
     coco.createIndex()
     lut = coco_script.category_to_label(CATEGORIES, "x")
-    label = coco_script.semantic_mask(coco, 1, lut, "x")
+    label = coco_script.semantic_mask(coco, 1, lut, "x")  # degenerate polygons (ids 4, 5) are skipped
     small_m = coco.annToMask(coco.anns[2]).astype(bool)
     assert (label[small_m] == lut[CUP]).all()
     assert (label[~small_m] == lut[DOG]).all()  # equal areas: the later annotation id is on top

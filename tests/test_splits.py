@@ -94,7 +94,8 @@ def test_paper_split_names_generate_write_and_reread(tmp_path, restore_builtin):
     files = tmp_path / "splits" / "cityscapes" / "100_seed0"
     first = (files / "labeled.txt").read_text().splitlines()[0]
     assert first.startswith("leftImg8bit/train/") and " gtFine/train/" in first and first.endswith("_gtFine_labelTrainIds.png")
-    assert len((files / "unlabeled.txt").read_text().splitlines()) == 20
+    unl_lines = (files / "unlabeled.txt").read_text().splitlines()
+    assert len(unl_lines) == 20 and all(len(line.split()) == 2 for line in unl_lines)  # UniMatch: "image mask"
     assert MetadataCatalog.get("cityscapes_100_seed0_labeled").split_file == str(files / "labeled.txt")
     # a new seed differs; the same seed regenerated from scratch is identical
     assert {d["file_name"] for d in DatasetCatalog.get("cityscapes_100_seed1_labeled")} != {d["file_name"] for d in lab}

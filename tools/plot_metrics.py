@@ -12,13 +12,15 @@ object per line with ``"iteration"``). Default panels, in this order, for every 
   with ``--aux``);
 - ``lr``;
 - the confident-pixel fraction of the unlabeled images (any key containing ``confiden``);
-- the evaluation metrics ``sem_seg/mIoU`` (and ``sem_seg/mACC``, ``sem_seg/pACC`` with ``--all-eval``) and
-  the pixel-text alignment ``pixel_text_alignment/mean``.
+- the evaluation metrics ``sem_seg/mIoU`` (and ``sem_seg/mACC``, ``sem_seg/pACC``, ``sem_seg/fwIoU`` with
+  ``--all-eval``) and the pixel-text alignment ``pixel_text_alignment/mean`` (per level with ``--all-eval``),
+  also under a prefix such as ``teacher/``.
 
 ``--keys`` replaces that choice with regular expressions (each matching key gets a panel). A resumed run
 that wrote some iterations twice keeps the last value of each iteration; unreadable lines (an interrupted
 write) are skipped with a warning. ``--smooth N`` draws the moving average over N logged points (the raw
-curve stays faint behind it).
+curve stays faint behind it; the LR is never smoothed). ``--log-loss`` puts the losses that span more than a
+factor of 10 on a logarithmic axis.
 """
 from __future__ import annotations
 
@@ -81,9 +83,10 @@ def default_keys(available: Sequence[str], aux: bool = False, all_eval: bool = F
     keys = (["total_loss"] if "total_loss" in available else []) + losses
     keys += [k for k in ("lr",) if k in available]
     keys += sorted(k for k in available if "confiden" in k.lower())
-    evals = ["sem_seg/mIoU"] + (["sem_seg/mACC", "sem_seg/pACC", "sem_seg/fwIoU"] if all_eval else [])
-    keys += [k for k in evals if k in available]
-    keys += sorted(k for k in available if k.startswith("pixel_text_alignment/") and not k.endswith("/num_images")
+    # evaluation results, also under a prefix (e.g. "teacher/sem_seg/mIoU" of an EMA teacher)
+    evals = ("sem_seg/mIoU",) + (("sem_seg/mACC", "sem_seg/pACC", "sem_seg/fwIoU") if all_eval else ())
+    keys += sorted(k for k in available if k.endswith(evals))
+    keys += sorted(k for k in available if "pixel_text_alignment/" in k and not k.endswith("/num_images")
                    and (all_eval or k.endswith("/mean")))
     return keys
 
@@ -127,7 +130,7 @@ def plot_runs(runs: Sequence[Series], labels: Sequence[str], keys: Sequence[str]
                 continue
             iters, values = series[key]
             single = len(values) == 1
-            if smooth > 1 and not single:
+            if smooth > 1 and not single and key != "lr":  # the schedule is exact: never smoothed
                 ax.plot(iters, values, color=color, alpha=0.25, linewidth=0.8)
                 ax.plot(iters, moving_average(values, smooth), color=color, label=label, linewidth=1.5)
             else:
@@ -140,7 +143,9 @@ def plot_runs(runs: Sequence[Series], labels: Sequence[str], keys: Sequence[str]
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         if log_losses and (key.startswith("loss_") or key == "total_loss"):
-            ax.set_yscale("log")
+            values = np.concatenate([series[key][1] for series in runs if key in series])
+            if values.min() > 0 and values.max() / values.min() > 10:  # a log axis only helps over a decade
+                ax.set_yscale("log")
     for ax in list(axes.flat)[len(keys):]:
         ax.set_axis_off()
     if len(runs) > 1:

@@ -50,7 +50,67 @@ def add_hvlformer_config(cfg: CN) -> None:
     # DistributedDataParallel: set True when a config leaves parameters out of the loss (e.g. a zero weight).
     cfg.MODEL.DDP_FIND_UNUSED_PARAMETERS = False
 
+    # ------------------------------------------------------------------ semi-supervised training
+    # Labeled / unlabeled training sets. A non-empty TRAIN_UNLABELED selects the SemiSupervisedTrainer;
+    # DATASETS.TRAIN is then unused.
+    cfg.DATASETS.TRAIN_LABELED = ()
+    cfg.DATASETS.TRAIN_UNLABELED = ()
+    # Shapes: split shapes_train into NUM_LABELED labeled images (shapes_labeled) and the rest
+    # (shapes_unlabeled), seeded by DATASETS.SHAPES.SEED; 0 = no split.
+    cfg.DATASETS.SHAPES.NUM_LABELED = 0
+
+    cfg.SEMI = CN()
+    # Target of the unlabeled views: "self" (the model's own original-view prediction, stop-gradient;
+    # paper default) or "ema" (an exponential moving average of the model, UniMatch V2).
+    cfg.SEMI.TEACHER = "self"
+    # EMA decay over parameters and floating-point buffers (teacher = d * teacher + (1 - d) * student).
+    cfg.SEMI.EMA_DECAY = 0.996
+    # Loss on unlabeled images: "cmcr" (HVLFormer) or "entropy" (HierVL entropy minimisation).
+    cfg.SEMI.UNLABELED_LOSS = "cmcr"
+    # Weight of L_CMCR (summed over the decoder layers) in the total loss.
+    cfg.SEMI.CMCR_WEIGHT = 5.0
+    # Weight of the entropy loss (UNLABELED_LOSS "entropy").
+    cfg.SEMI.ENTROPY_WEIGHT = 1.0
+    # Pseudo-label confidence threshold of l_mask (max class probability of the original view).
+    cfg.SEMI.CONFIDENCE_THRESHOLD = 0.95
+    # Weights of the weak and strong views inside l_mask.
+    cfg.SEMI.MASK_WEIGHT_WEAK = 0.5
+    cfg.SEMI.MASK_WEIGHT_STRONG = 0.1
+    # Ablation switches of the three CMCR terms.
+    cfg.SEMI.MASK_CONSISTENCY = True
+    cfg.SEMI.CLASS_CONSISTENCY = True
+    cfg.SEMI.ALIGN_CONSISTENCY = True
+    # Weak view: brightness / contrast jitter, Gaussian blur probability and sigma range.
+    cfg.SEMI.WEAK = CN()
+    cfg.SEMI.WEAK.BRIGHTNESS = 0.1
+    cfg.SEMI.WEAK.CONTRAST = 0.1
+    cfg.SEMI.WEAK.BLUR_PROB = 0.5
+    cfg.SEMI.WEAK.BLUR_SIGMA = (0.1, 0.5)
+    # Strong view: ColorJitter(b, c, s, h) with probability JITTER_PROB, grayscale, blur, CutMix.
+    cfg.SEMI.STRONG = CN()
+    cfg.SEMI.STRONG.COLOR_JITTER = (0.5, 0.5, 0.5, 0.25)
+    cfg.SEMI.STRONG.JITTER_PROB = 0.8
+    cfg.SEMI.STRONG.GRAYSCALE_PROB = 0.2
+    cfg.SEMI.STRONG.BLUR_PROB = 0.5
+    cfg.SEMI.STRONG.BLUR_SIGMA = (0.1, 2.0)
+    # CutMix from another unlabeled image of the batch (batch reversed): probability, box area
+    # fraction range and aspect-ratio range.
+    cfg.SEMI.STRONG.CUTMIX_PROB = 0.5
+    cfg.SEMI.STRONG.CUTMIX_AREA = (0.02, 0.4)
+    cfg.SEMI.STRONG.CUTMIX_ASPECT = (0.3, 1.0 / 0.3)
+    # Rare-class sampling on the labeled loader (DAFormer): class probability softmax((1 - f_c) / T),
+    # then an image with at least MIN_PIXELS pixels of that class.
+    cfg.SEMI.RARE_CLASS_SAMPLING = CN()
+    cfg.SEMI.RARE_CLASS_SAMPLING.ENABLED = False
+    cfg.SEMI.RARE_CLASS_SAMPLING.TEMPERATURE = 0.01
+    cfg.SEMI.RARE_CLASS_SAMPLING.MIN_PIXELS = 3000
+    # Also evaluate the EMA teacher at every evaluation (results prefixed "teacher/").
+    cfg.SEMI.EVAL_TEACHER = True
+
     # ------------------------------------------------------------------ solver
+    # Global labeled / unlabeled images per step of the semi-supervised trainer (split over the GPUs).
+    cfg.SOLVER.IMS_PER_BATCH_LABELED = 8
+    cfg.SOLVER.IMS_PER_BATCH_UNLABELED = 8
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier of the CLIP vision encoder (fine-tuned at 0.1x).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1

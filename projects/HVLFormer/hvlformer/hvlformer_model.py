@@ -29,6 +29,7 @@ from .modeling.criterion import HVLSetCriterion, semantic_to_targets
 from .modeling.htqg import HTQG, diversity_loss
 from .modeling.matcher import HungarianMatcher
 from .modeling.pixel_decoder import build_pixel_decoder
+from .modeling.cmcr import CMCRLoss
 from .modeling.ptrm import PTRM
 from .modeling.regularization import (
     class_presence,
@@ -100,6 +101,8 @@ class HVLFormer(nn.Module):
         vl_temperature: float = 0.07,
         text_cross_attention: bool = False,
         masked_vl_mask_weight: float = 1.0,
+        unlabeled_criterion: Optional[CMCRLoss] = None,
+        unlabeled_weight: float = 5.0,
         sliding_window: bool = False,
         window_size: int = 512,
         window_stride: int = 341,
@@ -129,6 +132,9 @@ class HVLFormer(nn.Module):
         self.sliding_window = sliding_window
         self.window_size = window_size
         self.window_stride = window_stride
+        # loss on unlabeled views (CMCR or entropy); used by the semi-supervised trainer
+        self.unlabeled_criterion = unlabeled_criterion if unlabeled_criterion is not None else CMCRLoss()
+        self.unlabeled_weight = unlabeled_weight
         # TEST.PIXEL_TEXT_ALIGNMENT: inference outputs also carry the eq.-10 pixel-text alignment (E values).
         self.pixel_text_alignment = pixel_text_alignment
         # HierVL: projection of the level queries to the K textual cluster centres of the pixel decoder.
@@ -220,6 +226,13 @@ class HVLFormer(nn.Module):
             "sliding_window": cfg.TEST.SLIDING_WINDOW.ENABLED,
             "window_size": cfg.TEST.SLIDING_WINDOW.CROP_SIZE,
             "window_stride": cfg.TEST.SLIDING_WINDOW.STRIDE,
+            "unlabeled_criterion": CMCRLoss(
+                confidence_threshold=cfg.SEMI.CONFIDENCE_THRESHOLD, weak_weight=cfg.SEMI.MASK_WEIGHT_WEAK,
+                strong_weight=cfg.SEMI.MASK_WEIGHT_STRONG, use_mask=cfg.SEMI.MASK_CONSISTENCY,
+                use_class=cfg.SEMI.CLASS_CONSISTENCY, use_align=cfg.SEMI.ALIGN_CONSISTENCY,
+                mode=cfg.SEMI.UNLABELED_LOSS),
+            "unlabeled_weight": (cfg.SEMI.CMCR_WEIGHT if cfg.SEMI.UNLABELED_LOSS == "cmcr"
+                                 else cfg.SEMI.ENTROPY_WEIGHT),
             "pixel_text_alignment": cfg.TEST.PIXEL_TEXT_ALIGNMENT,
         }
 
@@ -368,16 +381,61 @@ class HVLFormer(nn.Module):
                                       region, self.vl_temperature)
                 + self.masked_vl_mask_weight * masked_consistency_loss(masked_dense, reference_dense, region))
 
-    def forward(self, batched_inputs: List[Dict[str, Any]]):
+    def normalize(self, images: Tensor) -> Tensor:
+        """``B x 3 x H x W`` uint8/float 0-255 images -> normalised float (on the model's device)."""
+        return (images.to(self.device).float() - self.pixel_mean) / self.pixel_std
+
+    def unlabeled_losses(self, unlabeled: Dict[str, Any], text_embeddings: Tensor) -> Dict[str, Tensor]:
+        """Weighted losses of the weak and strong views of a batch of unlabeled images.
+
+        ``unlabeled`` holds ``"image_weak"`` and ``"image_strong"`` (``B x 3 x H x W``, the strong one
+        already CutMix-ed), ``"padding"`` and ``"cutmix_box"`` (``B x H x W`` bool), ``"mix_order"``
+        (``B``) and ``"targets"`` (the teacher's per-layer targets of the original view, from
+        ``unlabeled_criterion.targets``). The two views go through the network as one batch.
+        """
+        weak = self.normalize(unlabeled["image_weak"])
+        strong = self.normalize(unlabeled["image_strong"])
+        batch = weak.shape[0]
+        outputs = self.predict(torch.cat([weak, strong]), text_embeddings)
+
+        def half(out: Dict[str, Any], part: slice) -> Dict[str, Any]:
+            keys = ("pred_logits", "pred_masks", "attn_maps")
+            return {**{k: out[k][part] for k in keys},
+                    "aux_outputs": [{k: (a[k][part] if a.get(k) is not None else None) for k in keys}
+                                    for a in out["aux_outputs"]]}
+
+        weak_out, strong_out = half(outputs, slice(0, batch)), half(outputs, slice(batch, 2 * batch))
+        padding = unlabeled["padding"].to(self.device)
+        criterion = self.unlabeled_criterion
+        if criterion.mode == "entropy":
+            terms = criterion.entropy(weak_out, strong_out, padding)
+        else:
+            terms = criterion(unlabeled["targets"], weak_out, strong_out, padding,
+                              unlabeled["cutmix_box"].to(self.device), unlabeled["mix_order"].to(self.device))
+        stats = {k: v for k, v in terms.items() if k.startswith("stat_")}
+        if "relevance" in outputs["htqg"]:
+            stats["stat_sre_mean_unlabeled"] = outputs["htqg"]["relevance"].detach().float().mean()
+        losses = {k: self.unlabeled_weight * v for k, v in terms.items() if k.startswith("loss")}
+        return {**losses, **stats}
+
+    def forward(self, batched_inputs: List[Dict[str, Any]], unlabeled: Optional[Dict[str, Any]] = None):
+        """Training: weighted supervised losses of the labeled batch (plus, when ``unlabeled`` is given,
+        the unlabeled losses and ``stat_*`` statistics, which are not losses). Inference: per image
+        ``{"sem_seg": K x height x width}``."""
         images = self.preprocess_images(batched_inputs)
-        text_embeddings = self.encode_text()
+        text_embeddings = self.encode_text()  # once per step, shared by every view
         if self.training:
             labels = self.pad_labels(batched_inputs, tuple(images.tensor.shape[-2:]))
             presence = None
             if self.htqg.sre_mode == "clip_zero_shot":
                 presence = class_presence(list(labels), self.num_classes, self.ignore_value)
             outputs = self.predict(images.tensor, text_embeddings, presence)
-            return self.supervised_losses(outputs, labels, text_embeddings, images.tensor)
+            losses = self.supervised_losses(outputs, labels, text_embeddings, images.tensor)
+            if unlabeled is not None:
+                losses.update(self.unlabeled_losses(unlabeled, text_embeddings))
+                if "relevance" in outputs["htqg"]:
+                    losses["stat_sre_mean_labeled"] = outputs["htqg"]["relevance"].detach().float().mean()
+            return losses
         return self.inference(batched_inputs, images, text_embeddings)
 
     # ------------------------------------------------------------------ inference

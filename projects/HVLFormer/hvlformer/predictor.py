@@ -159,8 +159,11 @@ class HVLFormerPredictor:
         register_shapes_from_cfg(self.cfg)  # the shapes datasets follow DATASETS.SHAPES.* (as in training)
         self.model = build_model(self.cfg)
         self.model.eval()
-        if self.cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+        weights = self.cfg.MODEL.WEIGHTS
+        if weights:
+            if "://" not in weights and not os.path.isfile(weights):
+                raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint not found: {weights}")
+            DetectionCheckpointer(self.model).load(weights)
         else:
             logger.warning("MODEL.WEIGHTS is empty: the predictor uses an untrained model "
                            "(pass --opts MODEL.WEIGHTS path/to/model_final.pth)")

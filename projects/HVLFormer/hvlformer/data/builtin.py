@@ -247,6 +247,14 @@ def _split_files(out_dir: str) -> Tuple[str, str]:
     return os.path.join(out_dir, "labeled.txt"), os.path.join(out_dir, "unlabeled.txt")
 
 
+def _write_split_pair(files: Tuple[str, str], labeled: List[Dict[str, Any]], unlabeled: List[Dict[str, Any]],
+                      full: List[Dict[str, Any]], droot: str) -> None:
+    """Both files in the UniMatch format: the unlabeled lines also name the masks (readers ignore them)."""
+    by_file = {d["file_name"]: d for d in full}
+    write_split_file(files[0], labeled, droot)
+    write_split_file(files[1], [by_file[d["file_name"]] for d in unlabeled], droot)
+
+
 def make_paper_split(
     dataset: str, count: int, seed: int, root: Optional[PathLike] = None,
     full: Optional[List[Dict[str, Any]]] = None,
@@ -288,8 +296,7 @@ def load_paper_split(
         return resolve_split_entries(parse_split_file(path), full, droot, part == "labeled", what)
     labeled, unlabeled = make_paper_split(dataset, count, seed, root, full=full)
     try:
-        write_split_file(files[0], labeled, droot)
-        write_split_file(files[1], unlabeled, droot)
+        _write_split_pair(files, labeled, unlabeled, full, droot)
     except OSError as e:
         logger.warning(
             f"{spec.title}: could not write the split files {files[0]} / {files[1]} ({e}); the split is "
@@ -323,8 +330,7 @@ def write_paper_splits(
                 report.append((d, n[0], n[1], "kept"))
                 continue
             labeled, unlabeled = make_paper_split(dataset, count, seed, root, full=full)
-            write_split_file(files[0], labeled, droot)
-            write_split_file(files[1], unlabeled, droot)
+            _write_split_pair(files, labeled, unlabeled, full, droot)
             report.append((d, len(labeled), len(unlabeled), "written"))
     return report
 
@@ -404,17 +410,30 @@ def progress(iterable: Iterable, desc: str, total: Optional[int] = None, unit: s
     return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, mininterval=0.5)
 
 
-def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, desc: str) -> List[Any]:
-    """``[fn(j) for j in jobs]`` with a progress bar, in ``workers`` processes (fork) when > 1.
+_JOB_FN: Optional[Callable[[Any], Any]] = None  # inherited by forked workers (no pickling of ``fn``)
 
-    ``fn`` must be a module-level function. Exceptions in a job propagate (naming the file)."""
+
+def _call_job(job: Any) -> Any:
+    return _JOB_FN(job)
+
+
+def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, desc: str) -> List[Any]:
+    """``[fn(j) for j in jobs]`` with a progress bar, in ``workers`` forked processes when > 1 (where the
+    platform can fork; otherwise in this process). Jobs must be picklable, ``fn`` need not be.
+    Exceptions in a job propagate (naming the file)."""
+    global _JOB_FN
     jobs = list(jobs)
     if workers <= 1 or len(jobs) < 2 or "fork" not in _mp_methods():
         return [fn(j) for j in progress(jobs, desc, total=len(jobs))]
     import multiprocessing as mp
 
-    with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-        return list(progress(pool.imap(fn, jobs, chunksize=16), desc, total=len(jobs)))
+    _JOB_FN = fn
+    try:
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            chunk = max(1, min(64, len(jobs) // (8 * workers)))
+            return list(progress(pool.imap(_call_job, jobs, chunksize=chunk), desc, total=len(jobs)))
+    finally:
+        _JOB_FN = None
 
 
 def _mp_methods() -> List[str]:

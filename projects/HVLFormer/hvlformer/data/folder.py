@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .validation import check_dataset_root
 
-__all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "default_class_colors"]
+__all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "default_class_colors", "index_files"]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -33,6 +33,12 @@ def _index_files(root: str, ext: str) -> Dict[str, str]:
             key = os.path.relpath(full, root)[: -len(ext)].replace(os.sep, "/")
             out[key] = full
     return out
+
+
+def index_files(root: PathLike, ext: str) -> Dict[str, str]:
+    """Map ``"relative/path/stem"`` -> file path for the files under ``root`` whose names end in ``ext``
+    (any suffix: ``".jpg"``, ``"_leftImg8bit.png"``); hidden files are skipped, links followed."""
+    return _index_files(os.fspath(root), ext)
 
 
 def load_sem_seg_folder(

@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .folder import _index_files, default_class_colors
+from .folder import default_class_colors, index_files
 from .validation import check_dataset_root
 
 __all__ = [
@@ -427,7 +427,7 @@ def register_custom_semi_dataset(
         taken = {d["file_name"] for d in _custom_dicts(_read_list(labeled_list, "labeled_list"), image_root_s, None, image_ext, mask_ext)}
         if val_list is not None:
             taken |= {d["file_name"] for d in _custom_dicts(_read_list(val_list, "val_list"), image_root_s, None, image_ext, mask_ext)}
-        files = _index_files(image_root_s, image_ext)
+        files = index_files(image_root_s, image_ext)
         return [{"file_name": files[k], "image_id": k} for k in sorted(files) if files[k] not in taken]
 
     meta = dict(

@@ -48,6 +48,10 @@ def check_override_keys(cfg: CfgNode, opts: List[str]) -> None:
 
 def build_trainer_class(cfg: CfgNode) -> Type[DefaultTrainer]:
     """The trainer the config asks for (the supervised one unless semi-supervised training is configured)."""
+    if cfg.DATASETS.TRAIN_UNLABELED:
+        from .semi_trainer import SemiSupervisedTrainer
+
+        return SemiSupervisedTrainer
     from .trainer import Trainer
 
     return Trainer

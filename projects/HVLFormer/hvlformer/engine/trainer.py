@@ -14,6 +14,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import HVLFormerSemanticDatasetMapper, register_shapes_from_cfg
+from ..data.semi import register_shapes_semi_split
 from ..evaluation import build_sem_seg_evaluator
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
@@ -53,13 +54,24 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode):
+    def register_datasets(cls, cfg: CfgNode) -> None:
+        """Register the datasets whose definition depends on the config (shapes size, splits)."""
         register_shapes_from_cfg(cfg)
+        register_shapes_semi_split(cfg)
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode):
+        cls.register_datasets(cfg)  # the model takes its class list from the dataset metadata
+        return super().build_model(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        cls.register_datasets(cfg)
         return build_detection_train_loader(cfg, mapper=HVLFormerSemanticDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        register_shapes_from_cfg(cfg)
+        cls.register_datasets(cfg)
         return build_detection_test_loader(cfg, dataset_name, mapper=HVLFormerSemanticDatasetMapper(cfg, is_train=False))
 
     @classmethod

@@ -1,0 +1,57 @@
+"""Exponential-moving-average teacher (UniMatch V2): ``teacher = d * teacher + (1 - d) * student``."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper."""
+    return model.module if isinstance(model, (DistributedDataParallel, nn.DataParallel)) else model
+
+
+class EMATeacher:
+    """A frozen copy of the student updated by EMA over its parameters and floating-point buffers
+    (integer buffers are copied). Checkpointable: ``state_dict`` / ``load_state_dict`` are the copy's."""
+
+    def __init__(self, student: nn.Module, decay: float = 0.996) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"SEMI.EMA_DECAY must be in [0, 1], got {decay}")
+        student = unwrap(student)
+        self.decay = decay
+        self.model = copy.deepcopy(student).eval().requires_grad_(False)
+        backbone = getattr(self.model, "backbone", None)
+        if backbone is not None and hasattr(backbone, "_reference"):
+            backbone._reference = []  # the teacher never needs the frozen E_I^0 copy
+        self.loaded_from_checkpoint = False
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        student = unwrap(student)
+        decay = self.decay
+        for teacher_param, student_param in zip(self.model.parameters(), student.parameters()):
+            if student_param.requires_grad:  # frozen parameters never change
+                teacher_param.mul_(decay).add_(student_param.detach(), alpha=1.0 - decay)
+        for teacher_buffer, student_buffer in zip(self.model.buffers(), student.buffers()):
+            if teacher_buffer is None or student_buffer is None:
+                continue
+            if teacher_buffer.dtype.is_floating_point:
+                teacher_buffer.mul_(decay).add_(student_buffer.detach(), alpha=1.0 - decay)
+            else:
+                teacher_buffer.copy_(student_buffer)
+
+    @torch.no_grad()
+    def copy_from(self, student: nn.Module) -> None:
+        """Reset the teacher to the student's current weights."""
+        self.model.load_state_dict(unwrap(student).state_dict())
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state_dict)
+        self.loaded_from_checkpoint = True

@@ -1,0 +1,192 @@
+"""Semi-supervised training (SPEC 3.1): one labeled and one unlabeled batch per step, three views of every
+unlabeled image, CMCR against the original view (the model itself, stop-gradient, or an EMA teacher)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from typing import Any, Dict, List, Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from detectron2.utils.logger import setup_logger
+
+from ..data import HVLFormerSemanticDatasetMapper
+from ..data.semi import RareClassSampler, UnlabeledViewsMapper, apply_cutmix, class_pixel_counts, repeat_to_length
+from .ema import EMATeacher, unwrap
+from .train_loop import amp_dtype
+from .trainer import Trainer, wrap_ddp
+
+logger = logging.getLogger(__name__)
+
+
+def auto_scale_semi(cfg: CfgNode, world_size: int) -> CfgNode:
+    """detectron2's REFERENCE_WORLD_SIZE rescaling, extended to the labeled/unlabeled batch sizes."""
+    reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if reference == 0 or reference == world_size:
+        return cfg
+    cfg = cfg.clone()
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    scale = world_size / reference
+    for key in ("IMS_PER_BATCH_LABELED", "IMS_PER_BATCH_UNLABELED"):
+        cfg.SOLVER[key] = int(round(cfg.SOLVER[key] * scale))
+    cfg.SOLVER.IMS_PER_BATCH = cfg.SOLVER.IMS_PER_BATCH_LABELED
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = reference  # detectron2 rescales LR, iterations and periods next
+    if frozen:
+        cfg.freeze()
+    return DefaultTrainer.auto_scale_workers(cfg, world_size)
+
+
+def _per_gpu(total: int, what: str) -> int:
+    world = comm.get_world_size()
+    if total % world:
+        raise ValueError(f"SOLVER.{what}={total} is not divisible by the number of processes ({world})")
+    return total // world
+
+
+class SemiSupervisedStep(SimpleTrainer):
+    """The training step: labeled losses + unlabeled losses in one forward of the (DDP) model."""
+
+    def __init__(self, model, labeled_loader, unlabeled_loader, optimizer, teacher: Optional[EMATeacher] = None,
+                 amp: Optional[torch.dtype] = None) -> None:
+        super().__init__(model, labeled_loader, optimizer)
+        self.unlabeled_loader = unlabeled_loader
+        self._unlabeled_iter = iter(unlabeled_loader)
+        self.teacher = teacher
+        self.amp = amp
+        self.device_type = next(unwrap(model).parameters()).device.type
+        self.grad_scaler = torch.amp.GradScaler(self.device_type,
+                                                enabled=amp == torch.float16 and self.device_type == "cuda")
+
+    @torch.no_grad()
+    def unlabeled_batch(self, unlabeled: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """Stack the views, CutMix the strong one, and compute the teacher's targets on the original view."""
+        core = unwrap(self.model)
+        original = torch.stack([d["image"] for d in unlabeled]).to(core.device)
+        boxes = torch.stack([d["cutmix_box"] for d in unlabeled]).to(core.device)
+        strong, order = apply_cutmix(torch.stack([d["image_strong"] for d in unlabeled]).to(core.device), boxes)
+        teacher = self.teacher.model if self.teacher is not None else core
+        teacher_outputs = teacher.predict(teacher.normalize(original), teacher.encode_text())
+        return {
+            "image_weak": torch.stack([d["image_weak"] for d in unlabeled]),
+            "image_strong": strong,
+            "padding": torch.stack([d["padding"] for d in unlabeled]),
+            "cutmix_box": boxes,
+            "mix_order": order,
+            "targets": core.unlabeled_criterion.targets(teacher_outputs),
+        }
+
+    def run_step(self) -> None:
+        assert self.model.training, "[SemiSupervisedStep] model was changed to eval mode!"
+        start = time.perf_counter()
+        labeled = next(self._data_loader_iter)
+        unlabeled = next(self._unlabeled_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            batch = self.unlabeled_batch(unlabeled)
+            outputs = self.model(labeled, unlabeled=batch)
+        loss_dict = {k: v for k, v in outputs.items() if k.startswith("loss")}
+        stats = {k[len("stat_"):]: v for k, v in outputs.items() if k.startswith("stat_")}
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        if comm.is_main_process() and stats:
+            get_event_storage().put_scalars(**{k: float(v) for k, v in stats.items()})
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        if self.teacher is not None:
+            self.teacher.update(self.model)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        if "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+class SemiSupervisedTrainer(Trainer):
+    """``DATASETS.TRAIN_LABELED`` + ``DATASETS.TRAIN_UNLABELED``; evaluation on ``DATASETS.TEST`` of the
+    student and (``SEMI.TEACHER: ema`` with ``SEMI.EVAL_TEACHER``) of the teacher."""
+
+    def __init__(self, cfg: CfgNode) -> None:  # noqa: D107
+        super(DefaultTrainer, self).__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        if not cfg.DATASETS.TRAIN_LABELED or not cfg.DATASETS.TRAIN_UNLABELED:
+            raise ValueError("semi-supervised training needs DATASETS.TRAIN_LABELED and DATASETS.TRAIN_UNLABELED")
+        cfg = auto_scale_semi(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        labeled_loader, unlabeled_loader = self.build_semi_loaders(cfg)
+        teacher = EMATeacher(model, cfg.SEMI.EMA_DECAY) if cfg.SEMI.TEACHER == "ema" else None
+        if cfg.SEMI.TEACHER not in ("self", "ema"):
+            raise ValueError(f"SEMI.TEACHER must be 'self' or 'ema', got {cfg.SEMI.TEACHER!r}")
+        model = wrap_ddp(cfg, model)
+        amp = amp_dtype(cfg.SOLVER.AMP.DTYPE) if cfg.SOLVER.AMP.ENABLED else None
+        self._trainer = SemiSupervisedStep(model, labeled_loader, unlabeled_loader, optimizer, teacher, amp)
+        self.teacher = teacher
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        extra = {"teacher": teacher} if teacher is not None else {}
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_semi_loaders(cls, cfg: CfgNode):
+        """The labeled loader (list repeated to the unlabeled length; optional rare-class sampling) and
+        the unlabeled three-view loader."""
+        cls.register_datasets(cfg)
+        labeled = get_detection_dataset_dicts(cfg.DATASETS.TRAIN_LABELED, filter_empty=False)
+        unlabeled = get_detection_dataset_dicts(cfg.DATASETS.TRAIN_UNLABELED, filter_empty=False)
+        rcs = cfg.SEMI.RARE_CLASS_SAMPLING
+        labeled_mapper = HVLFormerSemanticDatasetMapper(cfg, is_train=True)
+        if rcs.ENABLED:
+            counts = class_pixel_counts(labeled, labeled_mapper.num_classes, labeled_mapper.ignore_label,
+                                        cache_file=os.path.join(cfg.OUTPUT_DIR, "rare_class_counts.json"))
+            sampler = RareClassSampler(counts, rcs.TEMPERATURE, rcs.MIN_PIXELS, seed=cfg.SEED if cfg.SEED >= 0 else None)
+        else:
+            labeled = repeat_to_length(labeled, len(unlabeled))
+            sampler = TrainingSampler(len(labeled), seed=cfg.SEED if cfg.SEED >= 0 else None)
+        labeled_loader = build_detection_train_loader(
+            labeled, mapper=labeled_mapper, sampler=sampler, total_batch_size=cfg.SOLVER.IMS_PER_BATCH_LABELED,
+            aspect_ratio_grouping=False, num_workers=cfg.DATALOADER.NUM_WORKERS)
+        unlabeled_loader = build_detection_train_loader(
+            unlabeled, mapper=UnlabeledViewsMapper(cfg),
+            sampler=TrainingSampler(len(unlabeled), seed=cfg.SEED + 1 if cfg.SEED >= 0 else None),
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH_UNLABELED, aspect_ratio_grouping=False,
+            num_workers=cfg.DATALOADER.NUM_WORKERS)
+        _per_gpu(cfg.SOLVER.IMS_PER_BATCH_LABELED, "IMS_PER_BATCH_LABELED")
+        _per_gpu(cfg.SOLVER.IMS_PER_BATCH_UNLABELED, "IMS_PER_BATCH_UNLABELED")
+        return labeled_loader, unlabeled_loader
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        if self.teacher is not None and not self.teacher.loaded_from_checkpoint:
+            self.teacher.copy_from(self.model)  # start from the (possibly just loaded) student weights
+
+    def build_hooks(self) -> List[hooks.HookBase]:
+        hook_list = super().build_hooks()
+        if self.teacher is not None and self.cfg.SEMI.EVAL_TEACHER and self.cfg.TEST.EVAL_PERIOD > 0:
+            def test_teacher():
+                results = self.test(self.cfg, self.teacher.model)
+                return {f"teacher/{k}": v for k, v in results.items()}
+
+            # before the writers (the last hook), like detectron2's own EvalHook
+            hook_list.insert(len(hook_list) - 1, hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_teacher))
+        return hook_list

@@ -1,0 +1,191 @@
+"""Cross-View and Modal Consistency Regularisation (CMCR, SPEC 3.3) and the HierVL entropy alternative.
+
+For every decoder layer ``n = 1..N`` the original view ``I`` (detached, from the teacher) is the
+target of the weak view ``I_w`` and of the strong (CutMix-ed) view ``I_s``:
+
+- ``l_mask``: BCE between the per-class probability maps of a view and the one-hot hard pseudo-label
+  of the original view, on pixels whose original max probability is >= the confidence threshold (and
+  that are not padding), at mask resolution; weak view x 1/2, strong view x 1/10. The paper writes a
+  leading minus sign; it is a typo, the loss is positive.
+- ``l_class``: mean over queries of ``JS(C_i, C_w,i) + JS(C_i, C_s,i)`` of the softmax class
+  distributions (K + 1 with no-object).
+- ``l_align``: mean over queries of ``(1 - cos(A_i, A_w,i)) + (1 - cos(A_i, A_s,i))`` of the flattened
+  cross-attention maps; pixels inside the CutMix box (whose content comes from another image) are
+  excluded from both maps of the strong pair.
+
+``L_CMCR = sum_n (l_mask + l_class + l_align)``. The strong view's pseudo-labels inside the CutMix box
+come from the other image's original view, exactly like its pixels.
+
+The "per-class probability map" of a prediction is its semantic score map (``sum_q softmax(c_q)[k] *
+sigmoid(m_q)``, the inference output) normalised over the K classes, so it is a distribution per pixel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# strides of the levels the decoder layers cycle over (coarse to fine; layer n uses level n % 3)
+LEVEL_STRIDES = (32, 16, 8)
+
+
+def class_probability_maps(pred_logits: Tensor, pred_masks: Tensor, eps: float = 1e-6) -> Tensor:
+    """``B x Q x (K+1)`` logits and ``B x Q x h x w`` mask logits -> ``B x K x h x w`` per-pixel distributions."""
+    scores = torch.einsum("bqc,bqhw->bchw", pred_logits.float().softmax(-1)[..., :-1], pred_masks.float().sigmoid())
+    return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+def layer_outputs(outputs: Dict) -> List[Dict[str, Tensor]]:
+    """The N decoder layers' predictions (``aux_outputs[1:]`` + the final), each with ``attn_maps``."""
+    aux = outputs.get("aux_outputs", [])
+    final = {k: outputs[k] for k in ("pred_logits", "pred_masks", "attn_maps")}
+    return [*aux[1:], final]
+
+
+def js_divergence(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
+    """Jensen-Shannon divergence along the last dim of two probability tensors (natural log)."""
+    m = 0.5 * (p + q)
+    kl_pm = (p * (torch.log(p + eps) - torch.log(m + eps))).sum(-1)
+    kl_qm = (q * (torch.log(q + eps) - torch.log(m + eps))).sum(-1)
+    return 0.5 * (kl_pm + kl_qm)
+
+
+def mask_consistency(view_probs: Tensor, pseudo_labels: Tensor, confident: Tensor) -> Tensor:
+    """BCE of ``B x K x h x w`` probabilities vs the one-hot pseudo-labels on confident pixels.
+
+    Averaged over the confident pixels and the K classes; 0 (still in the graph) when none is confident.
+    """
+    if not confident.any():
+        return view_probs.sum() * 0.0
+    num_classes = view_probs.shape[1]
+    target = F.one_hot(pseudo_labels, num_classes).permute(0, 3, 1, 2).float()
+    probs = view_probs.float().clamp(1e-6, 1 - 1e-6)
+    bce = F.binary_cross_entropy(probs, target, reduction="none").mean(dim=1)  # B x h x w
+    return bce[confident].mean()
+
+
+def class_consistency(target_logits: Tensor, view_logits: Tensor) -> Tensor:
+    """Mean over queries of JS(softmax(target), softmax(view)); ``B x Q x (K+1)`` each."""
+    return js_divergence(target_logits.float().softmax(-1), view_logits.float().softmax(-1)).mean()
+
+
+def align_consistency(target_attn: Tensor, view_attn: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """Mean over queries of ``1 - cos`` of ``B x Q x L`` attention maps; ``valid``: ``B x L`` bool pixels kept."""
+    target_attn, view_attn = target_attn.float(), view_attn.float()
+    if valid is not None:
+        keep = valid[:, None, :].to(target_attn.dtype)
+        target_attn, view_attn = target_attn * keep, view_attn * keep
+    return (1.0 - F.cosine_similarity(target_attn, view_attn, dim=-1, eps=1e-8)).mean()
+
+
+def entropy_loss(probs: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """Mean per-pixel entropy of ``B x K x h x w`` distributions over the ``valid`` (``B x h x w``) pixels."""
+    entropy = -(probs.float() * torch.log(probs.float().clamp_min(1e-8))).sum(dim=1)
+    if valid is None:
+        return entropy.mean()
+    return entropy[valid].mean() if valid.any() else entropy.sum() * 0.0
+
+
+def downsample_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """``B x H x W`` bool -> ``B x h x w``: a cell is True when any pixel it covers is True."""
+    return F.adaptive_max_pool2d(mask[:, None].float(), tuple(size))[:, 0] > 0
+
+
+@dataclass
+class LayerTargets:
+    """Detached original-view targets of one decoder layer."""
+
+    probs: Tensor           # B x K x h x w per-class probability maps
+    pred_logits: Tensor     # B x Q x (K+1)
+    attn_maps: Tensor       # B x Q x L
+
+
+def mix_spatial(tensor: Tensor, box: Tensor, order: Tensor) -> Tensor:
+    """CutMix: ``tensor[i]`` outside ``box[i]``, ``tensor[order[i]]`` inside. tensor ``B x ... x h x w``,
+    box ``B x h x w`` bool (already at the tensor's resolution)."""
+    box = box.view(box.shape[0], *([1] * (tensor.dim() - 3)), *box.shape[-2:])
+    return torch.where(box, tensor[order], tensor)
+
+
+class CMCRLoss(nn.Module):
+    """All CMCR terms over all decoder layers; see the module docstring. Also the entropy alternative."""
+
+    def __init__(self, confidence_threshold: float = 0.95, weak_weight: float = 0.5, strong_weight: float = 0.1,
+                 use_mask: bool = True, use_class: bool = True, use_align: bool = True, mode: str = "cmcr") -> None:
+        super().__init__()
+        if mode not in ("cmcr", "entropy"):
+            raise ValueError(f"SEMI.UNLABELED_LOSS must be 'cmcr' or 'entropy', got {mode!r}")
+        self.confidence_threshold = confidence_threshold
+        self.weak_weight = weak_weight
+        self.strong_weight = strong_weight
+        self.use_mask = use_mask
+        self.use_class = use_class
+        self.use_align = use_align
+        self.mode = mode
+
+    @torch.no_grad()
+    def targets(self, teacher_outputs: Dict) -> List[LayerTargets]:
+        """Detached per-layer targets from the original view's decoder outputs."""
+        return [LayerTargets(class_probability_maps(out["pred_logits"], out["pred_masks"]),
+                             out["pred_logits"].detach().float(), out["attn_maps"].detach().float())
+                for out in layer_outputs(teacher_outputs)]
+
+    def forward(self, targets: List[LayerTargets], weak_outputs: Dict, strong_outputs: Dict, padding: Tensor,
+                cutmix_box: Tensor, mix_order: Tensor) -> Dict[str, Tensor]:
+        """Unweighted CMCR terms summed over the layers, plus statistics (keys ``stat_*``, detached).
+
+        targets: from :meth:`targets` on the original (un-mixed) view; weak/strong_outputs: decoder outputs
+        of the weak view and of the CutMix-ed strong view; padding: ``B x H x W`` bool (True = padded,
+        ignored), cutmix_box: ``B x H x W`` bool, mix_order: ``B`` long (the image each box comes from).
+        """
+        weak_layers, strong_layers = layer_outputs(weak_outputs), layer_outputs(strong_outputs)
+        if not (len(targets) == len(weak_layers) == len(strong_layers)):
+            raise ValueError("targets, weak and strong outputs must have the same number of decoder layers")
+        zero = weak_outputs["pred_logits"].sum() * 0.0
+        losses = {"loss_cmcr_mask": zero, "loss_cmcr_class": zero, "loss_cmcr_align": zero}
+        confident_fraction = []
+        image_size = padding.shape[-2:]
+        for layer, (target, weak, strong) in enumerate(zip(targets, weak_layers, strong_layers)):
+            mask_size = target.probs.shape[-2:]
+            if self.use_mask:
+                box = downsample_mask(cutmix_box, mask_size)
+                valid = ~downsample_mask(padding, mask_size)
+                confidence, pseudo = target.probs.max(dim=1)
+                confident = (confidence >= self.confidence_threshold) & valid
+                mixed_pseudo = mix_spatial(pseudo[:, None], box, mix_order)[:, 0]
+                mixed_confident = mix_spatial(confident[:, None], box, mix_order)[:, 0]
+                weak_probs = class_probability_maps(weak["pred_logits"], weak["pred_masks"])
+                strong_probs = class_probability_maps(strong["pred_logits"], strong["pred_masks"])
+                losses["loss_cmcr_mask"] = losses["loss_cmcr_mask"] + (
+                    self.weak_weight * mask_consistency(weak_probs, pseudo, confident)
+                    + self.strong_weight * mask_consistency(strong_probs, mixed_pseudo, mixed_confident))
+                confident_fraction.append(confident.float().sum() / valid.float().sum().clamp_min(1.0))
+            if self.use_class:
+                losses["loss_cmcr_class"] = losses["loss_cmcr_class"] + (
+                    class_consistency(target.pred_logits, weak["pred_logits"])
+                    + class_consistency(target.pred_logits, strong["pred_logits"]))
+            if self.use_align:
+                stride = LEVEL_STRIDES[layer % len(LEVEL_STRIDES)]
+                level_size = (image_size[0] // stride, image_size[1] // stride)
+                outside_box = ~downsample_mask(cutmix_box, level_size).flatten(1)
+                losses["loss_cmcr_align"] = losses["loss_cmcr_align"] + (
+                    align_consistency(target.attn_maps, weak["attn_maps"])
+                    + align_consistency(target.attn_maps, strong["attn_maps"], outside_box))
+        if confident_fraction:
+            losses["stat_confident_fraction"] = torch.stack(confident_fraction).mean().detach()
+        return {k: v for k, v in losses.items() if not k.startswith("loss") or self._enabled(k)}
+
+    def _enabled(self, key: str) -> bool:
+        return {"loss_cmcr_mask": self.use_mask, "loss_cmcr_class": self.use_class,
+                "loss_cmcr_align": self.use_align}[key]
+
+    def entropy(self, weak_outputs: Dict, strong_outputs: Dict, padding: Tensor) -> Dict[str, Tensor]:
+        """HierVL: entropy minimisation of the final per-pixel class distributions of both views."""
+        terms = []
+        for outputs in (weak_outputs, strong_outputs):
+            probs = class_probability_maps(outputs["pred_logits"], outputs["pred_masks"])
+            terms.append(entropy_loss(probs, ~downsample_mask(padding, probs.shape[-2:])))
+        return {"loss_entropy": sum(terms)}

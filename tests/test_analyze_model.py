@@ -1,0 +1,58 @@
+"""tools/analyze_model.py: parameter table and fvcore FLOPs (attention included) of the tiny config."""
+import importlib.util
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("analyze_model", ROOT / "tools/analyze_model.py")
+analyze_model = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(analyze_model)
+
+SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
+         "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
+
+
+def test_parameter_rows_add_up():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)))
+    model[1][1].weight.requires_grad_(False)
+    rows = {name: (t, f) for name, t, f in analyze_model.parameter_rows(model, depth=2)}
+    assert rows["model"] == (15 + 8 + 2, 4)
+    assert rows["0"] == (15, 0) and rows["1"] == (10, 4) and rows["1.1"] == (2, 4)
+
+
+def test_attention_handles_count_multiply_adds():
+    class Attention(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 16)
+    analysis = FlopCountAnalysis(Attention(), (q, k, v)).set_op_handle(**analyze_model.EXTRA_HANDLES)
+    analysis.unsupported_ops_warnings(False)
+    assert analysis.total() == 2 * 4 * 10 * 12 * 8 + 2 * 4 * 10 * 12 * 16
+
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()  # fused fast path in eval without grad
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(mha, (x, x, x)).set_op_handle(**analyze_model.EXTRA_HANDLES)
+        analysis.unsupported_ops_warnings(False)
+        total = analysis.total()
+    assert total == 4 * 3 * 5 * 8 * 8 + 2 * 3 * 5 * 5 * 8  # 4 projections + QK^T + AV
+
+
+def test_tables_for_the_tiny_config(capsys, single_thread):
+    code = analyze_model.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes.yaml"),
+                               "--input-size", "64", "96", *SMALL])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "## Parameters" in out and "## FLOPs of one 64x96 image" in out
+    for module in ("backbone", "text_encoder", "pixel_decoder", "htqg", "ptrm", "transformer_decoder"):
+        assert f"| {module} " in out
+    assert "frozen reference encoder" in out
+    gflops = float(re.search(r"Total: ([0-9.]+) GFLOPs", out).group(1))
+    assert 0.005 < gflops < 1.0
+    assert "_native_multi_head_attention" not in out.split("Total:")[1]  # counted, not listed as skipped

@@ -1,0 +1,296 @@
+"""Semi-supervised pieces (SPEC 3): views, CutMix, CMCR, EMA, labeled repetition, rare-class sampling,
+and short in-process runs of the SemiSupervisedTrainer (losses decrease, resume restores everything)."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+from detectron2.utils.events import EventStorage
+from PIL import Image
+
+from hvlformer import build_trainer_class, setup_cfg
+from hvlformer.data.semi import (
+    RareClassSampler,
+    UnlabeledViewsMapper,
+    apply_cutmix,
+    rare_class_probabilities,
+    repeat_to_length,
+    sample_cutmix_box,
+)
+from hvlformer.engine.ema import EMATeacher
+from hvlformer.modeling import cmcr as C
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+SEMI_CONFIG = "configs/tiny/hvlformer_tiny_shapes_semi.yaml"
+FAST = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "40", "DATASETS.SHAPES.NUM_VAL", "4",
+        "DATASETS.SHAPES.NUM_LABELED", "8", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
+        "SOLVER.IMS_PER_BATCH_LABELED", "2", "SOLVER.IMS_PER_BATCH_UNLABELED", "2", "DATALOADER.NUM_WORKERS", "0",
+        "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "3",
+        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1", "SOLVER.WARMUP_ITERS", "2", "SEED", "0",
+        "TEST.EVAL_PERIOD", "0"]
+
+
+# ----------------------------------------------------------------------------------------- views
+def _views_cfg(*opts):
+    return setup_cfg(argparse.Namespace(config_file=SEMI_CONFIG, opts=[*FAST, *opts]))
+
+
+def _write_image(tmp_path, size=(48, 40)):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path = tmp_path / "img.png"
+    Image.fromarray(image).save(path)
+    return str(path)
+
+
+def test_three_views_share_geometry(tmp_path):
+    # photometric changes off: the three views must then be identical (same resize, crop, flip, pad)
+    cfg = _views_cfg("SEMI.WEAK.BRIGHTNESS", "0.0", "SEMI.WEAK.CONTRAST", "0.0", "SEMI.WEAK.BLUR_PROB", "0.0",
+                     "SEMI.STRONG.JITTER_PROB", "0.0", "SEMI.STRONG.GRAYSCALE_PROB", "0.0",
+                     "SEMI.STRONG.BLUR_PROB", "0.0", "INPUT.RESIZE_RATIO_RANGE", "(0.5, 0.6)")
+    mapper = UnlabeledViewsMapper(cfg)
+    path = _write_image(tmp_path)
+    for seed in range(5):
+        np.random.seed(seed)
+        out = mapper({"file_name": path})
+        assert out["image"].shape == (3, 64, 64) and "sem_seg" not in out
+        assert torch.equal(out["image"], out["image_weak"]) and torch.equal(out["image"], out["image_strong"])
+        # long side 0.5-0.6 x 64 < 64: the crop is padded, the padding is marked and black
+        assert out["padding"].any() and torch.all(out["image"][:, out["padding"]] == 0)
+        content = ~out["padding"]  # the resized image is one rectangle (padding right/bottom, then the flip)
+        rows, cols = content.any(1).nonzero(), content.any(0).nonzero()
+        assert content.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+
+
+def test_views_photometric_changes_keep_geometry(tmp_path):
+    cfg = _views_cfg("SEMI.STRONG.JITTER_PROB", "1.0", "SEMI.WEAK.BLUR_PROB", "0.0", "SEMI.STRONG.BLUR_PROB", "0.0",
+                     "SEMI.STRONG.GRAYSCALE_PROB", "0.0")
+    mapper = UnlabeledViewsMapper(cfg)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    out = mapper({"file_name": _write_image(tmp_path, (128, 96))})
+    original, weak, strong = (out[k].float().mean(0) for k in ("image", "image_weak", "image_strong"))
+    assert not torch.equal(out["image"], out["image_strong"])
+    # brightness/contrast/colour changes are monotone-ish per pixel: views stay strongly correlated
+    for view in (weak, strong):
+        corr = torch.corrcoef(torch.stack([original.flatten(), view.flatten()]))[0, 1]
+        assert corr > 0.8
+
+
+def test_cutmix_box_statistics():
+    np.random.seed(0)
+    h, w = 64, 80
+    boxes = [sample_cutmix_box(h, w, prob=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)) for _ in range(3000)]
+    used = [b for b in boxes if b.any()]
+    assert abs(len(used) / len(boxes) - 0.5) < 0.04
+    areas = np.array([b.float().mean().item() for b in used])
+    assert areas.min() >= 0.015 and areas.max() <= 0.41
+    assert abs(areas.mean() - 0.21) < 0.03  # U(0.02, 0.4) has mean 0.21 (clipping lowers it slightly)
+    for box in used[:200]:
+        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+        bh, bw = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert box.sum() == bh * bw  # a rectangle
+        assert 0.2 <= (bh / bw).item() <= 4.0
+
+
+def test_mixed_targets_follow_mixed_pixels():
+    batch = 4
+    images = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 3, 8, 8).clone()
+    boxes = torch.zeros(batch, 8, 8, dtype=torch.bool)
+    boxes[0, 2:5, 1:6] = True
+    boxes[2, :, 4:] = True
+    mixed, order = apply_cutmix(images, boxes)
+    assert order.tolist() == [3, 2, 1, 0]  # the batch reversed
+    labels = torch.arange(batch).view(batch, 1, 1).expand(batch, 8, 8)  # a label that names the source image
+    mixed_labels = C.mix_spatial(labels[:, None], boxes, order)[:, 0]
+    torch.testing.assert_close(mixed[:, 0].long(), mixed_labels)
+    assert mixed_labels[0, 3, 3] == 3 and mixed_labels[0, 0, 0] == 0 and mixed_labels[2, 0, 7] == 1
+
+
+# ----------------------------------------------------------------------------------------- CMCR
+def _outputs(logits, masks, attns):
+    """Decoder outputs with one attention map per layer (layer n attends to stride 32/16/8 for n % 3)."""
+    aux = [{"pred_logits": logits, "pred_masks": masks, "attn_maps": None}]
+    aux += [{"pred_logits": logits, "pred_masks": masks, "attn_maps": attn} for attn in attns[:-1]]
+    return {"pred_logits": logits, "pred_masks": masks, "attn_maps": attns[-1], "aux_outputs": aux}
+
+
+def test_cmcr_zero_for_identical_views():
+    torch.manual_seed(0)
+    batch, queries, classes, size = 2, 4, 3, 8
+    logits = torch.randn(batch, queries, classes + 1)
+    # masks that make the per-class maps one-hot: query k is class k with huge logits
+    logits = torch.full((batch, queries, classes + 1), -40.0)
+    for q in range(classes):
+        logits[:, q, q] = 40.0
+    logits[:, 3, classes] = 40.0
+    region = torch.randint(0, classes, (batch, size, size))
+    masks = torch.full((batch, queries, size, size), -40.0)
+    for q in range(classes):
+        masks[:, q][region == q] = 40.0
+    # a 32 x 64 image: layer 0 attends to stride 32 (1 x 2 pixels), layer 1 to stride 16 (2 x 4)
+    attns = [torch.softmax(torch.randn(batch, queries, n), -1) for n in (2, 8)]
+    out = _outputs(logits, masks, attns)
+    loss = C.CMCRLoss()
+    targets = loss.targets(out)
+    padding = torch.zeros(batch, 32, 64, dtype=torch.bool)
+    terms = loss(targets, out, out, padding, torch.zeros_like(padding), torch.tensor([1, 0]))
+    for key in ("loss_cmcr_mask", "loss_cmcr_class", "loss_cmcr_align"):
+        assert terms[key].item() == pytest.approx(0.0, abs=1e-5), key
+    assert terms["stat_confident_fraction"].item() == pytest.approx(1.0)
+
+
+def test_cmcr_terms_match_hand_computation():
+    # class consistency: JS between two known distributions
+    p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])
+    m = (p + q) / 2
+    expected_js = 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
+    assert C.js_divergence(p, q).item() == pytest.approx(expected_js.item(), rel=1e-5)
+    logits_p, logits_q = p.log().view(1, 1, 2), q.log().view(1, 1, 2)
+    assert C.class_consistency(logits_p, logits_q).item() == pytest.approx(expected_js.item(), rel=1e-5)
+    # alignment: 1 - cos of two attention maps, with a masked pixel
+    a, b = torch.tensor([[[0.5, 0.5, 0.0]]]), torch.tensor([[[0.5, 0.0, 0.5]]])
+    assert C.align_consistency(a, b).item() == pytest.approx(0.5, abs=1e-6)
+    assert C.align_consistency(a, b, torch.tensor([[True, False, False]])).item() == pytest.approx(0.0, abs=1e-6)
+    # mask consistency: BCE of p = (0.8, 0.2) against one-hot class 0, averaged over the two classes
+    probs = torch.tensor([0.8, 0.2]).view(1, 2, 1, 1)
+    bce = C.mask_consistency(probs, torch.zeros(1, 1, 1, dtype=torch.long), torch.ones(1, 1, 1, dtype=torch.bool))
+    assert bce.item() == pytest.approx(-math.log(0.8), rel=1e-5)
+
+
+def test_confidence_mask_drops_low_confidence_pixels():
+    target = torch.tensor([[[[0.99, 0.6]], [[0.01, 0.4]]]])  # 1 x 2 classes x 1 x 2 pixels
+    confidence, pseudo = target.max(1)
+    confident = confidence >= 0.95
+    assert confident.tolist() == [[[True, False]]]
+    view_a = torch.tensor([[[[0.7, 0.1]], [[0.3, 0.9]]]])
+    view_b = torch.tensor([[[[0.7, 0.9]], [[0.3, 0.1]]]])  # differs only at the unconfident pixel
+    loss_a = C.mask_consistency(view_a, pseudo, confident)
+    assert loss_a.item() == pytest.approx(C.mask_consistency(view_b, pseudo, confident).item())
+    assert loss_a.item() == pytest.approx(-math.log(0.7), rel=1e-5)
+    nothing = C.mask_consistency(view_a, pseudo, torch.zeros_like(confident))
+    assert nothing.item() == 0.0
+
+
+def test_entropy_alternative():
+    uniform = torch.full((1, 4, 2, 2), 0.25)
+    assert C.entropy_loss(uniform).item() == pytest.approx(math.log(4), rel=1e-5)
+    one_hot = torch.zeros(1, 4, 2, 2)
+    one_hot[:, 1] = 1
+    assert C.entropy_loss(one_hot).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- EMA, sampling
+def test_ema_update_follows_the_formula():
+    student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    teacher = EMATeacher(student, decay=0.9)
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+        student[1].running_mean.fill_(5.0)
+        student[1].num_batches_tracked.fill_(7)
+    teacher.update(student)
+    after = teacher.model.state_dict()
+    student_state = student.state_dict()
+    for key in ("0.weight", "0.bias", "1.weight", "1.running_mean"):
+        torch.testing.assert_close(after[key], 0.9 * before[key] + 0.1 * student_state[key])
+    assert after["1.num_batches_tracked"].item() == 7  # integer buffers are copied
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_labeled_list_repeats_to_the_unlabeled_length():
+    labeled = [{"id": i} for i in range(3)]
+    repeated = repeat_to_length(labeled, 8)
+    assert [d["id"] for d in repeated] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert repeat_to_length(labeled, 2) == labeled  # never shorter than the labeled list
+    with pytest.raises(ValueError):
+        repeat_to_length([], 4)
+
+
+def test_rare_class_sampling_prefers_rare_classes():
+    # 100 images: class 0 everywhere (common), class 1 in 90 images, class 2 (rare) in 5 images
+    counts = np.zeros((100, 3), dtype=np.int64)
+    counts[:, 0] = 50000
+    counts[:90, 1] = 20000
+    counts[95:, 2] = 4000
+    probabilities, eligible = rare_class_probabilities(counts, temperature=0.01, min_pixels=3000)
+    assert probabilities[2] > probabilities[1] > probabilities[0]
+    sampler = iter(RareClassSampler(counts, temperature=0.01, min_pixels=3000, seed=0))
+    draws = [next(sampler) for _ in range(2000)]
+    rare_share = np.mean([counts[i, 2] > 0 for i in draws])
+    assert rare_share > 0.5  # uniform sampling would give 5 %
+    with pytest.raises(ValueError, match="MIN_PIXELS"):
+        rare_class_probabilities(counts, min_pixels=10**9)
+
+
+# ----------------------------------------------------------------------------------------- trainer
+def _trainer(tmp_path, *opts):
+    cfg = setup_cfg(argparse.Namespace(config_file=SEMI_CONFIG, opts=[*FAST, "OUTPUT_DIR", str(tmp_path), *opts]))
+    trainer_class = build_trainer_class(cfg)
+    assert trainer_class.__name__ == "SemiSupervisedTrainer"
+    return trainer_class(cfg)
+
+
+def test_short_semi_run_decreases_losses(tmp_path):
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "80", "SOLVER.BASE_LR", "0.001")
+    trainer.resume_or_load(resume=False)
+    totals, cmcr = [], []
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for iteration in range(80):
+            trainer.iter = trainer._trainer.iter = iteration
+            storage.iter = iteration
+            trainer._trainer.run_step()
+            trainer.scheduler.step()
+            history = storage.histories()
+            totals.append(history["total_loss"].latest())
+            cmcr.append(sum(history[k].latest() for k in ("loss_cmcr_class", "loss_cmcr_align")))
+        assert "confident_fraction" in storage.histories() and "sre_mean_unlabeled" in storage.histories()
+    assert np.mean(totals[-10:]) < 0.85 * np.mean(totals[:10])
+    assert all(np.isfinite(cmcr))
+
+
+@pytest.mark.parametrize("opts", [["SEMI.UNLABELED_LOSS", "entropy"],
+                                  ["SEMI.MASK_CONSISTENCY", "False", "SEMI.ALIGN_CONSISTENCY", "False"],
+                                  ["SEMI.RARE_CLASS_SAMPLING.ENABLED", "True",
+                                   "SEMI.RARE_CLASS_SAMPLING.MIN_PIXELS", "50"]])
+def test_semi_variants_run(tmp_path, opts):
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "2", *opts)
+    trainer.resume_or_load(resume=False)
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        trainer._trainer.run_step()
+        names = set(storage.histories())
+    if "entropy" in opts:
+        assert "loss_entropy" in names and "loss_cmcr_class" not in names
+    elif "SEMI.MASK_CONSISTENCY" in opts:
+        assert "loss_cmcr_class" in names and "loss_cmcr_mask" not in names and "loss_cmcr_align" not in names
+    else:
+        assert (tmp_path / "rare_class_counts.json").exists()
+
+
+def test_resume_restores_student_teacher_and_optimizer(tmp_path):
+    opts = ["SEMI.TEACHER", "ema", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"]
+    trainer = _trainer(tmp_path, *opts)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert (tmp_path / "model_0000001.pth").exists()
+    student = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    optimizer_state = trainer.optimizer.state_dict()
+    # the teacher moved away from the student, so restoring it is a real check
+    assert any(not torch.equal(student[k], teacher[k]) for k in student if student[k].is_floating_point())
+
+    resumed = _trainer(tmp_path, *opts)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 4
+    assert resumed.teacher.loaded_from_checkpoint
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, student[key])
+    for key, value in resumed.teacher.state_dict().items():
+        torch.testing.assert_close(value, teacher[key])
+    restored = resumed.optimizer.state_dict()
+    for index, state in optimizer_state["state"].items():
+        torch.testing.assert_close(restored["state"][index]["exp_avg"], state["exp_avg"])
