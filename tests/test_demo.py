@@ -1,6 +1,5 @@
 """projects/HVLFormer/demo/demo.py on synthetic images, real photos shipped by packages, bad inputs and a video."""
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 

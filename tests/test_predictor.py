@@ -88,7 +88,11 @@ def test_vocabulary_swap_changes_channels_names_and_palette(text_predictor):
     after = text_predictor(image)
     check_prediction(after, 40, 48, 4)
     assert after.class_names == names
-    assert text_predictor.model.class_prompts == [[f"a photo of a {n}."] for n in names]
+    # new names get the fallback prompt; a training class keeps its (dataset-description) training prompts
+    training_prompts = dict(zip(SHAPES, text_predictor._training_vocabulary[1]))
+    assert text_predictor.model.class_prompts == [["a photo of a cat."], ["a photo of a dog."],
+                                                  training_prompts["circle"], ["a photo of a grass."]]
+    assert len(training_prompts["circle"]) == 4
     meta = text_predictor.metadata
     assert meta.stuff_classes == names and len(meta.stuff_colors) == 4
     assert meta.stuff_colors[2] == circle_color  # a training class keeps its colour

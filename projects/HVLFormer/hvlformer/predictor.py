@@ -25,8 +25,9 @@ Decisions:
   A softmax of the raw scores would be almost flat (they differ by at most E), and clipping them to [0, 1]
   would not sum to one.
 - **Vocabulary** (:meth:`HVLFormerPredictor.set_vocabulary`): the text prompts are rebuilt from the new
-  names (``MODEL.HVLFORMER.TEXT.FALLBACK_TEMPLATE``, or the sentences of a descriptions JSON file) and the
-  model's textual queries and ``text`` classifier follow with no retraining. With the ``linear`` classifier
+  names (the sentences of a descriptions JSON file when one is given; otherwise a training class keeps its
+  training prompts and a new name gets ``MODEL.HVLFORMER.TEXT.FALLBACK_TEMPLATE``) and the model's textual
+  queries and ``text`` classifier follow with no retraining. With the ``linear`` classifier
   the K+1 outputs are fixed: a different number of classes is an error, the same number only renames them
   (with a warning). Names that the training dataset has keep its colours; new names get colours from a
   fixed palette, unused by the others.
@@ -195,14 +196,17 @@ class HVLFormerPredictor:
         colors = [list(self._dataset_colors[n]) if n in self._dataset_colors else list(next(spare)) for n in names]
         return Metadata(name="hvlformer_predictor", stuff_classes=list(names), stuff_colors=colors)
 
-    def set_vocabulary(self, names: Union[str, Sequence[str]], descriptions_file: Optional[str] = None) -> List[str]:
+    def set_vocabulary(self, names: Union[str, Sequence[str]], descriptions_file: Optional[str] = None,
+                       reuse_training_prompts: bool = True) -> List[str]:
         """Replace the class list; returns the new names.
 
         Args:
             names: ``"cat, dog, grass"`` or a list of names.
             descriptions_file: optional descriptions JSON (``datasets/descriptions/<dataset>.json`` schema)
-                that describes every name; otherwise each class gets one prompt from
-                ``MODEL.HVLFORMER.TEXT.FALLBACK_TEMPLATE`` ("a photo of a {}.").
+                that describes every name. Without one, a name of the training vocabulary keeps the prompts
+                the model was trained with (its dataset descriptions; ``reuse_training_prompts``) and any
+                other name gets one prompt from ``MODEL.HVLFORMER.TEXT.FALLBACK_TEMPLATE``
+                ("a photo of a {}.").
         Raises:
             ValueError: the ``linear`` classifier with a different number of classes (its K+1 outputs
                 were trained for the training classes; train with ``MODEL.HVLFORMER.CLASSIFIER text``
@@ -222,8 +226,13 @@ class HVLFormerPredictor:
         descriptions = load_class_descriptions(descriptions_file or None, names,
                                                num_descriptions=hv.TEXT.NUM_DESCRIPTIONS,
                                                fallback_template=hv.TEXT.FALLBACK_TEMPLATE)
+        prompts = descriptions.prompts
         references = reference_prompts(names, descriptions.attributes, template=hv.TEXT.REFERENCE_TEMPLATE)
-        self.model.set_vocabulary(names, descriptions.prompts, references)
+        if not descriptions_file and reuse_training_prompts:
+            trained = dict(zip(self._training_vocabulary[0], zip(*self._training_vocabulary[1:])))
+            prompts = [list(trained[n][0]) if n in trained else p for n, p in zip(names, prompts)]
+            references = [trained[n][1] if n in trained else r for n, r in zip(names, references)]
+        self.model.set_vocabulary(names, prompts, references)
         self.metadata = self._make_metadata(names)
         logger.info("vocabulary: %d classes (%s); prompts: %s", len(names), ", ".join(names), descriptions.source)
         return names

@@ -33,11 +33,16 @@ class EMATeacher:
     def update(self, student: nn.Module) -> None:
         student = unwrap(student)
         decay = self.decay
-        for teacher_param, student_param in zip(self.model.parameters(), student.parameters()):
+        student_params = dict(student.named_parameters())
+        for name, teacher_param in self.model.named_parameters():
+            student_param = student_params[name]
             if student_param.requires_grad:  # frozen parameters never change
                 teacher_param.mul_(decay).add_(student_param.detach(), alpha=1.0 - decay)
-        for teacher_buffer, student_buffer in zip(self.model.buffers(), student.buffers()):
-            if teacher_buffer is None or student_buffer is None:
+        # by name: lazily created buffers (e.g. cached text embeddings) may exist in one model only
+        student_buffers = dict(student.named_buffers())
+        for name, teacher_buffer in self.model.named_buffers():
+            student_buffer = student_buffers.get(name)
+            if student_buffer is None or student_buffer.shape != teacher_buffer.shape:
                 continue
             if teacher_buffer.dtype.is_floating_point:
                 teacher_buffer.mul_(decay).add_(student_buffer.detach(), alpha=1.0 - decay)
