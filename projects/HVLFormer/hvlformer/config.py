@@ -38,6 +38,18 @@ def add_hvlformer_config(cfg: CN) -> None:
     # relative to the root of DATASET), registered as "split_labeled" / "split_unlabeled" when set
     # (hvlformer.data.register_split_files_from_cfg). The paper's seeded splits need none of this: they are
     # registered as "<dataset>_<count>_seed<seed>_labeled" / "..._unlabeled" (datasets/README.md).
+    # Your own dataset, registered from the config (no code): {NAME}_labeled, {NAME}_unlabeled and,
+    # with VAL_LIST, {NAME}_val. CLASSES_FILE is a JSON list of the K class names (label order); the
+    # lists hold "image [mask]" lines relative to IMAGE_ROOT / MASK_ROOT; an empty UNLABELED_LIST means
+    # every other image under IMAGE_ROOT. NAME "" = off.
+    cfg.DATASETS.CUSTOM = CN()
+    cfg.DATASETS.CUSTOM.NAME = ""
+    cfg.DATASETS.CUSTOM.IMAGE_ROOT = ""
+    cfg.DATASETS.CUSTOM.MASK_ROOT = ""
+    cfg.DATASETS.CUSTOM.CLASSES_FILE = ""
+    cfg.DATASETS.CUSTOM.LABELED_LIST = ""
+    cfg.DATASETS.CUSTOM.UNLABELED_LIST = ""
+    cfg.DATASETS.CUSTOM.VAL_LIST = ""
     cfg.DATASETS.SPLIT = CN()
     # Registered full training set whose images the files list, e.g. "voc_train"; masks come from it.
     cfg.DATASETS.SPLIT.DATASET = ""

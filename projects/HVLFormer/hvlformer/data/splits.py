@@ -29,6 +29,7 @@ and unlabeled lists). **Config**: :func:`register_split_files_from_cfg` register
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -452,3 +453,22 @@ def register_custom_semi_dataset(
         DatasetCatalog.register(dname, fn)
         MetadataCatalog.get(dname).set(**meta)
     return [p[0] for p in parts]
+
+
+def register_custom_semi_dataset_from_cfg(cfg) -> Optional[List[str]]:
+    """:func:`register_custom_semi_dataset` from ``cfg.DATASETS.CUSTOM`` (no-op when ``NAME`` is empty)."""
+    custom = cfg.DATASETS.CUSTOM
+    if not custom.NAME:
+        return None
+    for key in ("IMAGE_ROOT", "MASK_ROOT", "CLASSES_FILE", "LABELED_LIST"):
+        if not custom[key]:
+            raise ValueError(f"DATASETS.CUSTOM.NAME is set, so DATASETS.CUSTOM.{key} must be given too")
+    classes_file = Path(custom.CLASSES_FILE)
+    if not classes_file.is_file():
+        raise FileNotFoundError(f"DATASETS.CUSTOM.CLASSES_FILE {classes_file} does not exist")
+    class_names = json.loads(classes_file.read_text())
+    if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
+        raise ValueError(f"{classes_file} must hold a JSON list of class names")
+    return register_custom_semi_dataset(
+        custom.NAME, custom.IMAGE_ROOT, custom.MASK_ROOT, class_names, custom.LABELED_LIST,
+        custom.UNLABELED_LIST or None, custom.VAL_LIST or None, descriptions_name=custom.NAME)

@@ -13,7 +13,12 @@ from detectron2.engine import DefaultTrainer, SimpleTrainer, create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import HVLFormerSemanticDatasetMapper, register_shapes_from_cfg, register_split_files_from_cfg
+from ..data import (
+    HVLFormerSemanticDatasetMapper,
+    register_custom_semi_dataset_from_cfg,
+    register_shapes_from_cfg,
+    register_split_files_from_cfg,
+)
 from ..data.semi import register_shapes_semi_split
 from ..evaluation import build_sem_seg_evaluator
 from .lr_scheduler import build_lr_scheduler
@@ -59,6 +64,7 @@ class Trainer(DefaultTrainer):
         register_shapes_from_cfg(cfg)
         register_shapes_semi_split(cfg)
         register_split_files_from_cfg(cfg)
+        register_custom_semi_dataset_from_cfg(cfg)
 
     @classmethod
     def build_model(cls, cfg: CfgNode):
