@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from hvlformer import setup_cfg
 from hvlformer.data import register_shapes_from_cfg
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("single_thread")
 CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
 SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
          "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "2",

@@ -228,13 +228,18 @@ class HVLFormerPredictor:
                                                fallback_template=hv.TEXT.FALLBACK_TEMPLATE)
         prompts = descriptions.prompts
         references = reference_prompts(names, descriptions.attributes, template=hv.TEXT.REFERENCE_TEMPLATE)
+        source = descriptions.source
         if not descriptions_file and reuse_training_prompts:
             trained = dict(zip(self._training_vocabulary[0], zip(*self._training_vocabulary[1:])))
             prompts = [list(trained[n][0]) if n in trained else p for n, p in zip(names, prompts)]
             references = [trained[n][1] if n in trained else r for n, r in zip(names, references)]
+            known = [n for n in names if n in trained]
+            if known:
+                source = (f"training prompts for {', '.join(known)}"
+                          + (f"; {source} for the others" if len(known) < len(names) else ""))
         self.model.set_vocabulary(names, prompts, references)
         self.metadata = self._make_metadata(names)
-        logger.info("vocabulary: %d classes (%s); prompts: %s", len(names), ", ".join(names), descriptions.source)
+        logger.info("vocabulary: %d classes (%s); prompts: %s", len(names), ", ".join(names), source)
         return names
 
     def reset_vocabulary(self) -> None:
