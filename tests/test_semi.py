@@ -153,10 +153,10 @@ def test_cmcr_terms_match_hand_computation():
     a, b = torch.tensor([[[0.5, 0.5, 0.0]]]), torch.tensor([[[0.5, 0.0, 0.5]]])
     assert C.align_consistency(a, b).item() == pytest.approx(0.5, abs=1e-6)
     assert C.align_consistency(a, b, torch.tensor([[True, False, False]])).item() == pytest.approx(0.0, abs=1e-6)
-    # mask consistency: BCE of p = (0.8, 0.2) against one-hot class 0, averaged over the two classes
+    # mask consistency: BCE of p = (0.8, 0.2) against one-hot class 0, summed over the two class maps
     probs = torch.tensor([0.8, 0.2]).view(1, 2, 1, 1)
     bce = C.mask_consistency(probs, torch.zeros(1, 1, 1, dtype=torch.long), torch.ones(1, 1, 1, dtype=torch.bool))
-    assert bce.item() == pytest.approx(-math.log(0.8), rel=1e-5)
+    assert bce.item() == pytest.approx(-2 * math.log(0.8), rel=1e-5)
 
 
 def test_confidence_mask_drops_low_confidence_pixels():
@@ -168,7 +168,7 @@ def test_confidence_mask_drops_low_confidence_pixels():
     view_b = torch.tensor([[[[0.7, 0.9]], [[0.3, 0.1]]]])  # differs only at the unconfident pixel
     loss_a = C.mask_consistency(view_a, pseudo, confident)
     assert loss_a.item() == pytest.approx(C.mask_consistency(view_b, pseudo, confident).item())
-    assert loss_a.item() == pytest.approx(-math.log(0.7), rel=1e-5)
+    assert loss_a.item() == pytest.approx(-2 * math.log(0.7), rel=1e-5)
     nothing = C.mask_consistency(view_a, pseudo, torch.zeros_like(confident))
     assert nothing.item() == 0.0
 

@@ -4,7 +4,7 @@ For every decoder layer ``n = 1..N`` the original view ``I`` (detached, from the
 target of the weak view ``I_w`` and of the strong (CutMix-ed) view ``I_s``:
 
 - ``l_mask``: BCE between the per-class probability maps of a view and the one-hot hard pseudo-label
-  of the original view, on pixels whose original max probability is >= the confidence threshold (and
+  of the original view (summed over the class maps), on pixels whose original max probability is >= the confidence threshold (and
   that are not padding), at mask resolution; weak view x 1/2, strong view x 1/10. The paper writes a
   leading minus sign; it is a typo, the loss is positive.
 - ``l_class``: mean over queries of ``JS(C_i, C_w,i) + JS(C_i, C_s,i)`` of the softmax class
@@ -56,14 +56,16 @@ def js_divergence(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
 def mask_consistency(view_probs: Tensor, pseudo_labels: Tensor, confident: Tensor) -> Tensor:
     """BCE of ``B x K x h x w`` probabilities vs the one-hot pseudo-labels on confident pixels.
 
-    Averaged over the confident pixels and the K classes; 0 (still in the graph) when none is confident.
+    One BCE per class map, summed over the K classes and averaged over the confident pixels (averaging
+    over the classes too would shrink the unlabeled signal by K); 0 (still in the graph) when no pixel is
+    confident.
     """
     if not confident.any():
         return view_probs.sum() * 0.0
     num_classes = view_probs.shape[1]
     target = F.one_hot(pseudo_labels, num_classes).permute(0, 3, 1, 2).float()
     probs = view_probs.float().clamp(1e-6, 1 - 1e-6)
-    bce = F.binary_cross_entropy(probs, target, reduction="none").mean(dim=1)  # B x h x w
+    bce = F.binary_cross_entropy(probs, target, reduction="none").sum(dim=1)  # B x h x w
     return bce[confident].mean()
 
 
