@@ -9,6 +9,7 @@ from . import modeling  # noqa: F401  (registers backbone, pixel decoder, transf
 from .config import add_hvlformer_config
 from .engine.setup import build_trainer_class, setup_cfg
 from .hvlformer_model import HVLFormer
+from .predictor import HVLFormerPredictor
 
-__all__ = ["HVLFormer", "add_hvlformer_config", "build_trainer_class", "setup_cfg"]
+__all__ = ["HVLFormer", "HVLFormerPredictor", "add_hvlformer_config", "build_trainer_class", "setup_cfg"]
 __version__ = "0.1.0"
