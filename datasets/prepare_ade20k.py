@@ -67,7 +67,7 @@ def convert_one(job: Tuple[str, str, str, bool]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from hvlformer.data.builtin import default_workers, link_dir, locate_source, require_dir, run_jobs
+    from hvlformer.data.builtin import convert_splits, default_workers, link_dir, locate_source, require_dir
     from hvlformer.data.folder import load_sem_seg_folder
 
     src = locate_source(args.src, ["ADEChallengeData2016", ""], ["images", "annotations"], [ARCHIVE],
@@ -85,11 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for d in pairs
         ]
     print(f"images: {link_dir(src / 'images', out_root / 'images', copy=args.copy_images)}")
-    for split, jobs in plans.items():
-        results = run_jobs(convert_one, jobs, args.workers or default_workers(), f"ADE20K {split}")
-        note = "" if len(jobs) == EXPECTED[split] else f"  (the official archive has {EXPECTED[split]:,})"
-        print(f"{split}: {len(jobs):,} images, {results.count('written'):,} masks written, "
-              f"{results.count('kept'):,} already there{note}")
+    convert_splits(convert_one, plans, args.workers or default_workers(), "ADE20K", EXPECTED)
     print(f"done: {out_root}")
     return 0
 

@@ -85,7 +85,7 @@ def convert_one(job: Tuple[str, str, str, bool]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from hvlformer.data.builtin import default_workers, link_dir, locate_source, require_dir, run_jobs
+    from hvlformer.data.builtin import convert_splits, default_workers, link_dir, locate_source, require_dir
     from hvlformer.data.folder import load_sem_seg_folder
 
     src = Path(args.src)
@@ -106,11 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for d in pairs
         ]
     print(f"leftImg8bit: {link_dir(images_src, out_root / 'leftImg8bit', copy=args.copy_images)}")
-    for split, jobs in plans.items():
-        results = run_jobs(convert_one, jobs, args.workers or default_workers(), f"Cityscapes {split}")
-        note = "" if len(jobs) == EXPECTED[split] else f"  (the official archives have {EXPECTED[split]:,})"
-        print(f"{split}: {len(jobs):,} images, {results.count('written'):,} masks written, "
-              f"{results.count('kept'):,} already there{note}")
+    convert_splits(convert_one, plans, args.workers or default_workers(), "Cityscapes", EXPECTED)
     print(f"done: {out_root}")
     return 0
 

@@ -436,6 +436,17 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, desc: 
         _JOB_FN = None
 
 
+def convert_splits(convert_one: Callable[[Any], str], plans: Dict[str, List[Any]], workers: int, dataset: str,
+                   expected: Dict[str, int]) -> None:
+    """Run every split's mask conversions (``convert_one`` returns "written" or "kept") and print a
+    summary per split, noting counts that differ from the official archive's."""
+    for split, jobs in plans.items():
+        results = run_jobs(convert_one, jobs, workers, f"{dataset} {split}")
+        note = "" if len(jobs) == expected[split] else f"  (the official archive has {expected[split]:,})"
+        print(f"{split}: {len(jobs):,} images, {results.count('written'):,} masks written, "
+              f"{results.count('kept'):,} already there{note}")
+
+
 def _mp_methods() -> List[str]:
     import multiprocessing as mp
 

@@ -21,7 +21,7 @@ from detectron2.utils.logger import setup_logger
 from ..data import HVLFormerSemanticDatasetMapper
 from ..data.semi import RareClassSampler, UnlabeledViewsMapper, apply_cutmix, class_pixel_counts, repeat_to_length
 from .ema import EMATeacher, unwrap
-from .train_loop import amp_dtype
+from .train_loop import GradScalerStateMixin, amp_dtype
 from .trainer import Trainer, wrap_ddp
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _per_gpu(total: int, what: str) -> int:
     return total // world
 
 
-class SemiSupervisedStep(SimpleTrainer):
+class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
     """The training step: labeled losses + unlabeled losses in one forward of the (DDP) model."""
 
     def __init__(self, model, labeled_loader, unlabeled_loader, optimizer, teacher: Optional[EMATeacher] = None,
@@ -106,16 +106,6 @@ class SemiSupervisedStep(SimpleTrainer):
         self.grad_scaler.update()
         if self.teacher is not None:
             self.teacher.update(self.model)
-
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["grad_scaler"] = self.grad_scaler.state_dict()
-        return ret
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        if "grad_scaler" in state_dict:
-            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
 
 class SemiSupervisedTrainer(Trainer):

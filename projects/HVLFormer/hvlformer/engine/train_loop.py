@@ -15,7 +15,23 @@ def amp_dtype(name: str) -> torch.dtype:
     return AMP_DTYPES[name]
 
 
-class AutocastTrainer(SimpleTrainer):
+class GradScalerStateMixin:
+    """Checkpoints the ``grad_scaler`` of a training step together with detectron2's trainer state."""
+
+    grad_scaler: torch.amp.GradScaler
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        if "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+class AutocastTrainer(GradScalerStateMixin, SimpleTrainer):
     """``SimpleTrainer`` whose forward runs under ``torch.autocast`` on the model's device type.
 
     bfloat16 needs no loss scaling; float16 uses a ``torch.amp.GradScaler`` (enabled on CUDA only).
@@ -48,12 +64,3 @@ class AutocastTrainer(SimpleTrainer):
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
 
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["grad_scaler"] = self.grad_scaler.state_dict()
-        return ret
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        if "grad_scaler" in state_dict:
-            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
