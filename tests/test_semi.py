@@ -294,3 +294,18 @@ def test_resume_restores_student_teacher_and_optimizer(tmp_path):
     restored = resumed.optimizer.state_dict()
     for index, state in optimizer_state["state"].items():
         torch.testing.assert_close(restored["state"][index]["exp_avg"], state["exp_avg"])
+
+
+def test_unlabeled_rampup(tmp_path):
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "4", "SEMI.UNLABELED_RAMPUP_ITERS", "4")
+    step = trainer._trainer
+    assert [step.unlabeled_ramp(i) for i in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    trainer.resume_or_load(resume=False)
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        step.iter = 0
+        step.run_step()  # ramp 0: the unlabeled views are skipped
+        assert "loss_cmcr_class" not in storage.histories()
+        step.iter = storage.iter = 2
+        step.run_step()
+        assert "loss_cmcr_class" in storage.histories()

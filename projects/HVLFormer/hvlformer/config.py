@@ -81,6 +81,9 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.SEMI.UNLABELED_LOSS = "cmcr"
     # Weight of L_CMCR (summed over the decoder layers) in the total loss.
     cfg.SEMI.CMCR_WEIGHT = 5.0
+    # Linear ramp-up of the unlabeled loss weight from 0 over the first N iterations (0 = full weight from
+    # the start, as in the paper); during the ramp's first iteration the unlabeled views are skipped.
+    cfg.SEMI.UNLABELED_RAMPUP_ITERS = 0
     # Weight of the entropy loss (UNLABELED_LOSS "entropy").
     cfg.SEMI.ENTROPY_WEIGHT = 1.0
     # Pseudo-label confidence threshold of l_mask (max class probability of the original view).

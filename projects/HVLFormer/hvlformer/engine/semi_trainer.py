@@ -25,6 +25,7 @@ from .train_loop import GradScalerStateMixin, amp_dtype
 from .trainer import Trainer, wrap_ddp
 
 logger = logging.getLogger(__name__)
+UNLABELED_LOSSES = ("loss_cmcr_mask", "loss_cmcr_class", "loss_cmcr_align", "loss_entropy")
 
 
 def auto_scale_semi(cfg: CfgNode, world_size: int) -> CfgNode:
@@ -56,8 +57,9 @@ class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
     """The training step: labeled losses + unlabeled losses in one forward of the (DDP) model."""
 
     def __init__(self, model, labeled_loader, unlabeled_loader, optimizer, teacher: Optional[EMATeacher] = None,
-                 amp: Optional[torch.dtype] = None) -> None:
+                 amp: Optional[torch.dtype] = None, rampup_iters: int = 0) -> None:
         super().__init__(model, labeled_loader, optimizer)
+        self.rampup_iters = rampup_iters
         self.unlabeled_loader = unlabeled_loader
         self._unlabeled_iter = iter(unlabeled_loader)
         self.teacher = teacher
@@ -65,6 +67,10 @@ class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
         self.device_type = next(unwrap(model).parameters()).device.type
         self.grad_scaler = torch.amp.GradScaler(self.device_type,
                                                 enabled=amp == torch.float16 and self.device_type == "cuda")
+
+    def unlabeled_ramp(self, iteration: int) -> float:
+        """Factor of the unlabeled losses: ``min(1, iteration / rampup_iters)`` (1 without a ramp-up)."""
+        return 1.0 if self.rampup_iters <= 0 else min(1.0, iteration / self.rampup_iters)
 
     @torch.no_grad()
     def unlabeled_batch(self, unlabeled: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -90,10 +96,11 @@ class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
         labeled = next(self._data_loader_iter)
         unlabeled = next(self._unlabeled_iter)
         data_time = time.perf_counter() - start
+        ramp = self.unlabeled_ramp(self.iter)
         with torch.autocast(self.device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            batch = self.unlabeled_batch(unlabeled)
+            batch = self.unlabeled_batch(unlabeled) if ramp > 0 else None
             outputs = self.model(labeled, unlabeled=batch)
-        loss_dict = {k: v for k, v in outputs.items() if k.startswith("loss")}
+        loss_dict = {k: (v * ramp if k in UNLABELED_LOSSES else v) for k, v in outputs.items() if k.startswith("loss")}
         stats = {k[len("stat_"):]: v for k, v in outputs.items() if k.startswith("stat_")}
         losses = sum(loss_dict.values())
         self.optimizer.zero_grad()
@@ -127,7 +134,8 @@ class SemiSupervisedTrainer(Trainer):
             raise ValueError(f"SEMI.TEACHER must be 'self' or 'ema', got {cfg.SEMI.TEACHER!r}")
         model = wrap_ddp(cfg, model)
         amp = amp_dtype(cfg.SOLVER.AMP.DTYPE) if cfg.SOLVER.AMP.ENABLED else None
-        self._trainer = SemiSupervisedStep(model, labeled_loader, unlabeled_loader, optimizer, teacher, amp)
+        self._trainer = SemiSupervisedStep(model, labeled_loader, unlabeled_loader, optimizer, teacher, amp,
+                                           rampup_iters=cfg.SEMI.UNLABELED_RAMPUP_ITERS)
         self.teacher = teacher
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         extra = {"teacher": teacher} if teacher is not None else {}
