@@ -121,11 +121,10 @@ class HVLFormer(nn.Module):
         self.ignore_value = ignore_value
         weights = {"reg_language": 1.0, "reg_vision_language": 1.0, "reg_vision": 1.0, "div": 1.0, "sre": 1.0,
                    "prompt": 0.0, "masked_vl": 0.0}
-        weights.update(loss_weights or {})
-        unknown = set(weights) - {"reg_language", "reg_vision_language", "reg_vision", "div", "sre", "prompt",
-                                  "masked_vl"}
+        unknown = set(loss_weights or {}) - set(weights)
         if unknown:
             raise ValueError(f"unknown loss weights {sorted(unknown)}")
+        weights.update(loss_weights or {})
         self.loss_weights = weights
         self.vl_temperature = vl_temperature
         self.masked_vl_mask_weight = masked_vl_mask_weight

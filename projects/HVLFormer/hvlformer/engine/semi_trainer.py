@@ -46,13 +46,6 @@ def auto_scale_semi(cfg: CfgNode, world_size: int) -> CfgNode:
     return DefaultTrainer.auto_scale_workers(cfg, world_size)
 
 
-def _per_gpu(total: int, what: str) -> int:
-    world = comm.get_world_size()
-    if total % world:
-        raise ValueError(f"SOLVER.{what}={total} is not divisible by the number of processes ({world})")
-    return total // world
-
-
 class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
     """The training step: labeled losses + unlabeled losses in one forward of the (DDP) model."""
 
@@ -169,8 +162,6 @@ class SemiSupervisedTrainer(Trainer):
             sampler=TrainingSampler(len(unlabeled), seed=cfg.SEED + 1 if cfg.SEED >= 0 else None),
             total_batch_size=cfg.SOLVER.IMS_PER_BATCH_UNLABELED, aspect_ratio_grouping=False,
             num_workers=cfg.DATALOADER.NUM_WORKERS)
-        _per_gpu(cfg.SOLVER.IMS_PER_BATCH_LABELED, "IMS_PER_BATCH_LABELED")
-        _per_gpu(cfg.SOLVER.IMS_PER_BATCH_UNLABELED, "IMS_PER_BATCH_UNLABELED")
         return labeled_loader, unlabeled_loader
 
     def resume_or_load(self, resume: bool = True) -> None:

@@ -147,7 +147,9 @@ class CMCRLoss(nn.Module):
         if not (len(targets) == len(weak_layers) == len(strong_layers)):
             raise ValueError("targets, weak and strong outputs must have the same number of decoder layers")
         zero = weak_outputs["pred_logits"].sum() * 0.0
-        losses = {"loss_cmcr_mask": zero, "loss_cmcr_class": zero, "loss_cmcr_align": zero}
+        # only the switched-on terms appear in the result
+        losses = {key: zero for key, on in (("loss_cmcr_mask", self.use_mask), ("loss_cmcr_class", self.use_class),
+                                            ("loss_cmcr_align", self.use_align)) if on}
         confident_fraction = []
         image_size = padding.shape[-2:]
         for layer, (target, weak, strong) in enumerate(zip(targets, weak_layers, strong_layers)):
@@ -178,11 +180,7 @@ class CMCRLoss(nn.Module):
                     + align_consistency(target.attn_maps, strong["attn_maps"], outside_box))
         if confident_fraction:
             losses["stat_confident_fraction"] = torch.stack(confident_fraction).mean().detach()
-        return {k: v for k, v in losses.items() if not k.startswith("loss") or self._enabled(k)}
-
-    def _enabled(self, key: str) -> bool:
-        return {"loss_cmcr_mask": self.use_mask, "loss_cmcr_class": self.use_class,
-                "loss_cmcr_align": self.use_align}[key]
+        return losses
 
     def entropy(self, weak_outputs: Dict, strong_outputs: Dict, padding: Tensor) -> Dict[str, Tensor]:
         """HierVL: entropy minimisation of the final per-pixel class distributions of both views."""
