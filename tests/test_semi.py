@@ -200,6 +200,23 @@ def test_ema_update_follows_the_formula():
     assert not any(p.requires_grad for p in teacher.model.parameters())
 
 
+
+
+def test_ema_warm_up_averages_the_student_until_the_decay_is_reached():
+    # d_t = min(d, 1 - 1/(t+1)): iteration 0 copies the student, then the teacher is the running mean
+    student = torch.nn.Linear(1, 1, bias=False)
+    teacher = EMATeacher(student, decay=0.9)
+    assert [teacher.decay_at(t) for t in (0, 1, 3, 9, 10, 500)] == pytest.approx([0.0, 0.5, 0.75, 0.9, 0.9, 0.9])
+    weights = [3.0, 5.0, 10.0]
+    for iteration, value in enumerate(weights):
+        with torch.no_grad():
+            student.weight.fill_(value)
+        teacher.update(student, iteration)
+    assert teacher.model.weight.item() == pytest.approx(sum(weights) / len(weights))
+    with torch.no_grad():
+        student.weight.fill_(0.0)
+    teacher.update(student, 50)  # past the warm-up: the constant decay
+    assert teacher.model.weight.item() == pytest.approx(0.9 * 6.0)
 def test_labeled_list_repeats_to_the_unlabeled_length():
     labeled = [{"id": i} for i in range(3)]
     repeated = repeat_to_length(labeled, 8)

@@ -75,7 +75,8 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Target of the unlabeled views: "self" (the model's own original-view prediction, stop-gradient;
     # paper default) or "ema" (an exponential moving average of the model, UniMatch V2).
     cfg.SEMI.TEACHER = "self"
-    # EMA decay over parameters and floating-point buffers (teacher = d * teacher + (1 - d) * student).
+    # EMA decay d over parameters and floating-point buffers: teacher = d_t * teacher + (1 - d_t) * student,
+    # d_t = min(d, 1 - 1 / (iteration + 1)) (UniMatch V2 warm-up: the plain average of the student so far).
     cfg.SEMI.EMA_DECAY = 0.996
     # Loss on unlabeled images: "cmcr" (HVLFormer) or "entropy" (HierVL entropy minimisation).
     cfg.SEMI.UNLABELED_LOSS = "cmcr"

@@ -1,8 +1,11 @@
-"""Exponential-moving-average teacher (UniMatch V2): ``teacher = d * teacher + (1 - d) * student``."""
+"""Exponential-moving-average teacher (UniMatch V2): ``teacher = d_t * teacher + (1 - d_t) * student`` with
+``d_t = min(d, 1 - 1 / (t + 1))`` at iteration ``t`` (UniMatch V2's warm-up: the teacher is the plain
+average of the student's weights so far until ``1 - 1 / (t + 1)`` reaches ``d``, so a randomly
+initialised start does not linger in it for hundreds of iterations)."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -29,10 +32,17 @@ class EMATeacher:
             backbone._reference = []  # the teacher never needs the frozen E_I^0 copy
         self.loaded_from_checkpoint = False
 
+    def decay_at(self, iteration: Optional[int]) -> float:
+        """``min(d, 1 - 1 / (iteration + 1))``; ``d`` when ``iteration`` is None."""
+        if iteration is None:
+            return self.decay
+        return min(self.decay, 1.0 - 1.0 / (iteration + 1))
+
     @torch.no_grad()
-    def update(self, student: nn.Module) -> None:
+    def update(self, student: nn.Module, iteration: Optional[int] = None) -> None:
+        """One EMA step after the optimizer step of ``iteration`` (0-based; None = the constant decay)."""
         student = unwrap(student)
-        decay = self.decay
+        decay = self.decay_at(iteration)
         student_params = dict(student.named_parameters())
         for name, teacher_param in self.model.named_parameters():
             student_param = student_params[name]

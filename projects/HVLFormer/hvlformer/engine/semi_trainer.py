@@ -105,7 +105,7 @@ class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
         if self.teacher is not None:
-            self.teacher.update(self.model)
+            self.teacher.update(self.model, self.iter)
 
 
 class SemiSupervisedTrainer(Trainer):
