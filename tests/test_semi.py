@@ -217,6 +217,19 @@ def test_ema_warm_up_averages_the_student_until_the_decay_is_reached():
         student.weight.fill_(0.0)
     teacher.update(student, 50)  # past the warm-up: the constant decay
     assert teacher.model.weight.item() == pytest.approx(0.9 * 6.0)
+
+
+def test_ema_keeps_infinite_buffers_finite_where_they_agree():
+    # attention-mask buffers hold -inf; 0 * -inf at iteration 0 must not become NaN
+    student = torch.nn.Linear(1, 1)
+    student.register_buffer("mask", torch.tensor([float("-inf"), 1.0]))
+    teacher = EMATeacher(student, decay=0.5)
+    teacher.update(student, 0)
+    with torch.no_grad():
+        student.mask[1] = 3.0
+    teacher.update(student, 5)
+    assert teacher.model.mask[0].item() == float("-inf")
+    assert teacher.model.mask[1].item() == pytest.approx(2.0)
 def test_labeled_list_repeats_to_the_unlabeled_length():
     labeled = [{"id": i} for i in range(3)]
     repeated = repeat_to_length(labeled, 8)

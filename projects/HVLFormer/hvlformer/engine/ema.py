@@ -55,7 +55,10 @@ class EMATeacher:
             if student_buffer is None or student_buffer.shape != teacher_buffer.shape:
                 continue
             if teacher_buffer.dtype.is_floating_point:
-                teacher_buffer.mul_(decay).add_(student_buffer.detach(), alpha=1.0 - decay)
+                # buffers may hold +-inf (attention masks): where both agree keep the value, as
+                # 0 * inf (decay 0 at iteration 0) or inf - inf would turn it into NaN
+                averaged = teacher_buffer * decay + student_buffer.detach() * (1.0 - decay)
+                teacher_buffer.copy_(torch.where(teacher_buffer == student_buffer, student_buffer, averaged))
             else:
                 teacher_buffer.copy_(student_buffer)
 
