@@ -339,3 +339,32 @@ def test_unlabeled_rampup(tmp_path):
         step.iter = storage.iter = 2
         step.run_step()
         assert "loss_cmcr_class" in storage.histories()
+
+
+def test_self_teacher_targets_come_from_the_original_view_inside_the_forward():
+    # the model is its own teacher: with weak = strong = original and no CutMix box, the class and
+    # attention terms vanish, and l_mask is the BCE of the prediction against its own argmax
+    from detectron2.modeling import build_model
+
+    from hvlformer.data.semi import register_shapes_semi_split
+
+    cfg = _views_cfg("SEMI.CONFIDENCE_THRESHOLD", "0.0")
+    register_shapes_semi_split(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    no_box = torch.zeros(2, 64, 64, dtype=torch.bool)
+    unlabeled = {"image_original": images, "image_weak": images, "image_strong": images, "padding": no_box,
+                 "cutmix_box": no_box, "mix_order": torch.tensor([1, 0])}
+    with torch.no_grad():
+        losses = model.unlabeled_losses(unlabeled, model.encode_text())
+        outputs = model.predict(model.normalize(images), model.encode_text())
+    assert losses["loss_cmcr_class"].item() == pytest.approx(0.0, abs=1e-5)
+    assert losses["loss_cmcr_align"].item() == pytest.approx(0.0, abs=1e-5)
+    expected = 0.0
+    for layer in C.layer_outputs(outputs):
+        probs = C.class_probability_maps(layer["pred_logits"], layer["pred_masks"])
+        confident = torch.ones(probs.shape[0], *probs.shape[2:], dtype=torch.bool)
+        bce = C.mask_consistency(probs, probs.argmax(1), confident)
+        expected += (cfg.SEMI.MASK_WEIGHT_WEAK + cfg.SEMI.MASK_WEIGHT_STRONG) * bce.item()
+    assert losses["loss_cmcr_mask"].item() == pytest.approx(cfg.SEMI.CMCR_WEIGHT * expected, rel=1e-4)

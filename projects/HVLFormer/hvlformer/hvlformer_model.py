@@ -389,9 +389,14 @@ class HVLFormer(nn.Module):
 
         ``unlabeled`` holds ``"image_weak"`` and ``"image_strong"`` (``B x 3 x H x W``, the strong one
         already CutMix-ed), ``"padding"`` and ``"cutmix_box"`` (``B x H x W`` bool), ``"mix_order"``
-        (``B``) and ``"targets"`` (the teacher's per-layer targets of the original view, from
-        ``unlabeled_criterion.targets``). The two views go through the network as one batch.
+        (``B``) and either ``"targets"`` (an EMA teacher's per-layer targets of the original view, from
+        ``unlabeled_criterion.targets``) or ``"image_original"`` (``B x 3 x H x W``: the model itself is
+        the teacher, without gradient). The two views go through the network as one batch.
         """
+        if "targets" not in unlabeled and self.unlabeled_criterion.mode == "cmcr":
+            with torch.no_grad():
+                original = self.predict(self.normalize(unlabeled["image_original"]), text_embeddings.detach())
+                unlabeled = {**unlabeled, "targets": self.unlabeled_criterion.targets(original)}
         weak = self.normalize(unlabeled["image_weak"])
         strong = self.normalize(unlabeled["image_strong"])
         batch = weak.shape[0]

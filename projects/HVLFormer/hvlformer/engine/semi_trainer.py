@@ -72,16 +72,22 @@ class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
         original = torch.stack([d["image"] for d in unlabeled]).to(core.device)
         boxes = torch.stack([d["cutmix_box"] for d in unlabeled]).to(core.device)
         strong, order = apply_cutmix(torch.stack([d["image_strong"] for d in unlabeled]).to(core.device), boxes)
-        teacher = self.teacher.model if self.teacher is not None else core
-        teacher_outputs = teacher.predict(teacher.normalize(original), teacher.encode_text())
-        return {
+        batch = {
             "image_weak": torch.stack([d["image_weak"] for d in unlabeled]),
             "image_strong": strong,
             "padding": torch.stack([d["padding"] for d in unlabeled]),
             "cutmix_box": boxes,
             "mix_order": order,
-            "targets": core.unlabeled_criterion.targets(teacher_outputs),
         }
+        if self.teacher is None:
+            # self teacher: the model computes the targets inside its forward, reusing that step's text
+            # embeddings (one text-tower pass per step instead of two)
+            batch["image_original"] = original
+        else:
+            teacher = self.teacher.model
+            teacher_outputs = teacher.predict(teacher.normalize(original), teacher.encode_text())
+            batch["targets"] = core.unlabeled_criterion.targets(teacher_outputs)
+        return batch
 
     def run_step(self) -> None:
         assert self.model.training, "[SemiSupervisedStep] model was changed to eval mode!"
