@@ -5,6 +5,7 @@ same labeled images and the same number of steps, and print a JSON table of mIoU
 
     python tools/semi_vs_supervised.py                       # 3 seeds, plus each CMCR term switched off
     python tools/semi_vs_supervised.py --seeds 0 --iters 300 --no-ablations   # a quick look
+    python tools/semi_vs_supervised.py --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # other semi settings
 
 Each run is a separate `train_net.py` process (as a user would run it); the seed fixes the labeled
 subset, the initialisation and the data order. Runs go to --output-dir; a finished run is not repeated
@@ -40,16 +41,22 @@ MIOU = re.compile(r"copypaste: mIoU,fwIoU,mACC,pACC\n.*copypaste: ([0-9.]+),")
 def run(variant: str, seed: int, args: argparse.Namespace) -> float:
     config, extra = VARIANTS[variant]
     out = args.output_dir / f"{variant}_seed{seed}"
-    log = out / "log.txt"
-    if log.exists():
-        found = MIOU.findall(log.read_text())
-        if found and (out / "model_final.pth").exists():
-            return float(found[-1])
+    semi_opts = list(args.semi_opts) if variant.startswith("semi") else []
     opts = ["DATASETS.SHAPES.NUM_LABELED", str(args.num_labeled), "DATASETS.SHAPES.SEED", str(seed),
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "INPUT.CROP.SIZE", f"({args.image_size}, {args.image_size})",
             "INPUT.RESIZE_BASE", str(args.image_size), "SEED", str(seed), "SOLVER.MAX_ITER", str(args.iters),
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
-            "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out), *extra]
+            "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out),
+            *semi_opts, *extra]  # the ablation switch comes last, so it wins
+    # a finished run with the same command line is not repeated
+    command = out / "benchmark_opts.json"
+    log = out / "log.txt"
+    if log.exists() and command.exists() and json.loads(command.read_text()) == opts:
+        found = MIOU.findall(log.read_text())
+        if found and (out / "model_final.pth").exists():
+            return float(found[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    command.write_text(json.dumps(opts))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     result = subprocess.run([sys.executable, str(TRAIN_NET), "--config-file", str(config), *opts], cwd=ROOT,
                             env=env, capture_output=True, text=True)
@@ -71,14 +78,16 @@ def summarise(values: List[float]) -> Dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--iters", type=int, default=1500, help="training steps of every run")
+    parser.add_argument("--iters", type=int, default=1200, help="training steps of every run")
     parser.add_argument("--num-labeled", type=int, default=25, help="labeled images of the 400 (1/16)")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--no-ablations", action="store_true", help="skip the runs with one CMCR term off")
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
                         help="seeds of the ablation runs (default: the same as --seeds)")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--semi-opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides of the semi-supervised runs (e.g. SEMI.CONFIDENCE_THRESHOLD 0.8)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at the same time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per run")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "semi_vs_supervised")
     args = parser.parse_args()
@@ -94,7 +103,7 @@ def main() -> None:
     summary = {variant: summarise(values) for variant, values in table.items()}
     gain = [semi - sup for semi, sup in zip(table["semi"], table["supervised"])]
     print(json.dumps({
-        "setup": {"labeled": args.num_labeled, "unlabeled": 400 - args.num_labeled, "image_size": args.image_size,
+        "setup": {"semi_opts": args.semi_opts, "labeled": args.num_labeled, "unlabeled": 400 - args.num_labeled, "image_size": args.image_size,
                   "iterations": args.iters, "seeds": args.seeds,
                   "batch": "8 labeled (+ 8 unlabeled for semi)"},
         "mIoU": summary,
