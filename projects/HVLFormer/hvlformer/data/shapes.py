@@ -413,7 +413,7 @@ def generate_shapes_split(
 ) -> List[Dict[str, Any]]:
     """Generate (or reuse) one split under ``root``; returns detectron2 dataset dicts.
 
-    Files: ``root/images/<split>/XXXXX.jpg``, ``root/labels/<split>/XXXXX.png`` and
+    Files: ``root/images/<split>/<index:05d>.jpg``, ``root/labels/<split>/<index:05d>.png`` and
     ``root/manifest_<split>.json``. Nothing is written when the manifest matches and all files exist.
     """
     _check_num_classes(num_classes)
