@@ -67,8 +67,8 @@ def convert_one(job: Tuple[str, str, str, bool]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from hvlformer.data.builtin import convert_splits, default_workers, link_dir, locate_source, require_dir
-    from hvlformer.data.folder import load_sem_seg_folder
+    from hvlformer.data.builtin import (convert_splits, default_workers, folder_split_jobs, link_dir,
+                                        locate_source, require_dir)
 
     src = locate_source(args.src, ["ADEChallengeData2016", ""], ["images", "annotations"], [ARCHIVE],
                         "ADE20K SceneParsing (ADEChallengeData2016/)")
@@ -78,12 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for split in SPLITS:
         images = require_dir(src / "images" / split, f"ADE20K images/{split}")
         annotations = require_dir(src / "annotations" / split, f"ADE20K annotations/{split}")
-        pairs = load_sem_seg_folder(images, annotations, image_ext=".jpg", label_ext=".png")
-        plans[split] = [
-            (d["file_name"], d["sem_seg_file_name"],
-             str(out_root / "annotations_detectron2" / split / (d["image_id"] + ".png")), args.overwrite)
-            for d in pairs
-        ]
+        plans[split] = folder_split_jobs(images, annotations, ".jpg", ".png",
+                                         out_root / "annotations_detectron2" / split, ".png", args.overwrite)
     print(f"images: {link_dir(src / 'images', out_root / 'images', copy=args.copy_images)}")
     convert_splits(convert_one, plans, args.workers or default_workers(), "ADE20K", EXPECTED)
     print(f"done: {out_root}")

@@ -85,8 +85,8 @@ def convert_one(job: Tuple[str, str, str, bool]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from hvlformer.data.builtin import convert_splits, default_workers, link_dir, locate_source, require_dir
-    from hvlformer.data.folder import load_sem_seg_folder
+    from hvlformer.data.builtin import (convert_splits, default_workers, folder_split_jobs, link_dir,
+                                        locate_source, require_dir)
 
     src = Path(args.src)
     images_src = locate_source(src, ["", "cityscapes"], ["leftImg8bit/train", "leftImg8bit/val"],
@@ -99,12 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for split in SPLITS:
         images = require_dir(images_src / split, f"Cityscapes leftImg8bit/{split}")
         labels = require_dir(labels_src / split, f"Cityscapes gtFine/{split}")
-        pairs = load_sem_seg_folder(images, labels, image_ext=IMAGE_SUFFIX, label_ext=LABEL_IDS_SUFFIX)
-        plans[split] = [
-            (d["file_name"], d["sem_seg_file_name"],
-             str(out_root / "gtFine" / split / (d["image_id"] + TRAIN_IDS_SUFFIX)), args.overwrite)
-            for d in pairs
-        ]
+        plans[split] = folder_split_jobs(images, labels, IMAGE_SUFFIX, LABEL_IDS_SUFFIX, out_root / "gtFine" / split,
+                                         TRAIN_IDS_SUFFIX, args.overwrite)
     print(f"leftImg8bit: {link_dir(images_src, out_root / 'leftImg8bit', copy=args.copy_images)}")
     convert_splits(convert_one, plans, args.workers or default_workers(), "Cityscapes", EXPECTED)
     print(f"done: {out_root}")

@@ -447,6 +447,16 @@ def convert_splits(convert_one: Callable[[Any], str], plans: Dict[str, List[Any]
               f"{results.count('kept'):,} already there{note}")
 
 
+def folder_split_jobs(images: PathLike, labels: PathLike, image_ext: str, label_ext: str, out_dir: PathLike,
+                      out_suffix: str, overwrite: bool) -> List[Tuple[str, str, str, bool]]:
+    """The conversion jobs ``(image, source mask, output mask, overwrite)`` of one split stored as an
+    image folder plus a mask folder (paired by file stem, see ``load_sem_seg_folder``); each output is
+    ``out_dir/<image_id><out_suffix>``. The job tuple is what the prepare scripts' ``convert_one`` takes."""
+    pairs = load_sem_seg_folder(images, labels, image_ext=image_ext, label_ext=label_ext)
+    return [(d["file_name"], d["sem_seg_file_name"], str(Path(out_dir) / (d["image_id"] + out_suffix)), overwrite)
+            for d in pairs]
+
+
 def _mp_methods() -> List[str]:
     import multiprocessing as mp
 
