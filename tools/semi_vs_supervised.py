@@ -5,7 +5,7 @@ same labeled images and the same number of steps, and print a JSON table of mIoU
 
     python tools/semi_vs_supervised.py                       # 3 seeds, plus each CMCR term switched off
     python tools/semi_vs_supervised.py --seeds 0 --iters 300 --no-ablations   # a quick look
-    python tools/semi_vs_supervised.py --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # other semi settings
+    python tools/semi_vs_supervised.py --semi-name t08 --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # another setting
 
 Each run is a separate `train_net.py` process (as a user would run it); the seed fixes the labeled
 subset, the initialisation and the data order. Runs go to --output-dir; a finished run is not repeated
@@ -40,7 +40,10 @@ MIOU = re.compile(r"copypaste: mIoU,fwIoU,mACC,pACC\n.*copypaste: ([0-9.]+),")
 
 def run(variant: str, seed: int, args: argparse.Namespace) -> float:
     config, extra = VARIANTS[variant]
-    out = args.output_dir / f"{variant}_seed{seed}"
+    # semi runs are named by --semi-name, so several semi settings can share one folder (and its
+    # supervised runs): semi_no_mask -> <semi-name>_no_mask
+    name = args.semi_name + variant[len("semi"):] if variant.startswith("semi") else variant
+    out = args.output_dir / f"{name}_seed{seed}"
     semi_opts = list(args.semi_opts) if variant.startswith("semi") else []
     opts = ["DATASETS.SHAPES.NUM_LABELED", str(args.num_labeled), "DATASETS.SHAPES.SEED", str(seed),
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "INPUT.CROP.SIZE", f"({args.image_size}, {args.image_size})",
@@ -86,6 +89,9 @@ def main() -> None:
                         help="seeds of the ablation runs (default: the same as --seeds)")
     parser.add_argument("--semi-opts", nargs="+", default=[], metavar="KEY VALUE",
                         help="config overrides of the semi-supervised runs (e.g. SEMI.CONFIDENCE_THRESHOLD 0.8)")
+    parser.add_argument("--semi-name", default="semi",
+                        help="folder prefix of the semi-supervised runs: give each --semi-opts setting its own name "
+                             "to compare settings in one --output-dir (the supervised runs are reused)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per run")
@@ -103,7 +109,7 @@ def main() -> None:
     summary = {variant: summarise(values) for variant, values in table.items()}
     gain = [semi - sup for semi, sup in zip(table["semi"], table["supervised"])]
     print(json.dumps({
-        "setup": {"semi_opts": args.semi_opts, "labeled": args.num_labeled, "unlabeled": 400 - args.num_labeled, "image_size": args.image_size,
+        "setup": {"semi_name": args.semi_name, "semi_opts": args.semi_opts, "labeled": args.num_labeled, "unlabeled": 400 - args.num_labeled, "image_size": args.image_size,
                   "iterations": args.iters, "seeds": args.seeds,
                   "batch": "8 labeled (+ 8 unlabeled for semi)"},
         "mIoU": summary,
