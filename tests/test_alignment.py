@@ -101,6 +101,16 @@ def test_model_outputs_carry_the_alignment(single_thread):
     with torch.no_grad():
         out = sliding(batch[:1])
     assert out[0]["sem_seg"].shape == (6, 40, 56) and out[0]["pixel_text_alignment"].shape == (3,)
+    # 40 x 56 with 32-pixel windows, stride 24: tops 0, 8 and lefts 0, 24; each window fills its 8 x 8 cells
+    image = sliding.preprocess_images(batch[:1]).tensor[0, :, :40, :56]
+    per_window = []
+    with torch.no_grad():
+        for top in (0, 8):
+            for left in (0, 24):
+                window = sliding.predict(image[None, :, top: top + 32, left: left + 32], sliding.encode_text())
+                per_window.append(brute_force(window["refined_queries"][0], window["mask_features"][0]))
+    torch.testing.assert_close(out[0]["pixel_text_alignment"], torch.stack(per_window).mean(dim=0),
+                               rtol=1e-4, atol=1e-5)
     sliding.pixel_text_alignment = False
     with torch.no_grad():
         plain = sliding(batch[:1])

@@ -12,7 +12,7 @@ Data flow for a padded batch ``B x 3 x H x W``::
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -454,9 +454,23 @@ class HVLFormer(nn.Module):
 
     def _scores_for(self, images: Tensor, text_embeddings: Tensor) -> Tensor:
         """Class scores ``B x K x H x W`` at the (padded) input resolution of a normalised batch."""
+        return self._scores_and_alignment(images, text_embeddings)[0]
+
+    def _scores_and_alignment(self, images: Tensor, text_embeddings: Tensor,
+                              valid_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Class scores ``B x K x H x W`` of a normalised batch ``B x 3 x H x W``, and, when ``valid_sizes``
+        (the unpadded ``(h, w)`` of each image) is given, the pixel-text alignment ``B x E`` (supplement
+        eq. 10) of the PTRM queries and ``mask_features`` over each image's unpadded cells."""
         outputs = self.predict(images, text_embeddings)
         masks = F.interpolate(outputs["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return self.semantic_scores(outputs["pred_logits"], masks)
+        scores = self.semantic_scores(outputs["pred_logits"], masks)
+        if valid_sizes is None:
+            return scores, None
+        from .evaluation.alignment import pixel_text_alignment, valid_cells
+
+        mask_features = outputs["mask_features"]
+        cells = [valid_cells(size, tuple(images.shape[-2:]), mask_features.shape[-2:]) for size in valid_sizes]
+        return scores, pixel_text_alignment(outputs["refined_queries"], mask_features, cells)
 
     def sliding_window_scores(self, image: Tensor, text_embeddings: Tensor) -> Tensor:
         """Sliding-window class scores for one normalised image ``3 x H x W`` -> ``K x H x W``.
@@ -465,6 +479,12 @@ class HVLFormer(nn.Module):
         the image border; images smaller than a window are padded (with 0, the mean colour). The
         per-pixel scores are averaged over the windows that cover the pixel (count matrix).
         """
+        return self._sliding_window(image, text_embeddings, with_alignment=False)[0]
+
+    def _sliding_window(self, image: Tensor, text_embeddings: Tensor,
+                        with_alignment: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """``sliding_window_scores`` and, with ``with_alignment``, the pixel-text alignment ``E``
+        averaged over the windows (each window's unpadded part)."""
         size, stride = self.window_size, self.window_stride
         height, width = image.shape[-2:]
         pad_h, pad_w = max(size - height, 0), max(size - width, 0)
@@ -478,14 +498,22 @@ class HVLFormer(nn.Module):
             lefts.append(full_w - size)
         scores = padded.new_zeros(self.num_classes, full_h, full_w)
         counts = padded.new_zeros(1, full_h, full_w)
+        # the image part of a window; the rest is the padding of an image smaller than a window
+        valid_sizes = [(min(height, size), min(width, size))] if with_alignment else None
+        alignments = []
         for top in tops:
             for left in lefts:
                 window = padded[:, top: top + size, left: left + size]
-                window_scores = self._scores_for(ImageList.from_tensors([window], self.size_divisibility).tensor,
-                                                 text_embeddings)[0, :, :size, :size]
-                scores[:, top: top + size, left: left + size] += window_scores
+                window_batch = ImageList.from_tensors([window], self.size_divisibility).tensor
+                if with_alignment:
+                    window_scores, alignment = self._scores_and_alignment(window_batch, text_embeddings, valid_sizes)
+                    alignments.append(alignment[0])
+                else:
+                    window_scores = self._scores_for(window_batch, text_embeddings)
+                scores[:, top: top + size, left: left + size] += window_scores[0, :, :size, :size]
                 counts[:, top: top + size, left: left + size] += 1
-        return (scores / counts)[:, :height, :width]
+        alignment = torch.stack(alignments).mean(dim=0) if with_alignment else None
+        return (scores / counts)[:, :height, :width], alignment
 
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict[str, Any]], images: ImageList,
@@ -509,46 +537,20 @@ class HVLFormer(nn.Module):
     @torch.no_grad()
     def inference_with_alignment(self, batched_inputs: List[Dict[str, Any]], images: ImageList,
                                  text_embeddings: Tensor) -> List[Dict[str, Tensor]]:
-        """``inference`` plus ``"pixel_text_alignment"`` (``E`` values, supplement eq. 10) per image.
-
-        A forward hook on the transformer decoder sees the refined queries and ``mask_features`` of every
-        decoder call (the whole batch, or one sliding window); the batch padding is left out, and the
-        windows of an image are averaged (see :mod:`hvlformer.evaluation.alignment`).
+        """``inference`` plus ``"pixel_text_alignment"`` (``E`` values, supplement eq. 10) per image,
+        computed from the same forward pass as the scores over each image's unpadded part; with sliding
+        windows, the windows of an image are averaged (see :mod:`hvlformer.evaluation.alignment`).
         """
-        from .evaluation.alignment import ALIGNMENT_KEY, pixel_text_alignment, valid_cells
+        from .evaluation.alignment import ALIGNMENT_KEY
 
-        levels = self.num_query_levels
-        records: List[Tensor] = []
-        valid: Dict[str, Any] = {}
-
-        def hook(module, args, kwargs, output):
-            mask_features = args[1] if len(args) > 1 else kwargs["mask_features"]
-            queries = args[2] if len(args) > 2 else kwargs["text_queries"]
-            batch, num_queries, dim = queries.shape
-            cells = [valid_cells(size, valid["input_size"], mask_features.shape[-2:]) for size in valid["sizes"]]
-            records.append(pixel_text_alignment(queries.reshape(batch, levels, num_queries // levels, dim),
-                                                mask_features, cells))
-
-        handle = self.transformer_decoder.register_forward_hook(hook, with_kwargs=True)
-        try:
-            per_image, alignment = [], []
-            if self.sliding_window:
-                div = max(self.size_divisibility, 1)
-                padded_window = -(-self.window_size // div) * div
-                valid["input_size"] = (padded_window, padded_window)
-                for i, (h, w) in enumerate(images.image_sizes):
-                    records.clear()
-                    valid["sizes"] = [(min(h, self.window_size), min(w, self.window_size))]
-                    per_image.append(self.sliding_window_scores(images.tensor[i, :, :h, :w], text_embeddings))
-                    alignment.append(torch.cat(records).mean(dim=0))
-            else:
-                valid["input_size"] = tuple(images.tensor.shape[-2:])
-                valid["sizes"] = list(images.image_sizes)
-                batch_scores = self._scores_for(images.tensor, text_embeddings)
-                per_image = [batch_scores[i, :, :h, :w] for i, (h, w) in enumerate(images.image_sizes)]
-                alignment = list(torch.cat(records))
-        finally:
-            handle.remove()
+        if self.sliding_window:
+            per_image, alignment = zip(*(self._sliding_window(images.tensor[i, :, :h, :w], text_embeddings, True)
+                                         for i, (h, w) in enumerate(images.image_sizes)))
+        else:
+            batch_scores, batch_alignment = self._scores_and_alignment(images.tensor, text_embeddings,
+                                                                       list(images.image_sizes))
+            per_image = [batch_scores[i, :, :h, :w] for i, (h, w) in enumerate(images.image_sizes)]
+            alignment = list(batch_alignment)
         results = []
         for scores, value, inputs, image_size in zip(per_image, alignment, batched_inputs, images.image_sizes):
             height = inputs.get("height", image_size[0])
