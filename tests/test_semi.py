@@ -368,3 +368,56 @@ def test_self_teacher_targets_come_from_the_original_view_inside_the_forward():
         bce = C.mask_consistency(probs, probs.argmax(1), confident)
         expected += (cfg.SEMI.MASK_WEIGHT_WEAK + cfg.SEMI.MASK_WEIGHT_STRONG) * bce.item()
     assert losses["loss_cmcr_mask"].item() == pytest.approx(cfg.SEMI.CMCR_WEIGHT * expected, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------ distribution alignment
+def test_distribution_alignment_prior_follows_the_labeled_pixels():
+    criterion = C.CMCRLoss(distribution_alignment_classes=3, distribution_alignment_momentum=0.9)
+    first = torch.tensor([[[0, 0, 1, 255]]])  # ignore left out: frequencies 2/3, 1/3, 0
+    criterion.observe_labels(first, ignore_value=255)
+    torch.testing.assert_close(criterion.labeled_class_prior, torch.tensor([2 / 3, 1 / 3, 0.0]))  # copied
+    criterion.observe_labels(torch.tensor([[[2, 2]]]), ignore_value=255)  # m_1 = min(0.9, 1/2) = 0.5
+    torch.testing.assert_close(criterion.labeled_class_prior, torch.tensor([1 / 3, 1 / 6, 0.5]))
+    for _ in range(3):  # m_t reaches 0.9 from t = 9 on; here t = 2, 3, 4: 2/3, 3/4, 4/5
+        criterion.observe_labels(torch.tensor([[[0]]]), ignore_value=255)
+    expected = torch.tensor([1 / 3, 1 / 6, 0.5]) * (2 / 3 * 3 / 4 * 4 / 5) + torch.tensor([1.0, 0, 0]) * (1 - 0.4)
+    torch.testing.assert_close(criterion.labeled_class_prior, expected)
+    assert "labeled_class_prior" in criterion.state_dict()  # checkpointed; and absent when switched off
+    assert "labeled_class_prior" not in C.CMCRLoss().state_dict()
+
+
+def test_distribution_alignment_gives_the_under_predicted_class_its_share():
+    # background, circle, triangle; the labeled pixels are 10 / 45 / 45 %. The model calls every foreground
+    # pixel "circle": clearly on half of them, narrowly (0.5 vs 0.4) on the triangles.
+    criterion = C.CMCRLoss(distribution_alignment_classes=3)
+    criterion.observe_labels(torch.tensor([0] * 2 + [1] * 9 + [2] * 9).view(1, 4, 5), ignore_value=255)
+    clear, narrow = torch.tensor([0.1, 0.8, 0.1]), torch.tensor([0.1, 0.5, 0.4])
+    probs = torch.stack([clear, clear, narrow, narrow], dim=1).view(1, 3, 2, 2)
+    assert probs.argmax(dim=1).flatten().tolist() == [1, 1, 1, 1]
+    aligned = criterion.align_distribution(probs)
+    # mean prediction (0.1, 0.65, 0.25): circle x 0.45 / 0.65, triangle x 0.45 / 0.25
+    assert aligned.argmax(dim=1).flatten().tolist() == [1, 1, 2, 2]
+    narrow_aligned = torch.tensor([0.1, 0.5 * 0.45 / 0.65, 0.4 * 0.45 / 0.25])
+    torch.testing.assert_close(aligned[0, :, 1, 0], narrow_aligned / narrow_aligned.sum())
+    torch.testing.assert_close(aligned.sum(dim=1), torch.ones(1, 2, 2))
+    # padded cells do not count in the mean prediction
+    padded_probs = torch.cat([probs, torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 1, 2)], dim=2)
+    padding = torch.zeros(1, 3, 2, dtype=torch.bool)
+    padding[0, 2] = True
+    torch.testing.assert_close(criterion.align_distribution(padded_probs, padding)[:, :, :2], aligned)
+
+
+def test_distribution_alignment_in_a_semi_step(tmp_path):
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "1", "SEMI.DISTRIBUTION_ALIGNMENT", "True")
+    trainer.resume_or_load(resume=False)
+    criterion = trainer.model.unlabeled_criterion
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        trainer._trainer.run_step()
+        assert "loss_cmcr_mask" in storage.histories()
+    # the labeled batch was observed: a distribution over the classes, background the largest share
+    assert int(criterion.prior_updates) == 1
+    assert criterion.labeled_class_prior.sum().item() == pytest.approx(1.0)
+    assert int(criterion.labeled_class_prior.argmax()) == 0
+    with pytest.raises(ValueError, match="DISTRIBUTION_ALIGNMENT_MOMENTUM"):
+        C.CMCRLoss(distribution_alignment_classes=3, distribution_alignment_momentum=1.0)

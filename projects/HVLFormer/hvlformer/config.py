@@ -89,6 +89,12 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.SEMI.ENTROPY_WEIGHT = 1.0
     # Pseudo-label confidence threshold of l_mask (max class probability of the original view).
     cfg.SEMI.CONFIDENCE_THRESHOLD = 0.95
+    # Distribution alignment of the pseudo-labels (ReMixMatch; not in the paper): the original view's class
+    # probabilities are rescaled by (running labeled class frequencies) / (batch mean prediction) before
+    # the argmax and the threshold, against self-training's drift towards the majority class of confusable
+    # classes. The labeled frequencies are a running mean with this momentum (first batch copied).
+    cfg.SEMI.DISTRIBUTION_ALIGNMENT = False
+    cfg.SEMI.DISTRIBUTION_ALIGNMENT_MOMENTUM = 0.99
     # Weights of the weak and strong views inside l_mask.
     cfg.SEMI.MASK_WEIGHT_WEAK = 0.5
     cfg.SEMI.MASK_WEIGHT_STRONG = 0.1

@@ -229,7 +229,9 @@ class HVLFormer(nn.Module):
                 confidence_threshold=cfg.SEMI.CONFIDENCE_THRESHOLD, weak_weight=cfg.SEMI.MASK_WEIGHT_WEAK,
                 strong_weight=cfg.SEMI.MASK_WEIGHT_STRONG, use_mask=cfg.SEMI.MASK_CONSISTENCY,
                 use_class=cfg.SEMI.CLASS_CONSISTENCY, use_align=cfg.SEMI.ALIGN_CONSISTENCY,
-                mode=cfg.SEMI.UNLABELED_LOSS),
+                mode=cfg.SEMI.UNLABELED_LOSS,
+                distribution_alignment_classes=(len(class_names) if cfg.SEMI.DISTRIBUTION_ALIGNMENT else 0),
+                distribution_alignment_momentum=cfg.SEMI.DISTRIBUTION_ALIGNMENT_MOMENTUM),
             "unlabeled_weight": (cfg.SEMI.CMCR_WEIGHT if cfg.SEMI.UNLABELED_LOSS == "cmcr"
                                  else cfg.SEMI.ENTROPY_WEIGHT),
             "pixel_text_alignment": cfg.TEST.PIXEL_TEXT_ALIGNMENT,
@@ -396,7 +398,7 @@ class HVLFormer(nn.Module):
         if "targets" not in unlabeled and self.unlabeled_criterion.mode == "cmcr":
             with torch.no_grad():
                 original = self.predict(self.normalize(unlabeled["image_original"]), text_embeddings.detach())
-                unlabeled = {**unlabeled, "targets": self.unlabeled_criterion.targets(original)}
+                unlabeled = {**unlabeled, "targets": self.unlabeled_criterion.targets(original, unlabeled["padding"])}
         weak = self.normalize(unlabeled["image_weak"])
         strong = self.normalize(unlabeled["image_strong"])
         batch = weak.shape[0]
@@ -436,6 +438,7 @@ class HVLFormer(nn.Module):
             outputs = self.predict(images.tensor, text_embeddings, presence)
             losses = self.supervised_losses(outputs, labels, text_embeddings, images.tensor)
             if unlabeled is not None:
+                self.unlabeled_criterion.observe_labels(labels, self.ignore_value)  # distribution alignment
                 losses.update(self.unlabeled_losses(unlabeled, text_embeddings))
                 if "relevance" in outputs["htqg"]:
                     losses["stat_sre_mean_labeled"] = outputs["htqg"]["relevance"].detach().float().mean()

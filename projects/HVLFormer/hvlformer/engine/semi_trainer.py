@@ -86,7 +86,7 @@ class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
         else:
             teacher = self.teacher.model
             teacher_outputs = teacher.predict(teacher.normalize(original), teacher.encode_text())
-            batch["targets"] = core.unlabeled_criterion.targets(teacher_outputs)
+            batch["targets"] = core.unlabeled_criterion.targets(teacher_outputs, batch["padding"])
         return batch
 
     def run_step(self) -> None:

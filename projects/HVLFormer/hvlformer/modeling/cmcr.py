@@ -21,7 +21,7 @@ sigmoid(m_q)``, the inference output) normalised over the K classes, so it is a 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -116,10 +116,23 @@ class CMCRLoss(nn.Module):
     """All CMCR terms over all decoder layers; see the module docstring. Also the entropy alternative."""
 
     def __init__(self, confidence_threshold: float = 0.95, weak_weight: float = 0.5, strong_weight: float = 0.1,
-                 use_mask: bool = True, use_class: bool = True, use_align: bool = True, mode: str = "cmcr") -> None:
+                 use_mask: bool = True, use_class: bool = True, use_align: bool = True, mode: str = "cmcr",
+                 distribution_alignment_classes: int = 0, distribution_alignment_momentum: float = 0.99) -> None:
+        """``distribution_alignment_classes``: K to switch distribution alignment on (0 = off, the paper);
+        see :meth:`align_distribution`."""
         super().__init__()
         if mode not in ("cmcr", "entropy"):
             raise ValueError(f"SEMI.UNLABELED_LOSS must be 'cmcr' or 'entropy', got {mode!r}")
+        if not 0.0 <= distribution_alignment_momentum < 1.0:
+            raise ValueError(f"SEMI.DISTRIBUTION_ALIGNMENT_MOMENTUM must be in [0, 1), got {distribution_alignment_momentum}")
+        self.distribution_alignment = distribution_alignment_classes > 0
+        self.prior_momentum = distribution_alignment_momentum
+        if self.distribution_alignment:
+            # running class frequencies of the labeled pixels (checkpointed with the model) and the number
+            # of batches they have seen (the first batch is copied, like the EMA teacher's warm-up)
+            self.register_buffer("labeled_class_prior",
+                                 torch.full((distribution_alignment_classes,), 1.0 / distribution_alignment_classes))
+            self.register_buffer("prior_updates", torch.zeros((), dtype=torch.long))
         self.confidence_threshold = confidence_threshold
         self.weak_weight = weak_weight
         self.strong_weight = strong_weight
@@ -129,11 +142,48 @@ class CMCRLoss(nn.Module):
         self.mode = mode
 
     @torch.no_grad()
-    def targets(self, teacher_outputs: Dict) -> List[LayerTargets]:
-        """Detached per-layer targets from the original view's decoder outputs."""
-        return [LayerTargets(class_probability_maps(out["pred_logits"], out["pred_masks"]),
-                             out["pred_logits"].detach().float(), out["attn_maps"].detach().float())
-                for out in layer_outputs(teacher_outputs)]
+    def targets(self, teacher_outputs: Dict, padding: Optional[Tensor] = None) -> List[LayerTargets]:
+        """Detached per-layer targets from the original view's decoder outputs (``padding``: ``B x H x W``
+        bool, True = padded, left out of the distribution-alignment statistics)."""
+        targets = [LayerTargets(class_probability_maps(out["pred_logits"], out["pred_masks"]),
+                                out["pred_logits"].detach().float(), out["attn_maps"].detach().float())
+                   for out in layer_outputs(teacher_outputs)]
+        if self.distribution_alignment:
+            targets = [replace(t, probs=self.align_distribution(t.probs, padding)) for t in targets]
+        return targets
+
+    @torch.no_grad()
+    def observe_labels(self, labels: Tensor, ignore_value: int) -> None:
+        """Update the running labeled class frequencies from a labeled batch ``B x H x W`` (long, with
+        ``ignore_value``): ``prior = m_t * prior + (1 - m_t) * batch_frequencies`` with
+        ``m_t = min(m, 1 - 1 / (t + 1))``, so the first batch is copied."""
+        if not self.distribution_alignment:
+            return
+        num_classes = self.labeled_class_prior.numel()
+        valid = labels[(labels != ignore_value) & (labels >= 0) & (labels < num_classes)]
+        if valid.numel() == 0:
+            return
+        frequencies = torch.bincount(valid.flatten(), minlength=num_classes).float()
+        frequencies = (frequencies / frequencies.sum()).to(self.labeled_class_prior)
+        momentum = min(self.prior_momentum, 1.0 - 1.0 / (float(self.prior_updates) + 1.0))
+        self.labeled_class_prior.mul_(momentum).add_(frequencies, alpha=1.0 - momentum)
+        self.prior_updates += 1
+
+    def align_distribution(self, probs: Tensor, padding: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+        """Distribution alignment (ReMixMatch) of pseudo-label probabilities ``B x K x h x w``: every pixel's
+        distribution is multiplied by ``labeled_class_prior / mean_prediction`` and renormalised, where
+        ``mean_prediction`` (``K``) is the batch's mean distribution over its non-padded cells. A model that
+        predicts one class of a confusable pair for both (in ``shapes``: circle for triangle, cross for
+        square) then gives the under-predicted class its labeled share of the pseudo-labels, instead of
+        self-training reinforcing the majority class."""
+        if padding is None:
+            cells = probs.new_ones(probs.shape[0], 1, *probs.shape[-2:])
+        else:
+            cells = (~downsample_mask(padding.to(probs.device), probs.shape[-2:]))[:, None].float()
+        mean_prediction = (probs * cells).sum(dim=(0, 2, 3)) / cells.sum().clamp_min(1.0)
+        ratio = self.labeled_class_prior.to(probs) / mean_prediction.clamp_min(eps)
+        aligned = probs * ratio[None, :, None, None]
+        return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(eps)
 
     def forward(self, targets: List[LayerTargets], weak_outputs: Dict, strong_outputs: Dict, padding: Tensor,
                 cutmix_box: Tensor, mix_order: Tensor) -> Dict[str, Tensor]:
