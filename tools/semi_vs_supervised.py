@@ -42,9 +42,10 @@ def run(variant: str, seed: int, args: argparse.Namespace) -> float:
     config, extra = VARIANTS[variant]
     # semi runs are named by --semi-name, so several semi settings can share one folder (and its
     # supervised runs): semi_no_mask -> <semi-name>_no_mask
-    name = args.semi_name + variant[len("semi"):] if variant.startswith("semi") else variant
+    is_semi = variant.startswith("semi")
+    name = args.semi_name + variant[len("semi"):] if is_semi else variant
     out = args.output_dir / f"{name}_seed{seed}"
-    semi_opts = list(args.semi_opts) if variant.startswith("semi") else []
+    semi_opts = list(args.semi_opts) if is_semi else []
     opts = ["DATASETS.SHAPES.NUM_LABELED", str(args.num_labeled), "DATASETS.SHAPES.SEED", str(seed),
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "INPUT.CROP.SIZE", f"({args.image_size}, {args.image_size})",
             "INPUT.RESIZE_BASE", str(args.image_size), "SEED", str(seed), "SOLVER.MAX_ITER", str(args.iters),

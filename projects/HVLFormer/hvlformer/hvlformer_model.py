@@ -521,42 +521,29 @@ class HVLFormer(nn.Module):
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict[str, Any]], images: ImageList,
                   text_embeddings: Tensor) -> List[Dict[str, Tensor]]:
-        """Per image ``{"sem_seg": K x height x width}`` at the original size (``height``/``width`` keys)."""
-        if self.pixel_text_alignment:
-            return self.inference_with_alignment(batched_inputs, images, text_embeddings)
-        results = []
-        if self.sliding_window:
-            per_image = [self.sliding_window_scores(images.tensor[i, :, :h, :w], text_embeddings)
-                         for i, (h, w) in enumerate(images.image_sizes)]
-        else:
-            batch_scores = self._scores_for(images.tensor, text_embeddings)
-            per_image = [batch_scores[i, :, :h, :w] for i, (h, w) in enumerate(images.image_sizes)]
-        for scores, inputs, image_size in zip(per_image, batched_inputs, images.image_sizes):
-            height = inputs.get("height", image_size[0])
-            width = inputs.get("width", image_size[1])
-            results.append({"sem_seg": sem_seg_postprocess(scores, image_size, height, width)})
-        return results
-
-    @torch.no_grad()
-    def inference_with_alignment(self, batched_inputs: List[Dict[str, Any]], images: ImageList,
-                                 text_embeddings: Tensor) -> List[Dict[str, Tensor]]:
-        """``inference`` plus ``"pixel_text_alignment"`` (``E`` values, supplement eq. 10) per image,
-        computed from the same forward pass as the scores over each image's unpadded part; with sliding
-        windows, the windows of an image are averaged (see :mod:`hvlformer.evaluation.alignment`).
+        """Per image ``{"sem_seg": K x height x width}`` at the original size (``height``/``width`` keys),
+        plus ``"pixel_text_alignment"`` (``E`` values, supplement eq. 10) when ``pixel_text_alignment`` is
+        on: computed from the same forward pass as the scores, over each image's unpadded part; with
+        sliding windows, the windows of an image are averaged (see :mod:`hvlformer.evaluation.alignment`).
         """
         from .evaluation.alignment import ALIGNMENT_KEY
 
+        with_alignment = self.pixel_text_alignment
         if self.sliding_window:
-            per_image, alignment = zip(*(self._sliding_window(images.tensor[i, :, :h, :w], text_embeddings, True)
+            per_image, alignment = zip(*(self._sliding_window(images.tensor[i, :, :h, :w], text_embeddings,
+                                                              with_alignment)
                                          for i, (h, w) in enumerate(images.image_sizes)))
         else:
-            batch_scores, batch_alignment = self._scores_and_alignment(images.tensor, text_embeddings,
-                                                                       list(images.image_sizes))
+            batch_scores, batch_alignment = self._scores_and_alignment(
+                images.tensor, text_embeddings, list(images.image_sizes) if with_alignment else None)
             per_image = [batch_scores[i, :, :h, :w] for i, (h, w) in enumerate(images.image_sizes)]
-            alignment = list(batch_alignment)
+            alignment = list(batch_alignment) if with_alignment else [None] * len(per_image)
         results = []
         for scores, value, inputs, image_size in zip(per_image, alignment, batched_inputs, images.image_sizes):
             height = inputs.get("height", image_size[0])
             width = inputs.get("width", image_size[1])
-            results.append({"sem_seg": sem_seg_postprocess(scores, image_size, height, width), ALIGNMENT_KEY: value})
+            result = {"sem_seg": sem_seg_postprocess(scores, image_size, height, width)}
+            if with_alignment:
+                result[ALIGNMENT_KEY] = value
+            results.append(result)
         return results
