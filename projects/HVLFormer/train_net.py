@@ -9,13 +9,13 @@ Multi-GPU / multi-machine runs go through detectron2's ``launch`` (NCCL on GPUs,
 """
 from __future__ import annotations
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from hvlformer import build_trainer_class, setup_cfg
+from hvlformer.checkpoint import HVLFormerCheckpointer
 
 
 def main(args):
@@ -26,7 +26,8 @@ def main(args):
     trainer_class = build_trainer_class(cfg)
     if args.eval_only:
         model = trainer_class.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # strict: a checkpoint that leaves layers of this config's model untrained is an error
+        HVLFormerCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = trainer_class.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

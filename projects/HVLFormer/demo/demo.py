@@ -302,9 +302,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.input and not paths and not args.video_input:
         logger.error("no input image found")
         return 1
+    from hvlformer.checkpoint import CheckpointMismatchError, DamagedCheckpointError
+
     try:
         predictor = setup(args)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, CheckpointMismatchError, DamagedCheckpointError) as e:
         logger.error("%s", e)
         return 2
     os.makedirs(args.output, exist_ok=True)

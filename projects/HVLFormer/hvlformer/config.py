@@ -271,3 +271,16 @@ def add_hvlformer_config(cfg: CN) -> None:
     # mean cosine similarity between the refined textual queries and the per-pixel embeddings, and the
     # evaluator reports it (PixelTextAlignmentEvaluator, "pixel_text_alignment" in the results).
     cfg.TEST.PIXEL_TEXT_ALIGNMENT = False
+    # Inference scale outside the benchmark protocols: the demo, HVLFormerPredictor and the evaluation of
+    # datasets that are not built-in benchmarks (DATASETS.CUSTOM, register_sem_seg_folder, your own). The
+    # image is resized so that its short side is MIN_SIZE and its long side at most MAX_SIZE; the
+    # prediction is resized back to the input size. A 4000x3000 photo at full resolution costs minutes
+    # and GBs even with the tiny model and shows a dot-lattice artefact the model never saw in training.
+    # The built-in benchmarks (VOC, COCO-81, ADE20K, Cityscapes, shapes) keep the paper's protocol:
+    # INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST (0 = original size) and TEST.SLIDING_WINDOW.
+    cfg.TEST.INFERENCE_SCALE = CN()
+    # Short side in pixels; -1 = the training crop's short side (min of INPUT.CROP.SIZE); 0 = original size.
+    cfg.TEST.INFERENCE_SCALE.MIN_SIZE = -1
+    # Cap of the long side in pixels; -1 = the longest side seen in training
+    # (INPUT.RESIZE_BASE * max(INPUT.RESIZE_RATIO_RANGE)); 0 = no cap.
+    cfg.TEST.INFERENCE_SCALE.MAX_SIZE = -1
