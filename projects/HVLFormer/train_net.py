@@ -16,6 +16,7 @@ from detectron2.utils.logger import setup_logger
 
 from hvlformer import build_trainer_class, setup_cfg
 from hvlformer.checkpoint import HVLFormerCheckpointer
+from hvlformer.engine.trainer import check_datasets
 
 
 def main(args):
@@ -25,6 +26,7 @@ def main(args):
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hvlformer")
     trainer_class = build_trainer_class(cfg)
     if args.eval_only:
+        check_datasets(cfg, training=False)  # the evaluated datasets first (cheap), then the model
         model = trainer_class.build_model(cfg)
         # strict: a checkpoint that leaves layers of this config's model untrained is an error
         HVLFormerCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

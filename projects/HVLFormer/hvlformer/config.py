@@ -59,6 +59,18 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Unlabeled list (registered as "split_unlabeled"; a mask column is ignored); "" = none.
     cfg.DATASETS.SPLIT.UNLABELED_FILE = ""
 
+    # Up-front dataset check (hvlformer.data.check): before the model is built, every dataset the run uses
+    # must exist, and (ENABLED) every listed image and mask is read once, so that a corrupt file, a size
+    # mismatch or a label value outside [0, K) stops the run at the start with the full list of bad files,
+    # not hours into training. tools/check_dataset.py runs the same check alone.
+    cfg.DATASETS.CHECK = CN()
+    cfg.DATASETS.CHECK.ENABLED = True
+    # Processes reading the files (0 = all CPU cores).
+    cfg.DATASETS.CHECK.NUM_WORKERS = 0
+    # Cache of the files that passed, keyed by the file list and each file's size and modification time, so a
+    # second run is instant ("" = $HVLFORMER_CACHE_DIR, else ~/.cache/hvlformer).
+    cfg.DATASETS.CHECK.CACHE_DIR = ""
+
     # DistributedDataParallel: set True when a config leaves parameters out of the loss (e.g. a zero weight).
     cfg.MODEL.DDP_FIND_UNUSED_PARAMETERS = False
 

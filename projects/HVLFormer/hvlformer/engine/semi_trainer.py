@@ -22,7 +22,7 @@ from ..data import HVLFormerSemanticDatasetMapper
 from ..data.semi import RareClassSampler, UnlabeledViewsMapper, apply_cutmix, class_pixel_counts, repeat_to_length
 from .ema import EMATeacher, unwrap
 from .train_loop import GradScalerStateMixin, amp_dtype
-from .trainer import Trainer, wrap_ddp
+from .trainer import Trainer, check_datasets, wrap_ddp
 
 logger = logging.getLogger(__name__)
 UNLABELED_LOSSES = ("loss_cmcr_mask", "loss_cmcr_class", "loss_cmcr_align", "loss_entropy")
@@ -125,6 +125,7 @@ class SemiSupervisedTrainer(Trainer):
         if not cfg.DATASETS.TRAIN_LABELED or not cfg.DATASETS.TRAIN_UNLABELED:
             raise ValueError("semi-supervised training needs DATASETS.TRAIN_LABELED and DATASETS.TRAIN_UNLABELED")
         cfg = auto_scale_semi(cfg, comm.get_world_size())
+        check_datasets(cfg, training=True)  # datasets first (cheap), then the model (may download CLIP)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         labeled_loader, unlabeled_loader = self.build_semi_loaders(cfg)

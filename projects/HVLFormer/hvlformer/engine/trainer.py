@@ -19,11 +19,19 @@ from ..data import (
     register_shapes_from_cfg,
     register_split_files_from_cfg,
 )
+from ..data.check import check_datasets_from_cfg
 from ..data.semi import register_shapes_semi_split
 from ..evaluation import build_sem_seg_evaluator
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
 from .train_loop import AutocastTrainer, amp_dtype
+
+
+def check_datasets(cfg: CfgNode, training: bool = True) -> None:
+    """:func:`hvlformer.data.check.check_datasets_from_cfg` on the main process (the others wait)."""
+    if comm.is_main_process():
+        check_datasets_from_cfg(cfg, training=training)
+    comm.synchronize()
 
 
 def wrap_ddp(cfg: CfgNode, model):
@@ -43,6 +51,7 @@ class Trainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_datasets(cfg, training=True)  # datasets first (cheap), then the model (may download CLIP)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
