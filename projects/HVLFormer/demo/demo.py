@@ -65,6 +65,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="descriptions JSON for the --vocabulary names (default: the fallback template)")
     parser.add_argument("--heatmaps", action="store_true", help="also write <name>_heatmaps.png (one panel per class)")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay colours (0-1)")
+    parser.add_argument("--draw-background", action="store_true",
+                        help='also colour the "background" class in the overlay (default: left as the image)')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides, e.g. --opts MODEL.WEIGHTS model_final.pth (must come last)")
@@ -140,10 +142,31 @@ def read_vocabulary(value: str) -> Tuple[List[str], Optional[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ drawing
-def draw_overlay(image_rgb: np.ndarray, labels: np.ndarray, metadata, alpha: float = 0.5) -> np.ndarray:
-    """``H x W x 3`` uint8 RGB: the image with the labelled regions, their colours and names."""
+#: Class names drawn without colour in the overlay (unless --draw-background): a black "background"
+#: region at 50 % opacity used to dim every picture.
+BACKGROUND_NAMES = ("background",)
+
+
+def background_ids(class_names: Sequence[str]) -> List[int]:
+    """Ids of the classes named like :data:`BACKGROUND_NAMES` (case-insensitive)."""
+    return [i for i, name in enumerate(class_names) if str(name).strip().lower() in BACKGROUND_NAMES]
+
+
+def draw_overlay(image_rgb: np.ndarray, labels: np.ndarray, metadata, alpha: float = 0.5,
+                 skip: Optional[Sequence[int]] = None) -> np.ndarray:
+    """``H x W x 3`` uint8 RGB: the image with the labelled regions, their colours and names.
+
+    ``labels``: ``H x W`` class ids. The classes in ``skip`` (default: the background class, see
+    :func:`background_ids`) are not drawn, so the image shows through unchanged there, as detectron2's own
+    demos leave the classes they skip.
+    """
     from detectron2.utils.visualizer import Visualizer
 
+    classes = list(metadata.stuff_classes)
+    skip = background_ids(classes) if skip is None else list(skip)
+    if skip:
+        labels = labels.copy()
+        labels[np.isin(labels, skip)] = len(classes)  # ids >= K are not drawn by draw_sem_seg
     visualizer = Visualizer(image_rgb, metadata, scale=1.0)
     return visualizer.draw_sem_seg(labels, alpha=alpha).get_image()
 
@@ -204,7 +227,7 @@ def _report(message: str) -> None:
 
 
 def process_images(predictor, paths: Sequence[str], output: str, heatmaps: bool = False, alpha: float = 0.5,
-                   progress: bool = True) -> Tuple[List[str], List[Tuple[str, str]]]:
+                   progress: bool = True, skip: Optional[Sequence[int]] = None) -> Tuple[List[str], List[Tuple[str, str]]]:
     """Segment ``paths``; returns the written files and the ``(path, reason)`` of the skipped inputs."""
     from hvlformer.data import read_image_checked
 
@@ -220,7 +243,7 @@ def process_images(predictor, paths: Sequence[str], output: str, heatmaps: bool 
         try:
             prediction = predictor(image, format="RGB")
             overlay_path = os.path.join(output, f"{stem}_overlay.png")
-            save_rgb(draw_overlay(image, prediction.labels, predictor.metadata, alpha), overlay_path)
+            save_rgb(draw_overlay(image, prediction.labels, predictor.metadata, alpha, skip), overlay_path)
             labels_path = os.path.join(output, f"{stem}_labels.png")
             save_label_png(prediction.labels, labels_path)
             written += [overlay_path, labels_path]
@@ -235,7 +258,8 @@ def process_images(predictor, paths: Sequence[str], output: str, heatmaps: bool 
     return written, skipped
 
 
-def process_video(predictor, path: str, output: str, alpha: float = 0.5, progress: bool = True) -> str:
+def process_video(predictor, path: str, output: str, alpha: float = 0.5, progress: bool = True,
+                  skip: Optional[Sequence[int]] = None) -> str:
     """Segment every frame of a video; writes and returns ``<output>/<name>_overlay.mp4``."""
     capture = cv2.VideoCapture(path)
     if not os.path.isfile(path) or not capture.isOpened():
@@ -253,7 +277,7 @@ def process_video(predictor, path: str, output: str, alpha: float = 0.5, progres
                 break
             frame_rgb = np.ascontiguousarray(frame_bgr[:, :, ::-1])
             prediction = predictor(frame_rgb, format="RGB")
-            overlay = draw_overlay(frame_rgb, prediction.labels, predictor.metadata, alpha)
+            overlay = draw_overlay(frame_rgb, prediction.labels, predictor.metadata, alpha, skip)
             if writer is None:
                 height, width = overlay.shape[:2]
                 writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
@@ -311,13 +335,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     os.makedirs(args.output, exist_ok=True)
     logger.info("%d classes: %s", len(predictor.class_names), ", ".join(predictor.class_names))
+    skip = [] if args.draw_background else None  # None: the "background" class is not coloured
     written, skipped = process_images(predictor, paths, args.output, heatmaps=args.heatmaps, alpha=args.alpha,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, skip=skip)
     skipped = list(problems) + skipped
     if args.video_input:
         try:
             written.append(process_video(predictor, args.video_input, args.output, args.alpha,
-                                         progress=not args.no_progress))
+                                         progress=not args.no_progress, skip=skip))
         except (OSError, ValueError) as e:
             skipped.append((args.video_input, str(e)))
             logger.error("SKIPPED %s: %s", args.video_input, e)
