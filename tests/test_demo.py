@@ -98,8 +98,8 @@ def test_vocabulary_replaces_classes_in_the_outputs(inputs, tmp_path, capsys, ca
     out = tmp_path / "out"
     drawn = []
     original = demo.draw_overlay
-    monkeypatch.setattr(demo, "draw_overlay", lambda img, labels, meta, alpha: drawn.append(meta) or original(
-        img, labels, meta, alpha))
+    monkeypatch.setattr(demo, "draw_overlay", lambda img, labels, meta, alpha, skip=None: drawn.append(meta) or original(
+        img, labels, meta, alpha, skip))
     code, err = run(["--config-file", CONFIG, "--input", str(inputs / "shapes_0.png"), "--output", str(out),
                      "--vocabulary", "cat, dog, grass", "--heatmaps",
                      "--opts", *SMALL, "MODEL.HVLFORMER.CLASSIFIER", "text"], capsys)

@@ -7,8 +7,9 @@
 
 Per input image ``<name>`` (the file name without extension; made unique when two inputs share it):
 
-- ``<name>_overlay.png``: the image with the segmentation drawn over it (detectron2 ``Visualizer.draw_sem_seg``,
-  the dataset's palette and class names), the size of the input image;
+- ``<name>_overlay.png``: the image with the segmentation drawn over it (the look of detectron2's
+  ``Visualizer.draw_sem_seg``: the dataset's palette and class names; the background class is left
+  uncoloured unless ``--draw-background``), the size of the input image;
 - ``<name>_labels.png``: the label map, one 8-bit grey value per pixel = the class id (16-bit when there are
   more than 256 classes); read it back with PIL / ``cv2.IMREAD_UNCHANGED``;
 - ``<name>_heatmaps.png`` (``--heatmaps``): one panel per class with its per-pixel probability, the class
@@ -154,21 +155,48 @@ def background_ids(class_names: Sequence[str]) -> List[int]:
 
 def draw_overlay(image_rgb: np.ndarray, labels: np.ndarray, metadata, alpha: float = 0.5,
                  skip: Optional[Sequence[int]] = None) -> np.ndarray:
-    """``H x W x 3`` uint8 RGB: the image with the labelled regions, their colours and names.
+    """``H x W x 3`` uint8 RGB: the image with the labelled regions filled in their colour at ``alpha``,
+    outlined in off-white and named at the centre of their largest part (the look of detectron2's
+    ``Visualizer.draw_sem_seg``, drawn with NumPy/OpenCV at the image's own resolution: the Visualizer
+    took 11 s and 1.4 GB for a 4000x3000 photo).
 
-    ``labels``: ``H x W`` class ids. The classes in ``skip`` (default: the background class, see
-    :func:`background_ids`) are not drawn, so the image shows through unchanged there, as detectron2's own
-    demos leave the classes they skip.
+    ``labels``: ``H x W`` class ids into ``metadata.stuff_classes`` / ``stuff_colors``; ids outside them are
+    not drawn. The classes in ``skip`` (default: the background class, :func:`background_ids`) are not
+    drawn either, so the image shows through unchanged there, as detectron2's demos leave the classes they
+    skip.
     """
-    from detectron2.utils.visualizer import Visualizer
-
     classes = list(metadata.stuff_classes)
-    skip = background_ids(classes) if skip is None else list(skip)
-    if skip:
-        labels = labels.copy()
-        labels[np.isin(labels, skip)] = len(classes)  # ids >= K are not drawn by draw_sem_seg
-    visualizer = Visualizer(image_rgb, metadata, scale=1.0)
-    return visualizer.draw_sem_seg(labels, alpha=alpha).get_image()
+    colors = np.asarray(metadata.stuff_colors, dtype=np.float32).reshape(-1, 3)
+    skip = set(background_ids(classes) if skip is None else skip)
+    drawn = [k for k in np.unique(labels) if 0 <= k < len(classes) and k not in skip]
+    out = image_rgb.astype(np.float32)
+    height, width = labels.shape
+    thickness = max(1, round(min(height, width) / 500))
+    font_scale = max(0.4, min(height, width) / 800)
+    regions = []
+    for k in drawn:
+        mask = labels == k
+        out[mask] = out[mask] * (1.0 - alpha) + colors[k] * alpha
+        regions.append((k, mask))
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    for k, mask in regions:
+        mask8 = mask.astype(np.uint8)
+        contours, _ = cv2.findContours(mask8, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (240, 240, 240), thickness, lineType=cv2.LINE_AA)
+        count, components, stats, centroids = cv2.connectedComponentsWithStats(mask8, connectivity=8)
+        if count < 2:
+            continue
+        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        if stats[largest, cv2.CC_STAT_AREA] < 0.001 * height * width:
+            continue  # too small to carry a name
+        text = str(classes[k])
+        (text_w, text_h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        x = int(np.clip(centroids[largest][0] - text_w / 2, 0, max(width - text_w, 0)))
+        y = int(np.clip(centroids[largest][1] + text_h / 2, text_h, height - 1))
+        light = tuple(int(v) for v in np.clip(colors[k] * 0.4 + 255 * 0.6, 0, 255))  # a lighter class colour
+        cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+        cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, light, thickness, cv2.LINE_AA)
+    return out
 
 
 def save_label_png(labels: np.ndarray, path: str) -> None:
@@ -210,7 +238,8 @@ def draw_heatmaps(probabilities: np.ndarray, class_names: Sequence[str], path: s
 
 
 def save_rgb(image_rgb: np.ndarray, path: str) -> None:
-    Image.fromarray(image_rgb).save(path)
+    """PNG with light compression (level 1): 1 s instead of 5 s for a 4000x3000 overlay, ~20 % larger."""
+    Image.fromarray(image_rgb).save(path, compress_level=1)
 
 
 # ------------------------------------------------------------------------------------------------ running
