@@ -288,8 +288,8 @@ def add_hvlformer_config(cfg: CN) -> None:
     # image is resized so that its short side is MIN_SIZE and its long side at most MAX_SIZE; the
     # prediction is resized back to the input size. A 4000x3000 photo at full resolution costs minutes
     # and GBs even with the tiny model and shows a dot-lattice artefact the model never saw in training.
-    # The built-in benchmarks (VOC, COCO-81, ADE20K, Cityscapes, shapes) keep the paper's protocol:
-    # INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST (0 = original size) and TEST.SLIDING_WINDOW.
+    # The built-in benchmarks (VOC, COCO-81, ADE20K, Cityscapes, shapes) keep the paper's protocol: the
+    # original size, with TEST.SLIDING_WINDOW where the config enables it (Cityscapes).
     cfg.TEST.INFERENCE_SCALE = CN()
     # Short side in pixels; -1 = the training crop's short side (min of INPUT.CROP.SIZE); 0 = original size.
     cfg.TEST.INFERENCE_SCALE.MIN_SIZE = -1

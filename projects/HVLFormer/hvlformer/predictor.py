@@ -19,8 +19,8 @@ Decisions:
   training crop size, ``min(INPUT.CROP.SIZE)``, and the long side at most the longest side seen in
   training, ``INPUT.RESIZE_BASE * max(INPUT.RESIZE_RATIO_RANGE)``; ``MIN_SIZE 0`` = original size) and
   the scores are resized back to the input size. A 4000x3000 photo at full resolution took minutes and
-  GBs with the tiny model and showed a dot-lattice artefact; the benchmark protocols
-  (``INPUT.MIN_SIZE_TEST``, sliding windows) are for evaluating the built-in datasets.
+  GBs with the tiny model and showed a dot-lattice artefact; the benchmark protocols (original size,
+  sliding windows) are for evaluating the built-in datasets.
 - **Scores and probabilities**: the model's class scores are Mask2Former's semantic scores
   ``sum_q softmax(class)_k * sigmoid(mask)`` (non-negative; up to E where the E query levels of a class
   agree). ``labels`` is their argmax. ``probabilities`` divides them by their sum over the classes at each

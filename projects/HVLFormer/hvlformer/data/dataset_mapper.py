@@ -13,10 +13,10 @@ Training geometry follows the UniMatch protocol (paper section 4 / spec 3.2):
 3. horizontal flip (p = 0.5);
 4. padding to ``INPUT.SIZE_DIVISIBILITY`` (image 0, label ignore), a no-op for the usual crop sizes.
 
-Test mode (``is_train=False``) applies no padding (the model pads internally) and one resize, from
-:func:`inference_resize`: a built-in benchmark (metadata ``benchmark_protocol``) keeps the paper's protocol
-(``INPUT.MIN_SIZE_TEST``, 0 = original size); any other dataset (your own data) is evaluated at
-``TEST.INFERENCE_SCALE`` (by default the training crop's short side, long side capped). The label is never
+Test mode (``is_train=False``) applies no padding (the model pads internally). A built-in benchmark
+(metadata ``benchmark_protocol``) keeps the paper's protocol: the original size (sliding windows, where the
+config enables them, run inside the model), as does a mapper built without a dataset; any other named
+dataset (your own data) is resized by :func:`inference_resize` to ``TEST.INFERENCE_SCALE`` (by default the training crop's short side, long side capped). The label is never
 resized and ``"height"`` / ``"width"`` stay the original size, to which the model resizes its prediction. Both modes read with the checks of :mod:`hvlformer.data.validation`:
 missing/corrupt image files, multi-channel labels, image/label size mismatches and (with
 ``INPUT.VALIDATE_LABELS``) label values outside ``[0, K)`` other than the ignore label are clear errors.
@@ -217,14 +217,11 @@ def inference_scale(cfg) -> Tuple[int, int]:
     return short, cap
 
 
-def inference_resize(cfg, dataset_name: Optional[str] = None) -> Optional[T.ResizeShortestEdge]:
-    """The test-time resize: for a built-in benchmark ``dataset_name`` the paper protocol
-    (``INPUT.MIN_SIZE_TEST`` / ``INPUT.MAX_SIZE_TEST``), otherwise (``None``: the demo and the predictor;
-    your own datasets) ``TEST.INFERENCE_SCALE``. ``None`` = original size."""
-    if dataset_name is not None and is_benchmark_dataset(dataset_name):
-        short, cap = int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST)
-    else:
-        short, cap = inference_scale(cfg)
+def inference_resize(cfg) -> Optional[T.ResizeShortestEdge]:
+    """The resize of ``TEST.INFERENCE_SCALE`` (the demo, the predictor, your own datasets); ``None`` =
+    original size. The built-in benchmarks do not use it: they are evaluated at the original size (with
+    ``TEST.SLIDING_WINDOW`` where the config enables it), the paper's protocol."""
+    short, cap = inference_scale(cfg)
     if short <= 0:
         return None
     return T.ResizeShortestEdge([short, short], cap if cap > 0 else sys.maxsize)
@@ -283,8 +280,11 @@ class HVLFormerSemanticDatasetMapper:
             augs = build_train_geometry_augmentations(cfg, ignore_label, cfg.INPUT.FORMAT)
         else:
             if dataset_name is None:  # the first test dataset of the config
-                dataset_name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else ""
-            resize = inference_resize(cfg, dataset_name)
+                dataset_name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
+            # a named dataset that is not a built-in benchmark is the user's own data: TEST.INFERENCE_SCALE;
+            # the benchmarks (and a mapper without a dataset) keep the original size, the paper's protocol
+            user_data = dataset_name is not None and not is_benchmark_dataset(dataset_name)
+            resize = inference_resize(cfg) if user_data else None
             augs = [resize] if resize is not None else []
         return {
             "is_train": is_train,
