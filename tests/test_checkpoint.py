@@ -55,7 +55,7 @@ def test_strict_load_names_the_uninitialised_layers_and_the_saved_config(text_ch
     with pytest.raises(CheckpointMismatchError) as info:
         HVLFormerCheckpointer(model, strict=True).load(str(text_checkpoint))
     message = str(info.value)
-    assert "transformer_decoder.class_embed (weight, bias)" in message
+    assert "transformer_decoder.class_embed (bias, weight)" in message
     assert "randomly initialised" in message
     assert f"--config-file {text_checkpoint.parent / 'config.yaml'}" in message
     # the matching config loads without complaint and gives the same weights
@@ -90,7 +90,7 @@ def test_fine_tuning_is_permissive_with_one_summary_line(tmp_path, caplog):
         HVLFormerCheckpointer(model).load(str(tmp_path / "base.pth"))
     torch.testing.assert_close(model.extra.weight, before)  # fresh layer kept
     lines = [r.getMessage() for r in caplog.records if "fine-tuning from" in r.getMessage()]
-    assert len(lines) == 1 and "4 of 6 model tensors loaded" in lines[0] and "extra (weight, bias)" in lines[0]
+    assert len(lines) == 1 and "4 of 6 model tensors loaded" in lines[0] and "extra (bias, weight)" in lines[0]
     assert not [r for r in caplog.records if "not found in the checkpoint" in r.getMessage()]
 
 
@@ -151,5 +151,5 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
 
 def test_group_layers():
     keys = ["a.b.weight", "a.b.bias", "c.w1", "c.w2", "c.w3", "c.w4"]
-    assert group_layers(keys) == "a.b (weight, bias); c (4 tensors)"
-    assert group_layers(keys, limit=1) == "a.b (weight, bias); ... and 1 more layers"
+    assert group_layers(keys) == "a.b (bias, weight); c (4 tensors)"
+    assert group_layers(keys, limit=1) == "a.b (bias, weight); ... and 1 more layers"

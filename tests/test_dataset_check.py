@@ -12,7 +12,7 @@ from PIL import Image
 from hvlformer import setup_cfg
 from hvlformer.data import register_sem_seg_folder
 from hvlformer.data import check as check_module
-from hvlformer.data.check import DatasetCheckError, check_dataset_dicts, check_datasets_from_cfg
+from hvlformer.data.check import DatasetCheckError, check_dataset_dicts
 
 CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
 ROOT = Path(__file__).resolve().parents[1]

@@ -48,10 +48,10 @@ class DamagedCheckpointError(RuntimeError):
 
 
 def group_layers(keys: Iterable[str], limit: int = 12) -> str:
-    """``"a.b (weight, bias); c (3 tensors)"``: state-dict keys grouped by their module (all but the last
-    dotted part), at most ``limit`` modules then ``"... and N more"``."""
+    """``"a.b (bias, weight); c (4 tensors)"``: state-dict keys, sorted, grouped by their module (all but the
+    last dotted part), at most ``limit`` modules then ``"... and N more layers"``."""
     groups: "OrderedDict[str, List[str]]" = OrderedDict()
-    for key in keys:
+    for key in sorted(keys):
         module, _, leaf = key.rpartition(".")
         groups.setdefault(module or "(model)", []).append(leaf or key)
     parts = []
@@ -109,8 +109,6 @@ class HVLFormerCheckpointer(DetectionCheckpointer):
         save_dir: output folder of ``save`` / ``resume_or_load(resume=True)``.
         strict: raise :class:`CheckpointMismatchError` when the checkpoint leaves model tensors
             uninitialised (inference); ``False`` = fine-tuning: permissive, one summary line.
-        config_hint: the config file to suggest in the mismatch error; default: ``config.yaml`` next to the
-            checkpoint when it exists.
         **checkpointables: optimizer, scheduler, ... as in detectron2.
     """
 
@@ -141,12 +139,14 @@ class HVLFormerCheckpointer(DetectionCheckpointer):
     # ------------------------------------------------------------------ resuming
     def resume_candidates(self) -> List[str]:
         """Checkpoints to resume from, best first: the one named in ``last_checkpoint``, then every other
-        ``model_*.pth`` of ``save_dir`` from the newest iteration down."""
-        named = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        ``model_*.pth`` of ``save_dir`` from the newest iteration down. Empty without ``last_checkpoint``
+        (detectron2: nothing to resume, start from ``MODEL.WEIGHTS``)."""
+        if not self.has_checkpoint():
+            return []
+        named = self.get_checkpoint_file()
         others = [p for p in self.get_all_checkpoint_files() if _iteration_of(p) >= 0]
         others.sort(key=_iteration_of, reverse=True)
-        ordered = ([named] if named else []) + [p for p in others if os.path.abspath(p) != os.path.abspath(named or "")]
-        return ordered
+        return [named] + [p for p in others if os.path.abspath(p) != os.path.abspath(named)]
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """``resume``: the newest checkpoint of ``save_dir`` that loads (a warning names each damaged one);
