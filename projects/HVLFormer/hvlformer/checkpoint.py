@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import re
@@ -30,10 +29,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
-__all__ = ["HVLFormerCheckpointer", "CheckpointMismatchError", "DamagedCheckpointError", "group_layers", "atomic_torch_save",
-           "load_for_inference"]
+__all__ = ["HVLFormerCheckpointer", "CheckpointMismatchError", "DamagedCheckpointError", "group_layers",
+           "atomic_torch_save"]
 
-logger = logging.getLogger("hvlformer")
 #: Errors that ``torch.load`` raises for truncated, empty or otherwise damaged files.
 DAMAGED_CHECKPOINT_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
                              OSError, KeyError, AttributeError)
@@ -244,14 +242,9 @@ class HVLFormerCheckpointer(DetectionCheckpointer):
             self.logger.info("loaded all %d tensors of the model from %s", total, self._loading)
             return
         self.logger.warning(
-            "fine-tuning from %s: %d of %d model tensors loaded; %d not in the checkpoint or of another shape "
+            "%s %s: %d of %d model tensors loaded; %d not in the checkpoint or of another shape "
             "(initialised fresh: %s); %d checkpoint tensors unused%s",
-            self._loading, total - len(missing), total, len(missing), group_layers(missing, limit=4) or "-",
+            "loaded" if self.strict else "fine-tuning from", self._loading, total - len(missing), total,
+            len(missing), group_layers(missing, limit=4) or "-",
             len(incompatible.unexpected_keys),
             f" ({group_layers(incompatible.unexpected_keys, limit=4)})" if incompatible.unexpected_keys else "")
-
-
-def load_for_inference(model: torch.nn.Module, weights: str) -> None:
-    """Load ``weights`` into ``model`` strictly (every model tensor must come from the checkpoint)."""
-    HVLFormerCheckpointer(model, strict=True).load(weights)
-
