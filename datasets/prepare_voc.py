@@ -8,7 +8,10 @@ Input (``--src``, a folder holding the downloads or what they extract to):
 * ``benchmark.tgz`` (SBD) or its extracted ``benchmark_RELEASE/dataset/`` (``cls/*.mat``,
   ``train.txt``, ``val.txt``).
 
-``--voc`` / ``--sbd`` point at these elsewhere. Output under ``--root`` (default ``$DETECTRON2_DATASETS``,
+``--voc`` / ``--sbd`` point at these elsewhere. ``--no-sbd`` prepares VOC 2012 alone (no SBD download): then
+``train_aug.txt`` is the 1,464 fine training images, so the unlabeled pool of a split is those 1,464 minus
+its labeled images (the 1,464 split has no unlabeled image) instead of the paper's 10,582-image pool; the
+paper's numbers need SBD. ``val`` (1,449) is the same either way. Output under ``--root`` (default ``$DETECTRON2_DATASETS``,
 else ``datasets``)::
 
     VOC2012/JPEGImages                       link to the VOC folder (--copy-images: a copy)
@@ -42,6 +45,11 @@ VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
 SBD_ARCHIVE = "benchmark.tgz"
 NUM_CLASSES = 21
 EXPECTED = {"train_aug": 10582, "train": 1464, "val": 1449}
+NO_SBD_NOTE = (
+    "NOTE: prepared without SBD (--no-sbd). train_aug.txt = the 1,464 VOC training images (not 10,582): "
+    "voc_train has 1,464 images, and the unlabeled pool of each split is these 1,464 minus its labeled images "
+    "(the 1,464 split has none left). val is the official 1,449. The paper's splits and numbers need SBD: "
+    "re-run with the SBD archive (benchmark.tgz) to get them.")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -55,12 +63,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sbd", default=None, help="SBD folder (benchmark_RELEASE or its dataset/) or archive, if not in --src")
     p.add_argument("--root", default=os.environ.get("DETECTRON2_DATASETS", "datasets"),
                    help="output root ($DETECTRON2_DATASETS)")
+    p.add_argument("--no-sbd", action="store_true",
+                   help="prepare VOC 2012 alone: train_aug = the 1,464 fine images (the paper's splits need SBD)")
     p.add_argument("--workers", type=int, default=None, help="conversion processes (default: min(8, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist")
     p.add_argument("--copy-images", action="store_true", help="copy JPEGImages instead of linking it")
     args = p.parse_args(argv)
-    if args.src is None and (args.voc is None or args.sbd is None):
-        p.error("give --src (the download folder), or both --voc and --sbd")
+    if args.no_sbd and args.sbd is not None:
+        p.error("--no-sbd and --sbd exclude each other")
+    if args.src is None and (args.voc is None or (args.sbd is None and not args.no_sbd)):
+        p.error("give --src (the download folder), or --voc and --sbd (or --voc and --no-sbd)")
     return args
 
 
@@ -134,29 +146,32 @@ def convert_one(job: Tuple[str, str, str, str, bool]) -> str:
     return kind
 
 
-def plan(voc: Path, sbd: Path, out_root: Path, overwrite: bool) -> Tuple[Dict[str, List[str]], List[tuple]]:
-    """Id lists and conversion jobs (``image, source annotation, kind, output, overwrite``)."""
+def plan(voc: Path, sbd: Optional[Path], out_root: Path, overwrite: bool) -> Tuple[Dict[str, List[str]], List[tuple]]:
+    """Id lists and conversion jobs (``image, source annotation, kind, output, overwrite``); ``sbd=None``:
+    VOC 2012 alone (``train_aug`` = the VOC train ids)."""
     from hvlformer.data.builtin import missing_source_error, require_dir
 
     seg_dir = voc / "ImageSets" / "Segmentation"
     voc_train = read_ids(seg_dir / "train.txt", "VOC ImageSets/Segmentation/train.txt")
     voc_val = read_ids(seg_dir / "val.txt", "VOC ImageSets/Segmentation/val.txt")
-    sbd_ids = read_ids(sbd / "train.txt", "SBD train.txt") + read_ids(sbd / "val.txt", "SBD val.txt")
+    sbd_ids = [] if sbd is None else (read_ids(sbd / "train.txt", "SBD train.txt")
+                                      + read_ids(sbd / "val.txt", "SBD val.txt"))
     val_set = set(voc_val)
     train_aug = sorted((set(sbd_ids) | set(voc_train)) - val_set)
     images = require_dir(voc / "JPEGImages", "VOC JPEGImages")
     voc_masks = require_dir(voc / "SegmentationClass", "VOC SegmentationClass")
-    sbd_cls = require_dir(sbd / "cls", "SBD cls")
+    sbd_cls = None if sbd is None else require_dir(sbd / "cls", "SBD cls")
     sbd_set = set(sbd_ids)
     jobs = []
     for i in sorted(set(train_aug) | val_set):
         image = images / f"{i}.jpg"
         if not image.is_file():
             raise missing_source_error(f"Image of {i}", [image])
-        png, mat = voc_masks / f"{i}.png", sbd_cls / f"{i}.mat"
+        png = voc_masks / f"{i}.png"
+        mat = sbd_cls / f"{i}.mat" if sbd_cls is not None else None
         if png.is_file():
             source, kind = png, "voc"
-        elif i in sbd_set and mat.is_file():
+        elif mat is not None and i in sbd_set and mat.is_file():
             source, kind = mat, "sbd"
         else:
             looked = [png] + ([mat] if i in sbd_set else [])
@@ -178,9 +193,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from hvlformer.data.builtin import default_workers, link_dir, run_jobs
 
     voc = locate_voc(args.voc, args.src)
-    sbd = locate_sbd(args.sbd, args.src)
+    if args.no_sbd:
+        sbd = None
+    else:
+        try:
+            sbd = locate_sbd(args.sbd, args.src)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}\nTo prepare VOC 2012 without SBD (1,464 training images instead of "
+                                    f"10,582; the paper's splits need SBD), add --no-sbd.") from e
     out_root = Path(args.root) / "VOC2012"
-    print(f"VOC 2012: {voc}\nSBD:      {sbd}\noutput:   {out_root}")
+    print(f"VOC 2012: {voc}\nSBD:      {sbd or 'not used (--no-sbd)'}\noutput:   {out_root}")
     lists, jobs = plan(voc, sbd, out_root, args.overwrite)
     done = link_dir(voc / "JPEGImages", out_root / "JPEGImages", copy=args.copy_images)
     print(f"JPEGImages: {done}")
@@ -189,9 +211,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_list(out_root / "ImageSets" / "Segmentation" / f"{name}.txt", ids)
     counts = {k: results.count(k) for k in ("voc", "sbd", "kept")}
     print(f"masks: {counts['voc']} from VOC, {counts['sbd']} from SBD, {counts['kept']} already there")
+    expected = dict(EXPECTED, train_aug=EXPECTED["train"]) if sbd is None else EXPECTED
     for name, ids in lists.items():
-        note = "" if len(ids) == EXPECTED[name] else f"  (the official archives give {EXPECTED[name]:,})"
+        note = "" if len(ids) == expected[name] else f"  (the official archives give {expected[name]:,})"
         print(f"{name}: {len(ids):,} images{note}")
+    if sbd is None:
+        print(NO_SBD_NOTE)
     print(f"done: {out_root}")
     return 0
 

@@ -134,7 +134,8 @@ def test_test_mode_keeps_original_size_and_labels(tmp_path):
     image = PALETTE[label]
     label[0, :5] = 255
     d = _write(tmp_path, image, label)
-    mapper = HVLFormerSemanticDatasetMapper(_cfg(crop=32, base=32), is_train=False)
+    cfg = _cfg(crop=32, base=32)
+    mapper = HVLFormerSemanticDatasetMapper(cfg, is_train=False)
     out = mapper(d)
     assert tuple(out["image"].shape) == (3, h, w) and (out["height"], out["width"]) == (h, w)
     np.testing.assert_array_equal(out["sem_seg"].numpy(), label.astype(np.int64))
@@ -144,6 +145,35 @@ def test_test_mode_keeps_original_size_and_labels(tmp_path):
     assert "sem_seg" not in out and (out["height"], out["width"]) == (h, w)
     # the input dict is not modified
     assert "image" not in d
+
+
+def test_test_scale_user_data_at_training_scale_benchmarks_unchanged(tmp_path):
+    """Own datasets are evaluated at TEST.INFERENCE_SCALE (short side = crop, long side capped at
+    RESIZE_BASE * 2); built-in benchmarks (metadata benchmark_protocol) keep the original size. The label and height/width stay at the original size in both cases."""
+    from hvlformer.data import inference_resize
+
+    h, w = 90, 300
+    label = _layout(h, w)
+    d = _write(tmp_path, PALETTE[label], label)
+    register_sem_seg_folder("t_scale_user", tmp_path / "img", tmp_path / "lbl", list("abcd"), image_ext=".png")
+    register_sem_seg_folder("t_scale_bench", tmp_path / "img", tmp_path / "lbl", list("abcd"), image_ext=".png")
+    MetadataCatalog.get("t_scale_bench").set(benchmark_protocol=True)
+    cfg = _cfg(crop=32, base=40, num_classes=4)
+    user = HVLFormerSemanticDatasetMapper(cfg, is_train=False, dataset_name="t_scale_user")(d)
+    assert tuple(user["image"].shape) == (3, 24, 80)  # short side 32 -> long 107 > cap 80 -> 80 x 24
+    assert (user["height"], user["width"]) == (h, w) and tuple(user["sem_seg"].shape) == (h, w)
+    bench = HVLFormerSemanticDatasetMapper(cfg, is_train=False, dataset_name="t_scale_bench")(d)
+    assert tuple(bench["image"].shape) == (3, h, w)
+    # without a dataset name the config's first test dataset decides
+    cfg.DATASETS.TEST = ("t_scale_bench",)
+    assert tuple(HVLFormerSemanticDatasetMapper(cfg, is_train=False)(d)["image"].shape) == (3, h, w)
+    cfg.DATASETS.TEST = ("t_scale_user",)
+    assert tuple(HVLFormerSemanticDatasetMapper(cfg, is_train=False)(d)["image"].shape) == (3, 24, 80)
+    cfg.TEST.INFERENCE_SCALE.MIN_SIZE = 0  # switched off: original size for own data too
+    assert inference_resize(cfg) is None
+    assert tuple(HVLFormerSemanticDatasetMapper(cfg, is_train=False)(d)["image"].shape) == (3, h, w)
+    for name in ("voc_val", "cityscapes_val", "coco81_val", "ade20k_val", "shapes_val"):
+        assert MetadataCatalog.get(name).benchmark_protocol is True
 
 
 def test_bgr_format(tmp_path):

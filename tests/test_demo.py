@@ -98,8 +98,8 @@ def test_vocabulary_replaces_classes_in_the_outputs(inputs, tmp_path, capsys, ca
     out = tmp_path / "out"
     drawn = []
     original = demo.draw_overlay
-    monkeypatch.setattr(demo, "draw_overlay", lambda img, labels, meta, alpha: drawn.append(meta) or original(
-        img, labels, meta, alpha))
+    monkeypatch.setattr(demo, "draw_overlay", lambda img, labels, meta, alpha, skip=None: drawn.append(meta) or original(
+        img, labels, meta, alpha, skip))
     code, err = run(["--config-file", CONFIG, "--input", str(inputs / "shapes_0.png"), "--output", str(out),
                      "--vocabulary", "cat, dog, grass", "--heatmaps",
                      "--opts", *SMALL, "MODEL.HVLFORMER.CLASSIFIER", "text"], capsys)
@@ -147,3 +147,26 @@ def test_output_names_are_unique():
     assert demo.output_stems(["a/x.jpg", "b/x.png", "c/y.jpg"]) == ["a_x", "b_x", "y"]
     assert demo.output_stems(["d/x.jpg", "d/x.png", "d/y.jpg"]) == ["d_x_jpg", "d_x_png", "y"]
     assert demo.output_stems(["x.jpg", "./x.jpg"]) == [f"{Path.cwd().name}_x_jpg_1", f"{Path.cwd().name}_x_jpg_2"]
+
+
+def test_overlay_leaves_the_background_class_uncoloured():
+    """The background class is not drawn (it used to be black at 50 % over every picture); others are."""
+    from detectron2.data.catalog import Metadata
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    metadata = Metadata(name="overlay_test", stuff_classes=["background", "cat", "dog"],
+                        stuff_colors=[[0, 0, 0], [255, 0, 0], [0, 0, 255]])
+    labels = np.zeros((60, 80), np.int64)
+    np.testing.assert_array_equal(demo.draw_overlay(image, labels, metadata), image)
+    labels[10:40, 20:60] = 1
+    overlay = demo.draw_overlay(image, labels, metadata).astype(int)
+    outside = np.ones((60, 80), bool)
+    outside[5:45, 15:65] = False  # the region, its edge and its text label
+    np.testing.assert_array_equal(overlay[outside], image[outside])
+    inside = overlay[12:18, 22:30] - image[12:18, 22:30]  # a corner of the region, away from its name
+    assert inside[..., 0].mean() > 20 and inside[..., 2].mean() < 0  # tinted red
+    # --draw-background: colours it as before
+    dimmed = demo.draw_overlay(image, np.zeros((60, 80), np.int64), metadata, skip=[]).astype(int)
+    assert dimmed.mean() < image.mean() - 20
+    assert demo.background_ids(["Background", "cat"]) == [0] and demo.background_ids(["road"]) == []

@@ -116,6 +116,15 @@ def test_errors_for_bad_predictions_and_labels(tiny_dataset, tmp_path):
     lbl = labels[inp["file_name"]]
     with pytest.raises(ValueError, match="original image size"):
         evaluator.process([inp], [{"sem_seg": _onehot(lbl[:-1], 4)}])
+    # an H x W label map instead of K x H x W scores: says what it expects (was a NumPy broadcast error)
+    with pytest.raises(ValueError, match=r"shape \(\d+, \d+\); HVLSemSegEvaluator.process expects K x H x W class "
+                                         r"scores with K = 4.*label map.*one_hot"):
+        evaluator.process([inp], [{"sem_seg": torch.as_tensor(lbl, dtype=torch.long)}])
+    with pytest.raises(ValueError, match="K = 4"):
+        evaluator.process([inp], [_onehot(lbl, 5)])
+    # NumPy scores are accepted
+    evaluator.process([inp], [{"sem_seg": _onehot(lbl, 4).numpy()}])
+    evaluator.reset()
     # a label value >= K that is not the ignore label is reported with the file name
     bad = lbl.copy()
     bad[1, 1] = 9

@@ -73,9 +73,95 @@ def test_bad_inputs_are_clear_errors(linear_predictor, tmp_path):
         linear_predictor(np.zeros((4, 5, 2), np.uint8))
 
 
-def test_min_size_test_resizes_internally_but_not_the_output(single_thread):
-    predictor = make_predictor("INPUT.MIN_SIZE_TEST", "32", "INPUT.MAX_SIZE_TEST", "64")
-    check_prediction(predictor(np.zeros((48, 96, 3), np.uint8)), 48, 96, 6)
+def _model_input_sizes(predictor, image, **kwargs):
+    """(height, width) of the tensor the model gets, and the prediction."""
+    seen = []
+    forward = predictor.model.forward
+
+    def spy(batched_inputs, *args, **kw):
+        seen.append(tuple(batched_inputs[0]["image"].shape[-2:]))
+        assert batched_inputs[0]["image"].is_contiguous()
+        return forward(batched_inputs, *args, **kw)
+
+    predictor.model.forward = spy
+    try:
+        result = predictor(image, **kwargs)
+    finally:
+        del predictor.model.forward
+    return seen[0], result
+
+
+def test_inference_scale_defaults_to_the_training_scale(linear_predictor):
+    """A large photo is segmented at the training crop's short side (128 for the tiny config), long side
+    capped at RESIZE_BASE * 2 = 256, and the result mapped back to the input size."""
+    size, result = _model_input_sizes(linear_predictor, np.zeros((300, 400, 3), np.uint8))
+    assert size == (128, 171)
+    check_prediction(result, 300, 400, 6)
+    size, _ = _model_input_sizes(linear_predictor, np.zeros((100, 1000, 3), np.uint8))
+    assert size == (26, 256)  # long side capped
+    # the benchmark protocol keys do not change the predictor's scale
+    predictor = make_predictor("INPUT.MIN_SIZE_TEST", "0")
+    assert _model_input_sizes(predictor, np.zeros((300, 400, 3), np.uint8))[0] == (128, 171)
+
+
+def test_inference_scale_can_be_set_or_switched_off(single_thread):
+    predictor = make_predictor("TEST.INFERENCE_SCALE.MIN_SIZE", "32", "TEST.INFERENCE_SCALE.MAX_SIZE", "64")
+    size, result = _model_input_sizes(predictor, np.zeros((48, 96, 3), np.uint8))
+    assert size == (32, 64)
+    check_prediction(result, 48, 96, 6)
+    predictor = make_predictor("TEST.INFERENCE_SCALE.MIN_SIZE", "0")  # original size
+    assert _model_input_sizes(predictor, np.zeros((48, 96, 3), np.uint8))[0] == (48, 96)
+
+
+def test_sixteen_bit_and_other_depths_are_scaled_not_clipped(linear_predictor, tmp_path):
+    """A 16-bit grey PNG read as 8 bit (not clipped to white); arrays of other depths likewise."""
+    import cv2
+    from PIL import Image
+
+    from hvlformer.data import read_image_checked
+
+    ramp = np.linspace(0, 65535, 40 * 60).reshape(40, 60).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "grey16.png"), ramp)
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    image = read_image_checked(tmp_path / "grey16.png")
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+    assert np.abs(image[:, :, 0].astype(int) - expected).max() <= 1 and (image[:, :, 0] == image[:, :, 2]).all()
+    assert 120 < image.mean() < 135  # a ramp, not "nearly all white"
+    colour = (np.random.default_rng(0).random((20, 30, 3)) * 65535).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "colour16.png"), colour)  # BGR on disk
+    rgb = read_image_checked(tmp_path / "colour16.png")
+    assert np.abs(rgb.astype(int) - colour[:, :, ::-1] // 257).max() <= 1
+    Image.fromarray((ramp / 65535.0).astype(np.float32)).save(tmp_path / "float.tif")
+    assert np.abs(read_image_checked(tmp_path / "float.tif")[:, :, 0].astype(int) - expected).max() <= 1
+    # the predictor accepts the same depths as arrays and refuses values it cannot place
+    a = linear_predictor(ramp)
+    b = linear_predictor(expected)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    with pytest.raises(ValueError, match="outside 0..65535"):
+        linear_predictor(np.full((8, 8, 3), 70000, np.int32))
+    with pytest.raises(ValueError, match=r"neither in \[0, 1\] nor in \[0, 255\]"):
+        linear_predictor(np.full((8, 8, 3), 300.0, np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        linear_predictor(np.full((8, 8, 3), np.nan, np.float32))
+
+
+def test_read_only_inputs_reach_torch_as_writable_arrays(linear_predictor, monkeypatch):
+    """No "The given NumPy array is not writable" warning: torch only gets owned, writable arrays."""
+    from PIL import Image
+
+    def checked(real):
+        def convert(data, *args, **kwargs):
+            assert not isinstance(data, np.ndarray) or data.flags.writeable, "read-only array handed to torch"
+            return real(data, *args, **kwargs)
+        return convert
+
+    monkeypatch.setattr(torch, "from_numpy", checked(torch.from_numpy))
+    monkeypatch.setattr(torch, "as_tensor", checked(torch.as_tensor))
+    photo = Image.open(PHOTO)
+    read_only = np.asarray(photo)
+    assert not read_only.flags.writeable
+    for image, fmt in [(photo, "RGB"), (read_only, "RGB"), (read_only, "BGR"), (PHOTO, "RGB")]:
+        linear_predictor(image, format=fmt).probabilities
 
 
 def test_vocabulary_swap_changes_channels_names_and_palette(text_predictor):

@@ -128,6 +128,36 @@ def test_voc_paper_style_split_draws_from_the_fine_set(tmp_path, restore_builtin
     assert evaluate_perfect("voc_1_seed0_labeled")["mIoU"] == pytest.approx(100.0)
 
 
+def test_voc_without_sbd(tmp_path, restore_builtin, capsys):
+    """VOC 2012 alone: refused with a pointer to --no-sbd, then prepared with train_aug = the fine set."""
+    import shutil
+
+    src, root = tmp_path / "downloads", tmp_path / "datasets"
+    truth = make_fake_voc(src, as_tar=True)
+    shutil.rmtree(src / "benchmark_RELEASE")
+    with pytest.raises(FileNotFoundError, match="--no-sbd"):
+        run(src, root)
+    assert run(src, root, "--no-sbd") == 0
+    out = root / "VOC2012"
+    lists = {n: (out / "ImageSets" / "Segmentation" / f"{n}.txt").read_text().split() for n in ("train_aug", "train", "val")}
+    assert lists == {"train_aug": VOC_TRAIN, "train": VOC_TRAIN, "val": VOC_VAL}
+    assert sorted(p.stem for p in (out / "SegmentationClassAug").iterdir()) == sorted(VOC_TRAIN + VOC_VAL)
+    for i in VOC_TRAIN + VOC_VAL:
+        np.testing.assert_array_equal(read(out / "SegmentationClassAug" / f"{i}.png"), truth[i], err_msg=i)
+    printed = capsys.readouterr().out
+    assert "masks: 4 from VOC, 0 from SBD" in printed and "prepared without SBD" in printed
+    assert "train_aug: 2 images  (the official archives give 1,464)" in printed  # not 10,582 without SBD
+    # the unlabeled pool of a split is the fine set minus its labeled images
+    register_builtin_datasets(root=root, datasets=["voc"], split_counts={"voc": [1]})
+    lab = DatasetCatalog.get("voc_1_seed0_labeled")
+    unl = DatasetCatalog.get("voc_1_seed0_unlabeled")
+    assert len(DatasetCatalog.get("voc_train")) == 2 and len(DatasetCatalog.get("voc_val")) == 2
+    assert sorted(d["image_id"] for d in lab + unl) == VOC_TRAIN and len(unl) == 1
+    with pytest.raises(SystemExit):
+        voc_script.parse_args(["--voc", str(src), "--sbd", "x", "--no-sbd"])
+    assert voc_script.parse_args(["--voc", str(src), "--no-sbd"]).no_sbd
+
+
 def test_sbd_mat_reader(tmp_path):
     seg = np.array([[0, 1, 20], [5, 5, 0]], dtype=np.uint8)
     scipy.io.savemat(tmp_path / "a.mat", {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(1)}})

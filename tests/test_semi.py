@@ -1,6 +1,7 @@
 """Semi-supervised pieces (SPEC 3): views, CutMix, CMCR, EMA, labeled repetition, rare-class sampling,
 and short in-process runs of the SemiSupervisedTrainer (losses decrease, resume restores everything)."""
 import argparse
+import logging
 import math
 
 import numpy as np
@@ -421,3 +422,27 @@ def test_distribution_alignment_in_a_semi_step(tmp_path):
     assert int(criterion.labeled_class_prior.argmax()) == 0
     with pytest.raises(ValueError, match="DISTRIBUTION_ALIGNMENT_MOMENTUM"):
         C.CMCRLoss(distribution_alignment_classes=3, distribution_alignment_momentum=1.0)
+
+
+def test_console_line_shows_the_semi_supervised_statistics(tmp_path, caplog):
+    """confident_fraction, the SRE means and the CMCR terms are in the console line, not only metrics.json."""
+    from detectron2.utils.events import CommonMetricPrinter
+
+    from hvlformer.engine.semi_trainer import SemiMetricPrinter
+
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "5")
+    trainer.resume_or_load(resume=False)
+    printers = [w for w in trainer.build_writers() if isinstance(w, CommonMetricPrinter)]
+    assert len(printers) == 1 and isinstance(printers[0], SemiMetricPrinter)
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        trainer._trainer.run_step()
+        storage.put_scalar("lr", 1e-4)
+        printers[0].logger = logging.getLogger("hvlformer.test_console")  # detectron2's does not propagate
+        with caplog.at_level(logging.INFO):
+            printers[0].write()
+    lines = [r.getMessage() for r in caplog.records if "iter: 0" in r.getMessage()]
+    assert len(lines) == 1
+    for key in ("loss_cmcr_mask: ", "loss_cmcr_class: ", "loss_cmcr_align: ", "confident_fraction: ",
+                "sre_mean_labeled: ", "sre_mean_unlabeled: ", "lr: 0.0001"):
+        assert key in lines[0], (key, lines[0])

@@ -76,6 +76,31 @@ def test_resume_continues_from_last_iteration(trained, tmp_path):
     assert iterations and min(iterations) >= 100 and max(iterations) == 109
 
 
+def test_resume_skips_a_truncated_last_checkpoint(trained, tmp_path):
+    """kill -9 while saving model_0000149.pth (named in last_checkpoint): resume from model_0000099.pth."""
+    out, _ = trained
+    resume_dir = tmp_path / "resume"
+    resume_dir.mkdir()
+    (resume_dir / "model_0000099.pth").write_bytes((out / "model_0000099.pth").read_bytes())
+    (resume_dir / "model_0000149.pth").write_bytes((out / "model_0000099.pth").read_bytes()[:100_000])
+    (resume_dir / "last_checkpoint").write_text("model_0000149.pth")
+    log = run(["--resume", *FAST, "SOLVER.MAX_ITER", "102", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(resume_dir)])
+    assert "model_0000149.pth is damaged" in log and "resumed from" in log
+    assert "Starting training from iteration 100" in log
+
+
+def test_eval_only_refuses_a_checkpoint_of_another_config(trained):
+    """A 'linear' checkpoint evaluated with the 'text' classifier: an error naming the layers, not garbage."""
+    out, _ = trained
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_NET), "--config-file", str(CONFIG), "--eval-only", *FAST,
+         "MODEL.WEIGHTS", str(out / "model_final.pth"), "MODEL.HVLFORMER.CLASSIFIER", "text",
+         "OUTPUT_DIR", str(out / "eval_text")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "CheckpointMismatchError" in result.stderr and "transformer_decoder.class_embed" in result.stderr
+    assert f"--config-file {out / 'config.yaml'}" in result.stderr
+
+
 def test_two_process_gloo_run(tmp_path):
     out = tmp_path / "ddp"
     log = run(["--num-gpus", "2", *FAST, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "4", "OUTPUT_DIR", str(out)],

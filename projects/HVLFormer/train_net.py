@@ -9,13 +9,14 @@ Multi-GPU / multi-machine runs go through detectron2's ``launch`` (NCCL on GPUs,
 """
 from __future__ import annotations
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from hvlformer import build_trainer_class, setup_cfg
+from hvlformer.checkpoint import HVLFormerCheckpointer
+from hvlformer.engine.trainer import check_datasets
 
 
 def main(args):
@@ -25,8 +26,10 @@ def main(args):
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hvlformer")
     trainer_class = build_trainer_class(cfg)
     if args.eval_only:
+        check_datasets(cfg, training=False)  # the evaluated datasets first (cheap), then the model
         model = trainer_class.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # strict: a checkpoint that leaves layers of this config's model untrained is an error
+        HVLFormerCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = trainer_class.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

@@ -7,8 +7,9 @@
 
 Per input image ``<name>`` (the file name without extension; made unique when two inputs share it):
 
-- ``<name>_overlay.png``: the image with the segmentation drawn over it (detectron2 ``Visualizer.draw_sem_seg``,
-  the dataset's palette and class names), the size of the input image;
+- ``<name>_overlay.png``: the image with the segmentation drawn over it (the look of detectron2's
+  ``Visualizer.draw_sem_seg``: the dataset's palette and class names; the background class is left
+  uncoloured unless ``--draw-background``), the size of the input image;
 - ``<name>_labels.png``: the label map, one 8-bit grey value per pixel = the class id (16-bit when there are
   more than 256 classes); read it back with PIL / ``cv2.IMREAD_UNCHANGED``;
 - ``<name>_heatmaps.png`` (``--heatmaps``): one panel per class with its per-pixel probability, the class
@@ -65,6 +66,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="descriptions JSON for the --vocabulary names (default: the fallback template)")
     parser.add_argument("--heatmaps", action="store_true", help="also write <name>_heatmaps.png (one panel per class)")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay colours (0-1)")
+    parser.add_argument("--draw-background", action="store_true",
+                        help='also colour the "background" class in the overlay (default: left as the image)')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides, e.g. --opts MODEL.WEIGHTS model_final.pth (must come last)")
@@ -140,12 +143,60 @@ def read_vocabulary(value: str) -> Tuple[List[str], Optional[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ drawing
-def draw_overlay(image_rgb: np.ndarray, labels: np.ndarray, metadata, alpha: float = 0.5) -> np.ndarray:
-    """``H x W x 3`` uint8 RGB: the image with the labelled regions, their colours and names."""
-    from detectron2.utils.visualizer import Visualizer
+#: Class names drawn without colour in the overlay (unless --draw-background): a black "background"
+#: region at 50 % opacity used to dim every picture.
+BACKGROUND_NAMES = ("background",)
 
-    visualizer = Visualizer(image_rgb, metadata, scale=1.0)
-    return visualizer.draw_sem_seg(labels, alpha=alpha).get_image()
+
+def background_ids(class_names: Sequence[str]) -> List[int]:
+    """Ids of the classes named like :data:`BACKGROUND_NAMES` (case-insensitive)."""
+    return [i for i, name in enumerate(class_names) if str(name).strip().lower() in BACKGROUND_NAMES]
+
+
+def draw_overlay(image_rgb: np.ndarray, labels: np.ndarray, metadata, alpha: float = 0.5,
+                 skip: Optional[Sequence[int]] = None) -> np.ndarray:
+    """``H x W x 3`` uint8 RGB: the image with the labelled regions filled in their colour at ``alpha``,
+    outlined in off-white and named at the centre of their largest part (the look of detectron2's
+    ``Visualizer.draw_sem_seg``, drawn with NumPy/OpenCV at the image's own resolution: the Visualizer
+    took 11 s and 1.4 GB for a 4000x3000 photo).
+
+    ``labels``: ``H x W`` class ids into ``metadata.stuff_classes`` / ``stuff_colors``; ids outside them are
+    not drawn. The classes in ``skip`` (default: the background class, :func:`background_ids`) are not
+    drawn either, so the image shows through unchanged there, as detectron2's demos leave the classes they
+    skip.
+    """
+    classes = list(metadata.stuff_classes)
+    colors = np.asarray(metadata.stuff_colors, dtype=np.float32).reshape(-1, 3)
+    skip = set(background_ids(classes) if skip is None else skip)
+    drawn = [k for k in np.unique(labels) if 0 <= k < len(classes) and k not in skip]
+    out = image_rgb.astype(np.float32)
+    height, width = labels.shape
+    thickness = max(1, round(min(height, width) / 500))
+    font_scale = max(0.4, min(height, width) / 800)
+    regions = []
+    for k in drawn:
+        mask = labels == k
+        out[mask] = out[mask] * (1.0 - alpha) + colors[k] * alpha
+        regions.append((k, mask))
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    for k, mask in regions:
+        mask8 = mask.astype(np.uint8)
+        contours, _ = cv2.findContours(mask8, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (240, 240, 240), thickness, lineType=cv2.LINE_AA)
+        count, components, stats, centroids = cv2.connectedComponentsWithStats(mask8, connectivity=8)
+        if count < 2:
+            continue
+        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        if stats[largest, cv2.CC_STAT_AREA] < 0.001 * height * width:
+            continue  # too small to carry a name
+        text = str(classes[k])
+        (text_w, text_h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        x = int(np.clip(centroids[largest][0] - text_w / 2, 0, max(width - text_w, 0)))
+        y = int(np.clip(centroids[largest][1] + text_h / 2, text_h, height - 1))
+        light = tuple(int(v) for v in np.clip(colors[k] * 0.4 + 255 * 0.6, 0, 255))  # a lighter class colour
+        cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+        cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, light, thickness, cv2.LINE_AA)
+    return out
 
 
 def save_label_png(labels: np.ndarray, path: str) -> None:
@@ -187,7 +238,8 @@ def draw_heatmaps(probabilities: np.ndarray, class_names: Sequence[str], path: s
 
 
 def save_rgb(image_rgb: np.ndarray, path: str) -> None:
-    Image.fromarray(image_rgb).save(path)
+    """PNG with light compression (level 1): 1 s instead of 5 s for a 4000x3000 overlay, ~20 % larger."""
+    Image.fromarray(image_rgb).save(path, compress_level=1)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -204,7 +256,7 @@ def _report(message: str) -> None:
 
 
 def process_images(predictor, paths: Sequence[str], output: str, heatmaps: bool = False, alpha: float = 0.5,
-                   progress: bool = True) -> Tuple[List[str], List[Tuple[str, str]]]:
+                   progress: bool = True, skip: Optional[Sequence[int]] = None) -> Tuple[List[str], List[Tuple[str, str]]]:
     """Segment ``paths``; returns the written files and the ``(path, reason)`` of the skipped inputs."""
     from hvlformer.data import read_image_checked
 
@@ -220,7 +272,7 @@ def process_images(predictor, paths: Sequence[str], output: str, heatmaps: bool 
         try:
             prediction = predictor(image, format="RGB")
             overlay_path = os.path.join(output, f"{stem}_overlay.png")
-            save_rgb(draw_overlay(image, prediction.labels, predictor.metadata, alpha), overlay_path)
+            save_rgb(draw_overlay(image, prediction.labels, predictor.metadata, alpha, skip), overlay_path)
             labels_path = os.path.join(output, f"{stem}_labels.png")
             save_label_png(prediction.labels, labels_path)
             written += [overlay_path, labels_path]
@@ -235,7 +287,8 @@ def process_images(predictor, paths: Sequence[str], output: str, heatmaps: bool 
     return written, skipped
 
 
-def process_video(predictor, path: str, output: str, alpha: float = 0.5, progress: bool = True) -> str:
+def process_video(predictor, path: str, output: str, alpha: float = 0.5, progress: bool = True,
+                  skip: Optional[Sequence[int]] = None) -> str:
     """Segment every frame of a video; writes and returns ``<output>/<name>_overlay.mp4``."""
     capture = cv2.VideoCapture(path)
     if not os.path.isfile(path) or not capture.isOpened():
@@ -253,7 +306,7 @@ def process_video(predictor, path: str, output: str, alpha: float = 0.5, progres
                 break
             frame_rgb = np.ascontiguousarray(frame_bgr[:, :, ::-1])
             prediction = predictor(frame_rgb, format="RGB")
-            overlay = draw_overlay(frame_rgb, prediction.labels, predictor.metadata, alpha)
+            overlay = draw_overlay(frame_rgb, prediction.labels, predictor.metadata, alpha, skip)
             if writer is None:
                 height, width = overlay.shape[:2]
                 writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
@@ -302,20 +355,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.input and not paths and not args.video_input:
         logger.error("no input image found")
         return 1
+    from hvlformer.checkpoint import CheckpointMismatchError, DamagedCheckpointError
+
     try:
         predictor = setup(args)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, CheckpointMismatchError, DamagedCheckpointError) as e:
         logger.error("%s", e)
         return 2
     os.makedirs(args.output, exist_ok=True)
     logger.info("%d classes: %s", len(predictor.class_names), ", ".join(predictor.class_names))
+    skip = [] if args.draw_background else None  # None: the "background" class is not coloured
     written, skipped = process_images(predictor, paths, args.output, heatmaps=args.heatmaps, alpha=args.alpha,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, skip=skip)
     skipped = list(problems) + skipped
     if args.video_input:
         try:
             written.append(process_video(predictor, args.video_input, args.output, args.alpha,
-                                         progress=not args.no_progress))
+                                         progress=not args.no_progress, skip=skip))
         except (OSError, ValueError) as e:
             skipped.append((args.video_input, str(e)))
             logger.error("SKIPPED %s: %s", args.video_input, e)

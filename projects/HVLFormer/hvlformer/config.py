@@ -59,6 +59,18 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Unlabeled list (registered as "split_unlabeled"; a mask column is ignored); "" = none.
     cfg.DATASETS.SPLIT.UNLABELED_FILE = ""
 
+    # Up-front dataset check (hvlformer.data.check): before the model is built, every dataset the run uses
+    # must exist, and (ENABLED) every listed image and mask is read once, so that a corrupt file, a size
+    # mismatch or a label value outside [0, K) stops the run at the start with the full list of bad files,
+    # not hours into training. tools/check_dataset.py runs the same check alone.
+    cfg.DATASETS.CHECK = CN()
+    cfg.DATASETS.CHECK.ENABLED = True
+    # Processes reading the files (0 = all CPU cores).
+    cfg.DATASETS.CHECK.NUM_WORKERS = 0
+    # Cache of the files that passed, keyed by the file list and each file's size and modification time, so a
+    # second run is instant ("" = $HVLFORMER_CACHE_DIR, else ~/.cache/hvlformer).
+    cfg.DATASETS.CHECK.CACHE_DIR = ""
+
     # DistributedDataParallel: set True when a config leaves parameters out of the loss (e.g. a zero weight).
     cfg.MODEL.DDP_FIND_UNUSED_PARAMETERS = False
 
@@ -271,3 +283,16 @@ def add_hvlformer_config(cfg: CN) -> None:
     # mean cosine similarity between the refined textual queries and the per-pixel embeddings, and the
     # evaluator reports it (PixelTextAlignmentEvaluator, "pixel_text_alignment" in the results).
     cfg.TEST.PIXEL_TEXT_ALIGNMENT = False
+    # Inference scale outside the benchmark protocols: the demo, HVLFormerPredictor and the evaluation of
+    # datasets that are not built-in benchmarks (DATASETS.CUSTOM, register_sem_seg_folder, your own). The
+    # image is resized so that its short side is MIN_SIZE and its long side at most MAX_SIZE; the
+    # prediction is resized back to the input size. A 4000x3000 photo at full resolution costs minutes
+    # and GBs even with the tiny model and shows a dot-lattice artefact the model never saw in training.
+    # The built-in benchmarks (VOC, COCO-81, ADE20K, Cityscapes, shapes) keep the paper's protocol: the
+    # original size, with TEST.SLIDING_WINDOW where the config enables it (Cityscapes).
+    cfg.TEST.INFERENCE_SCALE = CN()
+    # Short side in pixels; -1 = the training crop's short side (min of INPUT.CROP.SIZE); 0 = original size.
+    cfg.TEST.INFERENCE_SCALE.MIN_SIZE = -1
+    # Cap of the long side in pixels; -1 = the longest side seen in training
+    # (INPUT.RESIZE_BASE * max(INPUT.RESIZE_RATIO_RANGE)); 0 = no cap.
+    cfg.TEST.INFERENCE_SCALE.MAX_SIZE = -1

@@ -15,9 +15,12 @@ Decisions:
   ``format="RGB"`` is passed; paths are read with :func:`hvlformer.data.read_image_checked` (EXIF rotation
   applied, clear errors for missing or corrupt files); PIL images are converted to RGB. Grey images are
   repeated to 3 channels and an alpha channel is dropped.
-- **Resolution**: the model sees the image at ``INPUT.MIN_SIZE_TEST`` (shortest edge, capped by
-  ``INPUT.MAX_SIZE_TEST``; 0 = original size, the HVLFormer default) and the output is resized back to
-  the input size.
+- **Resolution**: the model sees the image at ``TEST.INFERENCE_SCALE`` (by default the short side at the
+  training crop size, ``min(INPUT.CROP.SIZE)``, and the long side at most the longest side seen in
+  training, ``INPUT.RESIZE_BASE * max(INPUT.RESIZE_RATIO_RANGE)``; ``MIN_SIZE 0`` = original size) and
+  the scores are resized back to the input size. A 4000x3000 photo at full resolution took minutes and
+  GBs with the tiny model and showed a dot-lattice artefact; the benchmark protocols (original size,
+  sliding windows) are for evaluating the built-in datasets.
 - **Scores and probabilities**: the model's class scores are Mask2Former's semantic scores
   ``sum_q softmax(class)_k * sigmoid(mask)`` (non-negative; up to E where the E query levels of a class
   agree). ``labels`` is their argmax. ``probabilities`` divides them by their sum over the classes at each
@@ -41,15 +44,16 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 from PIL import Image
 
+from .checkpoint import HVLFormerCheckpointer
 from .data import default_class_colors, read_image_checked, register_shapes_from_cfg
+from .data.dataset_mapper import inference_resize
+from .data.validation import array_to_rgb8, image_to_rgb8
 from .modeling.text import load_class_descriptions, reference_prompts
 
 __all__ = ["HVLFormerPredictor", "SemanticPrediction", "parse_vocabulary", "normalize_scores"]
@@ -124,24 +128,12 @@ def _to_rgb_array(image: ImageLike, format: str) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return read_image_checked(image, format="RGB")
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return image_to_rgb8(image, "PIL image")
     if not isinstance(image, np.ndarray):
         raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
     if format not in ("BGR", "RGB"):
         raise ValueError(f"format must be 'BGR' or 'RGB', got {format!r}")
-    array = image
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    elif array.ndim == 3 and array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    elif array.ndim == 3 and array.shape[2] == 4:
-        array = array[:, :, :3]
-    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"expected an H x W x 3 image, got an array of shape {image.shape}")
-    if array.dtype != np.uint8:
-        if np.issubdtype(array.dtype, np.floating) and array.size and float(np.nanmax(array)) <= 1.0:
-            array = array * 255.0  # float images in [0, 1]
-        array = np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8)
+    array = array_to_rgb8(image, "image array")
     if format == "BGR":
         array = array[:, :, ::-1]
     return np.ascontiguousarray(array)
@@ -164,11 +156,14 @@ class HVLFormerPredictor:
         if weights:
             if "://" not in weights and not os.path.isfile(weights):
                 raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint not found: {weights}")
-            DetectionCheckpointer(self.model).load(weights)
+            # strict: a checkpoint of another config (e.g. another classifier) is an error naming the layers
+            HVLFormerCheckpointer(self.model, strict=True).load(weights)
         else:
             logger.warning("MODEL.WEIGHTS is empty: the predictor uses an untrained model "
                            "(pass --opts MODEL.WEIGHTS path/to/model_final.pth)")
-        self.aug = T.ResizeShortestEdge([self.cfg.INPUT.MIN_SIZE_TEST] * 2, self.cfg.INPUT.MAX_SIZE_TEST)
+        # TEST.INFERENCE_SCALE (default: the training crop's short side, long side capped), not the benchmark
+        # protocol: photos are often far larger than anything the model saw in training
+        self.aug = inference_resize(self.cfg)
         self.input_format = self.cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")
@@ -255,8 +250,9 @@ class HVLFormerPredictor:
         rgb = _to_rgb_array(image, format)
         model_input = rgb if self.input_format == "RGB" else rgb[:, :, ::-1]
         height, width = model_input.shape[:2]
-        resized = self.aug.get_transform(model_input).apply_image(model_input)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        resized = model_input if self.aug is None else self.aug.get_transform(model_input).apply_image(model_input)
+        # an owned, writable copy (PIL and np.asarray give read-only arrays, which torch warns about)
+        tensor = torch.from_numpy(np.array(resized.transpose(2, 0, 1), order="C", copy=True))
         output = self.model([{"image": tensor, "height": height, "width": width}])[0]
         scores = output["sem_seg"].float()
         alignment = output.get("pixel_text_alignment")

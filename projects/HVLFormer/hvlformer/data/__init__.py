@@ -27,6 +27,8 @@ from .dataset_mapper import (  # noqa: E402
     ResizeLongestSide,
     build_train_geometry_augmentations,
     dataset_num_classes,
+    inference_resize,
+    is_benchmark_dataset,
 )
 from .builtin import (  # noqa: E402
     BUILTIN_DATASETS,
@@ -81,6 +83,8 @@ __all__ = [
     "ResizeLongestSide",
     "build_train_geometry_augmentations",
     "dataset_num_classes",
+    "inference_resize",
+    "is_benchmark_dataset",
     "BUILTIN_DATASETS",
     "PAPER_SPLIT_COUNTS",
     "PAPER_SPLIT_SEEDS",

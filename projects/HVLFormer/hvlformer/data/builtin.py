@@ -370,6 +370,7 @@ def register_builtin_datasets(
             evaluator_type="sem_seg",
             dataset_root=droot,
             descriptions_name=dataset,
+            benchmark_protocol=True,  # evaluated at INPUT.MIN_SIZE_TEST / sliding window, as in the paper
         )
         for split in ("train", "val"):
             part: _Part = getattr(spec, split)

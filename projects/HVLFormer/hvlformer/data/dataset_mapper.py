@@ -13,8 +13,11 @@ Training geometry follows the UniMatch protocol (paper section 4 / spec 3.2):
 3. horizontal flip (p = 0.5);
 4. padding to ``INPUT.SIZE_DIVISIBILITY`` (image 0, label ignore), a no-op for the usual crop sizes.
 
-Test mode (``is_train=False``) applies no augmentation and no padding: the image keeps its original size
-(the model pads internally). Both modes read with the checks of :mod:`hvlformer.data.validation`:
+Test mode (``is_train=False``) applies no padding (the model pads internally). A built-in benchmark
+(metadata ``benchmark_protocol``) keeps the paper's protocol: the original size (sliding windows, where the
+config enables them, run inside the model), as does a mapper built without a dataset; any other named
+dataset (your own data) is resized by :func:`inference_resize` to ``TEST.INFERENCE_SCALE`` (by default the training crop's short side, long side capped). The label is never
+resized and ``"height"`` / ``"width"`` stay the original size, to which the model resizes its prediction. Both modes read with the checks of :mod:`hvlformer.data.validation`:
 missing/corrupt image files, multi-channel labels, image/label size mismatches and (with
 ``INPUT.VALIDATE_LABELS``) label values outside ``[0, K)`` other than the ignore label are clear errors.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -46,6 +50,8 @@ __all__ = [
     "build_train_geometry_augmentations",
     "HVLFormerSemanticDatasetMapper",
     "dataset_num_classes",
+    "inference_resize",
+    "is_benchmark_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,6 +198,35 @@ def _metadata_value(dataset_name: Optional[str], key: str):
     return getattr(MetadataCatalog.get(dataset_name), key, None)
 
 
+def is_benchmark_dataset(dataset_name: Optional[str]) -> bool:
+    """Whether ``dataset_name`` is a built-in benchmark (metadata ``benchmark_protocol``), evaluated with the
+    paper's protocol rather than ``TEST.INFERENCE_SCALE``."""
+    return bool(_metadata_value(dataset_name, "benchmark_protocol"))
+
+
+def inference_scale(cfg) -> Tuple[int, int]:
+    """``(short side, long-side cap)`` of ``TEST.INFERENCE_SCALE`` with the ``-1`` defaults resolved
+    (``(0, 0)``: original size; a cap of 0: none)."""
+    scale = cfg.TEST.INFERENCE_SCALE
+    short = int(scale.MIN_SIZE)
+    cap = int(scale.MAX_SIZE)
+    if short < 0:
+        short = int(min(cfg.INPUT.CROP.SIZE))
+    if cap < 0:
+        cap = int(round(cfg.INPUT.RESIZE_BASE * max(cfg.INPUT.RESIZE_RATIO_RANGE)))
+    return short, cap
+
+
+def inference_resize(cfg) -> Optional[T.ResizeShortestEdge]:
+    """The resize of ``TEST.INFERENCE_SCALE`` (the demo, the predictor, your own datasets); ``None`` =
+    original size. The built-in benchmarks do not use it: they are evaluated at the original size (with
+    ``TEST.SLIDING_WINDOW`` where the config enables it), the paper's protocol."""
+    short, cap = inference_scale(cfg)
+    if short <= 0:
+        return None
+    return T.ResizeShortestEdge([short, short], cap if cap > 0 else sys.maxsize)
+
+
 def dataset_num_classes(cfg, is_train: bool = True) -> Tuple[int, int]:
     """``(num_classes, ignore_label)``: the dataset metadata first, else ``MODEL.SEM_SEG_HEAD``."""
     names = list(cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST) or list(
@@ -238,9 +273,19 @@ class HVLFormerSemanticDatasetMapper:
         logger.info(f"[HVLFormerSemanticDatasetMapper] augmentations used in {mode}: {self.augmentations}")
 
     @classmethod
-    def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
+    def from_config(cls, cfg, is_train: bool = True, dataset_name: Optional[str] = None) -> Dict[str, Any]:
+        """``dataset_name``: the evaluated dataset (test mode), which decides the test-time resize."""
         num_classes, ignore_label = dataset_num_classes(cfg, is_train)
-        augs = build_train_geometry_augmentations(cfg, ignore_label, cfg.INPUT.FORMAT) if is_train else []
+        if is_train:
+            augs = build_train_geometry_augmentations(cfg, ignore_label, cfg.INPUT.FORMAT)
+        else:
+            if dataset_name is None:  # the first test dataset of the config
+                dataset_name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
+            # a named dataset that is not a built-in benchmark is the user's own data: TEST.INFERENCE_SCALE;
+            # the benchmarks (and a mapper without a dataset) keep the original size, the paper's protocol
+            user_data = dataset_name is not None and not is_benchmark_dataset(dataset_name)
+            resize = inference_resize(cfg) if user_data else None
+            augs = [resize] if resize is not None else []
         return {
             "is_train": is_train,
             "augmentations": augs,
@@ -291,6 +336,10 @@ class HVLFormerSemanticDatasetMapper:
                     seg = tfm.apply_segmentation(seg)
             if seg is not None:
                 label = np.rint(seg).astype(np.int64) if seg.dtype.kind == "f" else seg.astype(np.int64)
+        elif self.augmentations.augs:  # the test-time resize: the image only, the label stays at full size
+            aug_input = T.AugInput(image)
+            self.augmentations(aug_input)
+            image = aug_input.image
 
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if label is not None:

@@ -499,6 +499,7 @@ def register_shapes(
             image_root=str(root / "images" / split),
             sem_seg_root=str(root / "labels" / split),
             descriptions_name="shapes",
+            benchmark_protocol=True,  # evaluated at INPUT.MIN_SIZE_TEST (the project's own benchmark)
             shapes_params={
                 "num_classes": int(num_classes),
                 "image_size": int(image_size),

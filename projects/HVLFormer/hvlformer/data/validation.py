@@ -4,6 +4,11 @@
   file -> ``ValueError`` ("... is corrupt ..."). EXIF orientation is applied, as detectron2's
   ``read_image`` does. Truncated files are errors unless the user has set Pillow's global
   ``ImageFile.LOAD_TRUNCATED_IMAGES``.
+* Bit depths and modes: 8-bit grey, palette, RGB(A), CMYK, YCbCr, ... are converted to RGB as Pillow does;
+  16-bit images (grey ``I;16``, and 16-bit RGB, which Pillow reads as 8-bit RGB) are scaled to 8 bit
+  (``v * 255 / 65535``), not clipped (which made a 16-bit photo almost all white); 32-bit integer (``I``)
+  images are 16-bit data when a value exceeds 255, else 8-bit; floating-point (``F``) images must lie in
+  [0, 1] or [0, 255]. Anything else is a ``ValueError`` naming the file and its mode.
 * :func:`read_label_checked`: label maps are class indices. Palette PNGs (PIL mode ``"P"``, e.g. Pascal
   VOC) are read as their indices, never converted to colours or luminance. Multi-channel labels are an
   error (colour-coded masks must be converted to indices first). Values ``>= num_classes`` (or negative)
@@ -24,6 +29,8 @@ __all__ = [
     "check_label_values",
     "check_image_label_sizes",
     "check_dataset_root",
+    "image_to_rgb8",
+    "array_to_rgb8",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -55,8 +62,65 @@ def _open_loaded(path: str, what: str) -> Image.Image:
     return img
 
 
+def _scale16(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 (rounded), as uint8."""
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def array_to_rgb8(array: np.ndarray, what: str = "image") -> np.ndarray:
+    """``H x W``, ``H x W x 1``, ``H x W x 3`` or ``H x W x 4`` (alpha dropped) array of any common depth ->
+    ``H x W x 3`` uint8, channel order kept.
+
+    uint8 as is; bool -> 0 / 255; uint16 (and other integers above 255, up to 65535) scaled by 255 / 65535;
+    other integers in 0..255 as is; floats in [0, 1] times 255, in [0, 255] as is. Raises ``ValueError``
+    (naming ``what``) for other shapes, negative or larger values, NaN or infinity.
+    """
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or array.size == 0:
+        raise ValueError(f"{what}: expected an H x W x 3 image (or H x W grey), got an array of shape {array.shape}")
+    kind = array.dtype.kind
+    if array.dtype == np.uint8:
+        out = array
+    elif kind == "b":
+        out = array.astype(np.uint8) * 255
+    elif kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"{what}: {array.dtype} values {low}..{high} are outside 0..65535; convert the image "
+                             f"to 8 or 16 bit per channel first")
+        out = _scale16(array) if (array.dtype == np.uint16 or high > 255) else array.astype(np.uint8)
+    elif kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError(f"{what}: floating-point image with NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(f"{what}: floating-point values {low:g}..{high:g} are neither in [0, 1] nor in "
+                             f"[0, 255]; rescale the image first")
+        out = np.rint(array * 255.0 if high <= 1.0 else array).astype(np.uint8)
+    else:
+        raise ValueError(f"{what}: unsupported array type {array.dtype}")
+    if out.ndim == 2:
+        out = np.repeat(out[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(out)
+
+
+def image_to_rgb8(img: Image.Image, what: str = "image") -> np.ndarray:
+    """A PIL image of any common mode and bit depth as a writable ``H x W x 3`` uint8 RGB array (see the
+    module docstring for the 16-bit, 32-bit and floating-point rules)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return array_to_rgb8(np.asarray(img), f"{what} (PIL mode {img.mode!r})")
+    try:
+        return np.array(img.convert("RGB"))  # a copy: writable
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{what} has an unsupported mode {img.mode!r}: {e}") from e
+
+
 def read_image_checked(path: PathLike, format: str = "RGB") -> np.ndarray:
-    """Read an image as an ``H x W x 3`` uint8 array in ``format`` ("RGB" or "BGR")."""
+    """Read an image of any common mode and bit depth as a writable ``H x W x 3`` uint8 array in ``format``
+    ("RGB" or "BGR"); 16-bit images are scaled to 8 bit (module docstring)."""
     if format not in ("RGB", "BGR"):
         raise ValueError(f"read_image_checked: format must be 'RGB' or 'BGR', got {format!r}.")
     path = _check_file(path, "Image file")
@@ -65,10 +129,7 @@ def read_image_checked(path: PathLike, format: str = "RGB") -> np.ndarray:
         img = ImageOps.exif_transpose(img)
     except Exception:  # broken EXIF blocks must not make a decodable image unusable
         pass
-    try:
-        arr = np.asarray(img.convert("RGB"))
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"Image file {path} is corrupt or has an unsupported mode {img.mode!r}: {e}") from e
+    arr = image_to_rgb8(img, f"Image file {path}")
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
         raise ValueError(f"Image file {path} decoded to an unexpected shape {arr.shape}.")
     if format == "BGR":

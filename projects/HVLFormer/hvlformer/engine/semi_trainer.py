@@ -9,23 +9,61 @@ import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import get_event_storage
+from detectron2.utils.events import CommonMetricPrinter, get_event_storage
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import HVLFormerCheckpointer
 from ..data import HVLFormerSemanticDatasetMapper
 from ..data.semi import RareClassSampler, UnlabeledViewsMapper, apply_cutmix, class_pixel_counts, repeat_to_length
 from .ema import EMATeacher, unwrap
 from .train_loop import GradScalerStateMixin, amp_dtype
-from .trainer import Trainer, wrap_ddp
+from .trainer import Trainer, check_datasets, wrap_ddp
 
 logger = logging.getLogger(__name__)
 UNLABELED_LOSSES = ("loss_cmcr_mask", "loss_cmcr_class", "loss_cmcr_align", "loss_entropy")
+#: Statistics of the semi-supervised step (not losses) shown in the console line next to the losses.
+CONSOLE_STATS = ("confident_fraction", "sre_mean_labeled", "sre_mean_unlabeled")
+
+
+class _SuffixLogger:
+    """Forwards ``info`` to a logger with ``suffix`` appended to the message."""
+
+    def __init__(self, logger: logging.Logger, suffix: str) -> None:
+        self._logger, self._suffix = logger, suffix
+
+    def info(self, message: str, *args: Any, **kwargs: Any) -> None:
+        self._logger.info(message + self._suffix, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
+class SemiMetricPrinter(CommonMetricPrinter):
+    """detectron2's console line, plus the semi-supervised statistics (:data:`CONSOLE_STATS`, medians over
+    the same window as the losses), which the stock printer leaves to ``metrics.json`` and TensorBoard:
+    ``... loss_cmcr_mask: 0  ...  lr: ...  confident_fraction: 0  sre_mean_labeled: 0.52 ...``.
+    ``confident_fraction`` and ``loss_cmcr_mask`` are 0 until the original view's class probability
+    reaches ``SEMI.CONFIDENCE_THRESHOLD`` somewhere (README, "Troubleshooting")."""
+
+    def write(self) -> None:
+        storage = get_event_storage()
+        histories = storage.histories()
+        parts = [f"{key}: {histories[key].median(storage.count_samples(key, self._window_size)):.4g}"
+                 for key in CONSOLE_STATS if key in histories]
+        if not parts:
+            super().write()
+            return
+        logger = self.logger
+        self.logger = _SuffixLogger(logger, "  " + "  ".join(parts))
+        try:
+            super().write()
+        finally:
+            self.logger = logger
 
 
 def auto_scale_semi(cfg: CfgNode, world_size: int) -> CfgNode:
@@ -125,6 +163,7 @@ class SemiSupervisedTrainer(Trainer):
         if not cfg.DATASETS.TRAIN_LABELED or not cfg.DATASETS.TRAIN_UNLABELED:
             raise ValueError("semi-supervised training needs DATASETS.TRAIN_LABELED and DATASETS.TRAIN_UNLABELED")
         cfg = auto_scale_semi(cfg, comm.get_world_size())
+        check_datasets(cfg, training=True)  # datasets first (cheap), then the model (may download CLIP)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         labeled_loader, unlabeled_loader = self.build_semi_loaders(cfg)
@@ -138,7 +177,7 @@ class SemiSupervisedTrainer(Trainer):
         self.teacher = teacher
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         extra = {"teacher": teacher} if teacher is not None else {}
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
+        self.checkpointer = HVLFormerCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -174,6 +213,11 @@ class SemiSupervisedTrainer(Trainer):
         super().resume_or_load(resume=resume)
         if self.teacher is not None and not self.teacher.loaded_from_checkpoint:
             self.teacher.copy_from(self.model)  # start from the (possibly just loaded) student weights
+
+    def build_writers(self):
+        """detectron2's writers with :class:`SemiMetricPrinter` as the console printer."""
+        return [SemiMetricPrinter(self.max_iter) if type(w) is CommonMetricPrinter else w
+                for w in super().build_writers()]
 
     def build_hooks(self) -> List[hooks.HookBase]:
         hook_list = super().build_hooks()

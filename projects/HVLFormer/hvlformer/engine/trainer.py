@@ -6,24 +6,32 @@ import logging
 import os
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import HVLFormerCheckpointer
 from ..data import (
     HVLFormerSemanticDatasetMapper,
     register_custom_semi_dataset_from_cfg,
     register_shapes_from_cfg,
     register_split_files_from_cfg,
 )
+from ..data.check import check_datasets_from_cfg
 from ..data.semi import register_shapes_semi_split
 from ..evaluation import build_sem_seg_evaluator
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
 from .train_loop import AutocastTrainer, amp_dtype
+
+
+def check_datasets(cfg: CfgNode, training: bool = True) -> None:
+    """:func:`hvlformer.data.check.check_datasets_from_cfg` on the main process (the others wait)."""
+    if comm.is_main_process():
+        check_datasets_from_cfg(cfg, training=training)
+    comm.synchronize()
 
 
 def wrap_ddp(cfg: CfgNode, model):
@@ -43,6 +51,7 @@ class Trainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_datasets(cfg, training=True)  # datasets first (cheap), then the model (may download CLIP)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -52,7 +61,7 @@ class Trainer(DefaultTrainer):
         else:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = HVLFormerCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -79,7 +88,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         cls.register_datasets(cfg)
-        return build_detection_test_loader(cfg, dataset_name, mapper=HVLFormerSemanticDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=HVLFormerSemanticDatasetMapper(cfg, is_train=False, dataset_name=dataset_name))
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):

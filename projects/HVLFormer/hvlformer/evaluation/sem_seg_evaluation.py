@@ -15,6 +15,7 @@ import os
 from typing import Optional, Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
@@ -62,16 +63,35 @@ class HVLSemSegEvaluator(SemSegEvaluator):
             self.sem_seg_loading_fn = checked
 
     def process(self, inputs, outputs):
+        """``inputs``: dataset dicts (``file_name``, ``sem_seg_file_name``, ``height``, ``width``);
+        ``outputs``: per input ``{"sem_seg": K x H x W}`` class scores (or the tensor itself; a NumPy array is
+        accepted), at the input's ``height`` x ``width``. Anything else is a ``ValueError`` saying what is
+        expected (an ``H x W`` label map used to fail with a NumPy broadcast error)."""
+        checked = []
         for inp, out in zip(inputs, outputs):
             pred = out["sem_seg"] if isinstance(out, dict) else out
+            name = inp.get("file_name", "an input")
+            if isinstance(pred, np.ndarray):
+                pred = torch.from_numpy(np.array(pred))
+            if not isinstance(pred, torch.Tensor):
+                raise ValueError(f"Prediction for {name} is a {type(pred).__name__}; expected a K x H x W tensor "
+                                 f"of class scores (outputs[i]['sem_seg'] of the model)")
+            if pred.ndim != 3 or pred.shape[0] != self._num_classes:
+                hint = (" It looks like a label map: pass the K x H x W scores, or one-hot encode the labels "
+                        "(torch.nn.functional.one_hot(labels, K).permute(2, 0, 1))." if pred.ndim == 2 else "")
+                raise ValueError(
+                    f"Prediction for {name} has shape {tuple(pred.shape)}; HVLSemSegEvaluator.process expects "
+                    f"K x H x W class scores with K = {self._num_classes} (the classes of "
+                    f"{self._dataset_name}), whose argmax over K is the label.{hint}")
             if "height" in inp and "width" in inp:
                 expected = (int(inp["height"]), int(inp["width"]))
                 if tuple(pred.shape[-2:]) != expected:
                     raise ValueError(
-                        f"Prediction for {inp.get('file_name')} has size {tuple(pred.shape[-2:])} (H, W) but the "
+                        f"Prediction for {name} has size {tuple(pred.shape[-2:])} (H, W) but the "
                         f"input is {expected}; predictions must be resized to the original image size."
                     )
-        super().process(inputs, [o if isinstance(o, dict) else {"sem_seg": o} for o in outputs])
+            checked.append(dict(out, sem_seg=pred) if isinstance(out, dict) else {"sem_seg": pred})
+        super().process(inputs, checked)
 
 
 def build_sem_seg_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None):
