@@ -165,9 +165,10 @@ spec = importlib.util.spec_from_file_location("msda_triton", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 assert not module.INTERPRETED
-constants = dict(N_HEADS=8, HEAD_DIM=32, N_LEVELS=1, N_POINTS=1, BLOCK_Q=64, BLOCK_D=32, ACC_DTYPE=tl.float32)
-for kernel, n_pointers, value_type in ((module._ms_deform_attn_fwd_kernel, 5, "*bf16"),
-                                      (module._ms_deform_attn_bwd_kernel, 8, "*fp32")):
+fwd, bwd = module._ms_deform_attn_fwd_kernel, module._ms_deform_attn_bwd_kernel
+for kernel, n_pointers, value_type, acc in ((fwd, 5, "*bf16", tl.float32), (bwd, 8, "*bf16", tl.float32)):
+    constants = dict(N_HEADS=8, HEAD_DIM=32, N_LEVELS=1, N_POINTS=1, BLOCK_Q=64, BLOCK_D=32, ACC_DTYPE=acc)
+    float_type = "*fp64" if acc == tl.float64 else "*fp32"
     names = kernel.arg_names
     signature = {}
     for index, name in enumerate(names):
@@ -178,27 +179,30 @@ for kernel, n_pointers, value_type in ((module._ms_deform_attn_fwd_kernel, 5, "*
         elif name == "shapes_ptr":
             signature[name] = "*i32"
         else:
-            signature[name] = value_type if name in ("value_ptr", "out_ptr") else "*fp32"
+            signature[name] = value_type if name in ("value_ptr", "out_ptr", "grad_out_ptr") else float_type
     source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
                        attrs={(i,): [["tt.divisibility", 16]] for i in range(n_pointers)})
     compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
     assert compiled.asm["cubin"], kernel
-    assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, "Dh-contiguous gathers are not vectorised"
+    if value_type == "*bf16":
+        assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, "Dh-contiguous gathers are not vectorised"
     if n_pointers == 8:
         assert "atom.global" in ptx or "red.global" in ptx
-    print(kernel.__name__, "ok")
+    print(kernel.__name__, value_type, "ok")
 """
 
 
 def test_kernels_compile_for_an_sm90_gpu(tmp_path):
     """The interpreter does not type-check like the compiler: compile both kernels to a cubin for an
-    H100-class GPU (no GPU needed; Triton's bundled ptxas runs on the CPU). In a subprocess, because the
-    kernels of this process are interpreted and the interpreter patches ``triton.language``. One level and
-    one point keep it to a few seconds; more only unroll the same code."""
+    H100-class GPU (no GPU needed; Triton's bundled ptxas runs on the CPU), with bf16 values and
+    float32 accumulation as under AMP. In a subprocess, because the kernels of this process are interpreted
+    and the interpreter patches ``triton.language``. One level and one point keep it to a few seconds;
+    more only unroll the same code."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, msda_triton.__file__], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["_ms_deform_attn_fwd_kernel", "ok", "_ms_deform_attn_bwd_kernel", "ok"]
+    expected = [f"_ms_deform_attn_{k}_kernel *bf16 ok" for k in ("fwd", "bwd")]
+    assert result.stdout.splitlines() == expected

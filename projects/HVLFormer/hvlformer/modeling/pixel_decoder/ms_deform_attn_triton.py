@@ -9,8 +9,9 @@ and non-square included), locations anywhere (samples outside the map read zeros
 Layout (all tensors contiguous): ``value`` ``B x S x nH x Dh``; ``sampling_locations``
 ``B x Lq x nH x L x P x 2`` as ``(x, y)``; ``attention_weights`` ``B x Lq x nH x L x P``; output
 ``B x Lq x nH*Dh`` (head-major channels). One program handles ``BLOCK_Q`` query rows (of the flattened
-``B * Lq``) for one head and all ``Dh`` channels of that head, looping over levels and points; every
-corner read is a ``BLOCK_Q x Dh`` gather of contiguous ``Dh``-channel rows of ``value``.
+``B * Lq``) for one head and all ``Dh`` channels of that head, over all levels and points (loops
+unrolled at compile time); every corner read is a ``BLOCK_Q x Dh`` gather of contiguous ``Dh``-channel
+rows of ``value`` (vectorised loads).
 
 Precision (see also ``docs/DESIGN.md``):
 
