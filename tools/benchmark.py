@@ -238,13 +238,17 @@ def sweep(args: argparse.Namespace) -> Dict[str, Any]:
         cfg = _setting_cfg(args, amp, checkpointing, impl, labeled, unlabeled)
         setting = {"batch": f"{labeled}+{unlabeled}" if unlabeled else str(labeled), "amp": amp,
                    "gradient_checkpointing": checkpointing, "msdeform_attn_impl": impl}
+        out_of_memory = None
         try:
             result = measure(cfg, device, labeled, unlabeled, args.iters, args.warmup, infer)
             inference_done.add((impl, amp))
         except torch.cuda.OutOfMemoryError as error:
+            out_of_memory = str(error).splitlines()[0]
+        if out_of_memory is not None:
+            # outside the except block: the traceback (and the model it holds) is gone before freeing
             gc.collect()
             torch.cuda.empty_cache()
-            result = {**setting, "error": f"out of memory: {str(error).splitlines()[0]}"}
+            result = {**setting, "error": f"out of memory: {out_of_memory}"}
         print(json.dumps(result), file=sys.stderr, flush=True)  # progress: one line per setting
         results.append(result)
     return {
