@@ -1,9 +1,20 @@
-"""Test-wide settings: never touch the network, keep generated data out of the checkout."""
+"""Test-wide settings: never touch the network, keep generated data out of the checkout, and run Triton
+kernels in Triton's interpreter on machines without CUDA."""
 import os
+import sys
 import tempfile
 
 import pytest
 import torch
+
+# Triton decides between compiling and interpreting when a kernel is decorated, i.e. when the module that
+# defines it is imported; without CUDA the MSDeformAttn kernels run on CPU tensors in the interpreter.
+# torch does not import triton, but open_clip (imported by hvlformer) does, and the kernel module may be
+# imported by any test module, so this runs here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "hvlformer.modeling.pixel_decoder.ms_deform_attn_triton" in sys.modules:
+        raise RuntimeError("the Triton MSDeformAttn kernels were imported before TRITON_INTERPRET was set")
 
 # open_clip's pretrained tags would try a model hub for ~47 s before failing; tests never need one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -4,13 +4,21 @@ import math
 import pytest
 import torch
 
+from hvlformer.modeling.pixel_decoder import ms_deform_attn_triton as msda_triton
 from hvlformer.modeling.pixel_decoder.ms_deform_attn import (
+    MS_DEFORM_ATTN_IMPL_ENV,
     MSDeformAttn,
     get_fast_kernel,
     ms_deform_attn,
     ms_deform_attn_core_pytorch,
     register_fast_kernel,
+    resolve_impl,
+    triton_kernel,
 )
+
+# Where the Triton kernels run in this process: CPU in the interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1 without CUDA), else the GPU.
+KERNEL_DEVICE = torch.device("cpu") if msda_triton.INTERPRETED else torch.device("cuda")
 
 SHAPES = [(5, 7), (3, 4), (2, 1)]  # three levels of different (and odd) sizes
 
@@ -138,7 +146,7 @@ def test_dispatch_unknown_impl_raises():
     with pytest.raises(ValueError, match="impl"):
         ms_deform_attn(value, shapes, _level_start(SHAPES), loc, weights, impl="cuda_please")
     with pytest.raises(ValueError, match="impl"):
-        MSDeformAttn(16, 1, 2, 1, impl="triton")
+        MSDeformAttn(16, 1, 2, 1, impl="cuda")
 
 
 def test_registered_kernel_is_not_used_for_cpu_tensors():
@@ -174,25 +182,72 @@ def test_dispatch_half_precision_is_sampled_in_float32():
 
 
 def test_fast_kernel_matches_core_forward_and_backward():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device: the fast MSDeformAttn kernel cannot run here")
+    # The registered fast kernel is the Triton one; run it where it can run here (the GPU, or the CPU in
+    # Triton's interpreter) against the reference, on the shapes of the old CUDA-only comparison.
     kernel = get_fast_kernel()
-    if kernel is None:
-        pytest.skip("no fast MSDeformAttn kernel is registered (register_fast_kernel)")
+    assert kernel is triton_kernel
     shapes = [(16, 20), (8, 10), (4, 5)]
     value, sh, loc, weights = _random_inputs(shapes=shapes, B=2, Lq=30, nH=4, Dh=8, P=4, dtype=torch.float32,
                                              away_from_kinks=True)
-    dev = torch.device("cuda")
+    dev = KERNEL_DEVICE
     inputs = [t.to(dev).requires_grad_(True) for t in (value, loc, weights)]
     sh, start = sh.to(dev), _level_start(shapes).to(dev)
-    fast = ms_deform_attn(inputs[0], sh, start, inputs[1], inputs[2], impl="auto")
+    fast = kernel(inputs[0], sh, start, inputs[1], inputs[2])
     grad_out = torch.randn_like(fast)
     fast_grads = torch.autograd.grad(fast, inputs, grad_out)
     core = ms_deform_attn(inputs[0], sh, start, inputs[1], inputs[2], impl="pytorch")
     core_grads = torch.autograd.grad(core, inputs, grad_out)
-    torch.testing.assert_close(fast, core, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, core, rtol=1e-5, atol=1e-5)
     for gf, gc in zip(fast_grads, core_grads):
-        torch.testing.assert_close(gf, gc, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(gf, gc, rtol=1e-5, atol=1e-4)
+
+
+def test_resolve_impl_explicit_device_check_and_env_override(monkeypatch):
+    monkeypatch.delenv(MS_DEFORM_ATTN_IMPL_ENV, raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_impl("auto", cpu) == "pytorch"
+    assert resolve_impl("auto", cuda) == "fast"  # a device check only: no CUDA tensor is made
+    assert resolve_impl("pytorch", cuda) == "pytorch"
+    assert resolve_impl("triton", cpu) == "triton"
+    monkeypatch.setenv(MS_DEFORM_ATTN_IMPL_ENV, "pytorch")
+    assert resolve_impl("auto", cuda) == "pytorch"  # the switch that forces the reference
+    assert resolve_impl("triton", cuda) == "triton"  # an explicit impl is not overridden
+    monkeypatch.setenv(MS_DEFORM_ATTN_IMPL_ENV, "cuda_please")
+    with pytest.raises(ValueError, match=MS_DEFORM_ATTN_IMPL_ENV):
+        resolve_impl("auto", cpu)
+    previous = register_fast_kernel(None)
+    try:
+        monkeypatch.delenv(MS_DEFORM_ATTN_IMPL_ENV)
+        assert resolve_impl("auto", cuda) == "pytorch"
+    finally:
+        register_fast_kernel(previous)
+
+
+def test_dispatch_triton_impl_matches_pytorch_impl(single_thread):
+    value, shapes, loc, weights = (t.to(KERNEL_DEVICE) for t in _random_inputs(dtype=torch.float32, seed=7))
+    start = _level_start(SHAPES).to(KERNEL_DEVICE)
+    t = ms_deform_attn(value, shapes, start, loc, weights, impl="triton")
+    p = ms_deform_attn(value, shapes, start, loc, weights, impl="pytorch")
+    torch.testing.assert_close(t, p, rtol=1e-5, atol=1e-6)
+
+
+def test_module_triton_and_pytorch_cores_agree_with_gradients(single_thread):
+    torch.manual_seed(0)
+    x, sh, start = _flatten_levels(SHAPES, B=1, D=16)
+    query, ref = torch.randn(1, 6, 16), torch.rand(1, 6, 3, 2)
+    results = {}
+    for impl in ("triton", "pytorch"):
+        torch.manual_seed(1)
+        m = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=2, impl=impl).to(KERNEL_DEVICE)
+        with torch.no_grad():  # non-trivial offsets and weights
+            m.sampling_offsets.weight.normal_(0, 0.5)
+            m.attention_weights.weight.normal_(0, 0.5)
+        out = m(*(t.to(KERNEL_DEVICE) for t in (query, ref, x, sh, start)))
+        out.square().sum().backward()
+        results[impl] = (out, {n: p.grad for n, p in m.named_parameters()})
+    torch.testing.assert_close(results["triton"][0], results["pytorch"][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results["pytorch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------- module

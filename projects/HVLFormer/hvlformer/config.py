@@ -268,7 +268,8 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_POINTS = 4
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_DIM_FEEDFORWARD = 1024
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_DROPOUT = 0.0
-    # MSDeformAttn core: "auto" (fast GPU kernel for CUDA tensors when built, else PyTorch) or "pytorch".
+    # MSDeformAttn core: "auto" (Triton kernels for CUDA tensors, PyTorch grid_sample elsewhere; the env
+    # variable HVLFORMER_MSDEFORM_ATTN_IMPL overrides "auto"), "pytorch" (always the reference) or "triton".
     cfg.MODEL.SEM_SEG_HEAD.MSDEFORM_ATTN_IMPL = "auto"
     # HierVL: pixel tokens cross-attend to the K textual cluster centres after each deformable layer.
     cfg.MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION = False

@@ -3,13 +3,17 @@
 Three layers of API:
 
 * :func:`ms_deform_attn_core_pytorch` -- the reference sampling + weighting in pure PyTorch
-  (``F.grid_sample``). It runs on every device and dtype and is what the CPU tests use.
-* :func:`ms_deform_attn` -- the single dispatch point. ``impl="auto"`` uses a fast GPU kernel only when the
-  value tensor is on CUDA *and* a kernel has been registered with :func:`register_fast_kernel`; otherwise
-  (and always for ``impl="pytorch"``) it uses the reference. The choice is an explicit check, never a
-  try/except around the kernel, so a broken kernel fails loudly instead of silently falling back.
-  The sampling itself always runs in at least float32 (autocast is disabled around it and half-precision
-  inputs are upcast); the result is cast back to the value dtype.
+  (``F.grid_sample``). It runs on every device and dtype; it is the CPU path and what the fast kernel is
+  tested against.
+* :func:`ms_deform_attn` -- the single dispatch point. ``impl="auto"`` uses the registered fast kernel
+  (by default the Triton kernels of :mod:`.ms_deform_attn_triton`, registered when ``triton`` is
+  installed) only when the value tensor is on CUDA; otherwise it uses the reference. ``impl="pytorch"``
+  always uses the reference, ``impl="triton"`` always the Triton kernels (on CPU only inside Triton's
+  interpreter, for tests). The environment variable ``HVLFORMER_MSDEFORM_ATTN_IMPL`` (one of the impls)
+  overrides ``"auto"``, e.g. ``=pytorch`` forces the reference without touching the config. The choice is
+  an explicit check, never a try/except around the kernel, so a broken kernel fails loudly instead of
+  silently falling back. Locations and weights are always sampled in at least float32 (autocast is
+  disabled around the sampling); the result is cast back to the value dtype.
 * :class:`MSDeformAttn` -- the attention module (value/offset/weight/output projections).
 
 Shape conventions (Deformable-DETR): ``B`` batch, ``S = sum_l H_l * W_l`` flattened multi-level tokens,
@@ -19,7 +23,9 @@ convention: ``0`` is the left/top border of the map and pixel ``j`` has its cent
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -32,22 +38,47 @@ __all__ = [
     "ms_deform_attn_core_pytorch",
     "register_fast_kernel",
     "get_fast_kernel",
+    "resolve_impl",
     "MS_DEFORM_ATTN_IMPLS",
+    "MS_DEFORM_ATTN_IMPL_ENV",
+    "triton_kernel",
 ]
 
 #: Accepted values of ``impl`` (and of ``MODEL.SEM_SEG_HEAD.MSDEFORM_ATTN_IMPL``).
-MS_DEFORM_ATTN_IMPLS = ("auto", "pytorch")
+MS_DEFORM_ATTN_IMPLS = ("auto", "pytorch", "triton")
+
+#: Environment variable that, when set to one of :data:`MS_DEFORM_ATTN_IMPLS`, replaces ``impl="auto"``.
+MS_DEFORM_ATTN_IMPL_ENV = "HVLFORMER_MSDEFORM_ATTN_IMPL"
 
 #: Signature of a fast kernel: ``fn(value, spatial_shapes, level_start_index, sampling_locations,
-#: attention_weights) -> output`` with the shapes of :func:`ms_deform_attn` (inputs already float32 or
-#: float64, all on the same CUDA device) and differentiable w.r.t. value, locations and weights.
+#: attention_weights) -> output`` with the shapes of :func:`ms_deform_attn`, all on the same CUDA device;
+#: ``value`` comes in its own floating dtype (float16 / bfloat16 / float32 / float64), locations and
+#: weights in float32 or float64. Returns ``value.dtype`` (or any dtype: the dispatch casts), and is
+#: differentiable w.r.t. value, locations and weights.
 FastKernel = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
-_FAST_KERNEL: Optional[FastKernel] = None
+
+def triton_kernel(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                  attention_weights: Tensor) -> Tensor:
+    """The Triton kernels (:func:`.ms_deform_attn_triton.ms_deform_attn_triton`), imported on first use.
+
+    The import is deferred so that ``TRITON_INTERPRET`` (read when the kernels are decorated) only has to
+    be set before the first call, and so that importing the model never needs ``triton``.
+    """
+    from .ms_deform_attn_triton import ms_deform_attn_triton
+
+    return ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+# The Triton kernels are the default fast kernel wherever triton is installed (it ships with Linux
+# builds of PyTorch); they are only ever called for CUDA tensors by impl="auto".
+_FAST_KERNEL: Optional[FastKernel] = triton_kernel if importlib.util.find_spec("triton") is not None else None
 
 
 def register_fast_kernel(fn: Optional[FastKernel]) -> Optional[FastKernel]:
     """Register the fast (CUDA) MSDeformAttn kernel used by ``impl="auto"``; ``None`` unregisters.
+
+    The default is :func:`triton_kernel` when ``triton`` is installed.
 
     Returns the previously registered kernel so that callers (tests) can restore it.
     """
@@ -132,6 +163,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The core :func:`ms_deform_attn` runs for ``impl`` on ``device``: ``"pytorch"``, ``"fast"`` (the
+    registered kernel) or ``"triton"``.
+
+    ``"auto"`` is first replaced by ``$HVLFORMER_MSDEFORM_ATTN_IMPL`` when that is set, then means the
+    registered fast kernel for CUDA devices (when one is registered) and the reference elsewhere.
+    """
+    if impl not in MS_DEFORM_ATTN_IMPLS:
+        raise ValueError(f"Unknown MSDeformAttn impl {impl!r}; expected one of {MS_DEFORM_ATTN_IMPLS}")
+    if impl == "auto":
+        impl = os.environ.get(MS_DEFORM_ATTN_IMPL_ENV, "") or "auto"
+        if impl not in MS_DEFORM_ATTN_IMPLS:
+            raise ValueError(f"${MS_DEFORM_ATTN_IMPL_ENV}={impl!r}; expected one of {MS_DEFORM_ATTN_IMPLS}")
+    if impl == "auto":
+        return "fast" if device.type == "cuda" and _FAST_KERNEL is not None else "pytorch"
+    return impl
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -145,11 +194,11 @@ def ms_deform_attn(
     Args:
         value: ``B x S x nH x Dh``.
         spatial_shapes: ``L x 2`` long ``(H_l, W_l)``.
-        level_start_index: ``L`` long, start of each level in ``S`` (used by the fast kernel).
+        level_start_index: ``L`` long, start of each level in ``S`` (passed on to a registered kernel).
         sampling_locations: ``B x Lq x nH x L x P x 2`` normalised ``(x, y)``.
         attention_weights: ``B x Lq x nH x L x P``.
-        impl: ``"auto"`` (fast kernel iff ``value.is_cuda`` and one is registered, else PyTorch) or
-            ``"pytorch"``.
+        impl: ``"auto"`` (the registered fast kernel iff ``value.is_cuda`` and one is registered, else
+            PyTorch; see :func:`resolve_impl`), ``"pytorch"`` or ``"triton"``.
 
     Returns:
         ``B x Lq x nH*Dh`` in ``value.dtype``.
@@ -157,22 +206,20 @@ def ms_deform_attn(
     The locations and the bilinear sampling run with autocast disabled and in float32 (or float64 if
     given): bf16 locations near 1 are quantised in steps of 1/256 of the map, a quarter to half a pixel on
     the stride-8 level of a 512-1024 px input, and Deformable-DETR's CUDA kernel only takes float32/64.
+    The reference upcasts half-precision values to float32 in memory; the kernels read them in their own
+    dtype and accumulate in float32, which computes the same sums without the upcast copy.
     """
-    if impl not in MS_DEFORM_ATTN_IMPLS:
-        raise ValueError(f"Unknown MSDeformAttn impl {impl!r}; expected one of {MS_DEFORM_ATTN_IMPLS}")
-    kernel = _FAST_KERNEL
-    use_fast = impl == "auto" and value.is_cuda and kernel is not None
-
+    core = resolve_impl(impl, value.device)
     out_dtype = value.dtype
     dtype = _compute_dtype(torch.promote_types(value.dtype, sampling_locations.dtype))
     with torch.autocast(device_type=value.device.type, enabled=False):
-        value_c = value.to(dtype)
         locations_c = sampling_locations.to(dtype)
         weights_c = attention_weights.to(dtype)
-        if use_fast:
-            output = kernel(value_c, spatial_shapes, level_start_index, locations_c, weights_c)
+        if core == "pytorch":
+            output = ms_deform_attn_core_pytorch(value.to(dtype), spatial_shapes, locations_c, weights_c)
         else:
-            output = ms_deform_attn_core_pytorch(value_c, spatial_shapes, locations_c, weights_c)
+            kernel = triton_kernel if core == "triton" else _FAST_KERNEL
+            output = kernel(value, spatial_shapes, level_start_index, locations_c, weights_c)
     return output.to(out_dtype)
 
 
@@ -188,7 +235,8 @@ class MSDeformAttn(nn.Module):
         n_levels: number of feature levels ``L``.
         n_heads: number of heads ``nH``.
         n_points: sampling points per head and level ``P``.
-        impl: core implementation passed to :func:`ms_deform_attn` (``"auto"`` or ``"pytorch"``).
+        impl: core implementation passed to :func:`ms_deform_attn` (``"auto"``, ``"pytorch"`` or
+            ``"triton"``).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,

@@ -231,7 +231,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         transformer_in_features: backbone features fed to the encoder (e.g. res3, res4, res5).
         common_stride: stride of ``mask_features`` (4).
         text_cross_attention: HierVL text-to-pixel attention after every deformable layer.
-        msdeform_attn_impl: "auto" or "pytorch" (see :func:`ms_deform_attn`).
+        msdeform_attn_impl: "auto", "pytorch" or "triton" (see :func:`ms_deform_attn`).
     """
 
     @configurable
