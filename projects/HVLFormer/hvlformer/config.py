@@ -148,8 +148,9 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.HVLFORMER = CN()
     cfg.MODEL.HVLFORMER.CLIP = CN()
     # open_clip architecture name; project configs in hvlformer/modeling/backbone/model_configs are
-    # registered too (e.g. "HVL-Tiny-ViT" for CPU tests).
-    cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME = "ViT-B-16"
+    # registered too (e.g. "HVL-Tiny-ViT" for CPU tests). Its activation must match the weights'
+    # (QuickGELU for every "openai" tag, hence "ViT-B-16-quickgelu"); a mismatch is an error.
+    cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME = "ViT-B-16-quickgelu"
     # open_clip pretrained tag (e.g. "openai"; needs network once) or a local checkpoint path;
     # "" = random initialisation (one warning is logged).
     cfg.MODEL.HVLFORMER.CLIP.PRETRAINED = ""

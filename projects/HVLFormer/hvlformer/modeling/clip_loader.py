@@ -11,6 +11,12 @@ Decisions (SPEC 2.1 "Weights"):
 - any other string is an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...). An unknown
   tag for the architecture is a ``ValueError`` listing the known tags (no network); a known tag whose
   download fails (offline, no cache) is a ``RuntimeError`` that says what to do, chaining the cause.
+- Activation check (:func:`check_activation_match`): open_clip's pretrained metadata records whether the
+  weights of a tag were trained with QuickGELU (``quick_gelu``, e.g. every ``openai`` tag). open_clip's
+  plain ``ViT-B-16`` builds ``nn.GELU`` towers and only *warns* about the mismatch, which silently distorts
+  the frozen text tower, T0 and the starting point of E_I / E_I^0. Here a mismatch is a ``ValueError``
+  naming the matching architecture (``ViT-B-16-quickgelu`` for ``openai``), raised from the metadata alone,
+  before any download. Local checkpoint files carry no such metadata and are not checked.
 
 The project's own architectures (``hvlformer/modeling/backbone/model_configs/*.json``, e.g. the CPU-test
 model ``HVL-Tiny-ViT`` and its timm-EVA02 twin ``HVL-Tiny-EVA``) are registered with open_clip by
@@ -28,7 +34,7 @@ from typing import Callable, Iterator, Tuple
 import open_clip
 from torch import nn
 
-__all__ = ["MODEL_CONFIG_DIR", "register_project_model_configs", "build_clip_model"]
+__all__ = ["MODEL_CONFIG_DIR", "register_project_model_configs", "check_activation_match", "build_clip_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,35 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or (os.altsep is not None and os.altsep in value) or value.endswith(_CHECKPOINT_SUFFIXES)
 
 
+def check_activation_match(model_name: str, pretrained_tag: str) -> None:
+    """Raise ``ValueError`` if the architecture's activation differs from the one the tag's weights were
+    trained with (QuickGELU vs GELU), from open_clip's metadata only (no network).
+
+    Args:
+        model_name: open_clip architecture name (e.g. ``"ViT-B-16"`` or ``"ViT-B-16-quickgelu"``).
+        pretrained_tag: an open_clip pretrained tag known for ``model_name`` (e.g. ``"openai"``).
+    """
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained_tag) or {}
+    model_cfg = open_clip.get_model_config(model_name) or {}
+    tag_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    model_quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    if tag_quick_gelu == model_quick_gelu:
+        return
+    if tag_quick_gelu:
+        suggestion = f"{model_name}-quickgelu"
+        trained, built = "QuickGELU", "nn.GELU"
+    else:
+        suggestion = model_name[: -len("-quickgelu")] if model_name.endswith("-quickgelu") else model_name
+        trained, built = "nn.GELU", "QuickGELU"
+    known = suggestion in open_clip.list_models()
+    raise ValueError(
+        f"CLIP activation mismatch: the {pretrained_tag!r} weights were trained with {trained}, but "
+        f"architecture {model_name!r} builds {built} towers, which would distort the frozen text tower, the "
+        f"reference embeddings and the initial vision encoder. Use MODEL.HVLFORMER.CLIP.MODEL_NAME "
+        + (f"{suggestion!r}." if known else "with the matching activation (see open_clip.list_models()).")
+    )
+
+
 def build_clip_model(model_name: str, pretrained: str = "") -> Tuple[nn.Module, Callable]:
     """Create an open_clip model and its tokenizer.
 
@@ -96,8 +131,9 @@ def build_clip_model(model_name: str, pretrained: str = "") -> Tuple[nn.Module, 
         logger.warning(
             "CLIP model %r is RANDOMLY INITIALISED (MODEL.HVLFORMER.CLIP.PRETRAINED is empty): it is untrained, "
             "fine for tests and smoke runs only. To use real weights set MODEL.HVLFORMER.CLIP.PRETRAINED to a "
-            "local checkpoint file, or to an open_clip tag (e.g. 'openai' for ViT-B-16; downloads once, needs "
-            "network) - see open_clip.list_pretrained_tags_by_model(%r).",
+            "local checkpoint file, or to an open_clip tag (downloads once, needs "
+            "network; 'openai' weights need the '-quickgelu' architecture, e.g. 'ViT-B-16-quickgelu') - see "
+            "open_clip.list_pretrained_tags_by_model(%r).",
             model_name, model_name,
         )
     elif os.path.isfile(pretrained):
@@ -120,6 +156,7 @@ def build_clip_model(model_name: str, pretrained: str = "") -> Tuple[nn.Module, 
                 f"{pretrained!r} is neither an existing file nor an open_clip pretrained tag of {model_name!r}. "
                 f"Known tags: {known or 'none'}."
             )
+        check_activation_match(model_name, pretrained)
         try:
             model = open_clip.create_model(model_name, pretrained=pretrained)
         except (RuntimeError, OSError, ValueError) as e:
