@@ -97,7 +97,7 @@ def test_bad_pretrained_values_fail_fast(monkeypatch):
 
     monkeypatch.setattr(clip_loader.open_clip, "create_model", offline)
     with pytest.raises(RuntimeError, match="local file path") as info:
-        build_clip_model("ViT-B-16", "openai")
+        build_clip_model("ViT-B-16-quickgelu", "openai")
     assert isinstance(info.value.__cause__, RuntimeError)
 
 

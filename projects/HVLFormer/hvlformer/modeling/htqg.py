@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .regularization import fp32_loss
+
 SRE_MODES = ("soft", "threshold", "none", "clip_zero_shot")
 
 
@@ -31,11 +33,13 @@ class HierarchicalQueryGenerator(nn.Module):
         return torch.stack([head(class_embeddings) for head in self.heads], dim=0)
 
 
+@fp32_loss
 def diversity_loss(level_queries: Tensor) -> Tensor:
     """L_div: mean over classes k and ordered level pairs e != e' of ``cos(q_k^e, q_k^e')^2``.
 
     level_queries: ``E x K x D`` (or ``B x E x K x D``, averaged over the batch too). 0 for mutually
-    orthogonal levels, 1 for identical levels; 0 when E == 1 (no pair).
+    orthogonal levels, 1 for identical levels; 0 when E == 1 (no pair). Computed in float32 with autocast
+    disabled.
     """
     if level_queries.dim() == 3:
         level_queries = level_queries.unsqueeze(0)

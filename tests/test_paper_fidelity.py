@@ -1,0 +1,270 @@
+"""Paper fidelity and GPU readiness: what only a GPU run with real CLIP weights would otherwise show.
+
+CLIP activation vs weights, losses really in float32 under autocast (and no op that CUDA autocast forbids),
+l_mask normalisation (paper eq. 2), the LR of the backbone's new layers, rare-class sampling and the
+global batch of the paper configs.
+"""
+import argparse
+import copy
+import glob
+import importlib.util
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from hvlformer import setup_cfg
+from hvlformer.data.semi import register_shapes_semi_split
+from hvlformer.engine import get_parameter_groups
+from hvlformer.engine.semi_trainer import SemiSupervisedStep, auto_scale_semi
+from hvlformer.engine.trainer import describe_batch_recipe
+from hvlformer.modeling import clip_loader
+from hvlformer.modeling import cmcr as C
+from hvlformer.modeling.clip_loader import build_clip_model, check_activation_match
+from hvlformer.modeling.htqg import diversity_loss
+from hvlformer.modeling.regularization import language_regularization, vision_language_regularization
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+ROOT = Path(__file__).resolve().parents[1]
+SEMI_CONFIG = "configs/tiny/hvlformer_tiny_shapes_semi.yaml"
+FAST = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "40", "DATASETS.SHAPES.NUM_VAL", "4",
+        "DATASETS.SHAPES.NUM_LABELED", "8", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
+        "SOLVER.IMS_PER_BATCH_LABELED", "2", "SOLVER.IMS_PER_BATCH_UNLABELED", "2", "DATALOADER.NUM_WORKERS", "0",
+        "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "3",
+        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1", "SEED", "0", "TEST.EVAL_PERIOD", "0"]
+PAPER_CONFIGS = sorted(p for p in glob.glob(str(ROOT / "configs" / "*" / "*.yaml"))
+                       if "/tiny/" not in p and not Path(p).name.startswith("Base-"))
+
+
+def _cfg(config_file, *opts):
+    return setup_cfg(argparse.Namespace(config_file=config_file, opts=list(opts)))
+
+
+def _tiny_semi_model(*opts):
+    cfg = _cfg(SEMI_CONFIG, *FAST, *opts)
+    register_shapes_semi_split(cfg)
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).train()
+
+
+# --------------------------------------------------------------------------- 1. CLIP activation vs weights
+def test_openai_weights_need_the_quickgelu_architecture(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("the activation check must happen before any download")
+
+    monkeypatch.setattr(clip_loader.open_clip, "create_model", no_download)
+    with pytest.raises(ValueError, match="ViT-B-16-quickgelu"):
+        build_clip_model("ViT-B-16", "openai")
+    with pytest.raises(ValueError, match="QuickGELU"):
+        check_activation_match("ViT-B-16", "openai")
+    check_activation_match("ViT-B-16-quickgelu", "openai")  # matching: no error
+    check_activation_match("ViT-B-16", "laion2b_s34b_b88k")  # a GELU-trained tag on a GELU tower
+
+
+def test_every_shipped_config_matches_its_weights():
+    assert len(PAPER_CONFIGS) == 44  # 4 datasets x (5 splits x 2 backbones + 1 HierVL)
+    for path in PAPER_CONFIGS + [str(ROOT / "configs" / "Base-HVLFormer.yaml")]:
+        clip = _cfg(path).MODEL.HVLFORMER.CLIP
+        check_activation_match(clip.MODEL_NAME, clip.PRETRAINED)
+        if clip.PRETRAINED == "openai":
+            assert clip.MODEL_NAME == "ViT-B-16-quickgelu", path
+
+
+# --------------------------------------------------------------------------- 2. losses in fp32, no BCE under autocast
+def _guard_autocast_forbidden_ops(monkeypatch):
+    """Fail if an op that CUDA autocast refuses runs while autocast is on (CPU autocast allows it)."""
+    calls = []
+    original_bce, original_module = F.binary_cross_entropy, torch.nn.BCELoss.forward
+
+    def check(name):
+        calls.append(name)
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            raise AssertionError(f"{name} called while autocast is enabled (CUDA autocast forbids it)")
+
+    def guarded_bce(*args, **kwargs):
+        check("binary_cross_entropy")
+        return original_bce(*args, **kwargs)
+
+    def guarded_module(self, *args, **kwargs):
+        check("BCELoss")
+        return original_module(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy", guarded_bce)
+    monkeypatch.setattr(torch.nn.BCELoss, "forward", guarded_module)
+    return calls
+
+
+def test_losses_are_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    dense, text, reference = torch.randn(2, 16, 4, 4), torch.randn(5, 16), torch.randn(5, 16)
+    labels = torch.randint(0, 5, (2, 8, 8))
+    logits, masks = torch.randn(2, 6, 6), torch.randn(2, 6, 8, 8)
+    queries = torch.randn(3, 5, 32)
+    cases = {
+        "L^VL": lambda: vision_language_regularization(dense, text, labels),
+        "L^L": lambda: language_regularization(text, reference),
+        "L_div": lambda: diversity_loss(queries),
+        "probability maps": lambda: C.class_probability_maps(logits, masks),
+    }
+    for name, fn in cases.items():
+        reference_value = fn()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = fn()
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value, reference_value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def _unlabeled_batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)
+    weak = (images.float() * 0.9).to(torch.uint8)
+    strong = images.flip(-1)
+    box = torch.zeros(2, 64, 64, dtype=torch.bool)
+    box[0, 8:40, 16:48] = True
+    mixed = torch.where(box[:, None], strong.flip(0), strong)
+    return [{"image": images[i], "image_weak": weak[i], "image_strong": mixed[i], "cutmix_box": box[i],
+             "padding": torch.zeros(64, 64, dtype=torch.bool)} for i in range(2)]
+
+
+def _labeled_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        label = torch.randint(0, 6, (64, 64), generator=g)
+        label[:4] = 255
+        out.append({"image": torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8), "sem_seg": label,
+                    "height": 64, "width": 64})
+    return out
+
+
+def _one_step(model, amp):
+    step = SemiSupervisedStep(model, [_labeled_batch()], [_unlabeled_batch()],
+                              torch.optim.SGD(model.parameters(), lr=0.0), amp=amp)
+    torch.manual_seed(123)  # the same point sampling in both runs
+    with EventStorage(0) as storage:
+        step.run_step()
+        return {k: v.latest() for k, v in storage.histories().items() if k.startswith("loss")}
+
+
+def test_semi_step_under_bf16_autocast_matches_fp32(monkeypatch):
+    calls = _guard_autocast_forbidden_ops(monkeypatch)
+    cfg, model = _tiny_semi_model("SEMI.CONFIDENCE_THRESHOLD", "0.0")
+    fp32 = _one_step(copy.deepcopy(model), amp=None)
+    bf16 = _one_step(model, amp=torch.bfloat16)
+    assert "binary_cross_entropy" in calls  # l_mask ran (under the guard)
+    assert {"loss_cmcr_mask", "loss_cmcr_class", "loss_cmcr_align", "loss_ce", "loss_reg_vision_language"} <= set(fp32)
+    assert set(bf16) == set(fp32)
+    for key, value in fp32.items():
+        assert math.isfinite(bf16[key]), key
+        # bf16 has an 8-bit mantissa: the network's activations differ by ~1 %; the losses themselves are fp32
+        assert bf16[key] == pytest.approx(value, rel=0.05, abs=2e-3), key
+
+
+# --------------------------------------------------------------------------- 3. l_mask over all pixels (eq. 2)
+def test_l_mask_averages_over_all_pixels_with_a_known_confident_fraction():
+    # 4 x 4 pixels, 2 classes; exactly 4 of 16 pixels are confident (a quarter)
+    target = torch.full((1, 2, 4, 4), 0.5)
+    target[0, 0, 0, :] = 0.99
+    target[0, 1, 0, :] = 0.01
+    confidence, pseudo = target.max(1)
+    confident = confidence >= 0.95
+    assert confident.float().mean().item() == 0.25
+    view = torch.full((1, 2, 4, 4), 0.5)
+    view[0, 0], view[0, 1] = 0.8, 0.2
+    per_pixel = -(math.log(0.8) + math.log(1 - 0.2))  # BCE of both class maps at a confident pixel
+    value = C.mask_consistency(view, pseudo, confident)
+    assert value.item() == pytest.approx(4 * per_pixel / 16, rel=1e-5)  # not per_pixel (confident-only mean)
+    # padded pixels are not image pixels: half the image padded -> averaged over the 8 valid pixels
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+    valid[0, 2:] = False
+    assert C.mask_consistency(view, pseudo, confident & valid, valid).item() == pytest.approx(4 * per_pixel / 8,
+                                                                                                rel=1e-5)
+
+
+def test_cmcr_l_mask_weights_each_view_over_all_pixels():
+    # one layer, weak and strong views equal; a quarter of the original view's pixels confident
+    logits = torch.full((1, 2, 3), -30.0)
+    logits[0, 0, 0] = logits[0, 1, 1] = 30.0  # query k is class k
+    target_masks = torch.zeros(1, 2, 4, 4)
+    target_masks[0, 0, 0, :] = 30.0  # row 0: class 0 confident; elsewhere 50/50
+    target_masks[0, 1, 0, :] = -30.0
+    view_masks = torch.zeros(1, 2, 4, 4)
+    view_masks[0, 0] = math.log(4.0)  # sigmoid = 0.8 -> class-0 share 0.8 / 1.3
+    attn = torch.full((1, 2, 1), 1.0)
+    out = {"pred_logits": logits, "pred_masks": target_masks, "attn_maps": attn, "aux_outputs": []}
+    view = {"pred_logits": logits, "pred_masks": view_masks, "attn_maps": attn, "aux_outputs": []}
+    loss = C.CMCRLoss(use_class=False, use_align=False)
+    padding = torch.zeros(1, 32, 32, dtype=torch.bool)
+    terms = loss(loss.targets(out), view, view, padding, padding.clone(), torch.tensor([0]))
+    p0 = 0.8 / 1.3
+    per_pixel = -2 * math.log(p0)
+    assert terms["loss_cmcr_mask"].item() == pytest.approx((0.5 + 0.1) * 4 * per_pixel / 16, rel=1e-4)
+    assert terms["stat_confident_fraction"].item() == pytest.approx(0.25)
+
+
+# --------------------------------------------------------------------------- 4. LR of the new pyramid layers
+def test_backbone_multiplier_covers_the_pretrained_encoder_only():
+    cfg, model = _tiny_semi_model()
+    groups = {g["name"]: g["lr"] for g in get_parameter_groups(model, 1e-4, 0.01, 0.0, 0.0, 0.1)}
+    visual = [n for n in groups if n.startswith("backbone.visual.")]
+    pyramid = [n for n in groups if n.startswith("backbone.pyramid.")]
+    assert visual and pyramid and len(visual) + len(pyramid) == len([n for n in groups if n.startswith("backbone.")])
+    assert all(groups[n] == pytest.approx(1e-5) for n in visual)
+    assert {"backbone.pyramid.res2.0.weight", "backbone.pyramid.res2.3.weight", "backbone.pyramid.res3.weight"} <= set(pyramid)
+    assert all(groups[n] == pytest.approx(1e-4) for n in pyramid)  # new layers: the head LR
+    assert all(lr == pytest.approx(1e-4) for n, lr in groups.items() if not n.startswith("backbone.visual."))
+
+
+# --------------------------------------------------------------------------- 5. rare-class sampling in the paper configs
+def test_rare_class_sampling_on_in_paper_configs_off_in_tiny():
+    for path in PAPER_CONFIGS:
+        rcs = _cfg(path).SEMI.RARE_CLASS_SAMPLING
+        assert (rcs.ENABLED, rcs.TEMPERATURE, rcs.MIN_PIXELS) == (True, 0.01, 3000), path
+    for path in glob.glob(str(ROOT / "configs" / "tiny" / "*.yaml")):
+        assert not _cfg(path).SEMI.RARE_CLASS_SAMPLING.ENABLED, path
+
+
+def test_committed_configs_are_what_the_generator_writes():
+    spec = importlib.util.spec_from_file_location("generate_configs", ROOT / "tools" / "generate_configs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    for name, dataset in gen.DATASETS.items():
+        folder = ROOT / "configs" / dataset.get("dir", name)
+        assert (folder / f"Base-{name}.yaml").read_text() == gen.base_config(name, dataset)
+        for count in dataset["counts"]:
+            for backbone in gen.BACKBONES:
+                path = folder / f"hvlformer_{backbone}_{name}_{count}.yaml"
+                assert path.read_text() == gen.split_config(name, dataset, count, backbone), path
+        path = folder / f"hiervl_vitb16_{name}_{dataset['counts'][0]}.yaml"
+        assert path.read_text() == gen.split_config(name, dataset, dataset["counts"][0], "vitb16", hiervl=True)
+
+
+# --------------------------------------------------------------------------- 8. the global batch on any GPU count
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_paper_configs_keep_the_global_batch_on_any_gpu_count(world_size):
+    cfg = _cfg(str(ROOT / "configs" / "voc" / "hvlformer_vitb16_voc_92.yaml"))
+    scaled = auto_scale_semi(cfg, world_size)
+    assert (scaled.SOLVER.IMS_PER_BATCH_LABELED, scaled.SOLVER.IMS_PER_BATCH_UNLABELED) == (8, 8)
+    assert scaled.SOLVER.BASE_LR == cfg.SOLVER.BASE_LR and scaled.SOLVER.MAX_ITER == cfg.SOLVER.MAX_ITER
+    text = describe_batch_recipe(scaled, world_size)
+    per_gpu = 8 // world_size
+    assert f"global batch: 8 labeled + 8 unlabeled" in text
+    assert f"per GPU: {per_gpu} labeled + {per_gpu} unlabeled" in text
+    assert f"max iterations: {cfg.SOLVER.MAX_ITER}" in text and "base LR: 0.0001" in text
+
+
+def test_rescaling_only_when_asked_and_logged():
+    cfg = _cfg(str(ROOT / "configs" / "voc" / "hvlformer_vitb16_voc_92.yaml"), "SOLVER.REFERENCE_WORLD_SIZE", "2")
+    scaled = auto_scale_semi(cfg, 1)
+    assert (scaled.SOLVER.IMS_PER_BATCH_LABELED, scaled.SOLVER.IMS_PER_BATCH_UNLABELED) == (4, 4)
+    assert scaled.SOLVER.BASE_LR == pytest.approx(cfg.SOLVER.BASE_LR / 2)
+    assert scaled.SOLVER.MAX_ITER == 2 * cfg.SOLVER.MAX_ITER
+    text = describe_batch_recipe(scaled, 1, original=cfg)
+    assert "RESCALED" in text and "REFERENCE_WORLD_SIZE=2" in text
+    with pytest.raises(ValueError, match="divisible"):
+        describe_batch_recipe(cfg, 3)
