@@ -268,3 +268,107 @@ def test_rescaling_only_when_asked_and_logged():
     assert "RESCALED" in text and "REFERENCE_WORLD_SIZE=2" in text
     with pytest.raises(ValueError, match="divisible"):
         describe_batch_recipe(cfg, 3)
+
+
+# --------------------------------------------------------------------------- 6. E_I^0 = the pretrained encoder
+@pytest.fixture(scope="module")
+def pretrained_file(tmp_path_factory):
+    """A local 'pretrained' CLIP checkpoint of the tiny architecture (stands in for the openai weights)."""
+    torch.manual_seed(42)
+    model, _ = build_clip_model("HVL-Tiny-ViT")
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
+    torch.save(model.state_dict(), path)
+    return str(path), model
+
+
+def _visual_state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_no_pretrained_weights_switch_l_v_off_with_one_warning(caplog):
+    from detectron2.utils import logger as d2_logger
+
+    d2_logger._LOG_COUNTER.clear()
+    with caplog.at_level(logging.WARNING, logger="hvlformer"):
+        _, model = _tiny_semi_model()
+        _tiny_semi_model()
+    assert sum("SWITCHED OFF" in r.getMessage() for r in caplog.records) == 1  # said once
+    assert model.backbone.reference_tower is None and model.loss_weights["reg_vision"] == 0.0
+    assert "loss_reg_vision" not in model(_labeled_batch())
+
+
+def test_reference_encoder_is_the_pretrained_one_on_every_rank_and_after_model_weights(tmp_path, pretrained_file):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    path, clip = pretrained_file
+    expected = _visual_state(clip.visual)
+    models = []
+    for seed in (1, 2):  # DDP ranks differ by their seed only
+        cfg = _cfg(SEMI_CONFIG, *FAST, "MODEL.HVLFORMER.CLIP.PRETRAINED", path)
+        register_shapes_semi_split(cfg)
+        torch.manual_seed(seed)
+        models.append(build_model(cfg).train())
+    for model in models:
+        for key, value in _visual_state(model.backbone.reference_tower).items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    # a trained checkpoint given as MODEL.WEIGHTS replaces the encoder, never the reference
+    trained = models[0]
+    with torch.no_grad():
+        for p in trained.backbone.visual.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    DetectionCheckpointer(trained, save_dir=str(tmp_path)).save("trained")
+    cfg = _cfg(SEMI_CONFIG, *FAST, "MODEL.HVLFORMER.CLIP.PRETRAINED", path, "MODEL.WEIGHTS",
+               str(tmp_path / "trained.pth"))
+    register_shapes_semi_split(cfg)
+    finetune = build_model(cfg).train()
+    DetectionCheckpointer(finetune).load(cfg.MODEL.WEIGHTS)
+    torch.testing.assert_close(_visual_state(finetune.backbone.visual), _visual_state(trained.backbone.visual))
+    for key, value in _visual_state(finetune.backbone.reference_tower).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    # L^V: the fine-tuned f_CLS against the PRETRAINED encoder's f_CLS (not against itself: > 0)
+    from hvlformer.modeling.backbone import CLIPViTBackbone
+
+    pretrained_backbone = CLIPViTBackbone(visual=copy.deepcopy(clip.visual), out_indices=[0, 1, 2, 3],
+                                          frozen_reference=False).eval()
+    batch = _labeled_batch()
+    images = finetune.preprocess_images(batch).tensor
+    with torch.no_grad():
+        losses = finetune(batch)
+        f_cls = finetune.backbone(images)["clip_global"]
+        f_cls0 = pretrained_backbone(images)["clip_global"]
+    expected_l_v = F.mse_loss(f_cls, f_cls0)
+    assert expected_l_v.item() > 1e-4
+    assert losses["loss_reg_vision"].item() == pytest.approx(expected_l_v.item(), rel=1e-4)
+
+
+def test_evaluation_never_loads_clip_pretrained_when_model_weights_are_given(tmp_path, monkeypatch):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from hvlformer.predictor import HVLFormerPredictor
+
+    _, model = _tiny_semi_model()
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+    created = []
+    original = clip_loader.open_clip.create_model
+
+    def offline_create_model(name, pretrained=None, **kwargs):
+        created.append(pretrained)
+        if pretrained:
+            raise RuntimeError("offline: no download allowed")
+        return original(name, pretrained=None, **kwargs)
+
+    monkeypatch.setattr(clip_loader.open_clip, "create_model", offline_create_model)
+    opts = [*FAST, "MODEL.HVLFORMER.CLIP.PRETRAINED", "/not/downloaded/clip.pt",
+            "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
+    predictor = HVLFormerPredictor(_cfg(SEMI_CONFIG, *opts))
+    assert created and not any(created)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(predictor.model.state_dict()[key], value, msg=key)
+    # train_net --eval-only builds the model the same way
+    spec = importlib.util.spec_from_file_location("train_net", ROOT / "projects" / "HVLFormer" / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    args = argparse.Namespace(config_file=SEMI_CONFIG, opts=[*opts, "OUTPUT_DIR", str(tmp_path / "eval")],
+                              eval_only=True, resume=False, num_gpus=1, num_machines=1, machine_rank=0)
+    results = train_net.main(args)
+    assert "sem_seg" in results and "mIoU" in results["sem_seg"]

@@ -162,8 +162,16 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.HVLFORMER.CLIP.PYRAMID_NORM = "GN"
     # Recompute ViT blocks in the backward pass to save memory.
     cfg.MODEL.HVLFORMER.CLIP.GRADIENT_CHECKPOINTING = False
-    # Keep a frozen copy of the initial vision encoder for L^V (f_CLS vs f_CLS^0).
+    # Keep a frozen copy E_I^0 of the PRETRAINED vision encoder for L^V (f_CLS vs f_CLS^0) and HierVL's
+    # masked L_mask. It is taken from the weights PRETRAINED loads (never from MODEL.WEIGHTS), so it is the
+    # same on every GPU; with PRETRAINED "" there is nothing to anchor to: L^V (and HierVL's L_mask) are
+    # switched off with one warning.
     cfg.MODEL.HVLFORMER.CLIP.FROZEN_REFERENCE = True
+    # True = every CLIP weight comes from MODEL.WEIGHTS (a trained HVLFormer checkpoint): PRETRAINED is not
+    # loaded (nothing is downloaded) and no E_I^0 is built. Set by --eval-only, the demo and the predictor
+    # when MODEL.WEIGHTS is given (hvlformer.modeling.clip_loader.clip_weights_from_checkpoint); training
+    # keeps False so that E_I^0 is the pretrained encoder even when fine-tuning from MODEL.WEIGHTS.
+    cfg.MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT = False
 
     # ------------------------------------------------------------------ text side
     cfg.MODEL.HVLFORMER.TEXT = CN()

@@ -18,6 +18,13 @@ Decisions (SPEC 2.1 "Weights"):
   naming the matching architecture (``ViT-B-16-quickgelu`` for ``openai``), raised from the metadata alone,
   before any download. Local checkpoint files carry no such metadata and are not checked.
 
+Weights from a checkpoint (``weights_from_checkpoint=True``, config key
+``MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT``, set by :func:`clip_weights_from_checkpoint` for
+``--eval-only``, the demo and the predictor when ``MODEL.WEIGHTS`` is given): the architecture is built
+without weights and without the random-init warning, because ``MODEL.WEIGHTS`` (a trained HVLFormer
+checkpoint, which holds both CLIP towers) overwrites them; ``PRETRAINED`` is not loaded, so evaluation
+works offline.
+
 The project's own architectures (``hvlformer/modeling/backbone/model_configs/*.json``, e.g. the CPU-test
 model ``HVL-Tiny-ViT`` and its timm-EVA02 twin ``HVL-Tiny-EVA``) are registered with open_clip by
 :func:`register_project_model_configs`, which :func:`build_clip_model` calls itself.
@@ -32,9 +39,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Tuple
 
 import open_clip
+from detectron2.config import CfgNode
 from torch import nn
 
-__all__ = ["MODEL_CONFIG_DIR", "register_project_model_configs", "check_activation_match", "build_clip_model"]
+__all__ = ["MODEL_CONFIG_DIR", "register_project_model_configs", "check_activation_match", "build_clip_model",
+           "clip_weights_from_checkpoint", "has_pretrained_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +115,44 @@ def check_activation_match(model_name: str, pretrained_tag: str) -> None:
     )
 
 
-def build_clip_model(model_name: str, pretrained: str = "") -> Tuple[nn.Module, Callable]:
+def clip_weights_from_checkpoint(cfg: CfgNode) -> CfgNode:
+    """The config to build a model whose weights all come from ``cfg.MODEL.WEIGHTS`` (evaluation, demo,
+    predictor): a copy with ``MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT = True`` when ``MODEL.WEIGHTS`` is
+    set, so CLIP's pretrained weights are not loaded (no download) and no E_I^0 is built; ``cfg`` itself
+    when ``MODEL.WEIGHTS`` is empty (the pretrained weights are then the only weights)."""
+    if not cfg.MODEL.WEIGHTS or cfg.MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT:
+        return cfg
+    cfg = cfg.clone()
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT = True
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def has_pretrained_reference(clip_cfg: CfgNode) -> bool:
+    """Whether a frozen reference encoder E_I^0 is built from ``clip_cfg`` (``MODEL.HVLFORMER.CLIP``).
+
+    E_I^0 must be the PRETRAINED CLIP encoder, identical on every DDP rank: it is a copy of the tower right
+    after ``PRETRAINED`` was loaded (every rank loads the same file or tag; later ``MODEL.WEIGHTS`` loads
+    and training never touch it). So it exists only when ``FROZEN_REFERENCE`` is on, ``PRETRAINED`` names
+    weights and they are loaded (not ``WEIGHTS_FROM_CHECKPOINT``). Without pretrained weights a copy would
+    anchor L^V to a (per-rank) random initialisation, so there is no E_I^0 and L^V is switched off.
+    """
+    return bool(clip_cfg.FROZEN_REFERENCE and clip_cfg.PRETRAINED and not clip_cfg.WEIGHTS_FROM_CHECKPOINT)
+
+
+def build_clip_model(model_name: str, pretrained: str = "",
+                     weights_from_checkpoint: bool = False) -> Tuple[nn.Module, Callable]:
     """Create an open_clip model and its tokenizer.
 
     Args:
-        model_name: open_clip architecture name (``"ViT-B-16"``, ``"EVA02-L-14-336"``, ``"HVL-Tiny-ViT"``).
+        model_name: open_clip architecture name (``"ViT-B-16-quickgelu"``, ``"EVA02-L-14-336"``,
+            ``"HVL-Tiny-ViT"``).
         pretrained: ``""`` (random init, one warning), a local checkpoint file, or an open_clip tag.
+        weights_from_checkpoint: the caller loads every weight from a trained checkpoint next:
+            ``pretrained`` is ignored (not loaded, not downloaded) and no random-init warning is logged.
 
     Returns:
         ``(model, tokenizer)``: an open_clip ``CLIP`` / ``CustomTextCLIP`` (fp32, CPU) and
@@ -125,7 +166,12 @@ def build_clip_model(model_name: str, pretrained: str = "") -> Tuple[nn.Module, 
         )
     pretrained = pretrained or ""
 
-    if not pretrained:
+    if weights_from_checkpoint:
+        with _without_root_messages("No pretrained weights loaded"):
+            model = open_clip.create_model(model_name, pretrained=None)
+        logger.info("CLIP %s: weights come from MODEL.WEIGHTS; MODEL.HVLFORMER.CLIP.PRETRAINED=%r is not loaded",
+                    model_name, pretrained)
+    elif not pretrained:
         with _without_root_messages("No pretrained weights loaded"):
             model = open_clip.create_model(model_name, pretrained=None)
         logger.warning(
