@@ -372,3 +372,52 @@ def test_evaluation_never_loads_clip_pretrained_when_model_weights_are_given(tmp
                               eval_only=True, resume=False, num_gpus=1, num_machines=1, machine_rank=0)
     results = train_net.main(args)
     assert "sem_seg" in results and "mIoU" in results["sem_seg"]
+
+
+# --------------------------------------------------------------------------- 7. clip_zero_shot keeps several classes
+def test_zero_shot_relevance_keeps_every_present_class():
+    from hvlformer.modeling.htqg import HTQG, clip_zero_shot_relevance
+
+    torch.manual_seed(0)
+    classes = torch.eye(5)  # 5 classes, orthogonal embeddings
+    # image 0 shows classes 0, 1, 2 (equally); image 1 shows 3 clearly and 4 nearly as much (cos 0.6 vs 0.62)
+    image = torch.stack([classes[:3].sum(0), 0.62 * classes[3] + 0.6 * classes[4] + 0.1 * classes[0]])
+    expected = torch.tensor([[1.0, 1, 1, 0, 0], [0, 0, 0, 1, 1]])
+    torch.testing.assert_close(clip_zero_shot_relevance(image, classes, temperature=0.05, threshold=0.5), expected)
+    htqg = HTQG(text_dim=5, hidden_dim=8, num_levels=3, feature_channels=[6, 7, 8], sre_mode="clip_zero_shot")
+    features = [torch.randn(2, c, 4, 4) for c in (6, 7, 8)]
+    weighted, q_hat, extras = htqg(classes, features, global_embedding=image)
+    for b in range(2):
+        for k in range(5):
+            if expected[b, k]:
+                torch.testing.assert_close(weighted[b, :, k], q_hat[:, k])  # keeps its queries, all levels
+            else:
+                assert torch.all(weighted[b, :, k] == 0)
+
+
+def test_zero_shot_uses_the_frozen_pretrained_encoder_on_unlabeled_and_test_images(pretrained_file):
+    path, clip = pretrained_file
+    _, model = _tiny_semi_model("MODEL.HVLFORMER.CLIP.PRETRAINED", path, "MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot")
+    with torch.no_grad():  # the fine-tuned encoder has moved away from the pretrained one
+        for p in model.backbone.visual.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seen = []
+    original_forward = model.htqg.forward
+
+    def spy(class_embeddings, features, global_embedding=None, presence=None):
+        seen.append((global_embedding, presence))
+        return original_forward(class_embeddings, features, global_embedding=global_embedding, presence=presence)
+
+    model.htqg.forward = spy
+    images = model.preprocess_images(_labeled_batch()).tensor
+    with torch.no_grad():
+        reference = model.backbone.reference_global_embedding(images)
+        fine_tuned = model.backbone(images)["clip_global"]
+        assert not torch.allclose(reference, fine_tuned, atol=1e-3)
+        model.predict(images, model.encode_text())  # unlabeled views: no presence
+        model.eval()
+        model(_labeled_batch())  # test time: the same rule
+    assert len(seen) == 2
+    for embedding, presence in seen:
+        assert presence is None
+        torch.testing.assert_close(embedding, reference)

@@ -194,11 +194,17 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Decoder width D.
     cfg.MODEL.HVLFORMER.HIDDEN_DIM = 256
     cfg.MODEL.HVLFORMER.SRE = CN()
-    # "soft" (q * s_k), "threshold" (keep s_k > THRESHOLD), "none", "clip_zero_shot" (HierVL).
+    # "soft" (q * s_k), "threshold" (keep s_k > THRESHOLD), "none", "clip_zero_shot" (HierVL: ground-truth
+    # presence on labeled images; zero-shot CLIP presence from the frozen pretrained encoder E_I^0 on
+    # unlabeled and test images, which needs CLIP.PRETRAINED also at evaluation; without pretrained weights
+    # every class is kept).
     cfg.MODEL.HVLFORMER.SRE.MODE = "soft"
+    # "threshold": the SRE score a class needs. "clip_zero_shot": the zero-shot class probability a class
+    # needs RELATIVE to the most likely class, exp((cos_k - max cos) / TEMPERATURE) (several classes can pass).
     cfg.MODEL.HVLFORMER.SRE.THRESHOLD = 0.5
-    # Softmax temperature of the clip_zero_shot mode.
-    cfg.MODEL.HVLFORMER.SRE.TEMPERATURE = 0.01
+    # Temperature of the clip_zero_shot class probabilities: with THRESHOLD 0.5 a class is kept when its
+    # cosine to the image is within 0.05 * ln 2 = 0.035 of the best class's.
+    cfg.MODEL.HVLFORMER.SRE.TEMPERATURE = 0.05
 
     # ------------------------------------------------------------------ PTRM
     cfg.MODEL.HVLFORMER.PTRM = CN()

@@ -131,16 +131,25 @@ def clip_weights_from_checkpoint(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
-def has_pretrained_reference(clip_cfg: CfgNode) -> bool:
+def has_pretrained_reference(clip_cfg: CfgNode, zero_shot: bool = False) -> bool:
     """Whether a frozen reference encoder E_I^0 is built from ``clip_cfg`` (``MODEL.HVLFORMER.CLIP``).
 
     E_I^0 must be the PRETRAINED CLIP encoder, identical on every DDP rank: it is a copy of the tower right
     after ``PRETRAINED`` was loaded (every rank loads the same file or tag; later ``MODEL.WEIGHTS`` loads
-    and training never touch it). So it exists only when ``FROZEN_REFERENCE`` is on, ``PRETRAINED`` names
-    weights and they are loaded (not ``WEIGHTS_FROM_CHECKPOINT``). Without pretrained weights a copy would
-    anchor L^V to a (per-rank) random initialisation, so there is no E_I^0 and L^V is switched off.
+    and training never touch it). So it exists only when ``PRETRAINED`` names weights that are loaded.
+    Without pretrained weights a copy would anchor L^V to a (per-rank) random initialisation, so there is
+    no E_I^0 and L^V is switched off.
+
+    Args:
+        clip_cfg: ``cfg.MODEL.HVLFORMER.CLIP``.
+        zero_shot: the model needs E_I^0 at inference too (``SRE.MODE clip_zero_shot``): then it is built
+            whenever ``PRETRAINED`` is set, even with ``WEIGHTS_FROM_CHECKPOINT`` (a checkpoint does not hold
+            E_I^0, so evaluation of that mode loads ``PRETRAINED``). Otherwise it needs ``FROZEN_REFERENCE``
+            and is skipped with ``WEIGHTS_FROM_CHECKPOINT`` (evaluation needs no L^V).
     """
-    return bool(clip_cfg.FROZEN_REFERENCE and clip_cfg.PRETRAINED and not clip_cfg.WEIGHTS_FROM_CHECKPOINT)
+    if not clip_cfg.PRETRAINED:
+        return False
+    return bool(zero_shot or (clip_cfg.FROZEN_REFERENCE and not clip_cfg.WEIGHTS_FROM_CHECKPOINT))
 
 
 def build_clip_model(model_name: str, pretrained: str = "",

@@ -330,13 +330,15 @@ class CLIPViTBackbone(Backbone):
         if input_shape is not None and input_shape.channels not in (None, 3):
             raise ValueError(f"CLIP vision towers take 3-channel images, got input_shape {input_shape}")
         c = cfg.MODEL.HVLFORMER.CLIP
-        model, _ = build_clip_model(c.MODEL_NAME, c.PRETRAINED, weights_from_checkpoint=c.WEIGHTS_FROM_CHECKPOINT)
+        zero_shot = cfg.MODEL.HVLFORMER.SRE.MODE == "clip_zero_shot"  # needs E_I^0 at inference too
+        model, _ = build_clip_model(c.MODEL_NAME, c.PRETRAINED,
+                                    weights_from_checkpoint=c.WEIGHTS_FROM_CHECKPOINT and not zero_shot)
         return {
             "visual": model.visual,
             "out_indices": list(c.OUT_INDICES),
             "pyramid_norm": c.PYRAMID_NORM,
             "gradient_checkpointing": c.GRADIENT_CHECKPOINTING,
-            "frozen_reference": has_pretrained_reference(c),
+            "frozen_reference": has_pretrained_reference(c, zero_shot),
         }
 
     # ------------------------------------------------------------------ helpers
