@@ -421,3 +421,70 @@ def test_zero_shot_uses_the_frozen_pretrained_encoder_on_unlabeled_and_test_imag
     for embedding, presence in seen:
         assert presence is None
         torch.testing.assert_close(embedding, reference)
+
+
+# --------------------------------------------------------------------------- 9. tests that fail when the code is wrong
+def _two_class_outputs(class0_logit, class1_logit):
+    """One decoder layer, K = 2, query k = class k with certainty; per-pixel class-k mask logits given as
+    ``B x h x w`` tensors. The per-class probability map is sigmoid(m_k) / (sigmoid(m_0) + sigmoid(m_1))."""
+    batch = class0_logit.shape[0]
+    logits = torch.full((batch, 2, 3), -30.0)
+    logits[:, 0, 0] = logits[:, 1, 1] = 30.0
+    masks = torch.stack([class0_logit, class1_logit], dim=1)
+    return {"pred_logits": logits, "pred_masks": masks, "attn_maps": torch.ones(batch, 2, 1), "aux_outputs": []}
+
+
+def test_l_mask_weighs_the_weak_view_one_half_and_the_strong_view_one_tenth():
+    ones = torch.ones(1, 4, 4)
+    target = _two_class_outputs(30 * ones, -30 * ones)  # class 0 everywhere, confident
+    weak = _two_class_outputs(math.log(4) * ones, 0 * ones)  # p0 = 0.8 / 1.3
+    strong = _two_class_outputs(0 * ones, math.log(4) * ones)  # p0 = 0.5 / 1.3
+    loss = C.CMCRLoss(use_class=False, use_align=False)
+    padding = torch.zeros(1, 16, 16, dtype=torch.bool)
+    value = loss(loss.targets(target), weak, strong, padding, padding.clone(), torch.tensor([0]))["loss_cmcr_mask"]
+    weak_bce, strong_bce = -2 * math.log(0.8 / 1.3), -2 * math.log(0.5 / 1.3)
+    assert value.item() == pytest.approx(0.5 * weak_bce + 0.1 * strong_bce, rel=1e-4)
+    _, model = _tiny_semi_model()
+    assert (model.unlabeled_criterion.weak_weight, model.unlabeled_criterion.strong_weight) == (0.5, 0.1)
+
+
+def test_cutmix_box_takes_the_pasted_images_pseudo_labels():
+    ones = torch.ones(2, 4, 4)
+    sign = torch.tensor([1.0, -1.0]).view(2, 1, 1)  # image 0: class 0 everywhere, image 1: class 1
+    target = _two_class_outputs(30 * sign * ones, -30 * sign * ones)
+    box = torch.zeros(2, 16, 16, dtype=torch.bool)
+    box[0, :, :8] = True  # the left half of image 0 comes from image 1
+    mixed_sign = torch.where(box[:, ::4, ::4], sign.flip(0), sign)  # the strong view's content, per cell
+    logit = math.log(4)
+    strong = _two_class_outputs(logit * (mixed_sign > 0).float(), logit * (mixed_sign < 0).float())
+    loss = C.CMCRLoss(use_class=False, use_align=False, weak_weight=0.0)
+    padding = torch.zeros(2, 16, 16, dtype=torch.bool)
+    value = loss(loss.targets(target), target, strong, padding, box, torch.tensor([1, 0]))["loss_cmcr_mask"]
+    # every pixel of the strong view agrees with the pasted pseudo-labels with p = 0.8 / 1.3
+    assert value.item() == pytest.approx(0.1 * -2 * math.log(0.8 / 1.3), rel=1e-4)
+
+
+def test_decoder_queries_are_level_major():
+    _, model = _tiny_semi_model()
+    captured = {}
+    original_forward = model.transformer_decoder.forward
+
+    def spy(features, mask_features, queries, **kwargs):
+        captured["queries"] = queries
+        return original_forward(features, mask_features, queries, **kwargs)
+
+    model.transformer_decoder.forward = spy
+    images = model.preprocess_images(_labeled_batch()).tensor
+    with torch.no_grad():
+        outputs = model.predict(images, model.encode_text())
+    refined = outputs["refined_queries"]  # B x E x K x D
+    batch, levels, classes, _ = refined.shape
+    assert levels > 1 and classes > 1
+    for e in range(levels):
+        for k in range(classes):
+            torch.testing.assert_close(captured["queries"][:, e * classes + k], refined[:, e, k], rtol=0, atol=0)
+    # and the criterion matches query e*K + k to class k
+    from hvlformer.modeling.criterion import fixed_matching_indices
+
+    (query, target), = fixed_matching_indices([{"labels": torch.tensor([1, 4])}], classes, levels)
+    assert query.tolist() == sorted(e * classes + k for e in range(levels) for k in (1, 4))
