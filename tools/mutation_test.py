@@ -4,6 +4,7 @@
     nice -n 19 python tools/mutation_test.py                       # every target, up to 60 mutants each
     nice -n 19 python tools/mutation_test.py --target cmcr --max-per-file 0 --list   # show, don't run
     nice -n 19 python tools/mutation_test.py --target criterion --max-per-file 0 --json out.json
+    nice -n 19 python tools/mutation_test.py --target cmcr --indices 24 25      # re-run two mutants
 
 For each target file it generates single-point mutants from the AST (one change per mutant):
 
@@ -44,12 +45,13 @@ PKG = ROOT / "projects" / "HVLFormer" / "hvlformer"
 
 #: target name -> (file, pytest arguments that exercise it)
 F = "tests/test_paper_fidelity.py::"
+E = "tests/test_loss_edge_cases.py"
 TARGETS: Dict[str, Tuple[Path, List[str]]] = {
     "criterion": (PKG / "modeling" / "criterion.py",
-                  ["tests/test_criterion.py", F + "test_decoder_queries_are_level_major"]),
+                  ["tests/test_criterion.py", E, F + "test_decoder_queries_are_level_major"]),
     "cmcr": (PKG / "modeling" / "cmcr.py",
              ["tests/test_semi.py", "-k", "cmcr or confidence or entropy or mixed or distribution or self_teacher "
-              "or l_mask or weak_view or cutmix_box or float32 or bf16",
+              "or l_mask or weak_view or cutmix_box or float32 or bf16", E,
               F + "test_l_mask_averages_over_all_pixels_with_a_known_confident_fraction",
               F + "test_cmcr_l_mask_weights_each_view_over_all_pixels",
               F + "test_l_mask_weighs_the_weak_view_one_half_and_the_strong_view_one_tenth",
@@ -57,16 +59,17 @@ TARGETS: Dict[str, Tuple[Path, List[str]]] = {
               F + "test_losses_are_float32_under_bf16_autocast",
               F + "test_semi_step_under_bf16_autocast_matches_fp32"]),
     "regularization": (PKG / "modeling" / "regularization.py",
-                       ["tests/test_regularization.py", F + "test_losses_are_float32_under_bf16_autocast",
+                       ["tests/test_regularization.py", E, F + "test_losses_are_float32_under_bf16_autocast",
                         F + "test_semi_step_under_bf16_autocast_matches_fp32",
                         F + "test_reference_encoder_is_the_pretrained_one_on_every_rank_and_after_model_weights"]),
     "htqg": (PKG / "modeling" / "htqg.py",
-             ["tests/test_htqg_ptrm.py", F + "test_losses_are_float32_under_bf16_autocast",
+             ["tests/test_htqg_ptrm.py", E, F + "test_losses_are_float32_under_bf16_autocast",
               F + "test_zero_shot_relevance_keeps_every_present_class",
               F + "test_zero_shot_uses_the_frozen_pretrained_encoder_on_unlabeled_and_test_images"]),
-    "ptrm": (PKG / "modeling" / "ptrm.py", ["tests/test_htqg_ptrm.py"]),
+    "ptrm": (PKG / "modeling" / "ptrm.py", ["tests/test_htqg_ptrm.py", E]),
     "semi_views": (PKG / "data" / "semi.py",
-                   ["tests/test_semi.py", "-k", "views or cutmix or mixed or rare or repeat or labeled_list"]),
+                   ["tests/test_semi.py", E, "-k", "views or cutmix or mixed or rare or repeat or labeled_list or blur "
+                    "or defaults or pixel_counts or shapes_split or photometric"]),
 }
 
 _BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,
@@ -193,11 +196,15 @@ def _run_tests_forked(pytest_args: Sequence[str], timeout: float) -> str:
     return "timeout"
 
 
-def run_target(name: str, max_per_file: int, seed: int, timeout: float, list_only: bool) -> List[Mutant]:
+def run_target(name: str, max_per_file: int, seed: int, timeout: float, list_only: bool,
+               indices: Optional[Sequence[int]] = None) -> List[Mutant]:
+    """Generate (and sample, or pick ``indices`` of) the mutants of one target and run its tests on each."""
     path, pytest_args = TARGETS[name]
     original = path.read_text()
     mutants = generate_mutants(original)
-    if max_per_file and len(mutants) > max_per_file:
+    if indices:
+        mutants = [m for m in mutants if m[0].index in set(indices)]
+    elif max_per_file and len(mutants) > max_per_file:
         mutants = sorted(random.Random(seed).sample(mutants, max_per_file), key=lambda m: m[0].index)
     results = []
     try:
@@ -225,6 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant before it counts as killed")
     parser.add_argument("--list", action="store_true", help="list the mutants without running the tests")
     parser.add_argument("--json", help="write every mutant and its outcome to this file")
+    parser.add_argument("--indices", type=int, nargs="+", help="run only these mutant numbers (one --target)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
@@ -235,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     report = {}
     for name in args.target or sorted(TARGETS):
-        results = run_target(name, args.max_per_file, args.seed, args.timeout, args.list)
+        results = run_target(name, args.max_per_file, args.seed, args.timeout, args.list, args.indices)
         report[name] = [asdict(m) for m in results]
         if not args.list:
             killed = sum(m.outcome in ("killed", "timeout") for m in results)
