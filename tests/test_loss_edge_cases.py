@@ -128,10 +128,11 @@ def test_sre_threshold_mode_keeps_only_scores_strictly_above_the_threshold():
 
 # --------------------------------------------------------------------------- ptrm.py
 def test_ptrm_gate_is_conv_relu_conv_sigmoid_and_keeps_the_size_at_the_default_kernel():
-    from hvlformer.modeling.ptrm import CrossAttentionLevel, PTRMLevel
+    from hvlformer.modeling.ptrm import PTRM, CrossAttentionLevel, PTRMLevel
 
     torch.manual_seed(0)
-    level = PTRMLevel(dim=8)  # defaults: kernel 7, hidden 16
+    level = PTRMLevel(dim=8)  # defaults: kernel 7, hidden 16 (also PTRM's)
+    assert PTRM(8, 3).levels[0].gate[0].kernel_size == (7, 7) and PTRM(8, 3).levels[0].gate[0].out_channels == 16
     first, _, second, _ = level.gate
     assert (first.kernel_size, first.out_channels, first.padding) == ((7, 7), 16, (3, 3))
     x = torch.randn(2, 3, 5, 6)

@@ -370,7 +370,16 @@ def test_evaluation_never_loads_clip_pretrained_when_model_weights_are_given(tmp
     spec.loader.exec_module(train_net)
     args = argparse.Namespace(config_file=SEMI_CONFIG, opts=[*opts, "OUTPUT_DIR", str(tmp_path / "eval")],
                               eval_only=True, resume=False, num_gpus=1, num_machines=1, machine_rank=0)
-    results = train_net.main(args)
+    loggers = [logging.getLogger(name) for name in ("hvlformer", "detectron2", "fvcore", "d2")]
+    saved = [(lg.propagate, list(lg.handlers), lg.level) for lg in loggers]
+    try:
+        results = train_net.main(args)
+    finally:  # train_net sets up its log files; leave the test process's logging as it was
+        for lg, (propagate, handlers, level) in zip(loggers, saved):
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.propagate, lg.handlers, lg.level = propagate, handlers, level
     assert "sem_seg" in results and "mIoU" in results["sem_seg"]
 
 
