@@ -118,7 +118,8 @@ def _sites(tree: ast.AST) -> Iterator[Tuple[ast.AST, str, str, int]]:
                 if type(op) in _CMP_SWAP:
                     yield node, "compare", f"line {line}: {type(op).__name__} -> {_CMP_SWAP[type(op)].__name__}", i
         elif isinstance(node, ast.BoolOp):
-            yield node, "boolop", f"line {line}: {type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}", 0
+            other = "Or" if isinstance(node.op, ast.And) else "And"
+            yield node, "boolop", f"line {line}: {type(node.op).__name__} -> {other}", 0
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             yield node, "not", f"line {line}: not x -> x", 0
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):

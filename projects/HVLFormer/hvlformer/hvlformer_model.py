@@ -158,8 +158,9 @@ class HVLFormer(nn.Module):
                              f"has {num_classes} classes")
         # HierVL's zero-shot relevance needs the pretrained E_I^0 at inference too (not in checkpoints)
         zero_shot = hv.SRE.MODE == "clip_zero_shot"
+        from_checkpoint = hv.CLIP.WEIGHTS_FROM_CHECKPOINT and not zero_shot
         clip_model, tokenizer = build_clip_model(hv.CLIP.MODEL_NAME, hv.CLIP.PRETRAINED,
-                                                 weights_from_checkpoint=hv.CLIP.WEIGHTS_FROM_CHECKPOINT and not zero_shot)
+                                                 weights_from_checkpoint=from_checkpoint)
         # E_I^0 = the pretrained encoder only (copied right after PRETRAINED was loaded, before any
         # MODEL.WEIGHTS); without pretrained weights L^V and HierVL's L_mask have nothing to anchor to.
         reference = has_pretrained_reference(hv.CLIP)

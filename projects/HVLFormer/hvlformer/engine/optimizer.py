@@ -1,4 +1,4 @@
-"""Optimizer with HVLFormer's parameter groups (SPEC 3.1) and Mask2Former's full-model gradient clipping."""
+"""Optimizer with HVLFormer's parameter groups (paper section 4.1) and Mask2Former's full-model gradient clipping."""
 from __future__ import annotations
 
 import itertools

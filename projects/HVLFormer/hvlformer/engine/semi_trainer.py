@@ -1,4 +1,4 @@
-"""Semi-supervised training (SPEC 3.1): one labeled and one unlabeled batch per step, three views of every
+"""Semi-supervised training (paper section 4.1): one labeled and one unlabeled batch per step, three views of every
 unlabeled image, CMCR against the original view (the model itself, stop-gradient, or an EMA teacher)."""
 from __future__ import annotations
 

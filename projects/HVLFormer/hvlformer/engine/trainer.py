@@ -61,7 +61,8 @@ def describe_batch_recipe(cfg: CfgNode, world_size: int, original: Optional[CfgN
     if original is not None and (original.SOLVER.MAX_ITER != cfg.SOLVER.MAX_ITER
                                  or original.SOLVER.BASE_LR != cfg.SOLVER.BASE_LR):
         lines.append(f"  RESCALED by SOLVER.REFERENCE_WORLD_SIZE={original.SOLVER.REFERENCE_WORLD_SIZE}: the config "
-                     f"asked for a global batch of {original.SOLVER.IMS_PER_BATCH_LABELED if semi else original.SOLVER.IMS_PER_BATCH}"
+                     f"asked for a global batch of "
+                     f"{original.SOLVER.IMS_PER_BATCH_LABELED if semi else original.SOLVER.IMS_PER_BATCH}"
                      f" labeled, base LR {original.SOLVER.BASE_LR:g}, {original.SOLVER.MAX_ITER} iterations")
     else:
         lines.append("  the config's global batch, LR and iterations (SOLVER.REFERENCE_WORLD_SIZE 0: no rescaling)")

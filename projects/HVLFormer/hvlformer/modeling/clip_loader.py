@@ -1,6 +1,6 @@
 """Build open_clip models (architecture + optional weights) for the vision backbone and the text side.
 
-Decisions (SPEC 2.1 "Weights"):
+Decisions (also in docs/DESIGN.md):
 
 - ``pretrained == ""``: the model is randomly initialised and ONE warning is logged, saying the model is
   untrained and how to give weights. Nothing touches the network.

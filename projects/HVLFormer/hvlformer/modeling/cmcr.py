@@ -1,4 +1,5 @@
-"""Cross-View and Modal Consistency Regularisation (CMCR, SPEC 3.3) and the HierVL entropy alternative.
+"""Cross-View and Modal Consistency Regularisation (CMCR, paper eq. 5 and supplement A.3) and the HierVL
+entropy alternative.
 
 For every decoder layer ``n = 1..N`` the original view ``I`` (detached, from the teacher) is the
 target of the weak view ``I_w`` and of the strong (CutMix-ed) view ``I_s``:

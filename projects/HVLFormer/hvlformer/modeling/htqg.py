@@ -1,6 +1,6 @@
 """Hierarchical Textual Query Generation (HTQG) = HQG (multi-level query heads) + SRE (class relevance).
 
-SPEC 2.3. ``K`` classes, ``E`` query levels, ``D`` decoder width, ``C`` CLIP embedding width.
+Paper section 3 (HTQG). ``K`` classes, ``E`` query levels, ``D`` decoder width, ``C`` CLIP embedding width.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Vision-language regularisation losses (SPEC 2.6): L^L, L^VL, L^V, the SRE presence BCE, and the
-HierVL options L_prompt = L_topo + L_anchor and the masked vision-language regularisation.
+"""Vision-language regularisation losses (the paper's L_reg, from TQDM): L^L, L^VL, L^V, the SRE presence BCE,
+and the HierVL options L_prompt = L_topo + L_anchor and the masked vision-language regularisation.
 
 Precision: every loss here runs with autocast really DISABLED (:func:`fp32_loss`) on float32 inputs. A
 ``.float()`` alone is not enough: inside ``torch.autocast`` an ``einsum`` / ``@`` of float32 tensors still

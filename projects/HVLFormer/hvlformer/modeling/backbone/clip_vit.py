@@ -26,8 +26,9 @@ Decisions:
   unless torch.distributed is initialised with more than one process (single-process CPU runs work).
 - The frozen reference E_I^0 (for L^V) is a deep copy of the tower taken at construction (i.e. of the
   PRETRAINED CLIP weights ``build_clip_model`` loaded; built from a config only when there are such weights,
-  see :func:`~hvlformer.modeling.clip_loader.has_pretrained_reference`), kept in a plain list: it is not a submodule, so it is not in
-  ``state_dict()``, ``parameters()``, the optimizer or DDP; ``_apply`` moves/casts it with the backbone.
+  see :func:`~hvlformer.modeling.clip_loader.has_pretrained_reference`), kept in a plain list: it is not a
+  submodule, so it is not in ``state_dict()``, ``parameters()``, the optimizer or DDP; ``_apply``
+  moves/casts it with the backbone.
   If the tower's initial weights are loaded later by other means, call :meth:`reset_reference`.
   ``reference_global_embedding`` (f_CLS^0, L^V) and ``reference_dense_embedding`` (HierVL L_mask) run it.
 """
