@@ -17,6 +17,7 @@ from detectron2.utils.logger import setup_logger
 from hvlformer import build_trainer_class, setup_cfg
 from hvlformer.checkpoint import HVLFormerCheckpointer
 from hvlformer.engine.trainer import check_datasets
+from hvlformer.modeling.clip_loader import clip_weights_from_checkpoint
 
 
 def main(args):
@@ -27,7 +28,8 @@ def main(args):
     trainer_class = build_trainer_class(cfg)
     if args.eval_only:
         check_datasets(cfg, training=False)  # the evaluated datasets first (cheap), then the model
-        model = trainer_class.build_model(cfg)
+        # the CLIP weights come from MODEL.WEIGHTS: CLIP.PRETRAINED is not downloaded (offline evaluation)
+        model = trainer_class.build_model(clip_weights_from_checkpoint(cfg))
         # strict: a checkpoint that leaves layers of this config's model untrained is an error
         HVLFormerCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = trainer_class.test(cfg, model)
