@@ -1,4 +1,4 @@
-"""HQG / L_div / SRE modes and PTRM (SPEC 2.3, 2.4)."""
+"""HQG / L_div / SRE modes and PTRM (paper Sec. 3.1 and Sec. 3.2)."""
 import math
 
 import pytest

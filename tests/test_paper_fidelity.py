@@ -1,7 +1,7 @@
 """Paper fidelity and GPU readiness: what only a GPU run with real CLIP weights would otherwise show.
 
 CLIP activation vs weights, losses really in float32 under autocast (and no op that CUDA autocast forbids),
-l_mask normalisation (paper eq. 2), the LR of the backbone's new layers, rare-class sampling and the
+l_mask normalisation (paper supplement eq. 2), the LR of the backbone's new layers, rare-class sampling and the
 global batch of the paper configs.
 """
 import argparse
@@ -165,7 +165,7 @@ def test_semi_step_under_bf16_autocast_matches_fp32(monkeypatch):
         assert bf16[key] == pytest.approx(value, rel=0.05, abs=2e-3), key
 
 
-# --------------------------------------------------------------------------- 3. l_mask over all pixels (eq. 2)
+# ------------------------------------------------------------------- 3. l_mask over all pixels (supplement eq. 2)
 def test_l_mask_averages_over_all_pixels_with_a_known_confident_fraction():
     # 4 x 4 pixels, 2 classes; exactly 4 of 16 pixels are confident (a quarter)
     target = torch.full((1, 2, 4, 4), 0.5)

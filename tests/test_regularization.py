@@ -1,4 +1,5 @@
-"""L^L, L^VL, L^V, the SRE BCE and the HierVL regularisers (SPEC 2.6) on hand-made cases."""
+"""L^L, L^VL, L^V (paper supplement A.4.2 / eqs. 6-9), the SRE BCE and the HierVL regularisers (HierVL
+Sec. 3) on hand-made cases."""
 import math
 
 import pytest

@@ -1,5 +1,5 @@
-"""Semi-supervised pieces (SPEC 3): views, CutMix, CMCR, EMA, labeled repetition, rare-class sampling,
-and short in-process runs of the SemiSupervisedTrainer (losses decrease, resume restores everything)."""
+"""Semi-supervised pieces (paper Sec. 3.4 and Sec. 4.1): views, CutMix, CMCR, EMA, labeled repetition,
+rare-class sampling, and short in-process runs of the SemiSupervisedTrainer (losses decrease, resume restores everything)."""
 import argparse
 import logging
 import math
@@ -169,7 +169,7 @@ def test_confidence_mask_drops_low_confidence_pixels():
     view_b = torch.tensor([[[[0.7, 0.9]], [[0.3, 0.1]]]])  # differs only at the unconfident pixel
     loss_a = C.mask_consistency(view_a, pseudo, confident)
     assert loss_a.item() == pytest.approx(C.mask_consistency(view_b, pseudo, confident).item())
-    # paper eq. 2: averaged over both pixels, the unconfident one contributing zero
+    # paper supplement eq. 2: averaged over both pixels, the unconfident one contributing zero
     assert loss_a.item() == pytest.approx(-2 * math.log(0.7) / 2, rel=1e-5)
     nothing = C.mask_consistency(view_a, pseudo, torch.zeros_like(confident))
     assert nothing.item() == 0.0

@@ -1,7 +1,7 @@
 """tools/semi_vs_supervised.py: the command line of each run, reuse of finished runs, the summary.
 
 The training runs themselves are replaced by a fake ``train_net.py`` process; the benchmark numbers are in
-the README.
+docs/RESULTS.md.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Time the up-front dataset check on generated VOC-sized image/mask pairs (README, "Troubleshooting").
+"""Time the up-front dataset check on generated VOC-sized image/mask pairs (docs/RESULTS.md, "Dataset
+check"; docs/GETTING_STARTED.md, "Troubleshooting").
 
     python tools/benchmark_check_dataset.py                       # 10,000 pairs of 500x375, 2 processes
     python tools/benchmark_check_dataset.py --count 2000 --workers 1

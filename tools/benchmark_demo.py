@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Time and peak memory of the demo on one large photo (README, "Troubleshooting": inference scale).
+"""Time and peak memory of the demo on one large photo (docs/RESULTS.md, "Demo on a large
+photo"; docs/GETTING_STARTED.md, "Troubleshooting": inference scale).
 
     python tools/benchmark_demo.py                                  # tiny config, 4000x3000, 2 threads
     python tools/benchmark_demo.py --size 2000x1500 --opts TEST.INFERENCE_SCALE.MIN_SIZE 0   # full resolution

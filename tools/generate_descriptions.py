@@ -2,7 +2,7 @@
 """Regenerate dataset-aware class descriptions with any OpenAI-compatible chat endpoint (optional).
 
 The project ships hand-checked descriptions in ``datasets/descriptions/<dataset>.json``; this tool is never
-needed to train or evaluate. It reproduces the paper's MLLM prompting (SPEC 2.2) for users who have an
+needed to train or evaluate. It reproduces the paper's MLLM prompting (paper Sec. 3.1 / eq. 1) for users who have an
 endpoint (OpenAI, a local vLLM / llama.cpp / Ollama server, ...):
 
     export OPENAI_API_KEY=...

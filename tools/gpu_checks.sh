@@ -51,7 +51,7 @@ print(json.dumps({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_availabl
 EOF
 cat "$OUT_DIR/environment.json" >&2
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-    || { echo "no CUDA device: these are the GPU checks (CPU smoke runs: see README, Benchmarks)" >&2; exit 1; }
+    || { echo "no CUDA device: these are the GPU checks (CPU smoke runs: see docs/RESULTS.md, Benchmarks)" >&2; exit 1; }
 
 if [ -n "${MSDA_WHEEL:-}" ]; then
     target="$(mktemp -d)"

@@ -1,4 +1,4 @@
-"""The HVLFormer meta-architecture (SPEC section 2), registered in detectron2's ``META_ARCH_REGISTRY``.
+"""The HVLFormer meta-architecture (paper Sec. 3 and Fig. 2), registered in detectron2's ``META_ARCH_REGISTRY``.
 
 Data flow for a padded batch ``B x 3 x H x W``::
 

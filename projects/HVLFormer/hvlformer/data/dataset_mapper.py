@@ -1,6 +1,6 @@
 """Dataset mapper for labeled semantic-segmentation images (``INPUT.DATASET_MAPPER_NAME: hvlformer_semantic``).
 
-Training geometry follows the UniMatch protocol (paper section 4 / spec 3.2):
+Training geometry follows the UniMatch protocol (paper Sec. 4.1):
 
 1. :class:`ResizeLongestSide`: resize so the long side is ``INPUT.RESIZE_BASE * U(INPUT.RESIZE_RATIO_RANGE)``
    (aspect kept; bilinear image, nearest label);

@@ -1,5 +1,5 @@
-"""Semi-supervised data (SPEC 3.2): three views of every unlabeled image, CutMix boxes, rare-class
-sampling and the repetition of the labeled list.
+"""Semi-supervised data (paper Sec. 3.4 and Sec. 4.1, UniMatch V2 views): three views of every unlabeled
+image, CutMix boxes, rare-class sampling and the repetition of the labeled list.
 
 Views (UniMatch V2 protocol): one geometry per unlabeled image (random resize, crop, pad, flip) is shared
 by all three views, so they are pixel-aligned; then

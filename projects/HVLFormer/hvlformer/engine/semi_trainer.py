@@ -48,7 +48,7 @@ class SemiMetricPrinter(CommonMetricPrinter):
     the same window as the losses), which the stock printer leaves to ``metrics.json`` and TensorBoard:
     ``... loss_cmcr_mask: 0  ...  lr: ...  confident_fraction: 0  sre_mean_labeled: 0.52 ...``.
     ``confident_fraction`` and ``loss_cmcr_mask`` are 0 until the original view's class probability
-    reaches ``SEMI.CONFIDENCE_THRESHOLD`` somewhere (README, "Troubleshooting")."""
+    reaches ``SEMI.CONFIDENCE_THRESHOLD`` somewhere (docs/GETTING_STARTED.md, "Troubleshooting")."""
 
     def write(self) -> None:
         storage = get_event_storage()

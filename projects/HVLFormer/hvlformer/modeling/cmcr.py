@@ -4,7 +4,7 @@ entropy alternative.
 For every decoder layer ``n = 1..N`` the original view ``I`` (detached, from the teacher) is the
 target of the weak view ``I_w`` and of the strong (CutMix-ed) view ``I_s``:
 
-- ``l_mask`` (paper eq. 2): BCE between the per-class probability maps of a view and the one-hot hard
+- ``l_mask`` (paper supplement A.3.1 / eq. 2): BCE between the per-class probability maps of a view and the one-hot hard
   pseudo-label of the original view (summed over the class maps), kept on pixels whose original max
   probability is >= the confidence threshold and AVERAGED OVER ALL (non-padded) PIXELS of the mask
   resolution: unconfident pixels contribute zero but still count in the denominator, as in the paper and
@@ -69,7 +69,7 @@ def js_divergence(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
 @fp32_loss
 def mask_consistency(view_probs: Tensor, pseudo_labels: Tensor, confident: Tensor,
                      valid: Optional[Tensor] = None) -> Tensor:
-    """l_mask of one view (paper eq. 2): confidence-masked BCE averaged over all valid pixels.
+    """l_mask of one view (supplement eq. 2): confidence-masked BCE averaged over all valid pixels.
 
     Args:
         view_probs: ``B x K x h x w`` per-class probability maps of the view.

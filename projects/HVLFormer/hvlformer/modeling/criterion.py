@@ -1,4 +1,5 @@
-"""Segmentation losses of HVLFormer on labeled images (SPEC section 2.6): fixed query <-> class matching.
+"""Segmentation losses of HVLFormer on labeled images (paper supplement A.4.1 / eq. 5, l_seg): fixed
+query <-> class matching.
 
 Query layout (see the transformer decoder): ``Q = E*K + M``; query ``e*K + k`` is the textual query of
 class ``k`` at level ``e``; queries ``>= E*K`` are the optional learned instance queries.

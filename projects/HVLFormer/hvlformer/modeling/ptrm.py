@@ -1,4 +1,4 @@
-"""Pixel-Text Refinement Module (PTRM), SPEC 2.4, paper section 3.2 and appendix A.2.
+"""Pixel-Text Refinement Module (PTRM), paper Sec. 3.2 / eqs. 2-4 and supplement A.2.
 
 Per pixel level ``e`` (strides 32/16/8, coarse to fine) with its query level ``Q~^e`` (``B x K x D``):
 

@@ -1,4 +1,4 @@
-"""CLIP vision encoder E_I as a detectron2 backbone (SPEC 2.1).
+"""CLIP vision encoder E_I as a detectron2 backbone (paper Sec. 3 and Sec. 4.1).
 
 ``CLIPViTBackbone`` wraps an open_clip vision tower and returns
 

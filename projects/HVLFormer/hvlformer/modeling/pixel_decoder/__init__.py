@@ -1,4 +1,4 @@
-"""Pixel decoder: multi-scale deformable attention (MSDeformAttn) encoder + FPN (Mask2Former), SPEC 2.4."""
+"""Pixel decoder: multi-scale deformable attention (MSDeformAttn) encoder + FPN (Mask2Former), paper Sec. 4.1."""
 from .ms_deform_attn import (
     MS_DEFORM_ATTN_IMPLS,
     MSDeformAttn,

@@ -1,4 +1,5 @@
-"""Mask2Former's multi-scale deformable-attention pixel decoder (SPEC 2.4), re-implemented.
+"""Mask2Former's multi-scale deformable-attention pixel decoder (paper Sec. 3 and Sec. 4.1,
+M = 6 layers), re-implemented.
 
 Data flow (default config, ``D = conv_dim = 256``)::
 
@@ -9,7 +10,7 @@ Data flow (default config, ``D = conv_dim = 256``)::
         -> z^1, z^2, z^3 (strides 32, 16, 8)
     res2 --lateral 1x1 conv--> + upsample(z^3) --3x3 conv--> stride 4 map --1x1 conv--> mask_features
 
-Decisions not fixed by the spec:
+Decisions the paper leaves open:
 
 * No padding masks: like Mask2Former, the batch is padded by the caller and padding is treated as image
   content, so every reference point is the pixel centre of its token (valid ratio 1 on every level).

@@ -1,4 +1,5 @@
-"""Dataset-aware class descriptions (SPEC 2.2) and the frozen reference prompts of L^L.
+"""Dataset-aware class descriptions (paper Sec. 3.1 / eq. 1, supplement A.1 / Table A.1) and the frozen
+reference prompts of L^L (supplement A.4.2.1 / eq. 7).
 
 A descriptions file ``datasets/descriptions/<dataset>.json`` has the schema::
 

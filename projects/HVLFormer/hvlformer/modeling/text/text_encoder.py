@@ -1,4 +1,5 @@
-"""Frozen CLIP text encoder E_T with a learnable CoOp context shared by all classes (SPEC 2.2).
+"""Frozen CLIP text encoder E_T with a learnable CoOp context shared by all classes (paper Sec. 3.1
+and Sec. 4.1: frozen E_T, 8-token learnable prompt).
 
 Token sequence of a prompt: ``[SOT, ctx_1 .. ctx_n, description tokens, EOT, pad ...]`` (n = ``num_context``,
 8 by default). The description is tokenized with room for the context (``context_length - n`` tokens), so
@@ -124,7 +125,7 @@ class CLIPTextEncoder(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """Parameter names without weight decay (SPEC 3.1: the learnable context)."""
+        """Parameter names without weight decay (the learnable context; docs/DESIGN.md, Training)."""
         return {"context"} if self.context is not None else set()
 
     # ------------------------------------------------------------------ encoding

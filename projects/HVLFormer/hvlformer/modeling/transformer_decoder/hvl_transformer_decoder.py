@@ -1,4 +1,4 @@
-"""Masked-attention transformer decoder whose object queries are textual (HVLFormer, SPEC section 2.5).
+"""Masked-attention transformer decoder whose object queries are textual (HVLFormer, paper Sec. 3.3).
 
 This is Mask2Former's decoder with two changes:
 
