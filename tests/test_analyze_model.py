@@ -45,7 +45,7 @@ def test_attention_handles_count_multiply_adds():
 
 
 def test_tables_for_the_tiny_config(capsys, single_thread):
-    code = analyze_model.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes.yaml"),
+    code = analyze_model.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes_random.yaml"),
                                "--input-size", "64", "96", *SMALL])
     assert code == 0
     out = capsys.readouterr().out

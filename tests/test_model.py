@@ -9,7 +9,7 @@ from hvlformer import setup_cfg
 from hvlformer.data import register_shapes_from_cfg
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
+CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
 SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
          "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "2",
          "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
