@@ -14,8 +14,10 @@ from hvlformer.engine.setup import setup_cfg
 class Toy(nn.Module):
     def __init__(self):
         super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
-        self.backbone.positional_embedding = nn.Parameter(torch.zeros(4, 3))
+        self.backbone = nn.Module()
+        self.backbone.visual = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))  # the pretrained CLIP tower
+        self.backbone.visual.positional_embedding = nn.Parameter(torch.zeros(4, 3))
+        self.backbone.pyramid = nn.ConvTranspose2d(3, 3, 2, 2)  # new layers of the backbone
         self.head = nn.Linear(3, 2)
         self.norm = nn.GroupNorm(1, 3)
         self.query = nn.Embedding(5, 3)
@@ -36,10 +38,14 @@ def _cfg(**solver):
 def test_parameter_groups():
     groups = {g["name"]: g for g in get_parameter_groups(Toy(), 1e-4, 0.01, 0.0, 0.0, 0.1)}
     assert "frozen.weight" not in groups  # frozen parameters cost no optimizer state
-    assert groups["backbone.0.weight"]["lr"] == pytest.approx(1e-5)
-    assert groups["backbone.0.weight"]["weight_decay"] == 0.01
-    assert groups["backbone.1.weight"]["weight_decay"] == 0.0 and groups["backbone.1.weight"]["lr"] == pytest.approx(1e-5)
-    assert groups["backbone.positional_embedding"]["weight_decay"] == 0.0
+    assert groups["backbone.visual.0.weight"]["lr"] == pytest.approx(1e-5)
+    assert groups["backbone.visual.0.weight"]["weight_decay"] == 0.01
+    assert groups["backbone.visual.1.weight"]["weight_decay"] == 0.0
+    assert groups["backbone.visual.1.weight"]["lr"] == pytest.approx(1e-5)
+    assert groups["backbone.visual.positional_embedding"]["weight_decay"] == 0.0
+    # the backbone's new (randomly initialised) pyramid trains at the head LR
+    assert groups["backbone.pyramid.weight"]["lr"] == pytest.approx(1e-4)
+    assert groups["backbone.pyramid.bias"]["lr"] == pytest.approx(1e-4)
     assert groups["head.weight"] == {**groups["head.weight"], "lr": 1e-4, "weight_decay": 0.01}
     assert groups["norm.weight"]["weight_decay"] == 0.0
     assert groups["query.weight"]["weight_decay"] == 0.0

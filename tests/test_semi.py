@@ -168,7 +168,8 @@ def test_confidence_mask_drops_low_confidence_pixels():
     view_b = torch.tensor([[[[0.7, 0.9]], [[0.3, 0.1]]]])  # differs only at the unconfident pixel
     loss_a = C.mask_consistency(view_a, pseudo, confident)
     assert loss_a.item() == pytest.approx(C.mask_consistency(view_b, pseudo, confident).item())
-    assert loss_a.item() == pytest.approx(-2 * math.log(0.7), rel=1e-5)
+    # paper eq. 2: averaged over both pixels, the unconfident one contributing zero
+    assert loss_a.item() == pytest.approx(-2 * math.log(0.7) / 2, rel=1e-5)
     nothing = C.mask_consistency(view_a, pseudo, torch.zeros_like(confident))
     assert nothing.item() == 0.0
 

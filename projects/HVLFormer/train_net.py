@@ -16,6 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from hvlformer import build_trainer_class, setup_cfg
+from hvlformer.modeling.clip_loader import clip_weights_from_checkpoint
 
 
 def main(args):
@@ -25,7 +26,8 @@ def main(args):
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hvlformer")
     trainer_class = build_trainer_class(cfg)
     if args.eval_only:
-        model = trainer_class.build_model(cfg)
+        # the CLIP weights come from MODEL.WEIGHTS: CLIP.PRETRAINED is not downloaded (offline evaluation)
+        model = trainer_class.build_model(clip_weights_from_checkpoint(cfg))
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = trainer_class.test(cfg, model)
         if comm.is_main_process():

@@ -148,8 +148,9 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.HVLFORMER = CN()
     cfg.MODEL.HVLFORMER.CLIP = CN()
     # open_clip architecture name; project configs in hvlformer/modeling/backbone/model_configs are
-    # registered too (e.g. "HVL-Tiny-ViT" for CPU tests).
-    cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME = "ViT-B-16"
+    # registered too (e.g. "HVL-Tiny-ViT" for CPU tests). Its activation must match the weights'
+    # (QuickGELU for every "openai" tag, hence "ViT-B-16-quickgelu"); a mismatch is an error.
+    cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME = "ViT-B-16-quickgelu"
     # open_clip pretrained tag (e.g. "openai"; needs network once) or a local checkpoint path;
     # "" = random initialisation (one warning is logged).
     cfg.MODEL.HVLFORMER.CLIP.PRETRAINED = ""
@@ -161,8 +162,16 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.HVLFORMER.CLIP.PYRAMID_NORM = "GN"
     # Recompute ViT blocks in the backward pass to save memory.
     cfg.MODEL.HVLFORMER.CLIP.GRADIENT_CHECKPOINTING = False
-    # Keep a frozen copy of the initial vision encoder for L^V (f_CLS vs f_CLS^0).
+    # Keep a frozen copy E_I^0 of the PRETRAINED vision encoder for L^V (f_CLS vs f_CLS^0) and HierVL's
+    # masked L_mask. It is taken from the weights PRETRAINED loads (never from MODEL.WEIGHTS), so it is the
+    # same on every GPU; with PRETRAINED "" there is nothing to anchor to: L^V (and HierVL's L_mask) are
+    # switched off with one warning.
     cfg.MODEL.HVLFORMER.CLIP.FROZEN_REFERENCE = True
+    # True = every CLIP weight comes from MODEL.WEIGHTS (a trained HVLFormer checkpoint): PRETRAINED is not
+    # loaded (nothing is downloaded) and no E_I^0 is built. Set by --eval-only, the demo and the predictor
+    # when MODEL.WEIGHTS is given (hvlformer.modeling.clip_loader.clip_weights_from_checkpoint); training
+    # keeps False so that E_I^0 is the pretrained encoder even when fine-tuning from MODEL.WEIGHTS.
+    cfg.MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT = False
 
     # ------------------------------------------------------------------ text side
     cfg.MODEL.HVLFORMER.TEXT = CN()
@@ -188,11 +197,17 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Decoder width D.
     cfg.MODEL.HVLFORMER.HIDDEN_DIM = 256
     cfg.MODEL.HVLFORMER.SRE = CN()
-    # "soft" (q * s_k), "threshold" (keep s_k > THRESHOLD), "none", "clip_zero_shot" (HierVL).
+    # "soft" (q * s_k), "threshold" (keep s_k > THRESHOLD), "none", "clip_zero_shot" (HierVL: ground-truth
+    # presence on labeled images; zero-shot CLIP presence from the frozen pretrained encoder E_I^0 on
+    # unlabeled and test images, which needs CLIP.PRETRAINED also at evaluation; without pretrained weights
+    # every class is kept).
     cfg.MODEL.HVLFORMER.SRE.MODE = "soft"
+    # "threshold": the SRE score a class needs. "clip_zero_shot": the zero-shot class probability a class
+    # needs RELATIVE to the most likely class, exp((cos_k - max cos) / TEMPERATURE) (several classes can pass).
     cfg.MODEL.HVLFORMER.SRE.THRESHOLD = 0.5
-    # Softmax temperature of the clip_zero_shot mode.
-    cfg.MODEL.HVLFORMER.SRE.TEMPERATURE = 0.01
+    # Temperature of the clip_zero_shot class probabilities: with THRESHOLD 0.5 a class is kept when its
+    # cosine to the image is within 0.05 * ln 2 = 0.035 of the best class's.
+    cfg.MODEL.HVLFORMER.SRE.TEMPERATURE = 0.05
 
     # ------------------------------------------------------------------ PTRM
     cfg.MODEL.HVLFORMER.PTRM = CN()

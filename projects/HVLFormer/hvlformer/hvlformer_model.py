@@ -4,7 +4,8 @@ Data flow for a padded batch ``B x 3 x H x W``::
 
     CLIP ViT (E_I) -> res2..res5, f_CLS (B x C), dense embedding (B x C x H/16 x W/16)
     text tower (E_T) + learnable context -> t (K x C), once per step
-    HTQG: t -> Q_hat (E x K x D); SRE(res3..res5, t) -> s (B x K); Q~ = s * Q_hat (B x E x K x D)
+    HTQG: t -> Q_hat (E x K x D); SRE(res3..res5, t) -> s (B x K) (clip_zero_shot: GT presence on labeled
+          images, zero-shot presence of the frozen E_I^0 on unlabeled and test images); Q~ = s * Q_hat
     pixel decoder (MSDeformAttn) -> mask_features (B x D x H/4 x W/4), [z^1, z^2, z^3] (strides 32/16/8)
     PTRM(Q~, z) -> refined queries Q (B x E x K x D), z_out
     transformer decoder(z_out, mask_features, Q level-major (B x E*K x D)) -> class logits, masks, attention
@@ -21,10 +22,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
+from detectron2.utils.logger import log_first_n
 from torch import Tensor, nn
 
 from .modeling.backbone import CLIPViTBackbone
-from .modeling.clip_loader import build_clip_model
+from .modeling.clip_loader import build_clip_model, has_pretrained_reference
 from .modeling.criterion import HVLSetCriterion, semantic_to_targets
 from .modeling.htqg import HTQG, diversity_loss
 from .modeling.matcher import HungarianMatcher
@@ -154,13 +156,30 @@ class HVLFormer(nn.Module):
         if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES not in (num_classes, 0):
             raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} but the dataset "
                              f"has {num_classes} classes")
-        clip_model, tokenizer = build_clip_model(hv.CLIP.MODEL_NAME, hv.CLIP.PRETRAINED)
+        # HierVL's zero-shot relevance needs the pretrained E_I^0 at inference too (not in checkpoints)
+        zero_shot = hv.SRE.MODE == "clip_zero_shot"
+        clip_model, tokenizer = build_clip_model(hv.CLIP.MODEL_NAME, hv.CLIP.PRETRAINED,
+                                                 weights_from_checkpoint=hv.CLIP.WEIGHTS_FROM_CHECKPOINT and not zero_shot)
+        # E_I^0 = the pretrained encoder only (copied right after PRETRAINED was loaded, before any
+        # MODEL.WEIGHTS); without pretrained weights L^V and HierVL's L_mask have nothing to anchor to.
+        reference = has_pretrained_reference(hv.CLIP)
+        if zero_shot and not hv.CLIP.PRETRAINED:
+            log_first_n(logging.WARNING, "SRE.MODE clip_zero_shot without pretrained CLIP weights "
+                        "(MODEL.HVLFORMER.CLIP.PRETRAINED is empty): there is no zero-shot CLIP, so every class "
+                        "keeps its queries on unlabeled and test images.", n=1, name="hvlformer")
+        if not reference and hv.CLIP.FROZEN_REFERENCE and not hv.CLIP.WEIGHTS_FROM_CHECKPOINT and (
+                hv.REG_VISION_WEIGHT > 0 or (hv.HIERVL.MASKED_VL_WEIGHT > 0 and hv.HIERVL.MASK_CONSISTENCY_WEIGHT > 0)):
+            log_first_n(logging.WARNING, "L^V (MODEL.HVLFORMER.REG_VISION_WEIGHT) and HierVL's masked L_mask are "
+                        "SWITCHED OFF: MODEL.HVLFORMER.CLIP.PRETRAINED is empty, so there is no pretrained CLIP "
+                        "encoder E_I^0 to anchor f_CLS to (a copy of a random initialisation would anchor to "
+                        "noise). Set PRETRAINED to the encoder's pretrained tag or file, also when training "
+                        "from MODEL.WEIGHTS.", n=1, name="hvlformer")
         backbone = CLIPViTBackbone(
             visual=clip_model.visual,
             out_indices=list(hv.CLIP.OUT_INDICES),
             pyramid_norm=hv.CLIP.PYRAMID_NORM,
             gradient_checkpointing=hv.CLIP.GRADIENT_CHECKPOINTING,
-            frozen_reference=hv.CLIP.FROZEN_REFERENCE,
+            frozen_reference=has_pretrained_reference(hv.CLIP, zero_shot),
         )
         text_encoder = CLIPTextEncoder(clip_model, tokenizer, num_context=hv.TEXT.NUM_CONTEXT)
         descriptions = load_class_descriptions(
@@ -214,7 +233,7 @@ class HVLFormer(nn.Module):
             "loss_weights": {
                 "reg_language": hv.REG_LANGUAGE_WEIGHT,
                 "reg_vision_language": hv.REG_VISION_LANGUAGE_WEIGHT,
-                "reg_vision": hv.REG_VISION_WEIGHT if hv.CLIP.FROZEN_REFERENCE else 0.0,
+                "reg_vision": hv.REG_VISION_WEIGHT if reference else 0.0,
                 "div": hv.DIV_WEIGHT,
                 "sre": hv.SRE_WEIGHT,
                 "prompt": hv.HIERVL.PROMPT_WEIGHT,
@@ -222,7 +241,7 @@ class HVLFormer(nn.Module):
             },
             "vl_temperature": hv.REG_VL_TEMPERATURE,
             "text_cross_attention": cfg.MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION,
-            "masked_vl_mask_weight": hv.HIERVL.MASK_CONSISTENCY_WEIGHT,
+            "masked_vl_mask_weight": hv.HIERVL.MASK_CONSISTENCY_WEIGHT if reference else 0.0,
             "sliding_window": cfg.TEST.SLIDING_WINDOW.ENABLED,
             "window_size": cfg.TEST.SLIDING_WINDOW.CROP_SIZE,
             "window_stride": cfg.TEST.SLIDING_WINDOW.STRIDE,
@@ -295,9 +314,16 @@ class HVLFormer(nn.Module):
         (``relevance`` ``B x K``, ``sre_logits``) and ``ptrm_affinity``.
         """
         features = self.backbone(images)
+        zero_shot_embedding = None
+        if self.htqg.sre_mode == "clip_zero_shot" and presence is None:
+            # unlabeled and test images: zero-shot CLIP = the FROZEN pretrained encoder's image embedding
+            if self.backbone.reference_tower is not None:
+                zero_shot_embedding = self.backbone.reference_global_embedding(images)
+            else:  # no pretrained CLIP (warned when built): every class keeps its queries
+                presence = images.new_ones(images.shape[0], text_embeddings.shape[0])
         weighted_queries, level_queries, htqg_extras = self.htqg(
             text_embeddings, [features["res3"], features["res4"], features["res5"]],
-            global_embedding=features.get("clip_global"), presence=presence)
+            global_embedding=zero_shot_embedding, presence=presence)
         text_centers = None
         if self.text_center_proj is not None:
             # HierVL's per-level textual cluster centres c_t^(l) (B x 3 x K x D) when there is one query
@@ -373,15 +399,17 @@ class HVLFormer(nn.Module):
                 hidden[i] = label == chosen
         masked_images = images.masked_fill(hidden[:, None], 0.0)  # 0 = the mean colour after normalisation
         masked_dense = self.backbone(masked_images)["clip_dense"]
-        reference_dense = self.backbone.reference_dense_embedding(images)
         size = masked_dense.shape[-2:]
         # a patch counts as hidden when most of its pixels are
         region = F.avg_pool2d(hidden[:, None].float(), stride)[:, 0][..., : size[0], : size[1]] > 0.5
         patch_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
         region = region & (patch_labels != self.ignore_value)
-        return (masked_alignment_loss(masked_dense, text_embeddings, patch_labels.clamp_max(self.num_classes - 1),
-                                      region, self.vl_temperature)
-                + self.masked_vl_mask_weight * masked_consistency_loss(masked_dense, reference_dense, region))
+        loss = masked_alignment_loss(masked_dense, text_embeddings, patch_labels.clamp_max(self.num_classes - 1),
+                                     region, self.vl_temperature)
+        if self.masked_vl_mask_weight > 0:  # 0 without a pretrained E_I^0 (see from_config)
+            reference_dense = self.backbone.reference_dense_embedding(images)
+            loss = loss + self.masked_vl_mask_weight * masked_consistency_loss(masked_dense, reference_dense, region)
+        return loss
 
     def normalize(self, images: Tensor) -> Tensor:
         """``B x 3 x H x W`` uint8/float 0-255 images -> normalised float (on the model's device)."""

@@ -50,6 +50,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from .data import default_class_colors, read_image_checked, register_shapes_from_cfg
+from .modeling.clip_loader import clip_weights_from_checkpoint
 from .modeling.text import load_class_descriptions, reference_prompts
 
 __all__ = ["HVLFormerPredictor", "SemanticPrediction", "parse_vocabulary", "normalize_scores"]
@@ -156,7 +157,8 @@ class HVLFormerPredictor:
     """
 
     def __init__(self, cfg: CfgNode) -> None:
-        self.cfg = cfg.clone()
+        # the CLIP weights come from MODEL.WEIGHTS when it is given: nothing is downloaded (works offline)
+        self.cfg = clip_weights_from_checkpoint(cfg.clone())
         register_shapes_from_cfg(self.cfg)  # the shapes datasets follow DATASETS.SHAPES.* (as in training)
         self.model = build_model(self.cfg)
         self.model.eval()

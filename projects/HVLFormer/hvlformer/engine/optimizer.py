@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Type
+from typing import Any, Dict, List, Sequence, Type
 
 import torch
 from detectron2.config import CfgNode
@@ -15,13 +15,20 @@ NORM_TYPES = (
 # Parameter names (last component) that are embeddings: no weight decay with WEIGHT_DECAY_EMBED = 0.
 EMBEDDING_NAMES = ("positional_embedding", "class_embedding", "pos_embed", "cls_token", "level_embed",
                    "context", "logit_scale", "no_object_embedding")
+# Parameter-name prefixes of the PRETRAINED encoder that BACKBONE_MULTIPLIER applies to: the CLIP vision
+# tower only. The backbone's simple feature pyramid (``backbone.pyramid.*``, randomly initialised
+# ConvTranspose / norm layers) is new and trains at the head LR, like every other new layer.
+PRETRAINED_ENCODER_PREFIXES = ("backbone.visual.",)
 
 
 def get_parameter_groups(model: nn.Module, base_lr: float, weight_decay: float, weight_decay_norm: float,
-                         weight_decay_embed: float, backbone_multiplier: float) -> List[Dict[str, Any]]:
+                         weight_decay_embed: float, backbone_multiplier: float,
+                         pretrained_prefixes: Sequence[str] = PRETRAINED_ENCODER_PREFIXES) -> List[Dict[str, Any]]:
     """One group per trainable parameter with its LR and weight decay.
 
-    - ``backbone.*`` (the fine-tuned CLIP vision encoder): LR x ``backbone_multiplier``;
+    - parameters whose name starts with one of ``pretrained_prefixes`` (default ``backbone.visual.``: the
+      fine-tuned, pretrained CLIP vision encoder E_I): LR x ``backbone_multiplier``; the new layers of the
+      backbone (the simple feature pyramid ``backbone.pyramid.*``) and everything else: the base LR;
     - normalisation layers: ``weight_decay_norm``; embeddings (``nn.Embedding``, position / class /
       level embeddings, the learnable text context, the logit scale): ``weight_decay_embed``;
     - frozen parameters (the CLIP text tower) are skipped, so they cost no optimizer state.
@@ -34,7 +41,8 @@ def get_parameter_groups(model: nn.Module, base_lr: float, weight_decay: float, 
                 continue
             seen.add(id(param))
             full_name = f"{module_name}.{name}" if module_name else name
-            lr = base_lr * (backbone_multiplier if full_name.startswith("backbone.") else 1.0)
+            pretrained = full_name.startswith(tuple(pretrained_prefixes))
+            lr = base_lr * (backbone_multiplier if pretrained else 1.0)
             decay = weight_decay
             if isinstance(module, NORM_TYPES):
                 decay = weight_decay_norm

@@ -22,14 +22,22 @@ from ..data import HVLFormerSemanticDatasetMapper
 from ..data.semi import RareClassSampler, UnlabeledViewsMapper, apply_cutmix, class_pixel_counts, repeat_to_length
 from .ema import EMATeacher, unwrap
 from .train_loop import GradScalerStateMixin, amp_dtype
-from .trainer import Trainer, wrap_ddp
+from .trainer import Trainer, describe_batch_recipe, log_batch_recipe, wrap_ddp
 
 logger = logging.getLogger(__name__)
 UNLABELED_LOSSES = ("loss_cmcr_mask", "loss_cmcr_class", "loss_cmcr_align", "loss_entropy")
 
 
 def auto_scale_semi(cfg: CfgNode, world_size: int) -> CfgNode:
-    """detectron2's REFERENCE_WORLD_SIZE rescaling, extended to the labeled/unlabeled batch sizes."""
+    """detectron2's REFERENCE_WORLD_SIZE rescaling, extended to the labeled/unlabeled batch sizes.
+
+    The default (``SOLVER.REFERENCE_WORLD_SIZE: 0``, every shipped config) keeps the config's GLOBAL batch
+    (the paper's 8 labeled + 8 unlabeled), LR and iterations on any GPU count: each GPU gets
+    ``batch / world_size`` images. Only when the user sets ``REFERENCE_WORLD_SIZE`` to another GPU count is
+    the per-GPU batch of that count kept, and the batch sizes, LR, iterations and periods rescaled by
+    ``world_size / REFERENCE_WORLD_SIZE`` (detectron2's linear scaling). :func:`describe_batch_recipe`
+    says which happened.
+    """
     reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
     if reference == 0 or reference == world_size:
         return cfg
@@ -124,7 +132,9 @@ class SemiSupervisedTrainer(Trainer):
             setup_logger()
         if not cfg.DATASETS.TRAIN_LABELED or not cfg.DATASETS.TRAIN_UNLABELED:
             raise ValueError("semi-supervised training needs DATASETS.TRAIN_LABELED and DATASETS.TRAIN_UNLABELED")
+        original = cfg
         cfg = auto_scale_semi(cfg, comm.get_world_size())
+        log_batch_recipe(cfg, comm.get_world_size(), original)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         labeled_loader, unlabeled_loader = self.build_semi_loaders(cfg)

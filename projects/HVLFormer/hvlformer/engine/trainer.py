@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from typing import Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
@@ -34,6 +35,47 @@ def wrap_ddp(cfg: CfgNode, model):
     return create_ddp_model(model, **kwargs)
 
 
+def describe_batch_recipe(cfg: CfgNode, world_size: int, original: Optional[CfgNode] = None) -> str:
+    """The training recipe as one visible block: per-GPU and global batch, base LR and iterations.
+
+    Args:
+        cfg: the config training runs with (after :func:`auto_scale_semi` / ``auto_scale_workers``).
+        world_size: number of training processes (GPUs).
+        original: the config before rescaling; when its batch differs from ``cfg``'s, the block says that
+            the recipe was RESCALED (``SOLVER.REFERENCE_WORLD_SIZE``) and from what.
+
+    Raises ``ValueError`` when a global batch does not split evenly over the processes.
+    """
+    semi = bool(cfg.DATASETS.TRAIN_UNLABELED)
+    batches = ([("labeled", cfg.SOLVER.IMS_PER_BATCH_LABELED), ("unlabeled", cfg.SOLVER.IMS_PER_BATCH_UNLABELED)]
+               if semi else [("labeled", cfg.SOLVER.IMS_PER_BATCH)])
+    for name, total in batches:
+        if total % world_size:
+            raise ValueError(f"the global {name} batch {total} is not divisible by the {world_size} training "
+                             "processes; change SOLVER.IMS_PER_BATCH* or the GPU count")
+    rule = "=" * 78
+    lines = [rule, f"TRAINING RECIPE on {world_size} process(es)",
+             "  global batch: " + " + ".join(f"{total} {name}" for name, total in batches),
+             "  per GPU: " + " + ".join(f"{total // world_size} {name}" for name, total in batches),
+             f"  base LR: {cfg.SOLVER.BASE_LR:g}   max iterations: {cfg.SOLVER.MAX_ITER}"]
+    if original is not None and (original.SOLVER.MAX_ITER != cfg.SOLVER.MAX_ITER
+                                 or original.SOLVER.BASE_LR != cfg.SOLVER.BASE_LR):
+        lines.append(f"  RESCALED by SOLVER.REFERENCE_WORLD_SIZE={original.SOLVER.REFERENCE_WORLD_SIZE}: the config "
+                     f"asked for a global batch of {original.SOLVER.IMS_PER_BATCH_LABELED if semi else original.SOLVER.IMS_PER_BATCH}"
+                     f" labeled, base LR {original.SOLVER.BASE_LR:g}, {original.SOLVER.MAX_ITER} iterations")
+    else:
+        lines.append("  the config's global batch, LR and iterations (SOLVER.REFERENCE_WORLD_SIZE 0: no rescaling)")
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def log_batch_recipe(cfg: CfgNode, world_size: int, original: Optional[CfgNode] = None) -> None:
+    """Log :func:`describe_batch_recipe` at the start of training (a warning when the recipe was rescaled)."""
+    text = describe_batch_recipe(cfg, world_size, original)
+    level = logging.WARNING if "RESCALED" in text else logging.INFO
+    logging.getLogger("hvlformer").log(level, "\n%s", text)
+
+
 class Trainer(DefaultTrainer):
     """Supervised training on labeled images (``DATASETS.TRAIN``), evaluation on ``DATASETS.TEST``."""
 
@@ -42,7 +84,9 @@ class Trainer(DefaultTrainer):
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
+        original = cfg
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        log_batch_recipe(cfg, comm.get_world_size(), original)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)

@@ -14,6 +14,19 @@ Decisions (SPEC 2.1 "Weights"):
 - any other string is an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...). An unknown
   tag for the architecture is a ``ValueError`` listing the known tags (no network); a known tag whose
   download fails (offline, no cache) is a ``RuntimeError`` that says what to do, chaining the cause.
+- Activation check (:func:`check_activation_match`): open_clip's pretrained metadata records whether the
+  weights of a tag were trained with QuickGELU (``quick_gelu``, e.g. every ``openai`` tag). open_clip's
+  plain ``ViT-B-16`` builds ``nn.GELU`` towers and only *warns* about the mismatch, which silently distorts
+  the frozen text tower, T0 and the starting point of E_I / E_I^0. Here a mismatch is a ``ValueError``
+  naming the matching architecture (``ViT-B-16-quickgelu`` for ``openai``), raised from the metadata alone,
+  before any download. Local checkpoint files carry no such metadata and are not checked.
+
+Weights from a checkpoint (``weights_from_checkpoint=True``, config key
+``MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT``, set by :func:`clip_weights_from_checkpoint` for
+``--eval-only``, the demo and the predictor when ``MODEL.WEIGHTS`` is given): the architecture is built
+without weights and without the random-init warning, because ``MODEL.WEIGHTS`` (a trained HVLFormer
+checkpoint, which holds both CLIP towers) overwrites them; ``PRETRAINED`` is not loaded, so evaluation
+works offline.
 
 The project's own architectures (``hvlformer/modeling/backbone/model_configs/*.json``, e.g. the CPU-test
 model ``HVL-Tiny-ViT`` and its timm-EVA02 twin ``HVL-Tiny-EVA``) are registered with open_clip by
@@ -29,10 +42,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Tuple
 
 import open_clip
+from detectron2.config import CfgNode
 from torch import nn
 
 __all__ = ["MODEL_CONFIG_DIR", "REPO_ROOT", "register_project_model_configs", "resolve_checkpoint_path",
-           "build_clip_model"]
+           "check_activation_match", "build_clip_model", "clip_weights_from_checkpoint", "has_pretrained_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +101,82 @@ def resolve_checkpoint_path(pretrained: str) -> str:
     return str(candidate) if candidate.is_file() else pretrained
 
 
-def build_clip_model(model_name: str, pretrained: str = "") -> Tuple[nn.Module, Callable]:
+def check_activation_match(model_name: str, pretrained_tag: str) -> None:
+    """Raise ``ValueError`` if the architecture's activation differs from the one the tag's weights were
+    trained with (QuickGELU vs GELU), from open_clip's metadata only (no network).
+
+    Args:
+        model_name: open_clip architecture name (e.g. ``"ViT-B-16"`` or ``"ViT-B-16-quickgelu"``).
+        pretrained_tag: an open_clip pretrained tag known for ``model_name`` (e.g. ``"openai"``).
+    """
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained_tag) or {}
+    model_cfg = open_clip.get_model_config(model_name) or {}
+    tag_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    model_quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    if tag_quick_gelu == model_quick_gelu:
+        return
+    if tag_quick_gelu:
+        suggestion = f"{model_name}-quickgelu"
+        trained, built = "QuickGELU", "nn.GELU"
+    else:
+        suggestion = model_name[: -len("-quickgelu")] if model_name.endswith("-quickgelu") else model_name
+        trained, built = "nn.GELU", "QuickGELU"
+    known = suggestion in open_clip.list_models()
+    raise ValueError(
+        f"CLIP activation mismatch: the {pretrained_tag!r} weights were trained with {trained}, but "
+        f"architecture {model_name!r} builds {built} towers, which would distort the frozen text tower, the "
+        f"reference embeddings and the initial vision encoder. Use MODEL.HVLFORMER.CLIP.MODEL_NAME "
+        + (f"{suggestion!r}." if known else "with the matching activation (see open_clip.list_models()).")
+    )
+
+
+def clip_weights_from_checkpoint(cfg: CfgNode) -> CfgNode:
+    """The config to build a model whose weights all come from ``cfg.MODEL.WEIGHTS`` (evaluation, demo,
+    predictor): a copy with ``MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT = True`` when ``MODEL.WEIGHTS`` is
+    set, so CLIP's pretrained weights are not loaded (no download) and no E_I^0 is built; ``cfg`` itself
+    when ``MODEL.WEIGHTS`` is empty (the pretrained weights are then the only weights)."""
+    if not cfg.MODEL.WEIGHTS or cfg.MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT:
+        return cfg
+    cfg = cfg.clone()
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT = True
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def has_pretrained_reference(clip_cfg: CfgNode, zero_shot: bool = False) -> bool:
+    """Whether a frozen reference encoder E_I^0 is built from ``clip_cfg`` (``MODEL.HVLFORMER.CLIP``).
+
+    E_I^0 must be the PRETRAINED CLIP encoder, identical on every DDP rank: it is a copy of the tower right
+    after ``PRETRAINED`` was loaded (every rank loads the same file or tag; later ``MODEL.WEIGHTS`` loads
+    and training never touch it). So it exists only when ``PRETRAINED`` names weights that are loaded.
+    Without pretrained weights a copy would anchor L^V to a (per-rank) random initialisation, so there is
+    no E_I^0 and L^V is switched off.
+
+    Args:
+        clip_cfg: ``cfg.MODEL.HVLFORMER.CLIP``.
+        zero_shot: the model needs E_I^0 at inference too (``SRE.MODE clip_zero_shot``): then it is built
+            whenever ``PRETRAINED`` is set, even with ``WEIGHTS_FROM_CHECKPOINT`` (a checkpoint does not hold
+            E_I^0, so evaluation of that mode loads ``PRETRAINED``). Otherwise it needs ``FROZEN_REFERENCE``
+            and is skipped with ``WEIGHTS_FROM_CHECKPOINT`` (evaluation needs no L^V).
+    """
+    if not clip_cfg.PRETRAINED:
+        return False
+    return bool(zero_shot or (clip_cfg.FROZEN_REFERENCE and not clip_cfg.WEIGHTS_FROM_CHECKPOINT))
+
+
+def build_clip_model(model_name: str, pretrained: str = "",
+                     weights_from_checkpoint: bool = False) -> Tuple[nn.Module, Callable]:
     """Create an open_clip model and its tokenizer.
 
     Args:
-        model_name: open_clip architecture name (``"ViT-B-16"``, ``"EVA02-L-14-336"``, ``"HVL-Tiny-ViT"``).
+        model_name: open_clip architecture name (``"ViT-B-16-quickgelu"``, ``"EVA02-L-14-336"``,
+            ``"HVL-Tiny-ViT"``).
         pretrained: ``""`` (random init, one warning), a local checkpoint file, or an open_clip tag.
+        weights_from_checkpoint: the caller loads every weight from a trained checkpoint next:
+            ``pretrained`` is ignored (not loaded, not downloaded) and no random-init warning is logged.
 
     Returns:
         ``(model, tokenizer)``: an open_clip ``CLIP`` / ``CustomTextCLIP`` (fp32, CPU) and
@@ -106,14 +190,20 @@ def build_clip_model(model_name: str, pretrained: str = "") -> Tuple[nn.Module, 
         )
     pretrained = resolve_checkpoint_path(pretrained or "")
 
-    if not pretrained:
+    if weights_from_checkpoint:
+        with _without_root_messages("No pretrained weights loaded"):
+            model = open_clip.create_model(model_name, pretrained=None)
+        logger.info("CLIP %s: weights come from MODEL.WEIGHTS; MODEL.HVLFORMER.CLIP.PRETRAINED=%r is not loaded",
+                    model_name, pretrained)
+    elif not pretrained:
         with _without_root_messages("No pretrained weights loaded"):
             model = open_clip.create_model(model_name, pretrained=None)
         logger.warning(
             "CLIP model %r is RANDOMLY INITIALISED (MODEL.HVLFORMER.CLIP.PRETRAINED is empty): it is untrained, "
             "fine for tests and smoke runs only. To use real weights set MODEL.HVLFORMER.CLIP.PRETRAINED to a "
-            "local checkpoint file, or to an open_clip tag (e.g. 'openai' for ViT-B-16; downloads once, needs "
-            "network) - see open_clip.list_pretrained_tags_by_model(%r).",
+            "local checkpoint file, or to an open_clip tag (downloads once, needs "
+            "network; 'openai' weights need the '-quickgelu' architecture, e.g. 'ViT-B-16-quickgelu') - see "
+            "open_clip.list_pretrained_tags_by_model(%r).",
             model_name, model_name,
         )
     elif os.path.isfile(pretrained):
@@ -136,6 +226,7 @@ def build_clip_model(model_name: str, pretrained: str = "") -> Tuple[nn.Module, 
                 f"{pretrained!r} is neither an existing file nor an open_clip pretrained tag of {model_name!r}. "
                 f"Known tags: {known or 'none'}."
             )
+        check_activation_match(model_name, pretrained)
         try:
             model = open_clip.create_model(model_name, pretrained=pretrained)
         except (RuntimeError, OSError, ValueError) as e:

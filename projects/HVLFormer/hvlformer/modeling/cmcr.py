@@ -3,10 +3,14 @@
 For every decoder layer ``n = 1..N`` the original view ``I`` (detached, from the teacher) is the
 target of the weak view ``I_w`` and of the strong (CutMix-ed) view ``I_s``:
 
-- ``l_mask``: BCE between the per-class probability maps of a view and the one-hot hard pseudo-label
-  of the original view (summed over the class maps), on pixels whose original max probability is >= the confidence threshold (and
-  that are not padding), at mask resolution; weak view x 1/2, strong view x 1/10. The paper writes a
-  leading minus sign; it is a typo, the loss is positive.
+- ``l_mask`` (paper eq. 2): BCE between the per-class probability maps of a view and the one-hot hard
+  pseudo-label of the original view (summed over the class maps), kept on pixels whose original max
+  probability is >= the confidence threshold and AVERAGED OVER ALL (non-padded) PIXELS of the mask
+  resolution: unconfident pixels contribute zero but still count in the denominator, as in the paper and
+  UniMatch (``(loss * conf_mask).sum() / (ignore != 255).sum()``). Dividing by the confident pixels only
+  would inflate the loss by 1 / confident-fraction early in training. Padding is not an image pixel and
+  counts in neither sum. Weak view x 1/2, strong view x 1/10. The paper writes a leading minus sign; it is
+  a typo, the loss is positive.
 - ``l_class``: mean over queries of ``JS(C_i, C_w,i) + JS(C_i, C_s,i)`` of the softmax class
   distributions (K + 1 with no-object).
 - ``l_align``: mean over queries of ``(1 - cos(A_i, A_w,i)) + (1 - cos(A_i, A_s,i))`` of the flattened
@@ -15,6 +19,10 @@ target of the weak view ``I_w`` and of the strong (CutMix-ed) view ``I_s``:
 
 ``L_CMCR = sum_n (l_mask + l_class + l_align)``. The strong view's pseudo-labels inside the CutMix box
 come from the other image's original view, exactly like its pixels.
+
+Precision: every term runs with autocast disabled on float32 inputs (:func:`~.regularization.fp32_loss`):
+``F.binary_cross_entropy`` is forbidden under CUDA autocast, and under autocast the einsum of the
+probability maps (and so the 0.95 threshold) would otherwise run in bf16/fp16 even on ``.float()`` inputs.
 
 The "per-class probability map" of a prediction is its semantic score map (``sum_q softmax(c_q)[k] *
 sigmoid(m_q)``, the inference output) normalised over the K classes, so it is a distribution per pixel.
@@ -28,10 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .regularization import fp32_loss
+
 # strides of the levels the decoder layers cycle over (coarse to fine; layer n uses level n % 3)
 LEVEL_STRIDES = (32, 16, 8)
 
 
+@fp32_loss
 def class_probability_maps(pred_logits: Tensor, pred_masks: Tensor, eps: float = 1e-6) -> Tensor:
     """``B x Q x (K+1)`` logits and ``B x Q x h x w`` mask logits -> ``B x K x h x w`` per-pixel distributions."""
     scores = torch.einsum("bqc,bqhw->bchw", pred_logits.float().softmax(-1)[..., :-1], pred_masks.float().sigmoid())
@@ -45,6 +56,7 @@ def layer_outputs(outputs: Dict) -> List[Dict[str, Tensor]]:
     return [*aux[1:], final]
 
 
+@fp32_loss
 def js_divergence(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
     """Jensen-Shannon divergence along the last dim of two probability tensors (natural log)."""
     m = 0.5 * (p + q)
@@ -53,27 +65,38 @@ def js_divergence(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
     return 0.5 * (kl_pm + kl_qm)
 
 
-def mask_consistency(view_probs: Tensor, pseudo_labels: Tensor, confident: Tensor) -> Tensor:
-    """BCE of ``B x K x h x w`` probabilities vs the one-hot pseudo-labels on confident pixels.
+@fp32_loss
+def mask_consistency(view_probs: Tensor, pseudo_labels: Tensor, confident: Tensor,
+                     valid: Optional[Tensor] = None) -> Tensor:
+    """l_mask of one view (paper eq. 2): confidence-masked BCE averaged over all valid pixels.
 
-    One BCE per class map, summed over the K classes and averaged over the confident pixels (averaging
-    over the classes too would shrink the unlabeled signal by K); 0 (still in the graph) when no pixel is
-    confident.
+    Args:
+        view_probs: ``B x K x h x w`` per-class probability maps of the view.
+        pseudo_labels: ``B x h x w`` long, the original view's hard pseudo-labels.
+        confident: ``B x h x w`` bool, pixels whose original max probability passes the threshold (and
+            that are valid).
+        valid: ``B x h x w`` bool, the pixels that count in the average (non-padded); ``None`` = all.
+
+    Returns ``sum_{confident} sum_k BCE(p_k, onehot_k) / #valid``: one BCE per class map, summed over the
+    K classes (a mean over the classes would shrink the unlabeled signal by K); unconfident pixels add 0
+    but count in the denominator. 0 (still in the graph) when no pixel is confident.
     """
-    if not confident.any():
-        return view_probs.sum() * 0.0
     num_classes = view_probs.shape[1]
-    target = F.one_hot(pseudo_labels, num_classes).permute(0, 3, 1, 2).float()
+    target = F.one_hot(pseudo_labels.long(), num_classes).permute(0, 3, 1, 2).float()
     probs = view_probs.float().clamp(1e-6, 1 - 1e-6)
     bce = F.binary_cross_entropy(probs, target, reduction="none").sum(dim=1)  # B x h x w
-    return bce[confident].mean()
+    kept = confident if valid is None else confident & valid
+    num_pixels = bce.new_tensor(float(bce.numel())) if valid is None else valid.sum().to(bce.dtype)
+    return torch.where(kept, bce, torch.zeros_like(bce)).sum() / num_pixels.clamp_min(1.0)
 
 
+@fp32_loss
 def class_consistency(target_logits: Tensor, view_logits: Tensor) -> Tensor:
     """Mean over queries of JS(softmax(target), softmax(view)); ``B x Q x (K+1)`` each."""
     return js_divergence(target_logits.float().softmax(-1), view_logits.float().softmax(-1)).mean()
 
 
+@fp32_loss
 def align_consistency(target_attn: Tensor, view_attn: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """Mean over queries of ``1 - cos`` of ``B x Q x L`` attention maps; ``valid``: ``B x L`` bool pixels kept."""
     target_attn, view_attn = target_attn.float(), view_attn.float()
@@ -83,6 +106,7 @@ def align_consistency(target_attn: Tensor, view_attn: Tensor, valid: Optional[Te
     return (1.0 - F.cosine_similarity(target_attn, view_attn, dim=-1, eps=1e-8)).mean()
 
 
+@fp32_loss
 def entropy_loss(probs: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """Mean per-pixel entropy of ``B x K x h x w`` distributions over the ``valid`` (``B x h x w``) pixels."""
     entropy = -(probs.float() * torch.log(probs.float().clamp_min(1e-8))).sum(dim=1)
@@ -142,6 +166,7 @@ class CMCRLoss(nn.Module):
         self.mode = mode
 
     @torch.no_grad()
+    @fp32_loss
     def targets(self, teacher_outputs: Dict, padding: Optional[Tensor] = None) -> List[LayerTargets]:
         """Detached per-layer targets from the original view's decoder outputs (``padding``: ``B x H x W``
         bool, True = padded, left out of the distribution-alignment statistics)."""
@@ -169,6 +194,7 @@ class CMCRLoss(nn.Module):
         self.labeled_class_prior.mul_(momentum).add_(frequencies, alpha=1.0 - momentum)
         self.prior_updates += 1
 
+    @fp32_loss
     def align_distribution(self, probs: Tensor, padding: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
         """Distribution alignment (ReMixMatch) of pseudo-label probabilities ``B x K x h x w``: every pixel's
         distribution is multiplied by ``labeled_class_prior / mean_prediction`` and renormalised, where
@@ -185,6 +211,7 @@ class CMCRLoss(nn.Module):
         aligned = probs * ratio[None, :, None, None]
         return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(eps)
 
+    @fp32_loss
     def forward(self, targets: List[LayerTargets], weak_outputs: Dict, strong_outputs: Dict, padding: Tensor,
                 cutmix_box: Tensor, mix_order: Tensor) -> Dict[str, Tensor]:
         """Unweighted CMCR terms summed over the layers, plus statistics (keys ``stat_*``, detached).
@@ -209,13 +236,16 @@ class CMCRLoss(nn.Module):
                 valid = ~downsample_mask(padding, mask_size)
                 confidence, pseudo = target.probs.max(dim=1)
                 confident = (confidence >= self.confidence_threshold) & valid
+                # the CutMix box takes the pasted image's pseudo-labels, confidences and validity
                 mixed_pseudo = mix_spatial(pseudo[:, None], box, mix_order)[:, 0]
                 mixed_confident = mix_spatial(confident[:, None], box, mix_order)[:, 0]
+                mixed_valid = mix_spatial(valid[:, None], box, mix_order)[:, 0]
                 weak_probs = class_probability_maps(weak["pred_logits"], weak["pred_masks"])
                 strong_probs = class_probability_maps(strong["pred_logits"], strong["pred_masks"])
                 losses["loss_cmcr_mask"] = losses["loss_cmcr_mask"] + (
-                    self.weak_weight * mask_consistency(weak_probs, pseudo, confident)
-                    + self.strong_weight * mask_consistency(strong_probs, mixed_pseudo, mixed_confident))
+                    self.weak_weight * mask_consistency(weak_probs, pseudo, confident, valid)
+                    + self.strong_weight * mask_consistency(strong_probs, mixed_pseudo, mixed_confident,
+                                                            mixed_valid))
                 confident_fraction.append(confident.float().sum() / valid.float().sum().clamp_min(1.0))
             if self.use_class:
                 losses["loss_cmcr_class"] = losses["loss_cmcr_class"] + (
@@ -232,6 +262,7 @@ class CMCRLoss(nn.Module):
             losses["stat_confident_fraction"] = torch.stack(confident_fraction).mean().detach()
         return losses
 
+    @fp32_loss
     def entropy(self, weak_outputs: Dict, strong_outputs: Dict, padding: Tensor) -> Dict[str, Tensor]:
         """HierVL: entropy minimisation of the final per-pixel class distributions of both views."""
         terms = []

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .regularization import fp32_loss
+
 SRE_MODES = ("soft", "threshold", "none", "clip_zero_shot")
 QUERY_SOURCES = ("text", "learnable")
 
@@ -32,11 +34,13 @@ class HierarchicalQueryGenerator(nn.Module):
         return torch.stack([head(class_embeddings) for head in self.heads], dim=0)
 
 
+@fp32_loss
 def diversity_loss(level_queries: Tensor) -> Tensor:
     """L_div: mean over classes k and ordered level pairs e != e' of ``cos(q_k^e, q_k^e')^2``.
 
     level_queries: ``E x K x D`` (or ``B x E x K x D``, averaged over the batch too). 0 for mutually
-    orthogonal levels, 1 for identical levels; 0 when E == 1 (no pair).
+    orthogonal levels, 1 for identical levels; 0 when E == 1 (no pair). Computed in float32 with autocast
+    disabled.
     """
     if level_queries.dim() == 3:
         level_queries = level_queries.unsqueeze(0)
@@ -74,10 +78,28 @@ class SemanticRelevanceEstimator(nn.Module):
         return self.mlp(joint).squeeze(-1)
 
 
-def clip_zero_shot_relevance(global_embedding: Tensor, class_embeddings: Tensor, temperature: float) -> Tensor:
-    """HierVL relevance: softmax over classes of ``cos(f_CLS, t_k) / temperature``. Returns ``B x K``."""
-    logits = F.normalize(global_embedding.float(), dim=-1) @ F.normalize(class_embeddings.float(), dim=-1).t()
-    return (logits / temperature).softmax(dim=-1)
+def clip_zero_shot_relevance(global_embedding: Tensor, class_embeddings: Tensor, temperature: float,
+                             threshold: float = 0.5) -> Tensor:
+    """HierVL class presence from zero-shot CLIP (HierVL v2, section 3), several classes at a time.
+
+    Args:
+        global_embedding: ``B x C`` image embedding of the FROZEN pretrained encoder E_I^0 (zero-shot CLIP;
+            not the fine-tuned f_CLS).
+        class_embeddings: ``K x C`` class text embeddings t_k.
+        temperature: T of CLIP's zero-shot class probabilities ``p = softmax(cos / T)``.
+        threshold: a class is present when its probability relative to the most likely class,
+            ``r_k = p_k / max_j p_j = exp((cos_k - max_j cos_j) / T)``, is ``>= threshold``, i.e. when its
+            cosine is within ``T * ln(1 / threshold)`` of the best class (0.035 at T = 0.05, threshold 0.5).
+
+    Returns ``B x K`` presence in {0, 1}: the same kind of 0/1 gate as the ground-truth presence used on
+    labeled images, so the decoder sees the same query distribution on labeled, unlabeled and test
+    images. A softmax over the classes at T = 0.01 (the former rule) is near one-hot and would keep one of
+    several present classes; the relative rule keeps every class CLIP finds about as likely as the best.
+    """
+    with torch.autocast(device_type=global_embedding.device.type, enabled=False):
+        cos = F.normalize(global_embedding.float(), dim=-1) @ F.normalize(class_embeddings.float(), dim=-1).t()
+        relative = torch.exp((cos - cos.max(dim=-1, keepdim=True).values) / temperature)
+    return (relative >= threshold).float()
 
 
 class HTQG(nn.Module):
@@ -85,8 +107,9 @@ class HTQG(nn.Module):
 
     SRE modes (paper Table 6): ``soft`` (``q~ = s_k * q``), ``threshold`` (keep classes with
     ``s_k > threshold``; the hard gate passes no gradient to the SRE, which is still trained by its
-    BCE), ``none`` (no SRE), ``clip_zero_shot`` (HierVL: ``s_k`` from CLIP's global embedding; on
-    labeled images the ground-truth presence is used instead).
+    BCE), ``none`` (no SRE), ``clip_zero_shot`` (HierVL: on labeled images the ground-truth presence;
+    on unlabeled AND test images the zero-shot presence :func:`clip_zero_shot_relevance` of the frozen
+    pretrained encoder's image embedding, with ``sre_threshold`` on the relative class probability).
 
     Query sources: ``text`` (HQG on the class text embeddings, the paper) or ``learnable`` (the paper's
     Table 4 baseline row, Mask2Former-style: ``Q_hat`` is an ``E x K x D`` parameter, initialised
@@ -95,7 +118,7 @@ class HTQG(nn.Module):
     """
 
     def __init__(self, text_dim: int, hidden_dim: int, num_levels: int, feature_channels: List[int],
-                 sre_mode: str = "soft", sre_threshold: float = 0.5, sre_temperature: float = 0.01,
+                 sre_mode: str = "soft", sre_threshold: float = 0.5, sre_temperature: float = 0.05,
                  query_source: str = "text", num_classes: int = 0) -> None:
         super().__init__()
         if sre_mode not in SRE_MODES:
@@ -126,7 +149,8 @@ class HTQG(nn.Module):
         Args:
             class_embeddings: ``K x C`` normalised class text embeddings t_k.
             features: backbone features res3..res5, each ``B x C_l x H_l x W_l`` (for the SRE).
-            global_embedding: ``B x C`` f_CLS (for ``clip_zero_shot``).
+            global_embedding: ``B x C`` image embedding of the frozen pretrained encoder E_I^0 (for
+                ``clip_zero_shot`` without ``presence``).
             presence: optional ``B x K`` ground-truth class presence (labeled images; ``clip_zero_shot``).
         Returns:
             (``Q~``: ``B x E x K x D``, ``Q_hat``: ``E x K x D`` unweighted, extras) where extras holds
@@ -150,9 +174,10 @@ class HTQG(nn.Module):
             if presence is not None:
                 relevance = presence.to(level_queries.dtype)
             elif global_embedding is not None:
-                relevance = clip_zero_shot_relevance(global_embedding, class_embeddings, self.sre_temperature)
+                relevance = clip_zero_shot_relevance(global_embedding, class_embeddings, self.sre_temperature,
+                                                     self.sre_threshold).to(level_queries.dtype)
             else:
-                raise ValueError("SRE mode clip_zero_shot needs the CLIP global embedding or GT presence")
+                raise ValueError("SRE mode clip_zero_shot needs the frozen CLIP image embedding or GT presence")
         else:
             relevance = level_queries.new_ones(batch, class_embeddings.shape[0])
         extras["relevance"] = relevance

@@ -28,8 +28,9 @@ Decisions:
 - Patch dropout of the tower (a pretraining trick) is never applied: dense prediction needs every token.
 - ``pyramid_norm``: detectron2 ``get_norm`` names; ``""`` = no norm. ``"SyncBN"`` becomes plain ``"BN"``
   unless torch.distributed is initialised with more than one process (single-process CPU runs work).
-- The frozen reference E_I^0 (for L^V) is a deep copy of the tower taken at construction (i.e. of the CLIP
-  weights ``build_clip_model`` loaded), kept in a plain list: it is not a submodule, so it is not in
+- The frozen reference E_I^0 (for L^V) is a deep copy of the tower taken at construction (i.e. of the
+  PRETRAINED CLIP weights ``build_clip_model`` loaded; built from a config only when there are such weights,
+  see :func:`~hvlformer.modeling.clip_loader.has_pretrained_reference`), kept in a plain list: it is not a submodule, so it is not in
   ``state_dict()``, ``parameters()``, the optimizer or DDP; ``_apply`` moves/casts it with the backbone.
   If the tower's initial weights are loaded later by other means, call :meth:`reset_reference`.
   ``reference_global_embedding`` (f_CLS^0, L^V) and ``reference_dense_embedding`` (HierVL L_mask) run it.
@@ -50,7 +51,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ..clip_loader import build_clip_model
+from ..clip_loader import build_clip_model, has_pretrained_reference
 
 __all__ = ["CLIPViTBackbone", "interpolate_pos_embed", "NOMINAL_STRIDE", "NATIVE_PATCH_SIZES"]
 
@@ -350,13 +351,15 @@ class CLIPViTBackbone(Backbone):
         if input_shape is not None and input_shape.channels not in (None, 3):
             raise ValueError(f"CLIP vision towers take 3-channel images, got input_shape {input_shape}")
         c = cfg.MODEL.HVLFORMER.CLIP
-        model, _ = build_clip_model(c.MODEL_NAME, c.PRETRAINED)
+        zero_shot = cfg.MODEL.HVLFORMER.SRE.MODE == "clip_zero_shot"  # needs E_I^0 at inference too
+        model, _ = build_clip_model(c.MODEL_NAME, c.PRETRAINED,
+                                    weights_from_checkpoint=c.WEIGHTS_FROM_CHECKPOINT and not zero_shot)
         return {
             "visual": model.visual,
             "out_indices": list(c.OUT_INDICES),
             "pyramid_norm": c.PYRAMID_NORM,
             "gradient_checkpointing": c.GRADIENT_CHECKPOINTING,
-            "frozen_reference": c.FROZEN_REFERENCE,
+            "frozen_reference": has_pretrained_reference(c, zero_shot),
         }
 
     # ------------------------------------------------------------------ helpers
