@@ -160,3 +160,18 @@ def test_bad_label_value_is_a_clear_error():
     inputs[0]["sem_seg"][10, 10] = 7  # K = 6, not the ignore value
     with pytest.raises(ValueError, match="7"):
         model(inputs)
+
+
+def test_learnable_query_switch_builds_and_trains():
+    """MODEL.HVLFORMER.QUERY_SOURCE learnable (the Table 4 baseline row): no HQG, E x K x D learned queries;
+    a training step gives finite losses and moves them."""
+    model = make_model("MODEL.HVLFORMER.QUERY_SOURCE", "learnable")
+    assert model.htqg.hqg is None and model.htqg.learned_queries.shape == (3, 6, 64)
+    before = model.htqg.learned_queries.detach().clone()
+    losses = model(batch())
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    total.backward()
+    opt.step()
+    assert not torch.equal(before, model.htqg.learned_queries.detach())
