@@ -70,14 +70,14 @@ def test_pretraining_loss_decreases_on_a_tiny_batch(tool, single_thread):
     images, _, captions, tags = tool.draw_batch(range(8), "pretrain", 0, 32, 11)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     history = []
-    for _ in range(12):
+    for _ in range(25):
         losses = model.losses(images, captions, tags)
         history.append({k: float(v) for k, v in losses.items()})
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
     for key in ("clip", "tag", "dense"):
-        assert history[-1][key] < 0.8 * history[0][key], (key, history[0][key], history[-1][key])
+        assert history[-1][key] < 0.75 * history[0][key], (key, history[0][key], history[-1][key])
 
 
 def test_tool_smoke_run_writes_checkpoint_and_metrics(tool, tmp_path, single_thread):

@@ -130,7 +130,7 @@ class TinyClipPretrainer(nn.Module):
     """An open_clip model plus the few scalars of the pretraining losses (not part of the checkpoint)."""
 
     def __init__(self, clip_model: nn.Module, tokenizer, fg_decay: float = 0.9, bg_decay: float = 0.99,
-                 loss_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
+                 loss_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0), dense_mode: str = "softmax") -> None:
         super().__init__()
         self.clip = clip_model
         self.tokenizer = tokenizer
@@ -138,6 +138,8 @@ class TinyClipPretrainer(nn.Module):
         self.tag_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.tag_bias = nn.Parameter(torch.tensor(-2.0))
         self.dense_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.dense_bias = nn.Parameter(torch.tensor(-2.0 if dense_mode == "sigmoid" else 0.0))
+        self.dense_mode = dense_mode
         self.register_buffer("decay", torch.tensor([bg_decay] + [fg_decay] * (ALL_KINDS - 1)))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1))
@@ -180,9 +182,16 @@ class TinyClipPretrainer(nn.Module):
         clip_loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
         tag_logits = self.tag_scale.exp() * image_emb @ prompts[1:].t() + self.tag_bias
         tag_loss = F.binary_cross_entropy_with_logits(tag_logits, tags[:, 1:])
-        probs = (self.dense_scale.exp() * dense @ prompts.t()).softmax(dim=-1)  # B x N x 11
-        pooled = gwrp(probs, self.decay).clamp(1e-6, 1 - 1e-6)
-        dense_loss = F.binary_cross_entropy(pooled, tags)
+        dense_logits = self.dense_scale.exp() * dense @ prompts.t() + self.dense_bias  # B x N x 11
+        if self.dense_mode == "softmax":
+            pooled = gwrp(dense_logits.softmax(dim=-1), self.decay).clamp(1e-6, 1 - 1e-6)
+            dense_loss = F.binary_cross_entropy(pooled, tags)
+        else:  # sigmoid: MIL per shape kind; background = no kind here
+            kinds = dense_logits[..., 1:].sigmoid()  # B x N x 10
+            pooled = gwrp(kinds, self.decay[1:]).clamp(1e-6, 1 - 1e-6)
+            background_target = 1.0 - kinds.detach().max(dim=-1).values  # B x N
+            dense_loss = (F.binary_cross_entropy(pooled, tags[:, 1:])
+                          + F.binary_cross_entropy_with_logits(dense_logits[..., 0], background_target))
         w = self.loss_weights
         return {"clip": w[0] * clip_loss, "tag": w[1] * tag_loss, "dense": w[2] * dense_loss}
 
@@ -237,8 +246,7 @@ def evaluate(clip_model: nn.Module, tokenizer, split_suffix: str = "val", num_se
         images, labels, _, _ = draw_batch(idx, presence_split, 0, image_size, ALL_KINDS)
         image_emb, dense, _ = model.encode_image(images)
         global_scores.append((image_emb @ prompts[1:].t()).numpy())
-        probs = (model.dense_scale.exp() * dense @ prompts.t()).softmax(dim=-1)
-        dense_scores.append(gwrp(probs, model.decay)[:, 1:].numpy())
+        dense_scores.append(gwrp(dense @ prompts[1:].t(), model.decay[1:]).numpy())  # pooled patch cosines
         for i in idx:  # presence = what a caption of the image would name
             record: Dict[str, Any] = {}
             render_shapes_image(_image_rng(0, presence_split, i), image_size, ALL_KINDS, 1 + i % (ALL_KINDS - 1),
@@ -281,7 +289,7 @@ def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str
     """Pretrain from scratch; returns ``(clip model, tokenizer, history)``."""
     clip_model, tokenizer = build_model(args.seed)
     model = TinyClipPretrainer(clip_model, tokenizer, args.fg_decay, args.bg_decay,
-                               (args.clip_weight, args.tag_weight, args.dense_weight))
+                               (args.clip_weight, args.tag_weight, args.dense_weight), args.dense_mode)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
@@ -334,15 +342,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--metrics-out", type=Path, default=None,
                         help=f"metrics JSON (default: {DEFAULT_METRICS.relative_to(ROOT)} for the default --out, "
                              "else next to --out)")
-    parser.add_argument("--steps", type=int, default=2400)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: OpenMP threads spin badly on a shared, oversubscribed machine)")
     parser.add_argument("--fg-decay", type=float, default=0.9, help="GWRP decay of the shape kinds")
     parser.add_argument("--bg-decay", type=float, default=0.99, help="GWRP decay of background")
+    parser.add_argument("--dense-mode", choices=("softmax", "sigmoid"), default="softmax",
+                        help="sigmoid: per-kind MIL, background prompt trained towards 'no kind here'; softmax: one "
+                             "softmax over background + kinds per patch, background pooled like a tag")
     parser.add_argument("--clip-weight", type=float, default=1.0)
     parser.add_argument("--tag-weight", type=float, default=1.0)
     parser.add_argument("--dense-weight", type=float, default=1.0)
@@ -367,7 +379,7 @@ def _metrics_path(args: argparse.Namespace) -> Path:
 
 def _training_options(args: argparse.Namespace) -> Dict[str, Any]:
     keys = ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay", "bg_decay",
-            "clip_weight", "tag_weight", "dense_weight")
+            "dense_mode", "clip_weight", "tag_weight", "dense_weight")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -386,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command = ["--steps", opts["steps"], "--batch-size", opts["batch_size"], "--lr", opts["lr"],
                    "--weight-decay", opts["weight_decay"], "--image-size", opts["image_size"], "--seed", opts["seed"],
                    "--threads", opts["threads"], "--fg-decay", opts["fg_decay"], "--bg-decay", opts["bg_decay"],
-                   "--clip-weight", opts["clip_weight"], "--tag-weight", opts["tag_weight"],
+                   "--dense-mode", opts["dense_mode"], "--clip-weight", opts["clip_weight"], "--tag-weight", opts["tag_weight"],
                    "--dense-weight", opts["dense_weight"], "--eval-split", recorded["eval_split"]]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "verify.pt"
