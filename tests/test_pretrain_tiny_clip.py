@@ -128,14 +128,17 @@ def test_tiny_config_loads_the_shipped_checkpoint_from_any_directory(tmp_path, m
 
 
 def test_shipped_checkpoint_is_a_zero_shot_segmenter(tool, single_thread):
-    """A few held-out images: the plain prompts segment them far above chance, and a present kind scores
-    higher than an absent one (the full numbers are in docs/results/tiny_clip_pretraining.json)."""
+    """8 held-out images with the plain prompts: twice the mIoU of predicting background everywhere, the two
+    kinds it segments (star, square) well above chance, and presence well above chance for every name on 60
+    images. (The full numbers, and the kinds it misses, are in docs/results/tiny_clip_pretraining.json.)"""
     from hvlformer.modeling.clip_loader import build_clip_model
 
     record = _record()
     model, tokenizer = build_clip_model(tool.MODEL_NAME, str(ROOT / record["checkpoint"]))
     metrics = tool.evaluate(model, tokenizer, "val", num_seg_images=8, num_presence_images=60, batch_size=30)
-    assert metrics["dense_miou"] >= 0.6 * record["metrics"]["dense_miou"]
-    assert metrics["dense_pixel_accuracy"] >= 60.0
+    _, labels, _, _ = tool.draw_batch(range(8), "val", 0, 128, 6)
+    all_background_miou = 100.0 * float((labels == 0).float().mean()) / 6
+    assert metrics["dense_miou"] >= 2 * all_background_miou
+    assert metrics["dense_iou"]["star"] >= 40.0 and metrics["dense_iou"]["square"] >= 20.0
     finite = [v for v in metrics["global_auroc"].values() if not np.isnan(v)]
-    assert np.mean(finite) >= 0.75
+    assert min(finite) >= 0.7 and np.mean(finite) >= 0.85
