@@ -80,7 +80,7 @@ def test_pretraining_loss_decreases_on_a_tiny_batch(tool, single_thread):
         assert history[-1][key] < 0.75 * history[0][key], (key, history[0][key], history[-1][key])
 
 
-def test_tool_smoke_run_writes_checkpoint_and_metrics(tool, tmp_path, single_thread):
+def test_tool_smoke_run_writes_checkpoint_and_metrics(tool, tmp_path, single_thread, capsys):
     out = tmp_path / "tiny.pt"
     code = tool.main(["--steps", "2", "--batch-size", "4", "--image-size", "32", "--threads", "1", "--log-every", "1",
                       "--num-seg-images", "4", "--num-presence-images", "12", "--eval-split", "dev", "--out", str(out)])
@@ -93,6 +93,11 @@ def test_tool_smoke_run_writes_checkpoint_and_metrics(tool, tmp_path, single_thr
     assert len(metrics["global_auroc"]) == 10 and "dev" in metrics["seg_split"]
     state = torch.load(out, weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    # --verify retrains with the recorded options: the same weights, the same metrics
+    capsys.readouterr()
+    assert tool.main(["--verify", "--out", str(out)]) == 0
+    verify = json.loads(capsys.readouterr().out.split('{\n  "verify"')[-1].join(['{"verify"', '']))["verify"]
+    assert verify == {"dense_miou": 0.0, "global_auroc_min": 0.0, "weights_equal": True}
 
 
 # ------------------------------------------------------------------------------------- shipped checkpoint
@@ -106,6 +111,14 @@ def test_shipped_checkpoint_hash_and_size():
     data = path.read_bytes()
     assert len(data) <= 16 * 2 ** 20 and len(data) == record["size_bytes"]
     assert hashlib.sha256(data).hexdigest() == record["sha256"]
+    assert tool_digest(path) == record["weights_sha256"]
+
+
+def tool_digest(path: Path) -> str:
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_clip_digest", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.weights_digest(torch.load(path, weights_only=True))
 
 
 def test_tiny_config_loads_the_shipped_checkpoint_from_any_directory(tmp_path, monkeypatch):

@@ -277,12 +277,23 @@ def build_model(seed: int) -> Tuple[nn.Module, Any]:
     return build_clip_model(MODEL_NAME, "")
 
 
-def save_checkpoint(clip_model: nn.Module, path: Path) -> str:
-    """Write the open_clip state dict in fp16 (floating tensors) and return its sha256."""
+def weights_digest(state: Dict[str, Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict (sorted by name). Unlike the file's
+    hash it does not depend on ``torch.save``'s random serialization id, so retraining can be compared."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(state[key].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(clip_model: nn.Module, path: Path) -> Tuple[str, str]:
+    """Write the open_clip state dict in fp16 (floating tensors); returns (file sha256, weights digest)."""
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in clip_model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest(), weights_digest(state)
 
 
 def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str, Any]]:
@@ -399,20 +410,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "--weight-decay", opts["weight_decay"], "--image-size", opts["image_size"], "--seed", opts["seed"],
                    "--threads", opts["threads"], "--fg-decay", opts["fg_decay"], "--bg-decay", opts["bg_decay"],
                    "--dense-mode", opts["dense_mode"], "--clip-weight", opts["clip_weight"], "--tag-weight", opts["tag_weight"],
-                   "--dense-weight", opts["dense_weight"], "--eval-split", recorded["eval_split"]]
+                   "--dense-weight", opts["dense_weight"], "--eval-split", recorded["eval_split"],
+                   "--num-seg-images", recorded["eval_options"]["num_seg_images"],
+                   "--num-presence-images", recorded["eval_options"]["num_presence_images"]]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "verify.pt"
             main([str(c) for c in command] + ["--out", str(out)])
             again = json.loads(out.with_suffix(".json").read_text())
         diffs = {"dense_miou": again["metrics"]["dense_miou"] - recorded["metrics"]["dense_miou"],
                  "global_auroc_min": again["metrics"]["global_auroc_min"] - recorded["metrics"]["global_auroc_min"],
-                 "sha256_equal": again["sha256"] == recorded["sha256"]}
+                 "weights_equal": again["weights_sha256"] == recorded["weights_sha256"]}
         print(json.dumps({"verify": diffs}, indent=2))
         ok = abs(diffs["dense_miou"]) <= 1.0 and abs(diffs["global_auroc_min"]) <= 0.02
         return 0 if ok else 1
 
     clip_model, tokenizer, history = train(args)
-    sha = save_checkpoint(clip_model, args.out)
+    sha, digest = save_checkpoint(clip_model, args.out)
     start = time.perf_counter()
     reloaded, tokenizer = build_clip_model(MODEL_NAME, str(args.out))  # evaluate what is shipped (fp16 weights)
     metrics = evaluate(reloaded, tokenizer, args.eval_split, **eval_kwargs)
@@ -421,10 +434,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "model": MODEL_NAME,
         "checkpoint": str(args.out.resolve().relative_to(ROOT)) if args.out.resolve().is_relative_to(ROOT) else str(args.out),
         "sha256": sha,
+        "weights_sha256": digest,
         "size_bytes": args.out.stat().st_size,
         "command": "python tools/pretrain_tiny_clip.py " + " ".join(shlex.quote(a) for a in argv_list),
         "options": _training_options(args),
         "eval_split": args.eval_split,
+        "eval_options": {"num_seg_images": args.num_seg_images, "num_presence_images": args.num_presence_images},
         "train_time_s": history["train_time_s"],
         "eval_time_s": round(time.perf_counter() - start, 1),
         "metrics": metrics,
