@@ -45,7 +45,8 @@ def test_attention_handles_count_multiply_adds():
 
 
 def test_tables_for_the_tiny_config(capsys, single_thread):
-    code = analyze_model.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes_random.yaml"),
+    # the pretrained tiny config: its frozen reference encoder E_I^0 exists (random weights have none)
+    code = analyze_model.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes.yaml"),
                                "--input-size", "64", "96", *SMALL])
     assert code == 0
     out = capsys.readouterr().out
