@@ -25,7 +25,7 @@ plain prompt ``"a photo of a {name}."``:
 * global presence AUROC per name (all 10) on held-out 10-kind images (split ``clipval``; ``clipdev`` in
   probes): the cosine between the image embedding and each prompt, against visibility.
 
-    python tools/pretrain_tiny_clip.py                       # the shipped checkpoint (about 45 min, 2 cores)
+    python tools/pretrain_tiny_clip.py --eval-every 250      # the shipped checkpoint (about 14 min, one thread)
     python tools/pretrain_tiny_clip.py --steps 150 --eval-split dev --out /tmp/probe.pt   # a probe
     python tools/pretrain_tiny_clip.py --eval-only PATH      # metrics of a checkpoint
     python tools/pretrain_tiny_clip.py --verify              # retrain, compare with the recorded metrics
