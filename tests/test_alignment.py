@@ -14,7 +14,7 @@ from hvlformer.data import HVLFormerSemanticDatasetMapper, register_shapes
 from hvlformer.evaluation import HVLSemSegEvaluator, PixelTextAlignmentEvaluator, build_sem_seg_evaluator
 from hvlformer.evaluation.alignment import pixel_text_alignment
 
-CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
+CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
 SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
          "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
 

@@ -131,6 +131,35 @@ def test_native_size_matches_open_clip(tiny_model):
         torch.testing.assert_close(out["res5"], F.max_pool2d(last, 2), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("size", [(128, 128), (96, 160)])
+def test_8px_patches_run_natively(size):
+    """HVL-Tiny-ViT-P8: tokens every 8 px on the input as it is (no resize), the pyramid keeps the strides
+    and channels, clip_dense is at stride 8 and equals open_clip's own tokens at the native size."""
+    torch.manual_seed(0)
+    model, _ = build_clip_model("HVL-Tiny-ViT-P8")
+    bb = make_backbone(model.eval(), out_indices=[0, 1, 2, -1]).eval()
+    assert (bb.patch_size, bb.token_stride) == (8, 8)
+    H, W = size
+    x = torch.randn(2, 3, H, W)
+    with torch.no_grad():
+        out = bb(x)
+    shapes = bb.output_shape()
+    for name, stride in STRIDES.items():
+        assert shapes[name].stride == stride
+        assert out[name].shape == (2, shapes[name].channels, H // stride, W // stride), name
+    assert out["clip_dense"].shape == (2, 64, H // 8, W // 8)
+    visual = copy.deepcopy(model.visual).eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        out = bb(x)
+        torch.testing.assert_close(out["clip_global"], visual(x), atol=1e-5, rtol=0)
+        # res3 = Conv1x1 of block 1's tokens, res4 / res5 = max pools of blocks 2 / 3 (stride 8 -> 16 / 32)
+        blocks = visual.forward_intermediates(x, indices=[1, 2, 3], intermediates_only=True)["image_intermediates"]
+        torch.testing.assert_close(out["res3"], bb.pyramid["res3"](blocks[0]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["res4"], F.max_pool2d(blocks[1], 2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["res5"], F.max_pool2d(blocks[2], 4), atol=1e-5, rtol=0)
+
+
 def test_position_interpolation():
     torch.manual_seed(0)
     pos = torch.randn(1 + 8 * 8, 16)

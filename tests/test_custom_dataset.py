@@ -25,7 +25,7 @@ def _cfg(tmp_path, **custom):
     opts = []
     for key, value in custom.items():
         opts += [f"DATASETS.CUSTOM.{key}", value]
-    return setup_cfg(argparse.Namespace(config_file="configs/tiny/hvlformer_tiny_shapes_semi.yaml", opts=opts))
+    return setup_cfg(argparse.Namespace(config_file="configs/tiny/hvlformer_tiny_shapes_semi_random.yaml", opts=opts))
 
 
 def test_custom_dataset_from_config(folder_dataset):

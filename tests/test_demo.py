@@ -12,7 +12,7 @@ from PIL import Image
 from hvlformer.data.shapes import render_shapes_image
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs/tiny/hvlformer_tiny_shapes.yaml")
+CONFIG = str(ROOT / "configs/tiny/hvlformer_tiny_shapes_random.yaml")
 SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
          "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
 SAMPLE_DATA = Path(matplotlib.get_data_path()) / "sample_data"

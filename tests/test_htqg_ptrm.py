@@ -127,3 +127,24 @@ def test_ptrm_none_is_identity_and_cross_attention_changes_queries_only():
     torch.testing.assert_close(a[2].flatten(2).sum(-1), torch.ones(2, 4))  # attention over pixels
     with pytest.raises(ValueError, match="PTRM.MODE"):
         PTRM(16, 3, mode="attention")
+
+
+def test_learnable_queries_ignore_the_text_and_are_trained():
+    """QUERY_SOURCE learnable (Table 4 baseline row): Q_hat is the E x K x D parameter whatever the class
+    embeddings are; gradients reach it; another number of classes is refused."""
+    torch.manual_seed(0)
+    htqg = HTQG(text_dim=12, hidden_dim=8, num_levels=3, feature_channels=[4, 4, 4], sre_mode="none",
+                query_source="learnable", num_classes=5)
+    assert htqg.hqg is None and htqg.learned_queries.shape == (3, 5, 8)
+    feats = [torch.randn(2, 4, 3, 3) for _ in range(3)]
+    w1, q1, _ = htqg(torch.randn(5, 12), feats)
+    w2, q2, _ = htqg(torch.randn(5, 12), feats)
+    torch.testing.assert_close(q1, htqg.learned_queries)
+    torch.testing.assert_close(w1, w2)
+    w1.sum().backward()
+    assert htqg.learned_queries.grad is not None and htqg.learned_queries.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="new vocabulary"):
+        htqg(torch.randn(6, 12), feats)
+    with pytest.raises(ValueError, match="QUERY_SOURCE"):
+        HTQG(12, 8, 3, [4, 4, 4], query_source="visual")
+

@@ -9,7 +9,7 @@ from hvlformer import setup_cfg
 from hvlformer.data import register_shapes_from_cfg
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
+CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
 SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
          "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "2",
          "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
@@ -160,3 +160,18 @@ def test_bad_label_value_is_a_clear_error():
     inputs[0]["sem_seg"][10, 10] = 7  # K = 6, not the ignore value
     with pytest.raises(ValueError, match="7"):
         model(inputs)
+
+
+def test_learnable_query_switch_builds_and_trains():
+    """MODEL.HVLFORMER.QUERY_SOURCE learnable (the Table 4 baseline row): no HQG, E x K x D learned queries;
+    a training step gives finite losses and moves them."""
+    model = make_model("MODEL.HVLFORMER.QUERY_SOURCE", "learnable")
+    assert model.htqg.hqg is None and model.htqg.learned_queries.shape == (3, 6, 64)
+    before = model.htqg.learned_queries.detach().clone()
+    losses = model(batch())
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    total.backward()
+    opt.step()
+    assert not torch.equal(before, model.htqg.learned_queries.detach())

@@ -31,7 +31,7 @@ from hvlformer.modeling.regularization import language_regularization, vision_la
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
-SEMI_CONFIG = "configs/tiny/hvlformer_tiny_shapes_semi.yaml"
+SEMI_CONFIG = "configs/tiny/hvlformer_tiny_shapes_semi_random.yaml"
 FAST = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "40", "DATASETS.SHAPES.NUM_VAL", "4",
         "DATASETS.SHAPES.NUM_LABELED", "8", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
         "SOLVER.IMS_PER_BATCH_LABELED", "2", "SOLVER.IMS_PER_BATCH_UNLABELED", "2", "DATALOADER.NUM_WORKERS", "0",

@@ -11,7 +11,7 @@ import torch
 from hvlformer import setup_cfg
 from hvlformer.predictor import HVLFormerPredictor, SemanticPrediction, normalize_scores, parse_vocabulary
 
-CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
+CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
 SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
          "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
 SHAPES = ["background", "circle", "square", "triangle", "star", "cross"]

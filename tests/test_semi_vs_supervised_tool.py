@@ -93,3 +93,38 @@ def test_summarise(tool):
     assert summary["mean"] == 53.0 and summary["min"] == 50.0 and summary["max"] == 56.0
     assert summary["std"] == pytest.approx(2.45, abs=0.01)  # population std: sqrt(6)
     assert tool.summarise([51.234])["std"] == 0.0
+
+
+def test_experiments_are_one_command_each(tool, fake_train, tmp_path):
+    """(a) anchors, (b) pretraining, (d) table4: the arms' command lines, shared runs, the JSON table."""
+    common = ["--iters", "20", "--workers", "0", "--parallel", "1", "--output-dir", str(tmp_path)]
+    out = tool.main(["--experiment", "anchors", "--seeds", "0", "1", "--json-out", str(tmp_path / "a.json"), *common])
+    assert len(fake_train) == 4
+    learnable = [c for c in fake_train if "learnable" in c]
+    assert len(learnable) == 2 and all(c[c.index("MODEL.HVLFORMER.QUERY_SOURCE") + 1] == "learnable" for c in learnable)
+    assert all(c[-2:] == ["DATASETS.TRAIN", "('shapes_labeled',)"] for c in fake_train)
+    assert out["mIoU"]["supervised"]["seeds"] == [0, 1]
+    diff = out["textual_minus_learnable"]
+    assert diff["runs"] == [round(out["mIoU"]["supervised"]["runs"][i] - out["mIoU"]["supervised_learnable"]["runs"][i], 2)
+                            for i in range(2)]
+    assert json.loads((tmp_path / "a.json").read_text()) == out
+
+    # (b) reuses the supervised runs and adds the random-init ones (another config)
+    out = tool.main(["--experiment", "pretraining", "--seeds", "0", "1", *common])
+    assert len(fake_train) == 6
+    assert all(c[c.index("--config-file") + 1] == str(tool.RANDOM) for c in fake_train[4:])
+    assert set(out) >= {"mIoU", "pretrained_minus_random"}
+
+    # (d) the toy Table 4: first and last rows on --seeds, the middle rows on --row-seeds
+    out = tool.main(["--experiment", "table4", "--seeds", "0", "1", "--row-seeds", "0", *common])
+    rows = list(out["mIoU"])
+    assert rows == ["t4_baseline", "t4_htqg", "t4_hqg_levels", "t4_sre", "supervised", "semi_only_mask",
+                    "semi_no_align", "semi"]
+    assert out["mIoU"]["t4_baseline"]["seeds"] == [0, 1] and out["mIoU"]["t4_sre"]["seeds"] == [0]
+    baseline = [c for c in fake_train if str(tmp_path / "t4_baseline_seed0") in c][0]
+    for key, value in (("MODEL.HVLFORMER.QUERY_SOURCE", "learnable"), ("MODEL.HVLFORMER.SRE.MODE", "none"),
+                       ("MODEL.HVLFORMER.PTRM.MODE", "none"), ("MODEL.HVLFORMER.NUM_QUERY_LEVELS", "1")):
+        assert baseline[baseline.index(key) + 1] == value
+    only_mask = [c for c in fake_train if str(tmp_path / "semi_only_mask_seed0") in c][0]
+    assert only_mask[only_mask.index("SEMI.CLASS_CONSISTENCY") + 1] == "False"
+    assert "full_minus_baseline" in out

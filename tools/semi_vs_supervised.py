@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Does learning from unlabeled images help? Train the tiny HVLFormer on `shapes` with few labels twice —
-supervised on the labeled part only, and semi-supervised (CMCR on the rest) — for several seeds, with the
-same labeled images and the same number of steps, and print a JSON table of mIoU (mean and spread).
+"""Side-by-side comparisons of the tiny HVLFormer on `shapes` with few labels (issue 13's evidence): the
+same labeled images, the same steps, the same pretrained start, several seeds; prints (and with
+--json-out writes) a JSON table of mIoU (every seed, mean and spread) and of the differences.
 
-    python tools/semi_vs_supervised.py                       # 3 seeds, plus each CMCR term switched off
-    python tools/semi_vs_supervised.py --seeds 0 --iters 300 --no-ablations   # a quick look
+    python tools/semi_vs_supervised.py                       # (c) 25 labeled + 375 unlabeled vs the 25 alone, 3 seeds
+    python tools/semi_vs_supervised.py --experiment anchors  # (a) textual queries vs learnable (Mask2Former) queries
+    python tools/semi_vs_supervised.py --experiment pretraining   # (b) pretrained tiny CLIP vs random init
+    python tools/semi_vs_supervised.py --experiment table4 --seeds 0   # (d) the toy Table 4, one row per step
+    python tools/semi_vs_supervised.py --seeds 0 --iters 300  # a quick look
+    python tools/semi_vs_supervised.py --ablations            # (c) plus each CMCR term switched off
     python tools/semi_vs_supervised.py --semi-name t08 --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # another setting
 
 Each run is a separate `train_net.py` process (as a user would run it); the seed fixes the labeled
 subset, the initialisation and the data order. Runs go to --output-dir; a finished run is not repeated
-(its mIoU is read back from its log), so an interrupted benchmark continues where it stopped.
+(its mIoU is read back from its log), so an interrupted benchmark continues where it stopped, and
+experiments sharing an arm (the supervised textual run of (a), (b) and (c)) share its runs.
 """
 from __future__ import annotations
 
@@ -22,18 +27,45 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
 SUPERVISED = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
 SEMI = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_semi.yaml"
+RANDOM = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_random.yaml"
+LABELED_ONLY = ["DATASETS.TRAIN", "('shapes_labeled',)"]
+LEARNABLE = ["MODEL.HVLFORMER.QUERY_SOURCE", "learnable"]
+# the first rows of the toy Table 4: no SRE, no PTRM, one query level
+PLAIN = ["MODEL.HVLFORMER.SRE.MODE", "none", "MODEL.HVLFORMER.PTRM.MODE", "none", "MODEL.HVLFORMER.NUM_QUERY_LEVELS", "1"]
+ONLY_MASK = ["SEMI.CLASS_CONSISTENCY", "False", "SEMI.ALIGN_CONSISTENCY", "False"]
 VARIANTS = {
-    "supervised": (SUPERVISED, ["DATASETS.TRAIN", "('shapes_labeled',)"]),
+    "supervised": (SUPERVISED, LABELED_ONLY),
     "semi": (SEMI, []),
     "semi_no_mask": (SEMI, ["SEMI.MASK_CONSISTENCY", "False"]),
     "semi_no_class": (SEMI, ["SEMI.CLASS_CONSISTENCY", "False"]),
     "semi_no_align": (SEMI, ["SEMI.ALIGN_CONSISTENCY", "False"]),
+    # (a) the paper's Table 4 baseline row: Mask2Former-style learnable queries, everything else the same
+    "supervised_learnable": (SUPERVISED, LEARNABLE + LABELED_ONLY),
+    # (b) the same config from random CLIP weights (HVL-Tiny-ViT, full learning rate on the encoder)
+    "supervised_random": (RANDOM, LABELED_ONLY),
+    # (d) toy Table 4: baseline -> +HTQG -> +HQG levels -> +SRE -> +PTRM (= supervised) -> +l_mask -> +l_class
+    # -> +l_align (= semi)
+    "t4_baseline": (SUPERVISED, LEARNABLE + PLAIN + LABELED_ONLY),
+    "t4_htqg": (SUPERVISED, PLAIN + LABELED_ONLY),
+    "t4_hqg_levels": (SUPERVISED, PLAIN[:4] + LABELED_ONLY),
+    "t4_sre": (SUPERVISED, PLAIN[2:4] + LABELED_ONLY),
+    "semi_only_mask": (SEMI, ONLY_MASK),
+}
+# experiment -> (arms in table order, [(difference name, arm, minus arm)])
+EXPERIMENTS = {
+    "semi": (["supervised", "semi"], [("semi_minus_supervised", "semi", "supervised")]),
+    "anchors": (["supervised", "supervised_learnable"],
+                [("textual_minus_learnable", "supervised", "supervised_learnable")]),
+    "pretraining": (["supervised", "supervised_random"],
+                    [("pretrained_minus_random", "supervised", "supervised_random")]),
+    "table4": (["t4_baseline", "t4_htqg", "t4_hqg_levels", "t4_sre", "supervised", "semi_only_mask",
+                "semi_no_align", "semi"], [("full_minus_baseline", "semi", "t4_baseline")]),
 }
 MIOU = re.compile(r"copypaste: mIoU,fwIoU,mACC,pACC\n.*copypaste: ([0-9.]+),")
 
@@ -79,15 +111,24 @@ def summarise(values: List[float]) -> Dict[str, float]:
             "min": round(min(values), 2), "max": round(max(values), 2), "runs": [round(v, 2) for v in values]}
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="semi",
+                        help="semi: (c) semi vs supervised; anchors: (a) textual vs learnable queries; pretraining: "
+                             "(b) pretrained vs random CLIP; table4: (d) the toy Table 4")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=1200, help="training steps of every run")
     parser.add_argument("--num-labeled", type=int, default=25, help="labeled images of the 400 (1/16)")
     parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--no-ablations", action="store_true", help="skip the runs with one CMCR term off")
+    parser.add_argument("--ablations", action="store_true",
+                        help="semi experiment: also the runs with one CMCR term off")
+    parser.add_argument("--no-ablations", dest="ablations", action="store_false",
+                        help="without the ablation runs (the default)")
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
                         help="seeds of the ablation runs (default: the same as --seeds)")
+    parser.add_argument("--row-seeds", type=int, nargs="+", default=None,
+                        help="table4: seeds of the middle rows (default: the same as --seeds; the first and last "
+                             "rows always use --seeds)")
     parser.add_argument("--semi-opts", nargs="+", default=[], metavar="KEY VALUE",
                         help="config overrides of the semi-supervised runs (e.g. SEMI.CONFIDENCE_THRESHOLD 0.8)")
     parser.add_argument("--semi-name", default="semi",
@@ -97,25 +138,42 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per run")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "semi_vs_supervised")
-    args = parser.parse_args()
-    jobs = [(v, s) for v in ("supervised", "semi") for s in args.seeds]
-    if not args.no_ablations:
-        jobs += [(v, s) for v in ("semi_no_mask", "semi_no_class", "semi_no_align")
-                 for s in (args.ablation_seeds or args.seeds)]
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON table to this file")
+    args = parser.parse_args(argv)
+    arms, differences = EXPERIMENTS[args.experiment]
+    jobs = []  # seed by seed, so that an interrupted benchmark leaves complete comparisons
+    for seed in sorted(set(args.seeds) | set(args.row_seeds or [])):
+        for arm in arms:
+            middle = args.experiment == "table4" and arm not in (arms[0], arms[-1])
+            if seed in (args.row_seeds if middle and args.row_seeds else args.seeds):
+                jobs.append((arm, seed))
+    if args.experiment == "semi" and args.ablations:
+        arms = arms + ["semi_no_mask", "semi_no_class", "semi_no_align"]
+        jobs += [(v, s) for v in arms[2:] for s in (args.ablation_seeds or args.seeds)]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda job: (job, run(job[0], job[1], args)), jobs))
-    table: Dict[str, List[float]] = {}
-    for (variant, _), miou in results:
-        table.setdefault(variant, []).append(miou)
-    summary = {variant: summarise(values) for variant, values in table.items()}
-    gain = [semi - sup for semi, sup in zip(table["semi"], table["supervised"])]
-    print(json.dumps({
-        "setup": {"semi_name": args.semi_name, "semi_opts": args.semi_opts, "labeled": args.num_labeled, "unlabeled": 400 - args.num_labeled, "image_size": args.image_size,
+    table: Dict[str, Dict[int, float]] = {}
+    for (variant, seed), miou in results:
+        table.setdefault(variant, {})[seed] = miou
+    output: Dict[str, Any] = {
+        "setup": {"experiment": args.experiment, "semi_name": args.semi_name, "semi_opts": args.semi_opts,
+                  "labeled": args.num_labeled, "unlabeled": 400 - args.num_labeled, "image_size": args.image_size,
                   "iterations": args.iters, "seeds": args.seeds,
-                  "batch": "8 labeled (+ 8 unlabeled for semi)"},
-        "mIoU": summary,
-        "semi_minus_supervised": summarise(gain),
-    }, indent=2))
+                  "batch": "8 labeled (+ 8 unlabeled for semi)",
+                  "arms": {arm: {"config": str(VARIANTS[arm][0].relative_to(ROOT)), "opts": VARIANTS[arm][1]}
+                           for arm in arms},
+                  "command": "python tools/semi_vs_supervised.py " + " ".join(argv if argv is not None else sys.argv[1:])},
+        "mIoU": {arm: {**summarise(list(table[arm].values())), "seeds": sorted(table[arm])} for arm in arms},
+    }
+    for name, arm, minus in differences:
+        common = sorted(set(table[arm]) & set(table[minus]))
+        output[name] = {**summarise([table[arm][s] - table[minus][s] for s in common]), "seeds": common}
+    text = json.dumps(output, indent=2)
+    print(text)
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text + "\n")
+    return output
 
 
 if __name__ == "__main__":

@@ -203,6 +203,9 @@ def add_hvlformer_config(cfg: CN) -> None:
     # ------------------------------------------------------------------ HTQG (HQG + SRE)
     # Number of hierarchical query levels E.
     cfg.MODEL.HVLFORMER.NUM_QUERY_LEVELS = 3
+    # Where the E x K queries come from: "text" (HQG on the class text embeddings, the paper) or
+    # "learnable" (Mask2Former-style learned queries, the paper's Table 4 baseline row).
+    cfg.MODEL.HVLFORMER.QUERY_SOURCE = "text"
     # Decoder width D.
     cfg.MODEL.HVLFORMER.HIDDEN_DIM = 256
     cfg.MODEL.HVLFORMER.SRE = CN()

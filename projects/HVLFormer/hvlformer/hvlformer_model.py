@@ -139,7 +139,7 @@ class HVLFormer(nn.Module):
         # TEST.PIXEL_TEXT_ALIGNMENT: inference outputs also carry the eq.-10 pixel-text alignment (E values).
         self.pixel_text_alignment = pixel_text_alignment
         # HierVL: projection of the level queries to the K textual cluster centres of the pixel decoder.
-        hidden_dim = htqg.hqg.heads[0][-1].out_features
+        hidden_dim = htqg.hidden_dim
         self.text_center_proj = nn.Linear(hidden_dim, hidden_dim) if text_cross_attention else None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
@@ -195,7 +195,8 @@ class HVLFormer(nn.Module):
             raise ValueError("MODEL.SEM_SEG_HEAD.CONVS_DIM must equal MODEL.HVLFORMER.HIDDEN_DIM (PTRM mixes them)")
         htqg = HTQG(text_encoder.embed_dim, hidden_dim, hv.NUM_QUERY_LEVELS,
                     [shapes[k].channels for k in ("res3", "res4", "res5")],
-                    sre_mode=hv.SRE.MODE, sre_threshold=hv.SRE.THRESHOLD, sre_temperature=hv.SRE.TEMPERATURE)
+                    sre_mode=hv.SRE.MODE, sre_threshold=hv.SRE.THRESHOLD, sre_temperature=hv.SRE.TEMPERATURE,
+                    query_source=hv.QUERY_SOURCE, num_classes=num_classes)
         ptrm = PTRM(hidden_dim, hv.NUM_QUERY_LEVELS, num_pixel_levels=3, mode=hv.PTRM.MODE,
                     kernel_size=hv.PTRM.KERNEL_SIZE, hidden_channels=hv.PTRM.HIDDEN_CHANNELS, num_heads=hv.NHEADS)
         transformer_decoder = build_transformer_decoder(cfg, hidden_dim, num_classes, text_encoder.embed_dim)

@@ -263,13 +263,21 @@ def _texture(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray
     raise ValueError(f"shapes: unknown texture {kind!r} (check {SHAPES_CLASSES_FILE}).")
 
 
-def _background(rng: np.random.Generator, h: int, w: int, spec: Dict[str, Any]) -> np.ndarray:
-    """A textured, muted background (H x W x 3 float32, RGB)."""
+def _background(rng: np.random.Generator, h: int, w: int, spec: Dict[str, Any],
+                record: Optional[Dict[str, Any]] = None) -> np.ndarray:
+    """A textured, muted background (H x W x 3 float32, RGB).
+
+    ``record`` (optional) receives ``texture``, ``colors`` (two RGB triples, 0-255) and ``saturation`` (the
+    two HSV saturations); filling it draws no extra random numbers.
+    """
     s_lo, s_hi = spec["saturation"]
     v_lo, v_hi = spec["value"]
-    c1 = _hsv_to_rgb(rng.uniform(0, 360), rng.uniform(s_lo, s_hi), rng.uniform(v_lo, v_hi))
-    c2 = _hsv_to_rgb(rng.uniform(0, 360), rng.uniform(s_lo, s_hi), rng.uniform(v_lo, v_hi))
+    hsv1 = (rng.uniform(0, 360), rng.uniform(s_lo, s_hi), rng.uniform(v_lo, v_hi))
+    hsv2 = (rng.uniform(0, 360), rng.uniform(s_lo, s_hi), rng.uniform(v_lo, v_hi))
+    c1, c2 = _hsv_to_rgb(*hsv1), _hsv_to_rgb(*hsv2)
     kind = spec["textures"][int(rng.integers(len(spec["textures"])))]
+    if record is not None:
+        record.update(texture=kind, hsv=[list(map(float, hsv1)), list(map(float, hsv2))])
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     if kind == "noise":
         t = 0.5 + 0.25 * _smooth_noise(rng, h, w, 8)
@@ -297,14 +305,25 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def render_shapes_image(
-    rng: np.random.Generator, image_size: int, num_classes: int, guaranteed_class: Optional[int] = None
+    rng: np.random.Generator, image_size: int, num_classes: int, guaranteed_class: Optional[int] = None,
+    record: Optional[Dict[str, Any]] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Draw one image. Returns ``(image RGB uint8 HxWx3, label uint8 HxW)``."""
+    """Draw one image. Returns ``(image RGB uint8 HxWx3, label uint8 HxW)``.
+
+    ``record`` (optional, e.g. for captions) receives ``background`` (see :func:`_background`) and
+    ``instances``: one dict per painted instance in painting order with ``class`` (label id), ``radius``
+    (pixels), ``hsv`` (the drawn base colour: hue in degrees, saturation, value) and ``texture``; each
+    instance's ``visible_pixels`` (after occlusion by later ones) is added at the end. Filling it draws no
+    extra random numbers, so the image is the same with or without it.
+    """
     _check_num_classes(num_classes)
     spec = load_shapes_classes()
     classes = _class_specs(num_classes)
     h = w = int(image_size)
-    img = _background(rng, h, w, spec["background"])
+    bg_record: Optional[Dict[str, Any]] = {} if record is not None else None
+    img = _background(rng, h, w, spec["background"], bg_record)
+    instance_ids = np.zeros((h, w), dtype=np.int32)  # 1 + index into ``instances``; only with a record
+    instances: List[Dict[str, Any]] = []
     label = np.zeros((h, w), dtype=np.uint8)
 
     # More instances on larger canvases (3-6 at 128 px), sized relative to the image.
@@ -330,11 +349,9 @@ def render_shapes_image(
         yy -= cy
         xx -= cx
         col = cspec["color"]
-        base = _hsv_to_rgb(
-            col["hue"] + rng.uniform(-col["hue_jitter"], col["hue_jitter"]),
-            rng.uniform(*col["saturation"]),
-            rng.uniform(*col["value"]),
-        )
+        hsv = (col["hue"] + rng.uniform(-col["hue_jitter"], col["hue_jitter"]),
+               rng.uniform(*col["saturation"]), rng.uniform(*col["value"]))
+        base = _hsv_to_rgb(*hsv)
         tex = cspec["texture"]
         mod = _texture(tex["type"], rng, yy, xx, 2 * radius, tex.get("period", ()))
         patch = base * (1.0 + tex["amplitude"] * mod.astype(np.float32))[..., None]
@@ -342,6 +359,15 @@ def render_shapes_image(
         sub = mask[y0:y1, x0:x1]
         img[y0:y1, x0:x1][sub] = patch[sub]
         label[y0:y1, x0:x1][sub] = cls
+        if record is not None:
+            instances.append({"class": int(cls), "radius": float(radius), "hsv": [float(v) % 360.0 if j == 0 else
+                              float(v) for j, v in enumerate(hsv)], "texture": tex["type"]})
+            instance_ids[y0:y1, x0:x1][sub] = len(instances)
+    if record is not None:
+        counts = np.bincount(instance_ids.ravel(), minlength=len(instances) + 1)
+        for j, inst in enumerate(instances):
+            inst["visible_pixels"] = int(counts[j + 1])
+        record.update(background=bg_record, instances=instances)
     return np.clip(np.round(img), 0, 255).astype(np.uint8), label
 
 

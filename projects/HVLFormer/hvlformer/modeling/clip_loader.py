@@ -5,7 +5,10 @@ Decisions (also in docs/DESIGN.md):
 - ``pretrained == ""``: the model is randomly initialised and ONE warning is logged, saying the model is
   untrained and how to give weights. Nothing touches the network.
 - ``pretrained`` is an existing local file: open_clip loads that state dict (strictly; a checkpoint of a
-  different architecture is an error naming the file and the model).
+  different architecture is an error naming the file and the model). A relative path is taken from the
+  working directory first, then from the repository root (:data:`REPO_ROOT`, the folder holding
+  ``configs/`` and ``projects/``), so the tiny configs' shipped checkpoint is found whatever directory a
+  run or a test starts in.
 - ``pretrained`` looks like a path (has a path separator or a checkpoint suffix) but does not exist:
   ``FileNotFoundError`` at once, instead of asking a model hub about a misspelt path.
 - any other string is an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...). An unknown
@@ -42,13 +45,16 @@ import open_clip
 from detectron2.config import CfgNode
 from torch import nn
 
-__all__ = ["MODEL_CONFIG_DIR", "register_project_model_configs", "check_activation_match", "build_clip_model",
-           "clip_weights_from_checkpoint", "has_pretrained_reference"]
+__all__ = ["MODEL_CONFIG_DIR", "REPO_ROOT", "register_project_model_configs", "resolve_checkpoint_path",
+           "check_activation_match", "build_clip_model", "clip_weights_from_checkpoint", "has_pretrained_reference"]
 
 logger = logging.getLogger(__name__)
 
 #: Folder of the project's open_clip architecture configs (one JSON per architecture).
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "backbone" / "model_configs"
+
+#: The repository root of a source checkout (projects/HVLFormer/hvlformer/modeling -> four levels up).
+REPO_ROOT = Path(__file__).resolve().parents[4]
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
@@ -84,6 +90,15 @@ def _without_root_messages(prefix: str) -> Iterator[None]:
 
 def _looks_like_path(value: str) -> bool:
     return os.sep in value or (os.altsep is not None and os.altsep in value) or value.endswith(_CHECKPOINT_SUFFIXES)
+
+
+def resolve_checkpoint_path(pretrained: str) -> str:
+    """``pretrained`` itself when it is an existing file (absolute, or relative to the working directory);
+    else, for a relative path, the same path under :data:`REPO_ROOT` when that file exists; else unchanged."""
+    if not pretrained or os.path.isfile(pretrained) or os.path.isabs(pretrained):
+        return pretrained
+    candidate = REPO_ROOT / pretrained
+    return str(candidate) if candidate.is_file() else pretrained
 
 
 def check_activation_match(model_name: str, pretrained_tag: str) -> None:
@@ -173,7 +188,7 @@ def build_clip_model(model_name: str, pretrained: str = "",
             f"Unknown open_clip architecture {model_name!r}. Known: {', '.join(open_clip.list_models())}. "
             f"Project architectures live in {MODEL_CONFIG_DIR}."
         )
-    pretrained = pretrained or ""
+    pretrained = resolve_checkpoint_path(pretrained or "")
 
     if weights_from_checkpoint:
         with _without_root_messages("No pretrained weights loaded"):

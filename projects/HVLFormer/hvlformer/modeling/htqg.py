@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .regularization import fp32_loss
 
 SRE_MODES = ("soft", "threshold", "none", "clip_zero_shot")
+QUERY_SOURCES = ("text", "learnable")
 
 
 class HierarchicalQueryGenerator(nn.Module):
@@ -109,14 +110,32 @@ class HTQG(nn.Module):
     BCE), ``none`` (no SRE), ``clip_zero_shot`` (HierVL: on labeled images the ground-truth presence;
     on unlabeled AND test images the zero-shot presence :func:`clip_zero_shot_relevance` of the frozen
     pretrained encoder's image embedding, with ``sre_threshold`` on the relative class probability).
+
+    Query sources: ``text`` (HQG on the class text embeddings, the paper) or ``learnable`` (the paper's
+    Table 4 baseline row, Mask2Former-style: ``Q_hat`` is an ``E x K x D`` parameter, initialised
+    N(0, 1) like Mask2Former's query embeddings, and ignores the text; needs ``num_classes`` and a fixed
+    vocabulary). Everything after the queries is the same in both.
     """
 
     def __init__(self, text_dim: int, hidden_dim: int, num_levels: int, feature_channels: List[int],
-                 sre_mode: str = "soft", sre_threshold: float = 0.5, sre_temperature: float = 0.05) -> None:
+                 sre_mode: str = "soft", sre_threshold: float = 0.5, sre_temperature: float = 0.05,
+                 query_source: str = "text", num_classes: int = 0) -> None:
         super().__init__()
         if sre_mode not in SRE_MODES:
             raise ValueError(f"MODEL.HVLFORMER.SRE.MODE must be one of {SRE_MODES}, got {sre_mode!r}")
-        self.hqg = HierarchicalQueryGenerator(text_dim, hidden_dim, num_levels)
+        if query_source not in QUERY_SOURCES:
+            raise ValueError(f"MODEL.HVLFORMER.QUERY_SOURCE must be one of {QUERY_SOURCES}, got {query_source!r}")
+        self.hidden_dim = hidden_dim
+        self.query_source = query_source
+        if query_source == "text":
+            self.hqg: Optional[HierarchicalQueryGenerator] = HierarchicalQueryGenerator(text_dim, hidden_dim, num_levels)
+            self.learned_queries: Optional[nn.Parameter] = None
+        else:
+            if num_levels < 1 or num_classes < 1:
+                raise ValueError(f"learnable queries need num_levels >= 1 and num_classes >= 1, got "
+                                 f"{num_levels} and {num_classes}")
+            self.hqg = None
+            self.learned_queries = nn.Parameter(torch.randn(num_levels, num_classes, hidden_dim))
         self.sre_mode = sre_mode
         self.sre_threshold = sre_threshold
         self.sre_temperature = sre_temperature
@@ -137,7 +156,13 @@ class HTQG(nn.Module):
             (``Q~``: ``B x E x K x D``, ``Q_hat``: ``E x K x D`` unweighted, extras) where extras holds
             ``"sre_logits"`` (``B x K``) for the learned modes and ``"relevance"`` (``B x K``) always.
         """
-        level_queries = self.hqg(class_embeddings)  # E x K x D
+        if self.hqg is not None:
+            level_queries = self.hqg(class_embeddings)  # E x K x D
+        else:
+            if self.learned_queries.shape[1] != class_embeddings.shape[0]:
+                raise ValueError(f"learnable queries were built for {self.learned_queries.shape[1]} classes, got "
+                                 f"{class_embeddings.shape[0]} (a new vocabulary needs QUERY_SOURCE 'text')")
+            level_queries = self.learned_queries
         batch = features[0].shape[0]
         extras: Dict[str, Tensor] = {}
         if self.sre is not None:

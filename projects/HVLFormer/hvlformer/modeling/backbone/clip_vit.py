@@ -3,11 +3,14 @@
 ``CLIPViTBackbone`` wraps an open_clip vision tower and returns
 
 - ``res2`` .. ``res5`` (strides 4, 8, 16, 32): a ViTDet simple feature pyramid over the patch tokens of the
-  four blocks in ``out_indices`` (block ``out_indices[i]`` feeds level ``i``):
-  res2 = ConvT2x2(w -> w/2) -> Norm -> GELU -> ConvT2x2(-> w/4); res3 = ConvT2x2(w -> w/2);
-  res4 = identity (w); res5 = MaxPool2 (w). ``w`` is the tower width.
+  four blocks in ``out_indices`` (block ``out_indices[i]`` feeds level ``i``). ``w`` is the tower width.
+  With 16 px tokens: res2 = ConvT2x2(w -> w/2) -> Norm -> GELU -> ConvT2x2(-> w/4); res3 = ConvT2x2(w -> w/2);
+  res4 = identity (w); res5 = MaxPool2 (w). With 8 px tokens (e.g. the project's ``HVL-Tiny-ViT-P8``):
+  res2 = ConvT2x2(w -> w/2) -> Norm -> GELU -> Conv1x1(-> w/4); res3 = Conv1x1(w -> w/2); res4 = MaxPool2 (w);
+  res5 = MaxPool4 (w). The channels are the same in both cases.
 - ``clip_global``: f_CLS, the tower's own image embedding (after ln_post and proj), ``B x C``.
-- ``clip_dense``: patch tokens of the last block -> ln_post -> proj, ``B x C x H/16 x W/16``.
+- ``clip_dense``: patch tokens of the last block -> ln_post -> proj, ``B x C x H/s x W/s`` with ``s`` =
+  ``token_stride`` (16, or 8 for a tower with 8 px patches).
 
 Decisions:
 
@@ -18,9 +21,10 @@ Decisions:
 - Positional embeddings are interpolated (bicubic, float32, no antialias) from the pretraining grid to the
   input grid on every call (nothing size-dependent is cached); prefix (class) positions are kept. EVA02's
   rotary embedding is rebuilt for the input grid the same way timm does for dynamic sizes.
-- The nominal token stride is 16 for every tower, so ``output_shape()`` strides are always 4/8/16/32 and
-  inputs must have H, W divisible by 16. A tower with another patch size (EVA02-L/14) gets its input
-  resized bilinearly to ``(H/16 * p, W/16 * p)`` first, so its token grid is still ``H/16 x W/16``.
+- ``output_shape()`` strides are always 4/8/16/32 and inputs must have H, W divisible by 16. Towers with 16 or
+  8 px patches run on the input as it is (token stride 16 or 8: a tiny model on 96-128 px images needs the
+  finer grid for dense prediction). A tower with another patch size (EVA02-L/14) gets its input resized
+  bilinearly to ``(H/16 * p, W/16 * p)`` first, so its token grid is ``H/16 x W/16`` (token stride 16).
 - Patch dropout of the tower (a pretraining trick) is never applied: dense prediction needs every token.
 - ``pyramid_norm``: detectron2 ``get_norm`` names; ``""`` = no norm. ``"SyncBN"`` becomes plain ``"BN"``
   unless torch.distributed is initialised with more than one process (single-process CPU runs work).
@@ -50,10 +54,13 @@ from torch import Tensor, nn
 
 from ..clip_loader import build_clip_model, has_pretrained_reference
 
-__all__ = ["CLIPViTBackbone", "interpolate_pos_embed", "NOMINAL_STRIDE"]
+__all__ = ["CLIPViTBackbone", "interpolate_pos_embed", "NOMINAL_STRIDE", "NATIVE_PATCH_SIZES"]
 
-#: Token stride of every supported tower, as seen from outside (inputs are resized for other patch sizes).
+#: Input size divisibility, and the token stride of towers whose patch size is not a native one (their
+#: inputs are resized so that one token covers 16 x 16 input pixels).
 NOMINAL_STRIDE = 16
+#: Patch sizes run on the input as it is: the token stride is the patch size.
+NATIVE_PATCH_SIZES = (8, 16)
 
 _LEVELS = ("res2", "res3", "res4", "res5")
 
@@ -298,7 +305,8 @@ class CLIPViTBackbone(Backbone):
         self.embed_dim = self._adapter.embed_dim
         self.patch_size = self._adapter.patch_size
         self.num_blocks = self._adapter.num_blocks
-        self.token_stride = NOMINAL_STRIDE  # stride of res4 / clip_dense for every tower (see module doc)
+        # stride of clip_dense (and of the pyramid's input grid), see the module docstring
+        self.token_stride = self.patch_size if self.patch_size in NATIVE_PATCH_SIZES else NOMINAL_STRIDE
         self.out_indices = self._normalise_indices(out_indices)
         self.gradient_checkpointing = bool(gradient_checkpointing)
 
@@ -306,17 +314,30 @@ class CLIPViTBackbone(Backbone):
         if w % 4:
             raise ValueError(f"tower width {w} must be divisible by 4 for the feature pyramid")
         norm = _resolve_norm(pyramid_norm)
-        self.pyramid = nn.ModuleDict({
-            "res2": nn.Sequential(
-                nn.ConvTranspose2d(w, w // 2, kernel_size=2, stride=2),
-                get_norm(norm, w // 2) if norm else nn.Identity(),
-                nn.GELU(),
-                nn.ConvTranspose2d(w // 2, w // 4, kernel_size=2, stride=2),
-            ),
-            "res3": nn.ConvTranspose2d(w, w // 2, kernel_size=2, stride=2),
-            "res4": nn.Identity(),
-            "res5": nn.MaxPool2d(kernel_size=2, stride=2),
-        })
+        if self.token_stride == 16:
+            self.pyramid = nn.ModuleDict({
+                "res2": nn.Sequential(
+                    nn.ConvTranspose2d(w, w // 2, kernel_size=2, stride=2),
+                    get_norm(norm, w // 2) if norm else nn.Identity(),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(w // 2, w // 4, kernel_size=2, stride=2),
+                ),
+                "res3": nn.ConvTranspose2d(w, w // 2, kernel_size=2, stride=2),
+                "res4": nn.Identity(),
+                "res5": nn.MaxPool2d(kernel_size=2, stride=2),
+            })
+        else:  # 8 px tokens
+            self.pyramid = nn.ModuleDict({
+                "res2": nn.Sequential(
+                    nn.ConvTranspose2d(w, w // 2, kernel_size=2, stride=2),
+                    get_norm(norm, w // 2) if norm else nn.Identity(),
+                    nn.GELU(),
+                    nn.Conv2d(w // 2, w // 4, kernel_size=1),
+                ),
+                "res3": nn.Conv2d(w, w // 2, kernel_size=1),
+                "res4": nn.MaxPool2d(kernel_size=2, stride=2),
+                "res5": nn.MaxPool2d(kernel_size=4, stride=4),
+            })
         self._out_features = list(_LEVELS)
         self._out_feature_channels = {"res2": w // 4, "res3": w // 2, "res4": w, "res5": w}
         self._out_feature_strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -378,7 +399,7 @@ class CLIPViTBackbone(Backbone):
                 "MODEL.HVLFORMER.SIZE_DIVISIBILITY)"
             )
         p = self.patch_size
-        if p != NOMINAL_STRIDE:
+        if p != self.token_stride:
             x = F.interpolate(x, size=(H // NOMINAL_STRIDE * p, W // NOMINAL_STRIDE * p), mode="bilinear",
                               align_corners=False)
         return x
@@ -400,7 +421,7 @@ class CLIPViTBackbone(Backbone):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         """x: normalised images ``B x 3 x H x W`` (H, W divisible by 16). Returns res2..res5, clip_global
-        (``B x C``) and clip_dense (``B x C x H/16 x W/16``)."""
+        (``B x C``) and clip_dense (``B x C x H/s x W/s``, ``s`` = ``token_stride``)."""
         x = self._prepare_input(x)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         final, taken, (h, w) = self._run_tower(self.visual, x, set(self.out_indices), checkpointing)
@@ -442,7 +463,7 @@ class CLIPViTBackbone(Backbone):
         return self._reference_outputs(x, dense=False)[0]
 
     def reference_dense_embedding(self, x: Tensor) -> Tensor:
-        """Dense embedding of the frozen initial tower (as ``clip_dense``), ``B x C x H/16 x W/16``, no grad."""
+        """Dense embedding of the frozen initial tower (as ``clip_dense``), ``B x C x H/s x W/s``, no grad."""
         return self._reference_outputs(x, dense=True)[1]
 
     def _apply(self, fn, recurse: bool = True):

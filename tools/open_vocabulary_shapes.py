@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""(e) Open vocabulary on `shapes`: train the tiny HVLFormer with the ``text`` classifier on the 5
+segmentation classes, then segment held-out images that also hold a shape kind never labeled for
+segmentation, named only at inference (the predictor's ``set_vocabulary``, as ``demo.py --vocabulary``).
+
+    python tools/open_vocabulary_shapes.py                    # unseen kind "ring", 3 seeds
+    python tools/open_vocabulary_shapes.py --seeds 0 --iters 300 --unseen hexagon
+
+Per seed, one ``train_net.py`` run (the tiny config, ``MODEL.HVLFORMER.CLASSIFIER text``, all 400 images
+labeled with the 5 classes, 96 px). Evaluation on the first ``--num-images`` images of the ``val`` split of
+a shapes dataset with background + the 5 classes + the unseen kind (its own labels are only read for the
+score):
+
+* ``open``: vocabulary background + 5 classes + the unseen name; IoU per class (the unseen one is the
+  target), and the seen classes' mIoU;
+* ``closed``: the same images with the training vocabulary (the unseen kind's pixels are ignored), so
+  ``closed - open`` on the seen classes is what naming one more class costs them;
+* ``zero_shot_vlm``: the pretrained tiny CLIP alone (dense argmax of the plain prompts, as
+  ``tools/pretrain_tiny_clip.py`` measures it) on the same images and vocabulary.
+
+The trained runs are reused from ``--output-dir`` when their command line matches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
+TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
+CONFIG = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
+
+
+def iou_table(confusion: np.ndarray, names: Sequence[str], ignore: Sequence[int] = ()) -> Dict[str, float]:
+    """Per-class IoU (%) from a ``K x K`` confusion matrix (rows: ground truth), skipping ``ignore`` rows."""
+    keep = [k for k in range(len(names)) if k not in ignore]
+    inter = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    return {names[k]: float(100.0 * inter[k] / max(union[k], 1)) for k in keep}
+
+
+def confusion_of(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_label: int = 255) -> np.ndarray:
+    """``K x K`` counts of (label, prediction) over the pixels whose label is not ``ignore_label``."""
+    valid = label != ignore_label
+    return np.bincount(label[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64),
+                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def train(seed: int, args: argparse.Namespace) -> Path:
+    """Train (or reuse) the text-classifier model of one seed; returns its output folder."""
+    out = args.output_dir / f"text_classifier_seed{seed}"
+    opts = ["MODEL.HVLFORMER.CLASSIFIER", "text", "DATASETS.SHAPES.SEED", str(seed), "SEED", str(seed),
+            "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "INPUT.CROP.SIZE", f"({args.image_size}, {args.image_size})",
+            "INPUT.RESIZE_BASE", str(args.image_size), "SOLVER.MAX_ITER", str(args.iters),
+            "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
+            "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out)]
+    command = out / "benchmark_opts.json"
+    if (out / "model_final.pth").exists() and command.exists() and json.loads(command.read_text()) == opts:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    command.write_text(json.dumps(opts))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    result = subprocess.run([sys.executable, str(TRAIN_NET), "--config-file", str(CONFIG), *opts], cwd=ROOT,
+                            env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"seed {seed} failed:\n{result.stderr[-3000:]}")
+    return out
+
+
+def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
+    """Open- and closed-vocabulary IoUs of a trained run, and the tiny CLIP alone, on the same images."""
+    from hvlformer import setup_cfg
+    from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
+    from hvlformer.modeling.clip_loader import build_clip_model
+    from hvlformer.predictor import HVLFormerPredictor
+
+    spec = importlib_tool()
+    seen = shapes_class_names(6)
+    all_names = shapes_class_names(11)
+    if args.unseen not in all_names[6:]:
+        raise ValueError(f"--unseen must be one of {all_names[6:]} (a kind outside the 5 segmentation classes)")
+    unseen_id = all_names.index(args.unseen)
+    open_names = seen + [args.unseen]
+    cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=[
+        "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
+        "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size)]))
+    predictor = HVLFormerPredictor(cfg)
+    clip_model, tokenizer = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
+    vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
+    with torch.no_grad():
+        prompts = vlm.encode_text(tokenizer([spec.PLAIN_TEMPLATE.format(n) for n in open_names]))
+    conf_open = np.zeros((7, 7), np.int64)
+    conf_closed = np.zeros((6, 6), np.int64)
+    conf_vlm = np.zeros((7, 7), np.int64)
+    images_with_unseen = 0
+    for i in range(args.num_images):
+        # images of all 10 kinds; pixels of kinds other than the 6 + unseen are ignored
+        image, label = render_shapes_image(_image_rng(0, "openvocab", i), args.image_size, 11,
+                                           guaranteed_class=unseen_id if i % 2 == 0 else 1 + i % 5)
+        label = label.astype(np.int64)
+        mapped = np.full_like(label, 255)
+        for k in range(6):
+            mapped[label == k] = k
+        mapped[label == unseen_id] = 6
+        images_with_unseen += int((mapped == 6).any())
+        image = spec._jpeg_roundtrip(image)
+        predictor.set_vocabulary(open_names)
+        conf_open += confusion_of(predictor(image, format="RGB").labels, mapped, 7)
+        predictor.set_vocabulary(seen)
+        closed_label = np.where(mapped == 6, 255, mapped)
+        conf_closed += confusion_of(predictor(image, format="RGB").labels, closed_label, 6)
+        with torch.no_grad():
+            _, dense, (h, w) = vlm.encode_image(torch.from_numpy(image).permute(2, 0, 1)[None])
+            cos = (dense @ prompts.t()).transpose(1, 2).reshape(1, 7, h, w)
+            pred = torch.nn.functional.interpolate(cos, size=label.shape, mode="bilinear",
+                                                   align_corners=False).argmax(1)[0].numpy()
+        conf_vlm += confusion_of(pred, mapped, 7)
+    open_iou = iou_table(conf_open, open_names)
+    closed_iou = iou_table(conf_closed, seen)
+    vlm_iou = iou_table(conf_vlm, open_names)
+    return {
+        "unseen": args.unseen, "images": args.num_images, "images_with_unseen": images_with_unseen,
+        "open_iou": open_iou, "open_seen_miou": statistics.mean(open_iou[n] for n in seen),
+        "closed_iou": closed_iou, "closed_seen_miou": statistics.mean(closed_iou.values()),
+        "zero_shot_vlm_iou": vlm_iou,
+    }
+
+
+def importlib_tool():
+    """The pretraining tool as a module (its model wrapper and prompt template)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_clip", ROOT / "tools" / "pretrain_tiny_clip.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--unseen", default="ring", help="the shape kind named only at inference")
+    parser.add_argument("--iters", type=int, default=1200)
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--num-images", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "open_vocabulary")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    per_seed = {seed: evaluate(train(seed, args), args) for seed in args.seeds}
+    summary = {}
+    for key in ("open_seen_miou", "closed_seen_miou"):
+        summary[key] = [round(r[key], 2) for r in per_seed.values()]
+    summary["unseen_iou"] = [round(r["open_iou"][args.unseen], 2) for r in per_seed.values()]
+    summary["seen_cost"] = [round(r["closed_seen_miou"] - r["open_seen_miou"], 2) for r in per_seed.values()]
+    summary["zero_shot_vlm_unseen_iou"] = round(next(iter(per_seed.values()))["zero_shot_vlm_iou"][args.unseen], 2)
+    for key in ("unseen_iou", "seen_cost", "open_seen_miou", "closed_seen_miou"):
+        values = summary[key]
+        summary[key] = {"runs": values, "mean": round(statistics.mean(values), 2),
+                        "std": round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0}
+    output = {"setup": {"command": "python tools/open_vocabulary_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                        "seeds": args.seeds, "iterations": args.iters, "image_size": args.image_size},
+              "summary": summary, "per_seed": {str(k): v for k, v in per_seed.items()}}
+    text = json.dumps(output, indent=2)
+    print(text)
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text + "\n")
+    return output
+
+
+if __name__ == "__main__":
+    main()

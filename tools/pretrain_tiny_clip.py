@@ -1,0 +1,457 @@
+#!/usr/bin/env python
+"""Pretrain the project's tiny CLIP on synthetic ``shapes`` image-caption pairs, and measure its zero-shot use.
+
+No pretrained CLIP can be downloaded for the CPU experiments, so the project makes its own: an open_clip
+``HVL-Tiny-ViT-P8`` (8 px patches, a 16 x 16 token grid at 128 px) trained from scratch on images of all 10
+shape kinds with generated captions (:mod:`hvlformer.data.captions`). The loss uses image-level text only,
+never a pixel mask:
+
+* ``clip``: the symmetric CLIP contrastive loss between the image embedding (f_CLS) and its caption;
+* ``tag``: multi-label BCE between the image embedding and the plain prompts ``"a photo of a {name}."`` of
+  the 10 names, against the caption's tags (which names it mentions);
+* ``dense``: a multiple-instance term on the patch embeddings (the ``clip_dense`` path of the backbone):
+  each patch gets a softmax over the prompts of background + 10 names; an image-level score per name is the
+  global weighted rank pooling (GWRP, Kolesnikov & Lampert 2016) of its patch probabilities (weights
+  ``d^rank``: a few top patches for shapes, a wide share of the image for background, which is tagged in
+  every caption), with BCE against the tags.
+
+Images are drawn on the fly (split ``pretrain``; image ``i`` of step ``t`` is ``t * batch + i``), so the
+run is deterministic for a given seed and thread count. Evaluation, with no segmentation training and the
+plain prompt ``"a photo of a {name}."``:
+
+* dense zero-shot segmentation of held-out 6-class ``shapes`` images (``val`` split, seed 0, the images
+  ``shapes_val`` starts with; ``dev`` during probes, so nothing is tuned on them): per-patch argmax of the
+  cosine to background + 5 class prompts, upsampled bilinearly; mIoU and per-class IoU;
+* global presence AUROC per name (all 10) on held-out 10-kind images (split ``clipval``; ``clipdev`` in
+  probes): the cosine between the image embedding and each prompt, against visibility.
+
+    python tools/pretrain_tiny_clip.py --eval-every 250      # the shipped checkpoint (about 14 min, one thread)
+    python tools/pretrain_tiny_clip.py --steps 150 --eval-split dev --out /tmp/probe.pt   # a probe
+    python tools/pretrain_tiny_clip.py --eval-only PATH      # metrics of a checkpoint
+    python tools/pretrain_tiny_clip.py --verify              # retrain, compare with the recorded metrics
+
+The checkpoint is the open_clip state dict in fp16, loadable with
+``MODEL.HVLFORMER.CLIP.MODEL_NAME HVL-Tiny-ViT-P8 MODEL.HVLFORMER.CLIP.PRETRAINED <path>``; the metrics,
+command, time and sha256 go to ``--metrics-out`` (JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
+
+from hvlformer.data.captions import caption_shapes_image, visible_classes  # noqa: E402
+from hvlformer.data.shapes import _image_rng, load_shapes_classes, render_shapes_image  # noqa: E402
+from hvlformer.modeling.backbone.clip_vit import _select_adapter  # noqa: E402
+from hvlformer.modeling.clip_loader import build_clip_model  # noqa: E402
+
+MODEL_NAME = "HVL-Tiny-ViT-P8"
+DEFAULT_OUT = ROOT / "projects" / "HVLFormer" / "hvlformer" / "modeling" / "backbone" / "pretrained" / "hvl_tiny_vit_p8_shapes.pt"
+DEFAULT_METRICS = ROOT / "docs" / "results" / "tiny_clip_pretraining.json"
+PLAIN_TEMPLATE = "a photo of a {}."
+# The normalisation of configs/Base-HVLFormer.yaml (MODEL.PIXEL_MEAN / PIXEL_STD, 0-255 RGB).
+PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
+PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
+ALL_KINDS = 11  # background + the 10 shape kinds of classes/shapes.json
+SEG_CLASSES = 6  # the segmentation dataset: background + the first 5 kinds
+JPEG_QUALITY = 95  # as the shapes dataset files
+
+
+def vocabulary() -> List[str]:
+    """``["background", <the 10 shape names>]`` (index = label id of an 11-class shapes image)."""
+    spec = load_shapes_classes()
+    return [spec["background"]["name"]] + [c["name"] for c in spec["classes"]]
+
+
+def _jpeg_roundtrip(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 -> the same image after the dataset's JPEG encoding (what reading its file gives)."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode a JPEG image")
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, num_classes: int
+               ) -> Tuple[Tensor, Tensor, List[str], Tensor]:
+    """Images ``indices`` of a shapes split, drawn in memory exactly as the dataset files would be.
+
+    Returns ``(images B x 3 x H x W uint8, labels B x H x W uint8, captions, tags B x ALL_KINDS float)``;
+    ``tags[:, 0]`` (background) is 1, ``tags[:, k]`` is 1 when the caption names kind ``k``.
+    """
+    names = vocabulary()
+    images, labels, captions, tags = [], [], [], torch.zeros(len(indices), ALL_KINDS)
+    for row, i in enumerate(indices):
+        record: Dict[str, Any] = {}
+        image, label = render_shapes_image(_image_rng(seed, split, i), image_size, num_classes,
+                                           guaranteed_class=1 + i % (num_classes - 1), record=record)
+        caption_rng = np.random.default_rng([seed, zlib.crc32(f"{split}/caption".encode()), i])
+        caption, caption_tags = caption_shapes_image(record, image_size, caption_rng)
+        images.append(torch.from_numpy(_jpeg_roundtrip(image)).permute(2, 0, 1))
+        labels.append(torch.from_numpy(label))
+        captions.append(caption)
+        tags[row, 0] = 1.0
+        for name in caption_tags:
+            tags[row, names.index(name)] = 1.0
+    return torch.stack(images), torch.stack(labels), captions, tags
+
+
+def gwrp(scores: Tensor, decay: Tensor) -> Tensor:
+    """Global weighted rank pooling over patches.
+
+    scores: ``B x N x K``; decay: ``K`` (one ``d`` per class). Returns ``B x K``:
+    ``sum_r d^r s_(r) / sum_r d^r`` over the scores sorted in decreasing order.
+    """
+    n = scores.shape[1]
+    ranks = torch.arange(n, dtype=scores.dtype, device=scores.device)
+    weights = decay.to(scores.dtype)[None, :] ** ranks[:, None]  # N x K
+    weights = weights / weights.sum(dim=0, keepdim=True)
+    ordered = scores.sort(dim=1, descending=True).values
+    return (ordered * weights[None]).sum(dim=1)
+
+
+class TinyClipPretrainer(nn.Module):
+    """An open_clip model plus the few scalars of the pretraining losses (not part of the checkpoint)."""
+
+    def __init__(self, clip_model: nn.Module, tokenizer, fg_decay: float = 0.9, bg_decay: float = 0.99,
+                 loss_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0), dense_mode: str = "softmax") -> None:
+        super().__init__()
+        self.clip = clip_model
+        self.tokenizer = tokenizer
+        self._adapter = _select_adapter(clip_model.visual)
+        self.tag_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.tag_bias = nn.Parameter(torch.tensor(-2.0))
+        self.dense_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.dense_bias = nn.Parameter(torch.tensor(-2.0 if dense_mode == "sigmoid" else 0.0))
+        self.dense_mode = dense_mode
+        self.register_buffer("decay", torch.tensor([bg_decay] + [fg_decay] * (ALL_KINDS - 1)))
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1))
+        self.loss_weights = loss_weights
+        self.prompt_tokens = tokenizer([PLAIN_TEMPLATE.format(n) for n in vocabulary()])
+
+    def encode_image(self, images: Tensor) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
+        """uint8 ``B x 3 x H x W`` -> (unit global ``B x C``, unit patch embeddings ``B x N x C``, grid)."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        ad, visual = self._adapter, self.clip.visual
+        x, grid, extra = ad.embed(visual, x)
+        for block in ad.blocks(visual):
+            x = ad.run_block(block, x, extra)
+        pooled, dense = ad.heads(visual, x, dense=True)
+        return F.normalize(pooled, dim=-1), F.normalize(dense, dim=-1), grid
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """Token ids ``T x L`` -> unit text embeddings ``T x C``.
+
+        The same result as ``clip.encode_text`` (causal mask, pooled at the EOT token = argmax id), on the
+        tokens up to the last EOT of the batch only: nothing after it can reach a pooled token.
+        """
+        clip = self.clip
+        pool = tokens.argmax(dim=-1)
+        length = int(pool.max()) + 1
+        x = clip.token_embedding(tokens[:, :length]) + clip.positional_embedding[:length]
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0]), pool] @ clip.text_projection
+        return F.normalize(x, dim=-1)
+
+    def losses(self, images: Tensor, captions: Sequence[str], tags: Tensor) -> Dict[str, Tensor]:
+        """The three weighted pretraining losses of a batch (images uint8 ``B x 3 x H x W``, tags ``B x 11``)."""
+        image_emb, dense, _ = self.encode_image(images)
+        texts = self.encode_text(torch.cat([self.prompt_tokens, self.tokenizer(list(captions))]))
+        prompts, caption_emb = texts[:ALL_KINDS], texts[ALL_KINDS:]
+        scale = self.clip.logit_scale.exp().clamp(max=100.0)
+        logits = scale * image_emb @ caption_emb.t()
+        target = torch.arange(len(captions))
+        clip_loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        tag_logits = self.tag_scale.exp() * image_emb @ prompts[1:].t() + self.tag_bias
+        tag_loss = F.binary_cross_entropy_with_logits(tag_logits, tags[:, 1:])
+        dense_logits = self.dense_scale.exp() * dense @ prompts.t() + self.dense_bias  # B x N x 11
+        if self.dense_mode == "softmax":
+            pooled = gwrp(dense_logits.softmax(dim=-1), self.decay).clamp(1e-6, 1 - 1e-6)
+            dense_loss = F.binary_cross_entropy(pooled, tags)
+        else:  # sigmoid: MIL per shape kind; background = no kind here
+            kinds = dense_logits[..., 1:].sigmoid()  # B x N x 10
+            pooled = gwrp(kinds, self.decay[1:]).clamp(1e-6, 1 - 1e-6)
+            background_target = 1.0 - kinds.detach().max(dim=-1).values  # B x N
+            dense_loss = (F.binary_cross_entropy(pooled, tags[:, 1:])
+                          + F.binary_cross_entropy_with_logits(dense_logits[..., 0], background_target))
+        w = self.loss_weights
+        return {"clip": w[0] * clip_loss, "tag": w[1] * tag_loss, "dense": w[2] * dense_loss}
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties counted half); NaN without both classes."""
+    pos, neg = scores[positives], scores[~positives]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    allv = np.concatenate([pos, neg])[order]
+    ranks = np.empty(allv.size)
+    i = 0
+    while i < allv.size:  # average ranks over ties
+        j = i
+        while j + 1 < allv.size and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[i:j + 1] = 0.5 * (i + j) + 1
+        i = j + 1
+    rank_of = np.empty(allv.size)
+    rank_of[order] = ranks
+    return float((rank_of[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+
+
+@torch.no_grad()
+def evaluate(clip_model: nn.Module, tokenizer, split_suffix: str = "val", num_seg_images: int = 200,
+             num_presence_images: int = 500, image_size: int = 128, batch_size: int = 50) -> Dict[str, Any]:
+    """Zero-shot metrics of an open_clip model (see the module docstring); ``split_suffix`` ``val`` or ``dev``."""
+    clip_model.eval()
+    model = TinyClipPretrainer(clip_model, tokenizer).eval()
+    names = vocabulary()
+    prompts = model.encode_text(model.prompt_tokens)  # 11 x C
+    seg_names = names[:SEG_CLASSES]
+    confusion = np.zeros((SEG_CLASSES, SEG_CLASSES), dtype=np.int64)
+    for start in range(0, num_seg_images, batch_size):
+        idx = range(start, min(start + batch_size, num_seg_images))
+        images, labels, _, _ = draw_batch(idx, split_suffix, 0, image_size, SEG_CLASSES)
+        _, dense, (h, w) = model.encode_image(images)
+        cos = (dense @ prompts[:SEG_CLASSES].t()).transpose(1, 2).reshape(len(idx), SEG_CLASSES, h, w)
+        pred = F.interpolate(cos, size=labels.shape[-2:], mode="bilinear", align_corners=False).argmax(dim=1)
+        confusion += np.bincount((labels.long() * SEG_CLASSES + pred).flatten().numpy(),
+                                 minlength=SEG_CLASSES ** 2).reshape(SEG_CLASSES, SEG_CLASSES)
+    inter = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    iou = 100.0 * inter / np.maximum(union, 1)
+
+    presence_split = "clip" + split_suffix
+    global_scores, dense_scores, present = [], [], []
+    for start in range(0, num_presence_images, batch_size):
+        idx = list(range(start, min(start + batch_size, num_presence_images)))
+        images, labels, _, _ = draw_batch(idx, presence_split, 0, image_size, ALL_KINDS)
+        image_emb, dense, _ = model.encode_image(images)
+        global_scores.append((image_emb @ prompts[1:].t()).numpy())
+        dense_scores.append(gwrp(dense @ prompts[1:].t(), model.decay[1:]).numpy())  # pooled patch cosines
+        for i in idx:  # presence = what a caption of the image would name
+            record: Dict[str, Any] = {}
+            render_shapes_image(_image_rng(0, presence_split, i), image_size, ALL_KINDS, 1 + i % (ALL_KINDS - 1),
+                                record=record)
+            visible = visible_classes(record, image_size)
+            present.append([k in visible for k in range(1, ALL_KINDS)])
+    g, d, p = np.concatenate(global_scores), np.concatenate(dense_scores), np.array(present)
+    global_auroc = {names[k + 1]: auroc(g[:, k], p[:, k]) for k in range(ALL_KINDS - 1)}
+    dense_auroc = {names[k + 1]: auroc(d[:, k], p[:, k]) for k in range(ALL_KINDS - 1)}
+    return {
+        "seg_split": f"shapes {SEG_CLASSES} classes, {image_size} px, seed 0, split {split_suffix!r}, images 0-{num_seg_images - 1}",
+        "presence_split": f"shapes {ALL_KINDS} classes, {image_size} px, seed 0, split {presence_split!r}, images 0-{num_presence_images - 1}",
+        "prompt": PLAIN_TEMPLATE,
+        "dense_miou": float(iou.mean()),
+        "dense_iou": {n: float(v) for n, v in zip(seg_names, iou)},
+        "dense_pixel_accuracy": float(100.0 * inter.sum() / confusion.sum()),
+        "global_auroc": global_auroc,
+        "global_auroc_min": float(min(global_auroc.values())),
+        "dense_pooled_auroc": dense_auroc,
+        "dense_pooled_auroc_min": float(min(dense_auroc.values())),
+    }
+
+
+# ----------------------------------------------------------------------------------------- training
+def build_model(seed: int) -> Tuple[nn.Module, Any]:
+    """A randomly initialised ``HVL-Tiny-ViT-P8`` (seeded) and its tokenizer."""
+    torch.manual_seed(seed)
+    return build_clip_model(MODEL_NAME, "")
+
+
+def weights_digest(state: Dict[str, Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict (sorted by name). Unlike the file's
+    hash it does not depend on ``torch.save``'s random serialization id, so retraining can be compared."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(state[key].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(clip_model: nn.Module, path: Path) -> Tuple[str, str]:
+    """Write the open_clip state dict in fp16 (floating tensors); returns (file sha256, weights digest)."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in clip_model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest(), weights_digest(state)
+
+
+def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str, Any]]:
+    """Pretrain from scratch; returns ``(clip model, tokenizer, history)``."""
+    clip_model, tokenizer = build_model(args.seed)
+    model = TinyClipPretrainer(clip_model, tokenizer, args.fg_decay, args.bg_decay,
+                               (args.clip_weight, args.tag_weight, args.dense_weight), args.dense_mode)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    warmup = max(1, int(0.05 * args.steps))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        return 0.5 * args.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    history: List[Dict[str, float]] = []
+    start, running = time.perf_counter(), {}
+    model.train()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        images, _, captions, tags = draw_batch(range(step * args.batch_size, (step + 1) * args.batch_size),
+                                               "pretrain", args.seed, args.image_size, ALL_KINDS)
+        losses = model.losses(images, captions, tags)
+        total = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        for k, v in losses.items():
+            running[k] = running.get(k, 0.0) + float(v.detach())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            n = (step % args.log_every) + 1
+            entry = {"step": step + 1, "time_s": round(time.perf_counter() - start, 1),
+                     **{k: round(v / n, 4) for k, v in running.items()}}
+            history.append(entry)
+            log(json.dumps(entry))
+            running = {}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            # progress is always measured on the dev images, never on the held-out evaluation images
+            m = evaluate(clip_model, tokenizer, "dev", num_seg_images=50, num_presence_images=200)
+            log(json.dumps({"step": step + 1, "eval": "dev", "dense_miou": round(m["dense_miou"], 2),
+                            "dense_iou": {k: round(v, 1) for k, v in m["dense_iou"].items()},
+                            "global_auroc_min": round(m["global_auroc_min"], 3),
+                            "dense_pooled_auroc_min": round(m["dense_pooled_auroc_min"], 3)}))
+            model.train()
+    return clip_model, tokenizer, {"losses": history, "train_time_s": round(time.perf_counter() - start, 1)}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint to write (fp16 state dict)")
+    parser.add_argument("--metrics-out", type=Path, default=None,
+                        help=f"metrics JSON (default: {DEFAULT_METRICS.relative_to(ROOT)} for the default --out, "
+                             "else next to --out)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: OpenMP threads spin badly on a shared, oversubscribed machine)")
+    parser.add_argument("--fg-decay", type=float, default=0.9, help="GWRP decay of the shape kinds")
+    parser.add_argument("--bg-decay", type=float, default=0.99, help="GWRP decay of background")
+    parser.add_argument("--dense-mode", choices=("softmax", "sigmoid"), default="softmax",
+                        help="sigmoid: per-kind MIL, background prompt trained towards 'no kind here'; softmax: one "
+                             "softmax over background + kinds per patch, background pooled like a tag")
+    parser.add_argument("--clip-weight", type=float, default=1.0)
+    parser.add_argument("--tag-weight", type=float, default=1.0)
+    parser.add_argument("--dense-weight", type=float, default=1.0)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="progress metrics on the dev images (never the evaluation ones) every N steps")
+    parser.add_argument("--eval-split", choices=("val", "dev"), default="val",
+                        help="'val': the held-out evaluation images; 'dev': other images, for probes")
+    parser.add_argument("--num-seg-images", type=int, default=200)
+    parser.add_argument("--num-presence-images", type=int, default=500)
+    parser.add_argument("--eval-only", type=Path, default=None, help="evaluate this checkpoint and exit")
+    parser.add_argument("--verify", action="store_true",
+                        help="retrain with the recorded command into a temporary file and compare the metrics")
+    return parser.parse_args(argv)
+
+
+def _metrics_path(args: argparse.Namespace) -> Path:
+    if args.metrics_out is not None:
+        return args.metrics_out
+    return DEFAULT_METRICS if args.out.resolve() == DEFAULT_OUT.resolve() else args.out.with_suffix(".json")
+
+
+def _training_options(args: argparse.Namespace) -> Dict[str, Any]:
+    keys = ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay", "bg_decay",
+            "dense_mode", "clip_weight", "tag_weight", "dense_weight")
+    return {k: getattr(args, k) for k in keys}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    eval_kwargs = dict(num_seg_images=args.num_seg_images, num_presence_images=args.num_presence_images,
+                       image_size=args.image_size)
+    if args.eval_only is not None:
+        clip_model, tokenizer = build_clip_model(MODEL_NAME, str(args.eval_only))
+        print(json.dumps(evaluate(clip_model, tokenizer, args.eval_split, **eval_kwargs), indent=2))
+        return 0
+    if args.verify:
+        recorded = json.loads(_metrics_path(args).read_text())
+        opts = recorded["options"]
+        command = ["--steps", opts["steps"], "--batch-size", opts["batch_size"], "--lr", opts["lr"],
+                   "--weight-decay", opts["weight_decay"], "--image-size", opts["image_size"], "--seed", opts["seed"],
+                   "--threads", opts["threads"], "--fg-decay", opts["fg_decay"], "--bg-decay", opts["bg_decay"],
+                   "--dense-mode", opts["dense_mode"], "--clip-weight", opts["clip_weight"], "--tag-weight", opts["tag_weight"],
+                   "--dense-weight", opts["dense_weight"], "--eval-split", recorded["eval_split"],
+                   "--num-seg-images", recorded["eval_options"]["num_seg_images"],
+                   "--num-presence-images", recorded["eval_options"]["num_presence_images"]]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "verify.pt"
+            main([str(c) for c in command] + ["--out", str(out)])
+            again = json.loads(out.with_suffix(".json").read_text())
+        diffs = {"dense_miou": again["metrics"]["dense_miou"] - recorded["metrics"]["dense_miou"],
+                 "global_auroc_min": again["metrics"]["global_auroc_min"] - recorded["metrics"]["global_auroc_min"],
+                 "weights_equal": again["weights_sha256"] == recorded["weights_sha256"]}
+        print(json.dumps({"verify": diffs}, indent=2))
+        ok = abs(diffs["dense_miou"]) <= 1.0 and abs(diffs["global_auroc_min"]) <= 0.02
+        return 0 if ok else 1
+
+    clip_model, tokenizer, history = train(args)
+    sha, digest = save_checkpoint(clip_model, args.out)
+    start = time.perf_counter()
+    reloaded, tokenizer = build_clip_model(MODEL_NAME, str(args.out))  # evaluate what is shipped (fp16 weights)
+    metrics = evaluate(reloaded, tokenizer, args.eval_split, **eval_kwargs)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    result = {
+        "model": MODEL_NAME,
+        "checkpoint": str(args.out.resolve().relative_to(ROOT)) if args.out.resolve().is_relative_to(ROOT) else str(args.out),
+        "sha256": sha,
+        "weights_sha256": digest,
+        "size_bytes": args.out.stat().st_size,
+        "command": "python tools/pretrain_tiny_clip.py " + " ".join(shlex.quote(a) for a in argv_list),
+        "options": _training_options(args),
+        "eval_split": args.eval_split,
+        "eval_options": {"num_seg_images": args.num_seg_images, "num_presence_images": args.num_presence_images},
+        "train_time_s": history["train_time_s"],
+        "eval_time_s": round(time.perf_counter() - start, 1),
+        "metrics": metrics,
+        "losses": history["losses"],
+    }
+    path = _metrics_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("checkpoint", "sha256", "size_bytes", "train_time_s")}))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
