@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Optional
@@ -28,6 +27,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
+
+from .file_io import atomic_write
 
 __all__ = ["HVLFormerCheckpointer", "CheckpointMismatchError", "DamagedCheckpointError", "group_layers",
            "atomic_torch_save"]
@@ -63,31 +64,7 @@ def group_layers(keys: Iterable[str], limit: int = 12) -> str:
 
 def atomic_torch_save(data: Any, path: str) -> None:
     """``torch.save(data, path)`` through a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(data, f), binary=True)
 
 
 def _iteration_of(path: str) -> int:
@@ -132,7 +109,7 @@ class HVLFormerCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        _atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename))
 
     # ------------------------------------------------------------------ resuming
     def resume_candidates(self) -> List[str]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..file_io import atomic_write
 from .folder import default_class_colors, index_files
 from .validation import check_dataset_root
 
@@ -230,15 +230,7 @@ def write_split_file(path: PathLike, dicts: Sequence[Dict[str, Any]], dataset_ro
         lines.append(line + "\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.writelines(lines))
 
 
 # ----------------------------------------------------------------------------------------- split files by name
