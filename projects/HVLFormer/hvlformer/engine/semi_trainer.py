@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import HVLFormerCheckpointer
 from ..data import HVLFormerSemanticDatasetMapper
 from ..data.semi import RareClassSampler, UnlabeledViewsMapper, apply_cutmix, class_pixel_counts, repeat_to_length
+from ..modeling.unlabeled_objective import teacher_targets
 from .ema import EMATeacher, unwrap
 from .train_loop import GradScalerStateMixin, amp_dtype
 from .trainer import Trainer, check_datasets, log_batch_recipe, wrap_ddp
@@ -131,8 +132,8 @@ class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
             batch["image_original"] = original
         else:
             teacher = self.teacher.model
-            teacher_outputs = teacher.predict(teacher.normalize(original), teacher.encode_text())
-            batch["targets"] = core.unlabeled_criterion.targets(teacher_outputs, batch["padding"])
+            batch["targets"] = teacher_targets(teacher, original, teacher.encode_text(), core.unlabeled_criterion,
+                                               batch["padding"])
         return batch
 
     def run_step(self) -> None:
