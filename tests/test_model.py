@@ -1,5 +1,6 @@
 """The assembled HVLFormer meta-architecture on the tiny random-weight CLIP and the shapes dataset."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -222,3 +223,29 @@ def test_backbone_comes_from_the_registry_by_name(monkeypatch):
     monkeypatch.setattr(clip_vit, "build_clip_model", lambda *a, **k: pytest.fail("CLIP loaded a second time"))
     model = make_model()
     assert len(calls) == 1 and isinstance(model.backbone, clip_vit.CLIPViTBackbone)
+
+
+@pytest.mark.parametrize("old, value, new", [
+    ("MODEL.HVLFORMER.HIERVL.PROMPT_WEIGHT", "1.0", "MODEL.HIERVL.PROMPT_WEIGHT"),
+    ("MODEL.HVLFORMER.NUM_INSTANCE_QUERIES", "3", "MODEL.HIERVL.NUM_INSTANCE_QUERIES"),
+    ("MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION", "True", "MODEL.HIERVL.TEXT_CROSS_ATTENTION"),
+    ("SEMI.UNLABELED_LOSS", "entropy", "MODEL.HIERVL.UNLABELED_LOSS"),
+])
+def test_old_hiervl_keys_name_their_new_place(tmp_path, old, value, new):
+    """A HierVL key in its old place fails, on the command line and in a YAML file, naming the new key."""
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[old, value]))
+    *parents, leaf = old.split(".")
+    lines = [f"_BASE_: {os.path.abspath(CONFIG)}"]
+    for depth, part in enumerate(parents):
+        lines.append("  " * depth + f"{part}:")
+    lines.append("  " * len(parents) + f"{leaf}: {value}")
+    path = tmp_path / "old.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(KeyError, match="was renamed to MODEL.HIERVL"):
+        setup_cfg(argparse.Namespace(config_file=str(path), opts=[]))
+
+
+def test_hvlformer_refuses_the_hiervl_zero_shot_relevance():
+    with pytest.raises(ValueError, match="HierVL"):
+        make_model("MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot")
