@@ -40,7 +40,7 @@ from detectron2.utils.events import EventStorage
 from hvlformer import setup_cfg
 from hvlformer.engine import build_optimizer
 from hvlformer.engine.ema import EMATeacher
-from hvlformer.engine.semi_trainer import SemiSupervisedStep
+from hvlformer.engine.train_loop import SemiSupervisedStep
 from hvlformer.engine.train_loop import amp_dtype
 from hvlformer.engine.trainer import Trainer
 from hvlformer.modeling.pixel_decoder.ms_deform_attn import MS_DEFORM_ATTN_IMPLS, resolve_impl
