@@ -5,7 +5,6 @@ a registered dataset with a perfect predictor).
 """
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,8 @@ NUM_CLASSES = {"voc": 21, "coco81": 81, "ade20k": 150, "cityscapes": 19}
 
 # ----------------------------------------------------------------------------------------- shared helpers
 def load_prepare_script(name: str):
-    """Import ``datasets/prepare_<name>.py`` as a module (its ``main(argv)`` runs in-process). Its folder
-    goes on ``sys.path``, as when the script runs, for its ``import prepare_common``."""
-    scripts = str(REPO / "datasets")
-    if scripts not in sys.path:
-        sys.path.append(scripts)
+    """Import ``datasets/prepare_<name>.py`` as a module (its ``main(argv)`` runs in-process; its
+    ``import prepare_common`` finds the folder that ``conftest.py`` put on ``sys.path``)."""
     path = REPO / "datasets" / f"prepare_{name}.py"
     spec = importlib.util.spec_from_file_location(f"_hvl_prepare_{name}", path)
     module = importlib.util.module_from_spec(spec)
