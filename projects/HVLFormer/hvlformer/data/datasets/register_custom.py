@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..catalog import dataset_metadata, register_dataset
 from ..folder import default_class_colors, index_files, load_sem_seg_folder
-from ..splits import ListSource, SplitEntry, read_split_list, dataset_root_of, load_split_files
+from ..splits import ListSource, SplitEntry, dataset_root_of, load_split_files, read_split_list
 from ..validation import check_dataset_root
 
 __all__ = [
