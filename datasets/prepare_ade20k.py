@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+from prepare_common import (check_label_matches_image, convert_splits, default_workers, folder_split_jobs, link_dir,
+                            locate_source, prepare_parser, require_dir, write_label_png)
 
 ARCHIVE = "ADEChallengeData2016.zip"
 SPLITS = ("training", "validation")
@@ -32,17 +34,9 @@ EXPECTED = {"training": 20210, "validation": 2000}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Convert ADE20K SceneParsing annotations for HVLFormer (see datasets/README.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--src", required=True, help=f"folder with {ARCHIVE} or its extracted ADEChallengeData2016/")
-    p.add_argument("--root", default=os.environ.get("DETECTRON2_DATASETS", "datasets"),
-                   help="output root ($DETECTRON2_DATASETS)")
-    p.add_argument("--workers", type=int, default=None, help="conversion processes (default: min(8, CPUs))")
-    p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist")
-    p.add_argument("--copy-images", action="store_true", help="copy the images folder instead of linking it")
-    return p.parse_args(argv)
+    return prepare_parser("Convert ADE20K SceneParsing annotations for HVLFormer (see datasets/README.md).",
+                          f"folder with {ARCHIVE} or its extracted ADEChallengeData2016/",
+                          "the images folder").parse_args(argv)
 
 
 def ade_to_train_labels(raw: np.ndarray) -> np.ndarray:
@@ -52,7 +46,6 @@ def ade_to_train_labels(raw: np.ndarray) -> np.ndarray:
 
 
 def convert_one(job: Tuple[str, str, str, bool]) -> str:
-    from hvlformer.data.builtin import check_label_matches_image, write_label_png
     from hvlformer.data.validation import read_label_checked
 
     image, source, out, overwrite = job
@@ -67,9 +60,6 @@ def convert_one(job: Tuple[str, str, str, bool]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from hvlformer.data.builtin import (convert_splits, default_workers, folder_split_jobs, link_dir,
-                                        locate_source, require_dir)
-
     src = locate_source(args.src, ["ADEChallengeData2016", ""], ["images", "annotations"], [ARCHIVE],
                         "ADE20K SceneParsing (ADEChallengeData2016/)")
     out_root = Path(args.root) / "ADEChallengeData2016"

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+from prepare_common import (check_label_matches_image, convert_splits, default_workers, folder_split_jobs, link_dir,
+                            locate_source, prepare_parser, require_dir, write_label_png)
 
 IMAGE_ARCHIVE = "leftImg8bit_trainvaltest.zip"
 LABEL_ARCHIVE = "gtFine_trainvaltest.zip"
@@ -37,24 +39,27 @@ TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Convert Cityscapes gtFine label ids to the 19 train ids for HVLFormer (see datasets/README.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--src", required=True,
-                   help=f"folder with leftImg8bit/ and gtFine/ (or {IMAGE_ARCHIVE} and {LABEL_ARCHIVE})")
-    p.add_argument("--root", default=os.environ.get("DETECTRON2_DATASETS", "datasets"),
-                   help="output root ($DETECTRON2_DATASETS)")
-    p.add_argument("--workers", type=int, default=None, help="conversion processes (default: min(8, CPUs))")
-    p.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
-    p.add_argument("--copy-images", action="store_true", help="copy leftImg8bit instead of linking it")
-    return p.parse_args(argv)
+    return prepare_parser(
+        "Convert Cityscapes gtFine label ids to the 19 train ids for HVLFormer (see datasets/README.md).",
+        f"folder with leftImg8bit/ and gtFine/ (or {IMAGE_ARCHIVE} and {LABEL_ARCHIVE})", "leftImg8bit",
+        overwrite_what="outputs").parse_args(argv)
+
+
+def cityscapes_id_to_train_id_lut() -> np.ndarray:
+    """A 256-entry int16 table: Cityscapes label id -> train id (255 ignore), -1 for ids that do not exist.
+
+    Id -1 (license plate) is stored as 255 (its uint8 form). The table is ``label_ids`` of
+    ``hvlformer/data/classes/cityscapes.json``."""
+    from hvlformer.data.datasets.builtin import load_builtin_classes
+
+    lut = np.full(256, -1, dtype=np.int16)
+    for row in load_builtin_classes("cityscapes")["label_ids"]:
+        lut[row["id"] % 256] = row["train_id"]
+    return lut
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray, source: str = "") -> np.ndarray:
     """Map Cityscapes label ids to train ids (255 = ignore); unknown ids are an error naming ``source``."""
-    from hvlformer.data.builtin import cityscapes_id_to_train_id_lut
-
     lut = cityscapes_id_to_train_id_lut()
     if label_ids.dtype != np.uint8:
         if label_ids.size and (label_ids.min() < 0 or label_ids.max() > 255):
@@ -71,7 +76,6 @@ def label_ids_to_train_ids(label_ids: np.ndarray, source: str = "") -> np.ndarra
 
 
 def convert_one(job: Tuple[str, str, str, bool]) -> str:
-    from hvlformer.data.builtin import check_label_matches_image, write_label_png
     from hvlformer.data.validation import read_label_checked
 
     image, source, out, overwrite = job
@@ -85,9 +89,6 @@ def convert_one(job: Tuple[str, str, str, bool]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from hvlformer.data.builtin import (convert_splits, default_workers, folder_split_jobs, link_dir,
-                                        locate_source, require_dir)
-
     src = Path(args.src)
     images_src = locate_source(src, ["", "cityscapes"], ["leftImg8bit/train", "leftImg8bit/val"],
                                [IMAGE_ARCHIVE], "Cityscapes images (leftImg8bit/)") / "leftImg8bit"

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from prepare_common import (check_label_matches_image, default_workers, link_dir, locate_source, missing_source_error,
+                            prepare_parser, run_jobs, write_label_png)
 
 SPLITS = ("train2017", "val2017")
 ANNOTATION_ARCHIVE = "annotations_trainval2017.zip"
@@ -43,25 +45,16 @@ _CAT_TO_LABEL: Dict[int, int] = {}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Build 81-class COCO 2017 semantic masks for HVLFormer (see datasets/README.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--src", required=True,
-                   help="folder with train2017/, val2017/, annotations/ (or train2017.zip, val2017.zip, "
-                        f"{ANNOTATION_ARCHIVE})")
-    p.add_argument("--root", default=os.environ.get("DETECTRON2_DATASETS", "datasets"),
-                   help="output root ($DETECTRON2_DATASETS)")
+    p = prepare_parser("Build 81-class COCO 2017 semantic masks for HVLFormer (see datasets/README.md).",
+                       "folder with train2017/, val2017/, annotations/ (or train2017.zip, val2017.zip, "
+                       f"{ANNOTATION_ARCHIVE})", "the image folders")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits to prepare")
-    p.add_argument("--workers", type=int, default=None, help="conversion processes (default: min(8, CPUs))")
-    p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist")
-    p.add_argument("--copy-images", action="store_true", help="copy the image folders instead of linking them")
     return p.parse_args(argv)
 
 
 def category_to_label(categories: Sequence[Dict[str, Any]], annotation_file: str) -> Dict[int, int]:
     """COCO category id -> contiguous label 1..80, checked against ``classes/coco81.json``."""
-    from hvlformer.data.builtin import builtin_class_names
+    from hvlformer.data.datasets.builtin import builtin_class_names
 
     expected = builtin_class_names("coco81")[1:]
     cats = sorted(categories, key=lambda c: c["id"])
@@ -135,8 +128,6 @@ def _semantic_mask(coco, image_id: int, cat_to_label: Dict[int, int], source: st
 
 def convert_one(job: Tuple[int, str, str, bool, str]) -> Tuple[str, int]:
     """Write one mask; returns ``("written" | "kept", skipped annotations)``."""
-    from hvlformer.data.builtin import check_label_matches_image, write_label_png
-
     image_id, image_path, out, overwrite, source = job
     if not overwrite and os.path.isfile(out):
         return "kept", 0
@@ -150,8 +141,6 @@ def convert_one(job: Tuple[int, str, str, bool, str]) -> Tuple[str, int]:
 
 def prepare_split(src: Path, split: str, out_root: Path, args: argparse.Namespace) -> Dict[str, int]:
     global _COCO, _CAT_TO_LABEL
-    from hvlformer.data.builtin import default_workers, link_dir, locate_source, missing_source_error, run_jobs
-
     ann_dir = locate_source(src, [""], [f"annotations/instances_{split}.json"], [ANNOTATION_ARCHIVE],
                             f"COCO annotations (annotations/instances_{split}.json)")
     images = locate_source(src, [""], [split], [f"{split}.zip"], f"COCO images ({split}/)") / split

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from prepare_common import (check_label_matches_image, default_workers, link_dir, locate_source, missing_source_error,
+                            prepare_parser, require_dir, require_file, run_jobs, write_label_png)
 
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
 SBD_ARCHIVE = "benchmark.tgz"
@@ -53,21 +55,14 @@ NO_SBD_NOTE = (
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Convert Pascal VOC 2012 + SBD into the train_aug tree of HVLFormer (see datasets/README.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--src", default=None,
-                   help=f"folder with {VOC_ARCHIVE} and {SBD_ARCHIVE} (or their extracted VOCdevkit/ and benchmark_RELEASE/)")
+    p = prepare_parser(
+        "Convert Pascal VOC 2012 + SBD into the train_aug tree of HVLFormer (see datasets/README.md).",
+        f"folder with {VOC_ARCHIVE} and {SBD_ARCHIVE} (or their extracted VOCdevkit/ and benchmark_RELEASE/)",
+        "JPEGImages", src_required=False)
     p.add_argument("--voc", default=None, help="VOC 2012 folder or archive, if not in --src")
     p.add_argument("--sbd", default=None, help="SBD folder (benchmark_RELEASE or its dataset/) or archive, if not in --src")
-    p.add_argument("--root", default=os.environ.get("DETECTRON2_DATASETS", "datasets"),
-                   help="output root ($DETECTRON2_DATASETS)")
     p.add_argument("--no-sbd", action="store_true",
                    help="prepare VOC 2012 alone: train_aug = the 1,464 fine images (the paper's splits need SBD)")
-    p.add_argument("--workers", type=int, default=None, help="conversion processes (default: min(8, CPUs))")
-    p.add_argument("--overwrite", action="store_true", help="rewrite masks that already exist")
-    p.add_argument("--copy-images", action="store_true", help="copy JPEGImages instead of linking it")
     args = p.parse_args(argv)
     if args.no_sbd and args.sbd is not None:
         p.error("--no-sbd and --sbd exclude each other")
@@ -77,8 +72,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _locate(path: Optional[str], src: Optional[str], candidates, required, archive, what):
-    from hvlformer.data.builtin import locate_source
-
     if path is not None and Path(path).is_file():  # an archive given directly
         folder = Path(path).parent
         return locate_source(folder, candidates, required, [Path(path).name], what)
@@ -99,8 +92,6 @@ def locate_sbd(path: Optional[str], src: Optional[str]) -> Path:
 
 
 def read_ids(path: Path, what: str) -> List[str]:
-    from hvlformer.data.builtin import require_file
-
     require_file(path, what)
     with open(path, "r", encoding="utf-8") as f:
         return [line.split()[0] for line in f if line.strip()]
@@ -135,8 +126,6 @@ def read_sbd_mat(path: str) -> np.ndarray:
 
 def convert_one(job: Tuple[str, str, str, str, bool]) -> str:
     """Write one mask; returns "voc", "sbd" or "kept"."""
-    from hvlformer.data.builtin import check_label_matches_image, write_label_png
-
     image, source, kind, out, overwrite = job
     if not overwrite and os.path.isfile(out):
         return "kept"
@@ -149,8 +138,6 @@ def convert_one(job: Tuple[str, str, str, str, bool]) -> str:
 def plan(voc: Path, sbd: Optional[Path], out_root: Path, overwrite: bool) -> Tuple[Dict[str, List[str]], List[tuple]]:
     """Id lists and conversion jobs (``image, source annotation, kind, output, overwrite``); ``sbd=None``:
     VOC 2012 alone (``train_aug`` = the VOC train ids)."""
-    from hvlformer.data.builtin import missing_source_error, require_dir
-
     seg_dir = voc / "ImageSets" / "Segmentation"
     voc_train = read_ids(seg_dir / "train.txt", "VOC ImageSets/Segmentation/train.txt")
     voc_val = read_ids(seg_dir / "val.txt", "VOC ImageSets/Segmentation/val.txt")
@@ -190,8 +177,6 @@ def write_list(path: Path, ids: Sequence[str]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from hvlformer.data.builtin import default_workers, link_dir, run_jobs
-
     voc = locate_voc(args.voc, args.src)
     if args.no_sbd:
         sbd = None

@@ -1,8 +1,10 @@
-"""Test-wide settings: never touch the network, keep generated data out of the checkout, and run Triton
-kernels in Triton's interpreter on machines without CUDA."""
+"""Test-wide settings: never touch the network, keep generated data out of the checkout, run Triton
+kernels in Triton's interpreter on machines without CUDA, and let scripts loaded by file path import their
+folder's shared helpers."""
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if "hvlformer.modeling.pixel_decoder.ms_deform_attn_triton" in sys.modules:
         raise RuntimeError("the Triton MSDeformAttn kernels were imported before TRITON_INTERPRET was set")
+
+# tools/*.py and datasets/prepare_*.py run as scripts, with their folder on sys.path, and import the helpers
+# they share from there (tools/_common.py, datasets/prepare_common.py). Tests load them by file path, so the
+# two folders go on sys.path here as they would for a script run (appended: installed packages win).
+_ROOT = Path(__file__).resolve().parents[1]
+for _scripts in (_ROOT / "tools", _ROOT / "datasets"):
+    if str(_scripts) not in sys.path:
+        sys.path.append(str(_scripts))
 
 # open_clip's pretrained tags would try a model hub for ~47 s before failing; tests never need one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

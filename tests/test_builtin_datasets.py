@@ -19,7 +19,7 @@ from hvlformer.data import (
     builtin_class_names,
     register_builtin_datasets,
 )
-from hvlformer.data.builtin import cityscapes_id_to_train_id_lut, load_builtin_classes
+from hvlformer.data import load_builtin_classes
 from hvlformer.evaluation import HVLSemSegEvaluator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,8 @@ NUM_CLASSES = {"voc": 21, "coco81": 81, "ade20k": 150, "cityscapes": 19}
 
 # ----------------------------------------------------------------------------------------- shared helpers
 def load_prepare_script(name: str):
-    """Import ``datasets/prepare_<name>.py`` as a module (its ``main(argv)`` runs in-process)."""
+    """Import ``datasets/prepare_<name>.py`` as a module (its ``main(argv)`` runs in-process; its
+    ``import prepare_common`` finds the folder that ``conftest.py`` put on ``sys.path``)."""
     path = REPO / "datasets" / f"prepare_{name}.py"
     spec = importlib.util.spec_from_file_location(f"_hvl_prepare_{name}", path)
     module = importlib.util.module_from_spec(spec)
@@ -119,7 +120,7 @@ def test_class_files():
 
 
 def test_cityscapes_label_table():
-    lut = cityscapes_id_to_train_id_lut()
+    lut = load_prepare_script("cityscapes").cityscapes_id_to_train_id_lut()
     rows = load_builtin_classes("cityscapes")["label_ids"]
     names = builtin_class_names("cityscapes")
     train_ids = sorted(r["train_id"] for r in rows if r["train_id"] != 255)

@@ -234,11 +234,11 @@ def test_fp32_loss_finds_the_device_of_nested_and_dataclass_arguments():
     assert _device_type([(1, "x"), {}]) == "cpu"
 
 
-# --------------------------------------------------------------------------- data/semi.py (views, sampling)
+# ------------------------------------------------ data/dataset_mappers (views), data/samplers.py, cutmix.py
 def test_gaussian_blur_uses_an_odd_kernel_of_three_sigmas():
     import torchvision.transforms.functional as TF
 
-    from hvlformer.data.semi import _gaussian_blur
+    from hvlformer.data.dataset_mappers.unlabeled_views_mapper import _gaussian_blur
 
     image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     torch.testing.assert_close(_gaussian_blur(image, 0.5), TF.gaussian_blur(image, [5, 5], [0.5, 0.5]))
@@ -248,7 +248,8 @@ def test_gaussian_blur_uses_an_odd_kernel_of_three_sigmas():
 def test_view_and_sampling_defaults_are_the_papers():
     import inspect
 
-    from hvlformer.data.semi import RareClassSampler, class_pixel_counts, sample_cutmix_box
+    from hvlformer.cutmix import sample_cutmix_box
+    from hvlformer.data.samplers import RareClassSampler, class_pixel_counts
 
     box = inspect.signature(sample_cutmix_box).parameters
     assert (box["prob"].default, box["area"].default, box["aspect"].default) == (0.5, (0.02, 0.4), (0.3, 1 / 0.3))
@@ -260,7 +261,7 @@ def test_view_and_sampling_defaults_are_the_papers():
 def test_class_pixel_counts_ignores_255_and_recomputes_a_stale_cache(tmp_path):
     from PIL import Image
 
-    from hvlformer.data.semi import class_pixel_counts
+    from hvlformer.data.samplers import class_pixel_counts
 
     label = torch.zeros(4, 4, dtype=torch.uint8)
     label[0] = 2
@@ -279,7 +280,7 @@ def test_shapes_split_with_one_labeled_image():
     from detectron2.data import DatasetCatalog
 
     from hvlformer import setup_cfg
-    from hvlformer.data.semi import register_shapes_semi_split
+    from hvlformer.data import register_shapes_semi_split
 
     cfg = setup_cfg(argparse.Namespace(config_file="configs/tiny/hvlformer_tiny_shapes_semi.yaml",
                                        opts=["DATASETS.SHAPES.NUM_LABELED", "1", "DATASETS.SHAPES.NUM_TRAIN", "6",
@@ -294,7 +295,7 @@ def test_shapes_split_with_one_labeled_image():
 
 
 def test_cutmix_box_of_a_tiny_area_is_one_pixel():
-    from hvlformer.data.semi import sample_cutmix_box
+    from hvlformer.cutmix import sample_cutmix_box
 
     np = pytest.importorskip("numpy")
     np.random.seed(0)
@@ -307,7 +308,7 @@ def test_weak_and_strong_photometric_draw_their_factors_from_the_configured_rang
     import numpy as np
     import torchvision.transforms.functional as TF
 
-    from hvlformer.data.semi import strong_photometric, weak_photometric
+    from hvlformer.data.dataset_mappers import strong_photometric, weak_photometric
 
     image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
     np.random.seed(5)
@@ -339,7 +340,7 @@ def _views_mapper(*opts):
     import argparse
 
     from hvlformer import setup_cfg
-    from hvlformer.data.semi import UnlabeledViewsMapper
+    from hvlformer.data import UnlabeledViewsMapper
 
     cfg = setup_cfg(argparse.Namespace(config_file="configs/tiny/hvlformer_tiny_shapes_semi.yaml", opts=[
         "SEMI.WEAK.BRIGHTNESS", "0.0", "SEMI.WEAK.CONTRAST", "0.0", "SEMI.WEAK.BLUR_PROB", "0.0",
@@ -371,7 +372,7 @@ def test_views_mapper_bgr_non_square_crop_and_divisibility_padding(tmp_path):
 def test_rare_class_sampling_keeps_a_class_with_one_eligible_image():
     import numpy as np
 
-    from hvlformer.data.semi import rare_class_probabilities
+    from hvlformer.data.samplers import rare_class_probabilities
 
     counts = np.array([[5000, 0], [5000, 3000]])
     probabilities, eligible = rare_class_probabilities(counts, temperature=0.01, min_pixels=3000)

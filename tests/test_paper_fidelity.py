@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 
 from hvlformer import setup_cfg
-from hvlformer.data.semi import register_shapes_semi_split
+from hvlformer.data import register_shapes_semi_split
 from hvlformer.engine import get_parameter_groups
-from hvlformer.engine.semi_trainer import SemiSupervisedStep, auto_scale_semi
+from hvlformer.engine.semi_trainer import auto_scale_semi
+from hvlformer.engine.train_loop import SemiSupervisedStep
 from hvlformer.engine.trainer import describe_batch_recipe
 from hvlformer.modeling import clip_loader
 from hvlformer.modeling import cmcr as C
@@ -146,9 +146,8 @@ def _one_step(model, amp):
     step = SemiSupervisedStep(model, [_labeled_batch()], [_unlabeled_batch()],
                               torch.optim.SGD(model.parameters(), lr=0.0), amp=amp)
     torch.manual_seed(123)  # the same point sampling in both runs
-    with EventStorage(0) as storage:
-        step.run_step()
-        return {k: v.latest() for k, v in storage.histories().items() if k.startswith("loss")}
+    step.train(0, 1)
+    return {k: v.latest() for k, v in step.storage.histories().items() if k.startswith("loss")}
 
 
 def test_semi_step_under_bf16_autocast_matches_fp32(monkeypatch):

@@ -8,7 +8,7 @@ from detectron2.data import DatasetCatalog
 from PIL import Image
 
 from hvlformer.data import register_builtin_datasets
-from hvlformer.data.builtin import load_builtin_classes
+from hvlformer.data import load_builtin_classes
 from test_builtin_datasets import evaluate_perfect, load_prepare_script, restore_builtin  # noqa: F401
 
 coco_script = load_prepare_script("coco")

@@ -7,18 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from detectron2.utils.events import EventStorage
+from detectron2.engine import HookBase
 from PIL import Image
 
 from hvlformer import build_trainer_class, setup_cfg
-from hvlformer.data.semi import (
-    RareClassSampler,
-    UnlabeledViewsMapper,
-    apply_cutmix,
-    rare_class_probabilities,
-    repeat_to_length,
-    sample_cutmix_box,
-)
+from hvlformer.cutmix import apply_cutmix, mix_spatial, sample_cutmix_box
+from hvlformer.data import RareClassSampler, UnlabeledViewsMapper, rare_class_probabilities, repeat_to_length
 from hvlformer.engine.ema import EMATeacher
 from hvlformer.modeling import cmcr as C
 from hvlformer.modeling.unlabeled_objective import unlabeled_losses
@@ -105,7 +99,7 @@ def test_mixed_targets_follow_mixed_pixels():
     mixed, order = apply_cutmix(images, boxes)
     assert order.tolist() == [3, 2, 1, 0]  # the batch reversed
     labels = torch.arange(batch).view(batch, 1, 1).expand(batch, 8, 8)  # a label that names the source image
-    mixed_labels = C.mix_spatial(labels[:, None], boxes, order)[:, 0]
+    mixed_labels = mix_spatial(labels[:, None], boxes, order)[:, 0]
     torch.testing.assert_close(mixed[:, 0].long(), mixed_labels)
     assert mixed_labels[0, 3, 3] == 3 and mixed_labels[0, 0, 0] == 0 and mixed_labels[2, 0, 7] == 1
 
@@ -266,21 +260,37 @@ def _trainer(tmp_path, *opts):
     return trainer_class(cfg)
 
 
+class _AfterStep(HookBase):
+    """Calls ``fn(storage)`` after every step of ``trainer.train()`` (after the default hooks)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def after_step(self):
+        self.fn(self.trainer.storage)
+
+
+def _train(trainer, after_step=None):
+    """``trainer.train()`` from scratch, with ``after_step(storage)`` after every step; returns the storage."""
+    trainer.resume_or_load(resume=False)
+    if after_step is not None:
+        trainer.register_hooks([_AfterStep(after_step)])
+    trainer.train()
+    return trainer.storage
+
+
 def test_short_semi_run_decreases_losses(tmp_path):
     trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "80", "SOLVER.BASE_LR", "0.001")
-    trainer.resume_or_load(resume=False)
     totals, cmcr = [], []
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        for iteration in range(80):
-            trainer.iter = trainer._trainer.iter = iteration
-            storage.iter = iteration
-            trainer._trainer.run_step()
-            trainer.scheduler.step()
-            history = storage.histories()
-            totals.append(history["total_loss"].latest())
-            cmcr.append(sum(history[k].latest() for k in ("loss_cmcr_class", "loss_cmcr_align")))
-        assert "confident_fraction" in storage.histories() and "sre_mean_unlabeled" in storage.histories()
+
+    def record(storage):
+        history = storage.histories()
+        totals.append(history["total_loss"].latest())
+        cmcr.append(sum(history[k].latest() for k in ("loss_cmcr_class", "loss_cmcr_align")))
+
+    storage = _train(trainer, record)
+    assert len(totals) == 80
+    assert "confident_fraction" in storage.histories() and "sre_mean_unlabeled" in storage.histories()
     assert np.mean(totals[-10:]) < 0.85 * np.mean(totals[:10])
     assert all(np.isfinite(cmcr))
 
@@ -296,12 +306,8 @@ HIERVL_ENTROPY = ["MODEL.META_ARCHITECTURE", "HierVL", "MODEL.HIERVL.UNLABELED_L
                                   ["SEMI.RARE_CLASS_SAMPLING.ENABLED", "True",
                                    "SEMI.RARE_CLASS_SAMPLING.MIN_PIXELS", "50"]])
 def test_semi_variants_run(tmp_path, opts):
-    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "2", *opts)
-    trainer.resume_or_load(resume=False)
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        trainer._trainer.run_step()
-        names = set(storage.histories())
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "1", *opts)
+    names = set(_train(trainer).histories())
     if "entropy" in opts:
         assert "loss_entropy" in names and "loss_cmcr_class" not in names
     elif "SEMI.MASK_CONSISTENCY" in opts:
@@ -336,18 +342,13 @@ def test_resume_restores_student_teacher_and_optimizer(tmp_path):
 
 
 def test_unlabeled_rampup(tmp_path):
-    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "4", "SEMI.UNLABELED_RAMPUP_ITERS", "4")
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "3", "SEMI.UNLABELED_RAMPUP_ITERS", "4")
     step = trainer._trainer
     assert [step.unlabeled_ramp(i) for i in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
-    trainer.resume_or_load(resume=False)
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        step.iter = 0
-        step.run_step()  # ramp 0: the unlabeled views are skipped
-        assert "loss_cmcr_class" not in storage.histories()
-        step.iter = storage.iter = 2
-        step.run_step()
-        assert "loss_cmcr_class" in storage.histories()
+    has_cmcr = {}
+    _train(trainer, lambda storage: has_cmcr.setdefault(storage.iter, "loss_cmcr_class" in storage.histories()))
+    assert has_cmcr[0] is False  # ramp 0: the unlabeled views are skipped
+    assert has_cmcr[2] is True
 
 
 def test_self_teacher_targets_come_from_the_original_view_inside_the_forward():
@@ -355,7 +356,7 @@ def test_self_teacher_targets_come_from_the_original_view_inside_the_forward():
     # attention terms vanish, and l_mask is the BCE of the prediction against its own argmax
     from detectron2.modeling import build_model
 
-    from hvlformer.data.semi import register_shapes_semi_split
+    from hvlformer.data import register_shapes_semi_split
 
     cfg = _views_cfg("SEMI.CONFIDENCE_THRESHOLD", "0.0")
     register_shapes_semi_split(cfg)
@@ -418,12 +419,8 @@ def test_distribution_alignment_gives_the_under_predicted_class_its_share():
 
 def test_distribution_alignment_in_a_semi_step(tmp_path):
     trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "1", "SEMI.DISTRIBUTION_ALIGNMENT", "True")
-    trainer.resume_or_load(resume=False)
     criterion = trainer.model.unlabeled_criterion
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        trainer._trainer.run_step()
-        assert "loss_cmcr_mask" in storage.histories()
+    assert "loss_cmcr_mask" in _train(trainer).histories()
     # the labeled batch was observed: a distribution over the classes, background the largest share
     assert int(criterion.prior_updates) == 1
     assert criterion.labeled_class_prior.sum().item() == pytest.approx(1.0)
@@ -438,17 +435,17 @@ def test_console_line_shows_the_semi_supervised_statistics(tmp_path, caplog):
 
     from hvlformer.engine.semi_trainer import SemiMetricPrinter
 
-    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "5")
-    trainer.resume_or_load(resume=False)
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "2")  # the trainer's own printer writes "iter: 1"
     printers = [w for w in trainer.build_writers() if isinstance(w, CommonMetricPrinter)]
     assert len(printers) == 1 and isinstance(printers[0], SemiMetricPrinter)
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        trainer._trainer.run_step()
-        storage.put_scalar("lr", 1e-4)
+
+    def write_console_line(storage):
+        storage.put_scalar("lr", 1e-4, smoothing_hint=False)  # as the LRScheduler hook puts it
         printers[0].logger = logging.getLogger("hvlformer.test_console")  # detectron2's does not propagate
         with caplog.at_level(logging.INFO):
             printers[0].write()
+
+    _train(trainer, write_console_line)
     lines = [r.getMessage() for r in caplog.records if "iter: 0" in r.getMessage()]
     assert len(lines) == 1
     for key in ("loss_cmcr_mask: ", "loss_cmcr_class: ", "loss_cmcr_align: ", "confident_fraction: ",

@@ -13,6 +13,9 @@ from PIL import Image
 
 import hvlformer.data  # noqa: F401  (registers the default shapes datasets)
 from hvlformer.data import shapes as S
+from hvlformer.data.datasets import register_shapes as R
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +197,7 @@ def test_class_count_errors(tmp_path):
     with pytest.raises(ValueError, match=str(k_max - 1)):
         S.generate_shapes_split(tmp_path, "train", 2, 32, k_max + 1, 0)
     with pytest.raises(ValueError):
-        S.register_shapes(num_classes=1, root=tmp_path, name="t_shapes_bad")
+        R.register_shapes(num_classes=1, root=tmp_path, name="t_shapes_bad")
 
 
 def test_any_image_size(tmp_path):
@@ -216,7 +219,7 @@ def test_default_registration_on_import():
 def test_registration_metadata_and_replacement(tmp_path):
     names = ("t_shapes_meta_train", "t_shapes_meta_val")
     try:
-        assert S.register_shapes(4, 32, 3, 2, seed=1, root=tmp_path, name="t_shapes_meta") == names
+        assert R.register_shapes(4, 32, 3, 2, seed=1, root=tmp_path, name="t_shapes_meta") == names
         meta = MetadataCatalog.get(names[0])
         assert meta.stuff_classes == ["background", "circle", "square", "triangle"]
         assert len(meta.stuff_colors) == 4 and all(len(c) == 3 for c in meta.stuff_colors)
@@ -228,7 +231,7 @@ def test_registration_metadata_and_replacement(tmp_path):
         assert len(DatasetCatalog.get(names[0])) == 3 and len(DatasetCatalog.get(names[1])) == 2
         assert Path(MetadataCatalog.get(names[1]).image_root, "00001.jpg").is_file()
         # Re-registering with other parameters replaces the entries cleanly.
-        S.register_shapes(6, 32, 4, 1, seed=1, root=tmp_path / "b", name="t_shapes_meta")
+        R.register_shapes(6, 32, 4, 1, seed=1, root=tmp_path / "b", name="t_shapes_meta")
         assert len(MetadataCatalog.get(names[0]).stuff_classes) == 6
         assert len(DatasetCatalog.get(names[0])) == 4
         assert DatasetCatalog.list().count(names[0]) == 1
@@ -251,7 +254,7 @@ def test_lazy_generation_under_env_and_fast_second_call(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     names = ("t_shapes_lazy_train", "t_shapes_lazy_val")
     try:
-        S.register_shapes(num_classes=5, image_size=48, num_train=6, num_val=2, seed=7, name="t_shapes_lazy")
+        R.register_shapes(num_classes=5, image_size=48, num_train=6, num_val=2, seed=7, name="t_shapes_lazy")
         root = tmp_path / "shapes_5c_48px_seed7"
         assert not root.exists()
         dicts = DatasetCatalog.get(names[0])
@@ -288,18 +291,23 @@ def test_register_from_cfg(tmp_path, monkeypatch):
     cfg.DATASETS.SHAPES.SEED = 5
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     try:
-        assert S.register_shapes_from_cfg(cfg) == ("shapes_train", "shapes_val")
+        assert R.register_shapes_from_cfg(cfg) == ("shapes_train", "shapes_val")
         assert MetadataCatalog.get("shapes_val").stuff_classes == ["background", "circle", "square"]
         assert MetadataCatalog.get("shapes_train").image_root == str(tmp_path / "shapes_3c_40px_seed5" / "images" / "train")
     finally:
         monkeypatch.undo()  # back to the session's $DETECTRON2_DATASETS ...
-        S.register_shapes()  # ... and the default registration, for other tests
+        R.register_shapes()  # ... and the default registration, for other tests
     assert len(MetadataCatalog.get("shapes_train").stuff_classes) == 6
-    assert MetadataCatalog.get("shapes_train").image_root == str(S.shapes_root(6, 128, 0) / "images" / "train")
+    assert MetadataCatalog.get("shapes_train").image_root == str(R.shapes_root(6, 128, 0) / "images" / "train")
 
 
 def test_command_line(tmp_path, capsys):
-    assert S.main(["--out", str(tmp_path), "--num-classes", "4", "--image-size", "32", "--num-train", "3",
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_shapes", ROOT / "tools" / "generate_shapes.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--out", str(tmp_path), "--num-classes", "4", "--image-size", "32", "--num-train", "3",
                    "--num-val", "2", "--seed", "2"]) == 0
     assert len(list((tmp_path / "images" / "train").glob("*.jpg"))) == 3
     assert len(list((tmp_path / "labels" / "val").glob("*.png"))) == 2

@@ -40,10 +40,11 @@ from detectron2.utils.events import EventStorage
 from hvlformer import setup_cfg
 from hvlformer.engine import build_optimizer
 from hvlformer.engine.ema import EMATeacher
-from hvlformer.engine.semi_trainer import SemiSupervisedStep
-from hvlformer.engine.train_loop import amp_dtype
+from hvlformer.engine.train_loop import SemiSupervisedStep, amp_dtype
 from hvlformer.engine.trainer import Trainer
 from hvlformer.modeling.pixel_decoder.ms_deform_attn import MS_DEFORM_ATTN_IMPLS, resolve_impl
+
+from _common import emit_json  # tools/_common.py (this folder is on sys.path when the tool runs)
 
 #: The paper trains on two 24 GB cards; a setting "fits" when its reserved peak leaves room for the CUDA
 #: context (about half a GiB) on such a card.
@@ -293,11 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         device = torch.device(args.device)
         report = {"config": args.config_file, "device": _device_name(device),
                   **measure(cfg, device, labeled, unlabeled, args.iters, args.warmup, args.inference_images)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+    emit_json(report, args.output)
     return report
 
 

@@ -29,16 +29,16 @@ Cores:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from hvlformer.modeling.pixel_decoder.ms_deform_attn import ms_deform_attn
+
+from _common import emit_json  # tools/_common.py (this folder is on sys.path when the tool runs)
 
 REAL = dict(batch=8, levels=[(64, 64), (32, 32), (16, 16)], heads=8, points=4, d_model=256)
 SMALL = dict(batch=1, levels=[(8, 8), (4, 4), (2, 2)], heads=2, points=2, d_model=16)
@@ -271,11 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     report = run(args.device, args.small, args.dtype, args.iters, args.warmup, args.seed)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+    emit_json(report, args.output)
     return report
 
 

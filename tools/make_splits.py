@@ -31,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite existing split files")
     args = p.parse_args(argv)
 
-    from hvlformer.data.builtin import PAPER_SPLIT_COUNTS, write_paper_splits
+    from hvlformer.data import PAPER_SPLIT_COUNTS, write_paper_splits
 
     counts = args.counts or list(PAPER_SPLIT_COUNTS[args.dataset])
     for directory, n_lab, n_unl, what in write_paper_splits(args.dataset, counts, args.seeds, root=args.root,

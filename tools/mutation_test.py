@@ -67,9 +67,13 @@ TARGETS: Dict[str, Tuple[Path, List[str]]] = {
               F + "test_zero_shot_relevance_keeps_every_present_class",
               F + "test_zero_shot_uses_the_frozen_pretrained_encoder_on_unlabeled_and_test_images"]),
     "ptrm": (PKG / "modeling" / "ptrm.py", ["tests/test_htqg_ptrm.py", E]),
-    "semi_views": (PKG / "data" / "semi.py",
-                   ["tests/test_semi.py", E, "-k", "views or cutmix or mixed or rare or repeat or labeled_list or blur "
-                    "or defaults or pixel_counts or shapes_split or photometric"]),
+    "semi_views": (PKG / "data" / "dataset_mappers" / "unlabeled_views_mapper.py",
+                   ["tests/test_semi.py", E, "-k", "views or blur or defaults or photometric"]),
+    "cutmix": (PKG / "cutmix.py", ["tests/test_semi.py", E, "-k", "cutmix or mixed or defaults"]),
+    "samplers": (PKG / "data" / "samplers.py",
+                 ["tests/test_semi.py", E, "-k", "rare or repeat or labeled_list or defaults or pixel_counts"]),
+    "shapes_split": (PKG / "data" / "datasets" / "register_shapes.py",
+                     ["tests/test_semi.py", E, "-k", "shapes_split"]),
 }
 
 _BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,

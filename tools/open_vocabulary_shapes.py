@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from _common import emit_json, mean_std  # tools/_common.py (this folder is on sys.path when the tool runs)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
 TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
@@ -167,16 +169,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     summary["zero_shot_vlm_unseen_iou"] = round(next(iter(per_seed.values()))["zero_shot_vlm_iou"][args.unseen], 2)
     for key in ("unseen_iou", "seen_cost", "open_seen_miou", "closed_seen_miou"):
         values = summary[key]
-        summary[key] = {"runs": values, "mean": round(statistics.mean(values), 2),
-                        "std": round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0}
+        summary[key] = {"runs": values, **mean_std(values)}
     output = {"setup": {"command": "python tools/open_vocabulary_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                         "seeds": args.seeds, "iterations": args.iters, "image_size": args.image_size},
               "summary": summary, "per_seed": {str(k): v for k, v in per_seed.items()}}
-    text = json.dumps(output, indent=2)
-    print(text)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit_json(output, args.json_out)
     return output
 
 

@@ -22,12 +22,13 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from _common import emit_json, mean_std  # tools/_common.py (this folder is on sys.path when the tool runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
@@ -106,8 +107,8 @@ def run(variant: str, seed: int, args: argparse.Namespace) -> float:
 
 
 def summarise(values: List[float]) -> Dict[str, float]:
-    return {"mean": round(statistics.mean(values), 2),
-            "std": round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0,
+    """Mean, population std, min, max (2 decimals) and the runs."""
+    return {**mean_std(values),
             "min": round(min(values), 2), "max": round(max(values), 2), "runs": [round(v, 2) for v in values]}
 
 
@@ -168,11 +169,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for name, arm, minus in differences:
         common = sorted(set(table[arm]) & set(table[minus]))
         output[name] = {**summarise([table[arm][s] - table[minus][s] for s in common]), "seeds": common}
-    text = json.dumps(output, indent=2)
-    print(text)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit_json(output, args.json_out)
     return output
 
 

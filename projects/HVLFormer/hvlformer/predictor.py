@@ -52,7 +52,7 @@ from PIL import Image
 
 from .checkpoint import HVLFormerCheckpointer
 from .data import default_class_colors, read_image_checked, register_shapes_from_cfg
-from .data.dataset_mapper import inference_resize
+from .data.dataset_mappers import inference_resize
 from .data.validation import array_to_rgb8, image_to_rgb8
 from .modeling.clip_loader import clip_weights_from_checkpoint
 from .modeling.text import load_class_descriptions, reference_prompts

@@ -207,15 +207,10 @@ def check_datasets_from_cfg(cfg, training: bool = True, progress: Optional[bool]
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from .dataset_mapper import dataset_num_classes
-    from .semi import register_shapes_semi_split
-    from .shapes import register_shapes_from_cfg
-    from .splits import register_custom_semi_dataset_from_cfg, register_split_files_from_cfg
+    from .dataset_mappers import dataset_num_classes
+    from .datasets import register_datasets_from_cfg
 
-    register_shapes_from_cfg(cfg)
-    register_shapes_semi_split(cfg)
-    register_split_files_from_cfg(cfg)
-    register_custom_semi_dataset_from_cfg(cfg)
+    register_datasets_from_cfg(cfg)
     names = datasets_of_cfg(cfg, training)
     unknown = [n for n in names if n not in DatasetCatalog.list()]
     if unknown:

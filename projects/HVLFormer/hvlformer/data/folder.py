@@ -4,17 +4,17 @@ Images and masks are paired by their path relative to the root without the exten
 (``image_root/a/b.jpg`` <-> ``label_root/a/b.png``), so nested folders work. Every image needs a mask
 (a clear error lists the ones without); masks without an image are ignored with a warning.
 ``label_root=None`` gives unlabeled entries (no ``sem_seg_file_name``), for the unlabeled split of
-semi-supervised training.
+semi-supervised training. Registration: :func:`hvlformer.data.datasets.register_custom.register_sem_seg_folder`.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
 from .validation import check_dataset_root
 
-__all__ = ["load_sem_seg_folder", "register_sem_seg_folder", "default_class_colors", "index_files"]
+__all__ = ["load_sem_seg_folder", "default_class_colors", "index_files"]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -85,53 +85,3 @@ def default_class_colors(num_classes: int) -> List[List[int]]:
             c >>= 3
         colors.append([r, g, b])
     return colors
-
-
-def register_sem_seg_folder(
-    name: str,
-    image_root: PathLike,
-    label_root: Optional[PathLike],
-    class_names: Sequence[str],
-    ignore_label: int = 255,
-    colors: Optional[Sequence[Sequence[int]]] = None,
-    descriptions_name: Optional[str] = None,
-    image_ext: str = ".jpg",
-    label_ext: str = ".png",
-) -> str:
-    """Register a folder dataset in ``DatasetCatalog`` / ``MetadataCatalog`` (replacing ``name``).
-
-    Loading is lazy (the folders are listed by ``DatasetCatalog.get``). Returns ``name``.
-    """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    class_names = [str(c) for c in class_names]
-    if not class_names:
-        raise ValueError(f"register_sem_seg_folder({name!r}): class_names is empty.")
-    if colors is None:
-        colors = default_class_colors(len(class_names))
-    colors = [list(map(int, c)) for c in colors]
-    if len(colors) != len(class_names):
-        raise ValueError(
-            f"register_sem_seg_folder({name!r}): {len(colors)} colors for {len(class_names)} classes."
-        )
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-    if name in MetadataCatalog.list():
-        MetadataCatalog.remove(name)
-    image_root, label_root_s = os.fspath(image_root), (os.fspath(label_root) if label_root is not None else None)
-    DatasetCatalog.register(
-        name, lambda: load_sem_seg_folder(image_root, label_root_s, image_ext=image_ext, label_ext=label_ext)
-    )
-    meta: Dict[str, Any] = dict(
-        stuff_classes=class_names,
-        stuff_colors=colors,
-        ignore_label=int(ignore_label),
-        evaluator_type="sem_seg",
-        image_root=image_root,
-    )
-    if label_root_s is not None:
-        meta["sem_seg_root"] = label_root_s
-    if descriptions_name is not None:
-        meta["descriptions_name"] = descriptions_name
-    MetadataCatalog.get(name).set(**meta)
-    return name

@@ -1,4 +1,4 @@
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer, get_parameter_groups
-from .train_loop import AutocastTrainer
+from .train_loop import SemiSupervisedStep, TrainStep
 from .trainer import Trainer

@@ -1,32 +1,25 @@
-"""Semi-supervised training (paper section 4.1): one labeled and one unlabeled batch per step, three views of every
+"""Semi-supervised training (paper section 4.1): one labeled and one unlabeled batch per step (the step is
+:class:`~hvlformer.engine.train_loop.SemiSupervisedStep`), three views of every
 unlabeled image, CMCR against the original view (the model itself, stop-gradient, or an EMA teacher)."""
 from __future__ import annotations
 
 import logging
 import os
-import time
-import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
-import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks
-from detectron2.utils import comm
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils.events import CommonMetricPrinter, get_event_storage
-from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import HVLFormerCheckpointer
-from ..data import HVLFormerSemanticDatasetMapper
-from ..data.semi import RareClassSampler, UnlabeledViewsMapper, apply_cutmix, class_pixel_counts, repeat_to_length
-from ..modeling.unlabeled_objective import teacher_targets
-from .ema import EMATeacher, unwrap
-from .train_loop import GradScalerStateMixin, amp_dtype
-from .trainer import Trainer, check_datasets, log_batch_recipe, wrap_ddp
+from ..data import HVLFormerSemanticDatasetMapper, UnlabeledViewsMapper
+from ..data.samplers import RareClassSampler, class_pixel_counts, repeat_to_length
+from .ema import EMATeacher
+from .train_loop import SemiSupervisedStep
+from .trainer import Trainer, amp_of
 
 logger = logging.getLogger(__name__)
-UNLABELED_LOSSES = ("loss_cmcr_mask", "loss_cmcr_class", "loss_cmcr_align", "loss_entropy")
 #: Statistics of the semi-supervised step (not losses) shown in the console line next to the losses.
 CONSOLE_STATS = ("confident_fraction", "sre_mean_labeled", "sre_mean_unlabeled")
 
@@ -93,106 +86,29 @@ def auto_scale_semi(cfg: CfgNode, world_size: int) -> CfgNode:
     return DefaultTrainer.auto_scale_workers(cfg, world_size)
 
 
-class SemiSupervisedStep(GradScalerStateMixin, SimpleTrainer):
-    """The training step: labeled losses + unlabeled losses in one forward of the (DDP) model."""
-
-    def __init__(self, model, labeled_loader, unlabeled_loader, optimizer, teacher: Optional[EMATeacher] = None,
-                 amp: Optional[torch.dtype] = None, rampup_iters: int = 0) -> None:
-        super().__init__(model, labeled_loader, optimizer)
-        self.rampup_iters = rampup_iters
-        self.unlabeled_loader = unlabeled_loader
-        self._unlabeled_iter = iter(unlabeled_loader)
-        self.teacher = teacher
-        self.amp = amp
-        self.device_type = next(unwrap(model).parameters()).device.type
-        self.grad_scaler = torch.amp.GradScaler(self.device_type,
-                                                enabled=amp == torch.float16 and self.device_type == "cuda")
-
-    def unlabeled_ramp(self, iteration: int) -> float:
-        """Factor of the unlabeled losses: ``min(1, iteration / rampup_iters)`` (1 without a ramp-up)."""
-        return 1.0 if self.rampup_iters <= 0 else min(1.0, iteration / self.rampup_iters)
-
-    @torch.no_grad()
-    def unlabeled_batch(self, unlabeled: List[Dict[str, Any]]) -> Dict[str, Any]:
-        """Stack the views, CutMix the strong one, and compute the teacher's targets on the original view."""
-        core = unwrap(self.model)
-        original = torch.stack([d["image"] for d in unlabeled]).to(core.device)
-        boxes = torch.stack([d["cutmix_box"] for d in unlabeled]).to(core.device)
-        strong, order = apply_cutmix(torch.stack([d["image_strong"] for d in unlabeled]).to(core.device), boxes)
-        batch = {
-            "image_weak": torch.stack([d["image_weak"] for d in unlabeled]),
-            "image_strong": strong,
-            "padding": torch.stack([d["padding"] for d in unlabeled]),
-            "cutmix_box": boxes,
-            "mix_order": order,
-        }
-        if self.teacher is None:
-            # self teacher: the model computes the targets inside its forward, reusing that step's text
-            # embeddings (one text-tower pass per step instead of two)
-            batch["image_original"] = original
-        else:
-            teacher = self.teacher.model
-            batch["targets"] = teacher_targets(teacher, original, teacher.encode_text(), core.unlabeled_criterion,
-                                               batch["padding"])
-        return batch
-
-    def run_step(self) -> None:
-        assert self.model.training, "[SemiSupervisedStep] model was changed to eval mode!"
-        start = time.perf_counter()
-        labeled = next(self._data_loader_iter)
-        unlabeled = next(self._unlabeled_iter)
-        data_time = time.perf_counter() - start
-        ramp = self.unlabeled_ramp(self.iter)
-        with torch.autocast(self.device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            batch = self.unlabeled_batch(unlabeled) if ramp > 0 else None
-            outputs = self.model(labeled, unlabeled=batch)
-        loss_dict = {k: (v * ramp if k in UNLABELED_LOSSES else v) for k, v in outputs.items() if k.startswith("loss")}
-        stats = {k[len("stat_"):]: v for k, v in outputs.items() if k.startswith("stat_")}
-        losses = sum(loss_dict.values())
-        self.optimizer.zero_grad()
-        self.grad_scaler.scale(losses).backward()
-        self.after_backward()
-        self._write_metrics(loss_dict, data_time)
-        if comm.is_main_process() and stats:
-            get_event_storage().put_scalars(**{k: float(v) for k, v in stats.items()})
-        self.grad_scaler.step(self.optimizer)
-        self.grad_scaler.update()
-        if self.teacher is not None:
-            self.teacher.update(self.model, self.iter)
-
-
 class SemiSupervisedTrainer(Trainer):
     """``DATASETS.TRAIN_LABELED`` + ``DATASETS.TRAIN_UNLABELED``; evaluation on ``DATASETS.TEST`` of the
     student and (``SEMI.TEACHER: ema`` with ``SEMI.EVAL_TEACHER``) of the teacher."""
 
-    def __init__(self, cfg: CfgNode) -> None:  # noqa: D107
-        super(DefaultTrainer, self).__init__()
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
+    @classmethod
+    def training_config(cls, cfg: CfgNode, world_size: int) -> CfgNode:
+        """Checks that both training sets are named, then :func:`auto_scale_semi`."""
         if not cfg.DATASETS.TRAIN_LABELED or not cfg.DATASETS.TRAIN_UNLABELED:
             raise ValueError("semi-supervised training needs DATASETS.TRAIN_LABELED and DATASETS.TRAIN_UNLABELED")
-        original = cfg
-        cfg = auto_scale_semi(cfg, comm.get_world_size())
-        check_datasets(cfg, training=True)  # datasets first (cheap), then the model (may download CLIP)
-        log_batch_recipe(cfg, comm.get_world_size(), original)
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        labeled_loader, unlabeled_loader = self.build_semi_loaders(cfg)
-        teacher = EMATeacher(model, cfg.SEMI.EMA_DECAY) if cfg.SEMI.TEACHER == "ema" else None
+        return auto_scale_semi(cfg, world_size)
+
+    @classmethod
+    def build_teacher(cls, cfg: CfgNode, model) -> Optional[EMATeacher]:
+        """``SEMI.TEACHER: ema``: an EMA copy of ``model``; ``self``: none (the model is its own teacher)."""
         if cfg.SEMI.TEACHER not in ("self", "ema"):
             raise ValueError(f"SEMI.TEACHER must be 'self' or 'ema', got {cfg.SEMI.TEACHER!r}")
-        model = wrap_ddp(cfg, model)
-        amp = amp_dtype(cfg.SOLVER.AMP.DTYPE) if cfg.SOLVER.AMP.ENABLED else None
-        self._trainer = SemiSupervisedStep(model, labeled_loader, unlabeled_loader, optimizer, teacher, amp,
-                                           rampup_iters=cfg.SEMI.UNLABELED_RAMPUP_ITERS)
-        self.teacher = teacher
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        extra = {"teacher": teacher} if teacher is not None else {}
-        self.checkpointer = HVLFormerCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra)
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        return EMATeacher(model, cfg.SEMI.EMA_DECAY) if cfg.SEMI.TEACHER == "ema" else None
+
+    def build_train_step(self, cfg: CfgNode, model, optimizer) -> SemiSupervisedStep:
+        """The semi-supervised step over the labeled and the unlabeled loaders (:meth:`build_semi_loaders`)."""
+        labeled_loader, unlabeled_loader = self.build_semi_loaders(cfg)
+        return SemiSupervisedStep(model, labeled_loader, unlabeled_loader, optimizer, self.teacher, amp_of(cfg),
+                                  rampup_iters=cfg.SEMI.UNLABELED_RAMPUP_ITERS)
 
     @classmethod
     def build_semi_loaders(cls, cfg: CfgNode):

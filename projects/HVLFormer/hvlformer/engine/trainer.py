@@ -1,5 +1,9 @@
-"""The supervised HVLFormer trainer: detectron2's DefaultTrainer with the project's data, evaluator,
-optimizer groups, WarmupPolyLR and device-agnostic mixed precision."""
+"""The HVLFormer trainer: detectron2's DefaultTrainer with the project's data, evaluator, optimizer groups,
+WarmupPolyLR and training step (:mod:`.train_loop`, device-agnostic mixed precision).
+
+:class:`Trainer` holds the one construction sequence (config rescaling, dataset check, model, optimizer,
+teacher, DDP, training step, scheduler, checkpointer); the semi-supervised trainer overrides its parts
+(:meth:`Trainer.training_config`, :meth:`Trainer.build_teacher`, :meth:`Trainer.build_train_step`)."""
 from __future__ import annotations
 
 import logging
@@ -7,25 +11,21 @@ import os
 import weakref
 from typing import Optional
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.engine import DefaultTrainer, create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import HVLFormerCheckpointer
-from ..data import (
-    HVLFormerSemanticDatasetMapper,
-    register_custom_semi_dataset_from_cfg,
-    register_shapes_from_cfg,
-    register_split_files_from_cfg,
-)
+from ..data import HVLFormerSemanticDatasetMapper, register_datasets_from_cfg
 from ..data.check import check_datasets_from_cfg
-from ..data.semi import register_shapes_semi_split
 from ..evaluation import build_sem_seg_evaluator
+from .ema import EMATeacher
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
-from .train_loop import AutocastTrainer, amp_dtype
+from .train_loop import TrainStep, amp_dtype
 
 
 def check_datasets(cfg: CfgNode, training: bool = True) -> None:
@@ -85,41 +85,53 @@ def log_batch_recipe(cfg: CfgNode, world_size: int, original: Optional[CfgNode] 
     logging.getLogger("hvlformer").log(level, "\n%s", text)
 
 
+def amp_of(cfg: CfgNode) -> Optional[torch.dtype]:
+    """The autocast dtype of ``SOLVER.AMP`` (``None``: full precision)."""
+    return amp_dtype(cfg.SOLVER.AMP.DTYPE) if cfg.SOLVER.AMP.ENABLED else None
+
+
 class Trainer(DefaultTrainer):
     """Supervised training on labeled images (``DATASETS.TRAIN``), evaluation on ``DATASETS.TEST``."""
 
-    def __init__(self, cfg: CfgNode) -> None:  # noqa: D107 - same steps as DefaultTrainer, own step loop
-        super(DefaultTrainer, self).__init__()
-        logger = logging.getLogger("detectron2")
-        if not logger.isEnabledFor(logging.INFO):
+    def __init__(self, cfg: CfgNode) -> None:  # noqa: D107 - DefaultTrainer's steps with our own parts
+        super(DefaultTrainer, self).__init__()  # TrainerBase: DefaultTrainer.__init__ would build its own step
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         original = cfg
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        cfg = self.training_config(cfg, comm.get_world_size())
         check_datasets(cfg, training=True)  # datasets first (cheap), then the model (may download CLIP)
         log_batch_recipe(cfg, comm.get_world_size(), original)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = wrap_ddp(cfg, model)
-        if cfg.SOLVER.AMP.ENABLED:
-            self._trainer = AutocastTrainer(model, data_loader, optimizer, dtype=amp_dtype(cfg.SOLVER.AMP.DTYPE))
-        else:
-            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        self.teacher = self.build_teacher(cfg, model)
+        self._trainer = self.build_train_step(cfg, wrap_ddp(cfg, model), optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = HVLFormerCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        extra = {"teacher": self.teacher} if self.teacher is not None else {}
+        self.checkpointer = HVLFormerCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                                  **extra)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
     @classmethod
+    def training_config(cls, cfg: CfgNode, world_size: int) -> CfgNode:
+        """The config training runs with: detectron2's ``SOLVER.REFERENCE_WORLD_SIZE`` rescaling."""
+        return DefaultTrainer.auto_scale_workers(cfg, world_size)
+
+    @classmethod
+    def build_teacher(cls, cfg: CfgNode, model) -> Optional[EMATeacher]:
+        """The teacher that supplies unlabeled targets (none in supervised training)."""
+        return None
+
+    def build_train_step(self, cfg: CfgNode, model, optimizer) -> TrainStep:
+        """The training step over ``model`` (already DDP-wrapped) with the training data loader."""
+        return TrainStep(model, self.build_train_loader(cfg), optimizer, amp=amp_of(cfg))
+
+    @classmethod
     def register_datasets(cls, cfg: CfgNode) -> None:
         """Register the datasets whose definition depends on the config (shapes size, splits)."""
-        register_shapes_from_cfg(cfg)
-        register_shapes_semi_split(cfg)
-        register_split_files_from_cfg(cfg)
-        register_custom_semi_dataset_from_cfg(cfg)
-
+        register_datasets_from_cfg(cfg)
     @classmethod
     def build_model(cls, cfg: CfgNode):
         cls.register_datasets(cfg)  # the model takes its class list from the dataset metadata

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import Tensor, nn
 
+from ..cutmix import mix_spatial
 from .outputs import semantic_scores
 from .regularization import fp32_loss
 
@@ -130,13 +131,6 @@ class LayerTargets:
     probs: Tensor           # B x K x h x w per-class probability maps
     pred_logits: Tensor     # B x Q x (K+1)
     attn_maps: Tensor       # B x Q x L
-
-
-def mix_spatial(tensor: Tensor, box: Tensor, order: Tensor) -> Tensor:
-    """CutMix: ``tensor[i]`` outside ``box[i]``, ``tensor[order[i]]`` inside. tensor ``B x ... x h x w``,
-    box ``B x h x w`` bool (already at the tensor's resolution)."""
-    box = box.view(box.shape[0], *([1] * (tensor.dim() - 3)), *box.shape[-2:])
-    return torch.where(box, tensor[order], tensor)
 
 
 class CMCRLoss(nn.Module):

@@ -41,7 +41,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import CropTransform, NoOpTransform, PadTransform
 
-from .validation import check_image_label_sizes, read_image_checked, read_label_checked
+from ..validation import check_image_label_sizes, read_image_checked, read_label_checked
 
 __all__ = [
     "ResizeLongestSide",
