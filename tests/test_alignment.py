@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from hvlformer import setup_cfg
 from hvlformer.data import HVLFormerSemanticDatasetMapper, register_shapes
 from hvlformer.evaluation import HVLSemSegEvaluator, PixelTextAlignmentEvaluator, build_sem_seg_evaluator
-from hvlformer.evaluation.alignment import pixel_text_alignment
+from hvlformer.modeling.alignment import pixel_text_alignment
 
 CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
 SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
