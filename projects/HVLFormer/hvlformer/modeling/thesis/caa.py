@@ -50,7 +50,8 @@ Decisions (where chapter 3 leaves things open):
   is a convex combination of pixel features, so it has the scale of a feature whatever ``P`` is.
 - The coarse classifier scores pixels against the class TEXT embeddings (not a ``K``-way conv), so CAA
   follows the model's vocabulary (a new vocabulary at inference works).
-- Norm: ``GN`` by default (batch-size independent; the pixel decoder's own norm), ``BN`` selectable.
+- Norm: ``GN`` by default (batch-size independent; the pixel decoder's own norm; ``gcd(32, D')`` groups),
+  ``BN`` selectable.
 - The fusion is residual and ``Delta`` starts at zero: the module is the identity at initialisation, so it
   can be switched on when fine-tuning a trained HVLFormer without disturbing it (the thesis's plain
   ``Delta(Concat(...))`` would replace ``F``).
@@ -71,7 +72,7 @@ from torch import Tensor, nn
 from ..regularization import fp32_loss
 from .labels import downsample_labels
 
-__all__ = ["ClassAwareAffinity", "affinity_targets", "caa_affinity_loss", "caa_auxiliary_loss", "caa_affinity_bytes"]
+__all__ = ["ClassAwareAffinity", "class_centers", "intra_inter_features", "class_association", "affinity_targets", "caa_affinity_loss", "caa_auxiliary_loss", "caa_affinity_bytes"]
 
 
 def caa_affinity_bytes(height: int, width: int, stride: int, batch: int = 1, bytes_per_entry: int = 4) -> int:
@@ -120,6 +121,30 @@ def caa_auxiliary_loss(coarse_logits: Tensor, labels: Tensor, ignore_value: int 
     return F.cross_entropy(logits, labels.long(), ignore_index=ignore_value)
 
 
+def class_centers(coarse_logits: Tensor, reduced: Tensor) -> Tensor:
+    """Eq. 3.1: ``softmax_P(F_coarse) @ F'^T``: coarse ``B x K x h x w``, ``F'`` ``B x D' x h x w`` ->
+    ``B x K x D'`` (each centre a convex combination of the pixel features)."""
+    return torch.einsum("bkp,bdp->bkd", coarse_logits.flatten(2).softmax(dim=-1), reduced.flatten(2))
+
+
+def intra_inter_features(affinity: Tensor, pixels: Tensor, eps: float = 1e-6):
+    """Eqs. 3.2 / 3.3, row-normalised: affinity ``M`` ``B x P x P`` in [0, 1], pixel features ``B x P x D'``
+    -> (``F_intra``, ``F_inter``), each ``B x P x D'``: the ``M``- and ``(1 - M)``-weighted means over the
+    pixels. ``(1 - M) F`` is computed as ``sum_j F_j - M F`` (no second ``P x P`` map)."""
+    same_sum = torch.bmm(affinity, pixels)
+    same_mass = affinity.sum(dim=-1, keepdim=True)
+    intra = same_sum / same_mass.clamp_min(eps)
+    inter = (pixels.sum(dim=1, keepdim=True) - same_sum) / (pixels.shape[1] - same_mass).clamp_min(eps)
+    return intra, inter
+
+
+def class_association(pixels: Tensor, centers: Tensor) -> Tensor:
+    """Eqs. 3.4-3.7: ``sum_j softmax_j(pixels_i . centers_j / sqrt(D')) centers_j``: pixels ``B x P x D'``,
+    centres ``B x K x D'`` -> ``B x P x D'``."""
+    scale = 1.0 / math.sqrt(pixels.shape[-1])
+    return torch.bmm((torch.bmm(pixels, centers.transpose(1, 2)) * scale).softmax(dim=-1), centers)
+
+
 class ClassAwareAffinity(nn.Module):
     """CAA on one feature map (see the module docstring for the equations, memory and decisions)."""
 
@@ -141,8 +166,10 @@ class ClassAwareAffinity(nn.Module):
         self.in_channels, self.reduced_dim = in_channels, reduced
 
         def reduce() -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(in_channels, reduced, 1, bias=not norm), get_norm(norm, reduced),
-                                 nn.ReLU(inplace=True))
+            # GN with gcd(32, D') groups, so any D' works (detectron2's "GN" needs a multiple of 32)
+            layer = nn.GroupNorm(math.gcd(32, reduced), reduced) if norm == "GN" else get_norm(norm, reduced)
+            layers = [nn.Conv2d(in_channels, reduced, 1, bias=not norm)] + ([layer] if layer is not None else [])
+            return nn.Sequential(*layers, nn.ReLU(inplace=True))
 
         self.reduce = reduce()                                       # F -> F' (Sec. 3.2.3)
         self.affinity_embed = nn.Sequential(reduce(), nn.Conv2d(reduced, reduced, 1))  # the two 1x1 convs
@@ -187,17 +214,11 @@ class ClassAwareAffinity(nn.Module):
         reduced = self.reduce(features)                                          # B x D' x h x w
         coarse = self.coarse_logits(reduced, class_embeddings)                   # B x K x h x w
         flat = reduced.flatten(2).transpose(1, 2)                                # B x P x D'
-        centers = torch.einsum("bkp,bpd->bkd", coarse.flatten(2).softmax(dim=-1), flat)  # eq. 3.1
+        centers = class_centers(coarse, reduced)                                 # eq. 3.1
         logits = self.affinity_logits(features)                                  # B x P x P
-        affinity = logits.sigmoid()
-        pixels = flat.shape[1]
-        same_sum = torch.bmm(affinity, flat)                                     # sum_j M_ij F'_j
-        same_mass = affinity.sum(dim=-1, keepdim=True)
-        intra = same_sum / same_mass.clamp_min(1e-6)                             # eq. 3.2 (row-normalised)
-        inter = (flat.sum(dim=1, keepdim=True) - same_sum) / (pixels - same_mass).clamp_min(1e-6)  # eq. 3.3
-        scale = 1.0 / math.sqrt(self.reduced_dim)
-        intra_ctx = torch.bmm((torch.bmm(intra, centers.transpose(1, 2)) * scale).softmax(-1), centers)  # 3.4-3.5
-        inter_ctx = torch.bmm((torch.bmm(inter, centers.transpose(1, 2)) * scale).softmax(-1), centers)  # 3.6-3.7
+        intra, inter = intra_inter_features(logits.sigmoid(), flat)              # eqs. 3.2, 3.3
+        intra_ctx = class_association(intra, centers)                            # eqs. 3.4, 3.5
+        inter_ctx = class_association(inter, centers)                            # eqs. 3.6, 3.7
 
         def to_map(x: Tensor) -> Tensor:
             return x.transpose(1, 2).reshape(batch, -1, height, width)
