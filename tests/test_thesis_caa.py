@@ -166,3 +166,23 @@ def test_config_and_plain_arguments_agree():
     assert [(n, p.shape) for n, p in from_cfg.named_parameters()] == [(n, p.shape) for n, p in plain.named_parameters()]
     cfg.MODEL.HVLFORMER.CAA.REDUCED_DIM = 48
     assert ClassAwareAffinity(cfg, text_dim=16).reduced_dim == 48
+
+
+def test_training_keeps_about_four_float_maps_per_image():
+    """The memory statement of the docstring: tensors of P x P entries saved for the backward of CAA and
+    its affinity loss are 4 float32 maps and 1 bool map (a regression that keeps (1 - M) or a one-hot
+    product would add maps)."""
+    caa = ClassAwareAffinity(in_channels=16, text_dim=8).train()
+    x, text, labels = torch.randn(1, 16, 12, 12), torch.randn(4, 8), torch.randint(0, 4, (1, 12, 12))
+    pixels = 144
+    saved = {}
+
+    def pack(t):
+        if t.numel() == pixels * pixels:
+            saved[t.data_ptr()] = t.dtype
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = caa(x, text)
+        caa_affinity_loss(out["affinity_logits"], labels)
+    assert sorted(str(d) for d in saved.values()) == ["torch.bool"] + ["torch.float32"] * 4

@@ -29,14 +29,16 @@ fixes ``P`` and hence the input size; here ``M`` is a product of per-pixel embed
 works, but its memory grows with the square of the pixel count::
 
     entries(M) = B * P^2,   P = ceil(H / s) * ceil(W / s)
-    bytes      = 4 * B * P^2 per float32 P x P map; training keeps about 3 such maps per image (the logits
-                 and M for the backward of the products, the BCE of eq. 3.9), inference 1.
+    training:  4 float32 maps + 1 bool map kept for the backward (the scaled cosine, the logits, M = sigmoid,
+               the BCE target; the "valid pair" mask), i.e. about 17 * B * P^2 bytes (counted with
+               saved-tensor hooks in tests/test_thesis_caa.py);
+    inference: about 2 float32 maps at peak (logits, M): 8 * B * P^2 bytes.
 
-    crop 512 x 512,  s = 8  : P = 4096,  P^2 = 16.8 M  ->  64 MiB per map (about 192 MiB / image training)
-    crop 512 x 512,  s = 16 : P = 1024,  P^2 = 1.05 M  ->   4 MiB per map
-    crop 801 -> 832 (Cityscapes, padded to 32), s = 8 : P = 10816, P^2 = 117 M -> 446 MiB per map
-                                                        (about 1.3 GiB / image training)
-    crop 801 -> 832, s = 16 : P = 2704, P^2 = 7.3 M  ->  28 MiB per map
+    crop 512 x 512,  s = 8  : P = 4096,  P^2 = 16.8 M -> 64 MiB per map, 272 MiB / image training, 128 MiB inference
+    crop 512 x 512,  s = 16 : P = 1024,  P^2 = 1.05 M ->  4 MiB per map,  17 MiB / image training
+    crop 801 -> 832 (Cityscapes, padded to 32), s = 8 : P = 10816, P^2 = 117 M -> 446 MiB per map,
+                              1.85 GiB / image training (a batch of 8: 14.8 GiB; use s = 16 there)
+    crop 801 -> 832, s = 16 : P = 2704,  P^2 = 7.3 M  -> 28 MiB per map, 119 MiB / image training
 
 Decisions (where chapter 3 leaves things open):
 
