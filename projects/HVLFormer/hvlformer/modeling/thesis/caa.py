@@ -72,7 +72,6 @@ from detectron2.layers import get_norm
 from torch import Tensor, nn
 
 from ..regularization import fp32_loss
-from .labels import downsample_labels
 
 __all__ = ["ClassAwareAffinity", "class_centers", "intra_inter_features", "class_association", "affinity_targets", "caa_affinity_loss", "caa_auxiliary_loss", "caa_affinity_bytes"]
 
