@@ -224,14 +224,23 @@ def test_attribute_prompt_style_order_and_errors(tmp_path):
     path.write_text(json.dumps({"classes": {"cat": ["a."]}, "attribute_descriptions": {"cat": {"size": "Z."}}}))
     with pytest.raises(ValueError, match="'shape'"):
         load_class_descriptions(str(path), ["cat"], style="attributes")
+    # without the table inside: attributes/<file name> next to the descriptions file
+    path.write_text(json.dumps({"classes": {"cat": ["a cat."]}}))
+    with pytest.raises(ValueError, match="attribute_descriptions"):
+        load_class_descriptions(str(path), ["cat"], style="attributes")
+    (tmp_path / "attributes").mkdir()
+    (tmp_path / "attributes" / "d.json").write_text(json.dumps({"classes": {
+        "cat": {"size": "small.", "shape": "agile.", "texture": "fluffy.", "colour": "grey."}}}))
+    assert load_class_descriptions(str(path), ["cat"], style="attributes").prompts == [["small. agile. fluffy. grey."]]
 
 
-def test_shapes_attribute_prompts_fit_the_text_context():
+@pytest.mark.parametrize("dataset", ["shapes", "voc"])
+def test_shipped_attribute_prompts_fit_the_text_context(dataset):
     from pathlib import Path
 
     import open_clip
 
-    path = Path(__file__).resolve().parents[1] / "datasets/descriptions/shapes.json"
+    path = Path(__file__).resolve().parents[1] / f"datasets/descriptions/{dataset}.json"
     names = list(json.loads(path.read_text())["classes"])
     prompts = load_class_descriptions(str(path), names, style="attributes").prompts
     assert len(prompts) == len(names) and all(len(p) == 1 for p in prompts)

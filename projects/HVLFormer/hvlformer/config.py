@@ -354,8 +354,9 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Initial fusion weight w (the thesis: 0.5).
     cfg.MODEL.HVLFORMER.LSMSEG.FUSION_INIT_WEIGHT = 0.5
     # Class prompts: "descriptions" (the dataset-aware descriptions, paper) or "attributes" (the thesis's
-    # size, shape, texture, colour sentences joined in that order into one prompt per class, Sec. 5.2.3;
-    # needs an "attribute_descriptions" entry in the descriptions file).
+    # size, shape, texture, colour sentences joined in that order into one prompt per class, Sec. 5.2.3; the
+    # table comes from the descriptions file's "attribute_descriptions" or from attributes/<file name> next to
+    # it, shipped for shapes and voc).
     cfg.MODEL.HVLFORMER.TEXT.PROMPT_STYLE = "descriptions"
 
     # ------------------------------------------------------------------ test

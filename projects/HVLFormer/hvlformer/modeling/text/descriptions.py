@@ -24,9 +24,11 @@ Prompt styles (``style``, config ``MODEL.HVLFORMER.TEXT.PROMPT_STYLE``):
 - ``"descriptions"`` (default, the paper): up to ``R`` description sentences per class from ``"classes"``;
 - ``"attributes"`` (the thesis, chapter 5, Sec. 5.2.3 "Attribute Combination", Table 5.4): ONE prompt per
   class, its attribute sentences joined in the order size, shape, texture, colour (``ATTRIBUTE_ORDER``),
-  from an ``"attribute_descriptions"`` object ``{class: {"size": ..., "shape": ..., "texture": ...,
-  "colour": ...}}`` ("color" is accepted for "colour"). A class or an attribute missing is a ``ValueError``;
-  the style needs a file (there is no fallback sentence for an attribute). Keep the four sentences short:
+  from a table ``{class: {"size": ..., "shape": ..., "texture": ..., "colour": ...}}`` ("color" is accepted
+  for "colour"): the descriptions file's ``"attribute_descriptions"`` object if it has one, else the
+  ``"classes"`` object of ``attributes/<same file name>`` next to it (the shipped
+  ``datasets/descriptions/attributes/{shapes,voc}.json``). A class or an attribute missing is a
+  ``ValueError``; the style needs a file (there is no fallback sentence for an attribute). Keep the four sentences short:
   the text encoder truncates a prompt at its context length (77 tokens minus the learnable context).
 """
 from __future__ import annotations
@@ -128,9 +130,20 @@ def load_class_descriptions(
 def _attribute_prompts(data: dict, class_names: Sequence[str], path: str) -> List[str]:
     """One prompt per class: its ``ATTRIBUTE_ORDER`` sentences joined by a space."""
     table = data.get("attribute_descriptions")
+    if table is None:
+        sibling = Path(path).parent / "attributes" / Path(path).name
+        if not sibling.is_file():
+            raise _fail(path, 'prompt style "attributes" needs an "attribute_descriptions" object {class name: '
+                              '{"size": ..., "shape": ..., "texture": ..., "colour": ...}} in it, or the file '
+                              f'{sibling} with that table as "classes"')
+        with open(sibling, "r", encoding="utf-8") as f:
+            try:
+                table = json.load(f).get("classes")
+            except json.JSONDecodeError as e:
+                raise _fail(str(sibling), f"not valid JSON ({e})") from e
+        path = str(sibling)
     if not isinstance(table, dict):
-        raise _fail(path, 'prompt style "attributes" needs an "attribute_descriptions" object '
-                          '{class name: {"size": ..., "shape": ..., "texture": ..., "colour": ...}}')
+        raise _fail(path, "the attribute table must be an object {class name: {attribute: sentence}}")
     prompts = []
     for name in class_names:
         entry = table.get(name)
