@@ -32,9 +32,10 @@ works, but its memory grows with the square of the pixel count::
     training:  4 float32 maps + 1 bool map kept for the backward (the scaled cosine, the logits, M = sigmoid,
                the BCE target; the "valid pair" mask), i.e. about 17 * B * P^2 bytes (counted with
                saved-tensor hooks in tests/test_thesis_caa.py);
-    inference: about 2 float32 maps at peak (logits, M): 8 * B * P^2 bytes.
+    inference: 2 float32 maps held (the returned logits and M), 3 for a moment while the logits are scaled:
+               8 to 12 * B * P^2 bytes.
 
-    crop 512 x 512,  s = 8  : P = 4096,  P^2 = 16.8 M -> 64 MiB per map, 272 MiB / image training, 128 MiB inference
+    crop 512 x 512,  s = 8  : P = 4096,  P^2 = 16.8 M -> 64 MiB per map, 272 MiB / image training, 128-192 MiB inference
     crop 512 x 512,  s = 16 : P = 1024,  P^2 = 1.05 M ->  4 MiB per map,  17 MiB / image training
     crop 801 -> 832 (Cityscapes, padded to 32), s = 8 : P = 10816, P^2 = 117 M -> 446 MiB per map,
                               1.85 GiB / image training (a batch of 8: 14.8 GiB; use s = 16 there)
