@@ -56,6 +56,21 @@ def test_category_filter_ranks_per_image_and_keeps_small_vocabularies():
     assert small["indices"].tolist() == [list(range(10))] * 2
 
 
+def test_category_filter_at_two_input_sizes():
+    torch.manual_seed(0)
+    text = torch.randn(50, 8)
+    cfm = CategoryFilter(top_k=5)
+    for h, w in ((4, 4), (6, 9)):
+        dense = torch.randn(2, 8, h, w)
+        out = cfm(dense, text)
+        assert out["cost"].shape == (2, 5, h, w) and out["indices"].shape == (2, 5)
+        # every kept class scores at least as high as every filtered one
+        for b in range(2):
+            kept = set(out["indices"][b].tolist())
+            worst_kept = min(out["scores"][b, i] for i in kept)
+            assert all(out["scores"][b, i] <= worst_kept for i in range(50) if i not in kept)
+
+
 def test_scatter_filtered_scores_round_trip():
     scores = torch.rand(2, 3, 4, 4)
     indices = torch.tensor([[0, 2, 5], [1, 3, 4]])
