@@ -57,3 +57,19 @@ def test_tables_for_the_tiny_config(capsys, single_thread):
     gflops = float(re.search(r"Total: ([0-9.]+) GFLOPs", out).group(1))
     assert 0.005 < gflops < 1.0
     assert "_native_multi_head_attention" not in out.split("Total:")[1]  # counted, not listed as skipped
+
+
+def test_thesis_module_table(capsys, single_thread):
+    # standalone thesis modules at the tiny widths (no full model is built with --thesis-only)
+    code = analyze_model.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes_random.yaml"),
+                               "--input-size", "64", "64", "--thesis-only", "--vocabulary", "100", *SMALL])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "## Thesis modules" in out and "## Parameters" not in out
+    rows = {line.split(" | ")[0].strip("| ").split(" (")[0]: line.split(" | ") for line in out.splitlines()
+            if line.startswith("| ") and "GFLOPs" not in line}
+    assert set(rows) == {"CAA", "ECAC", "LSMSeg category filter", "LSMSeg class refinement", "LSMSeg visual fusion"}
+    assert rows["LSMSeg category filter"][1] == "0"  # no parameters
+    assert all(float(r[2]) > 0 for r in rows.values())  # every module was traced and counted
+    # CAA at stride 8 of 64x64: P = 64, one fp32 P x P map = 4 * 64^2 bytes
+    assert f"{4 * 64 ** 2 / 2 ** 20:.2f} MiB" in rows["CAA"][3]

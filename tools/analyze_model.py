@@ -17,6 +17,14 @@ What is counted:
   ``nn.MultiheadAttention`` in the CLIP towers) and ``baddbmm``. The class text embeddings are computed
   once per vocabulary and cached at inference, so the text tower is not part of the per-image count.
   Sliding-window inference (``TEST.SLIDING_WINDOW.ENABLED``) counts all windows.
+
+``--thesis-modules`` adds a table of the thesis's optional modules (hvlformer/modeling/thesis: CAA, ECAC,
+LSMSeg's category filter, class refinement and visual fusion), each built STANDALONE at the config's widths
+(pixel-decoder, mask and query widths, CLIP text and vision widths, the dataset's class count) and traced on
+the tensors it would see for one ``--input-size`` image: parameters, inference FLOPs (same convention) and,
+for CAA, the bytes of its ``P x P`` affinity map. ``--vocabulary`` sets the class count of the category
+filter's row (default: the dataset's; the filter matters for hundreds of names). The whole-model table
+does not include them: the meta-architecture does not build them yet (docs/THESIS_MODULES.md, Integration).
 """
 from __future__ import annotations
 
@@ -141,6 +149,105 @@ def flop_analysis(model: nn.Module, height: int, width: int):
     return analysis
 
 
+# ------------------------------------------------------------------------------------------------ thesis modules
+def _clip_widths(model_name: str) -> Tuple[int, int, int]:
+    """(text / joint width C, vision width, patch size) of an open_clip architecture (project configs
+    included), read from its config without building it."""
+    import open_clip
+
+    from hvlformer.modeling.clip_loader import register_project_model_configs
+
+    register_project_model_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown open_clip architecture {model_name!r}")
+    vision = config["vision_cfg"]
+    return int(config["embed_dim"]), int(vision["width"]), int(vision["patch_size"])
+
+
+class _Traced(nn.Module):
+    """Wraps a module whose forward returns a dict (fvcore traces tensors and tuples)."""
+
+    def __init__(self, module: nn.Module, call) -> None:
+        super().__init__()
+        self.module = module
+        self.call = call
+
+    def forward(self, *inputs):
+        return self.call(self.module, *inputs)
+
+
+def thesis_module_rows(cfg, height: int, width: int, num_classes: int,
+                       vocabulary: Optional[int] = None) -> List[Tuple[str, int, float, str]]:
+    """``(module, parameters, inference FLOPs, note)`` of each thesis module built standalone at ``cfg``'s widths
+    for one ``height x width`` image with ``num_classes`` classes (``vocabulary`` names for the filter)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from hvlformer.modeling.thesis import (
+        CategoryFilter,
+        ClassAwareAffinity,
+        ClassLinearAttentionRefinement,
+        ExtendedContextAwareClassifier,
+        VisualFeatureFusion,
+        caa_affinity_bytes,
+    )
+
+    text_dim, vision_width, patch = _clip_widths(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME)
+    hv = cfg.MODEL.HVLFORMER
+    convs, mask_dim, hidden = cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM, cfg.MODEL.SEM_SEG_HEAD.MASK_DIM, hv.HIDDEN_DIM
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    def grid(stride: int) -> Tuple[int, int]:
+        return -(-height // stride), -(-width // stride)
+
+    caa_stride = (32, 16, 8)[hv.CAA.LEVEL]
+    channels = {"res2": vision_width // 4, "res3": vision_width // 2, "res4": vision_width, "res5": vision_width}
+    strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+    fusion = VisualFeatureFusion(cfg, in_channels=channels)
+    fusion_inputs = (rand(1, 3, height, width),
+                     *[rand(1, channels[name], *grid(strides[name])) for name in fusion.levels])
+    vocab = vocabulary or num_classes
+    modules = [
+        (f"CAA (level stride {caa_stride})", ClassAwareAffinity(cfg, text_dim=text_dim),
+         lambda m, f, t: tuple(m(f, t).values()), (rand(1, convs, *grid(caa_stride)), rand(num_classes, text_dim)),
+         f"P x P affinity: {caa_affinity_bytes(height, width, caa_stride) / 2 ** 20:.2f} MiB per image (fp32)"),
+        ("ECAC (mask features, stride 4)", ExtendedContextAwareClassifier(cfg, text_dim=text_dim, num_classes=num_classes),
+         lambda m, f, s, t: m(f, s, t)["student_logits"],
+         (rand(1, mask_dim, *grid(4)), rand(1, num_classes, *grid(4)).softmax(1), rand(num_classes, text_dim)),
+         "inference (student); training adds the teacher (same cost) and the memory logits"),
+        (f"LSMSeg category filter ({vocab} names, k={hv.LSMSEG.CATEGORY_FILTER_TOP_K})", CategoryFilter(cfg),
+         lambda m, d, t: tuple(m(d, t).values()), (rand(1, text_dim, *grid(patch)), rand(vocab, text_dim)),
+         "no parameters; saves the decoder's work on the filtered classes"),
+        ("LSMSeg class refinement (E x K queries)", ClassLinearAttentionRefinement(cfg), lambda m, q: m(q),
+         (rand(1, hv.NUM_QUERY_LEVELS, num_classes, hidden),), "linear in K"),
+        (f"LSMSeg visual fusion ({', '.join(fusion.levels)}; {hv.LSMSEG.FUSION_ENCODER})", fusion,
+         lambda m, images, *feats: tuple(m(images, dict(zip(m.levels, feats))).values()), fusion_inputs,
+         f"frozen encoder: {sum(p.numel() for p in fusion.encoder.parameters())} parameters, counted in FLOPs"),
+    ]
+    rows = []
+    for name, module, call, inputs, note in modules:
+        module.eval()
+        params = sum(p.numel() for p in module.parameters())
+        with torch.no_grad():
+            analysis = FlopCountAnalysis(_Traced(module, call), inputs).set_op_handle(**EXTRA_HANDLES)
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            analysis.tracer_warnings("none")
+            flops = float(analysis.total())
+        rows.append((name, params, flops, note))
+    return rows
+
+
+def thesis_module_table(rows: List[Tuple[str, int, float, str]]) -> str:
+    lines = ["| module | parameters | GFLOPs | note |", "|:--|--:|--:|:--|"]
+    for name, params, flops, note in rows:
+        lines.append(f"| {name} | {_fmt_count(params)} | {flops / 1e9:.4f} | {note} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
@@ -149,6 +256,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--depth", type=int, default=2, help="module depth of the tables (default 2)")
     parser.add_argument("--no-flops", action="store_true", help="parameters only")
     parser.add_argument("--device", default="cpu", help="device to trace on (default cpu)")
+    parser.add_argument("--thesis-modules", action="store_true",
+                        help="also list the thesis modules (CAA, ECAC, LSMSeg), built standalone at the config's widths")
+    parser.add_argument("--thesis-only", action="store_true", help="only the thesis-module table (no model is built)")
+    parser.add_argument("--vocabulary", type=int, help="class names for the category filter's row (default: the dataset's)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -163,12 +274,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg.MODEL.DEVICE = args.device
     cfg.freeze()
     register_shapes_from_cfg(cfg)
+    height, width = args.input_size or tuple(cfg.INPUT.CROP.SIZE)
+    if args.thesis_modules or args.thesis_only:
+        from detectron2.data import MetadataCatalog
+
+        num_classes = len(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).stuff_classes)
+        print(f"## Thesis modules, standalone at this config's widths ({height}x{width} image, {num_classes} classes)\n")
+        print(thesis_module_table(thesis_module_rows(cfg, height, width, num_classes, args.vocabulary)))
+        print()
+        if args.thesis_only:
+            return 0
     model = build_model(cfg)
     print(f"## Parameters ({args.config_file})\n")
     print(parameter_table(model, args.depth))
     if args.no_flops:
         return 0
-    height, width = args.input_size or tuple(cfg.INPUT.CROP.SIZE)
     analysis = flop_analysis(model, height, width)
     total = analysis.total()
     print(f"\n## FLOPs of one {height}x{width} image (inference; 1 multiply-add = 1 FLOP)\n")

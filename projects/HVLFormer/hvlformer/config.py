@@ -315,6 +315,73 @@ def add_hvlformer_config(cfg: CN) -> None:
     # variable HVLFORMER_MSDEFORM_ATTN_IMPL overrides "auto"), "pytorch" (always the reference) or "triton".
     cfg.MODEL.SEM_SEG_HEAD.MSDEFORM_ATTN_IMPL = "auto"
 
+    # ------------------------------------------------------------------ thesis methods (all OFF by default)
+    # The thesis "Towards Image Semantic Segmentation: From Context to Language" (chapters 3-5) as optional
+    # modules (hvlformer/modeling/thesis/, docs/THESIS_MODULES.md). Off = the paper's HVLFormer unchanged.
+    # CAA, Class-Aware Affinity (chapter 3) on one pixel-decoder level.
+    cfg.MODEL.HVLFORMER.CAA = CN()
+    cfg.MODEL.HVLFORMER.CAA.ENABLED = False
+    # Index into the pixel decoder's multi-scale outputs (strides 32/16/8): 2 = stride 8 (the thesis's level);
+    # the P x P affinity costs 4 * (H*W/stride^2)^2 bytes per map (64 MiB at 512x512, stride 8).
+    cfg.MODEL.HVLFORMER.CAA.LEVEL = 2
+    # Reduced width D' (0 = CONVS_DIM // 2).
+    cfg.MODEL.HVLFORMER.CAA.REDUCED_DIM = 0
+    # Norm of the 1x1 reductions ("GN", "BN", "SyncBN", "" = none).
+    cfg.MODEL.HVLFORMER.CAA.NORM = "GN"
+    # Loss weights: affinity BCE (eq. 3.9, lambda_2) and auxiliary coarse CE (eq. 3.10, lambda_3).
+    cfg.MODEL.HVLFORMER.CAA.AFFINITY_WEIGHT = 1.0
+    cfg.MODEL.HVLFORMER.CAA.AUX_WEIGHT = 0.4
+
+    # ECAC, Extended Context-Aware Classifier (chapter 4): a dense classifier on the mask features.
+    cfg.MODEL.HVLFORMER.ECAC = CN()
+    cfg.MODEL.HVLFORMER.ECAC.ENABLED = False
+    # EMA momentum mu of the class memory (eq. 4.2): M <- (1 - mu) M + mu Z.
+    cfg.MODEL.HVLFORMER.ECAC.MOMENTUM = 0.1
+    # Memory updates (labeled training iterations) before the memory loss L_M starts (Sec. 4.2.4).
+    cfg.MODEL.HVLFORMER.ECAC.MEMORY_START_ITER = 1000
+    # Temperature of the cosine memory logits of L_M.
+    cfg.MODEL.HVLFORMER.ECAC.MEMORY_TEMPERATURE = 0.1
+    # Re-weighting exponent rho of eq. 4.14 (0 = plain CE, 1 = inverse class frequency).
+    cfg.MODEL.HVLFORMER.ECAC.REWEIGHT_RHO = 0.5
+    # Temperature of the teacher -> student KL (eq. 4.12); the loss is scaled by its square.
+    cfg.MODEL.HVLFORMER.ECAC.KL_TEMPERATURE = 1.0
+    # Per-class scale-and-offset calibration of student and teacher logits (eqs. 4.9 / 4.10).
+    cfg.MODEL.HVLFORMER.ECAC.CALIBRATION = True
+    # Loss weights of eq. 4.21: L_rceS, L_rceT, L_M, alpha L_KL, beta L_iv.
+    cfg.MODEL.HVLFORMER.ECAC.STUDENT_CE_WEIGHT = 1.0
+    cfg.MODEL.HVLFORMER.ECAC.TEACHER_CE_WEIGHT = 1.0
+    cfg.MODEL.HVLFORMER.ECAC.MEMORY_WEIGHT = 1.0
+    cfg.MODEL.HVLFORMER.ECAC.KL_WEIGHT = 1.0
+    cfg.MODEL.HVLFORMER.ECAC.INTRA_VARIANCE_WEIGHT = 50.0
+    # Inference: weight of the calibrated student's probabilities mixed into the mask-classification scores
+    # ((1 - w) * scores + w * softmax(O_s); 0 = ECAC acts through its training losses only).
+    cfg.MODEL.HVLFORMER.ECAC.INFERENCE_WEIGHT = 0.5
+
+    # LSMSeg (chapter 5): category filter, class-level refinement of the textual queries, visual fusion.
+    cfg.MODEL.HVLFORMER.LSMSEG = CN()
+    # Category Filtering Module: per image keep the top-k classes by image-text cost before decoding
+    # (inference; acts only when the vocabulary has more than k classes).
+    cfg.MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER = False
+    cfg.MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K = 32
+    # Linear-attention block over the class dimension applied to the textual queries (eq. 5.8).
+    cfg.MODEL.HVLFORMER.LSMSEG.CLASS_REFINEMENT = False
+    cfg.MODEL.HVLFORMER.LSMSEG.CLASS_REFINEMENT_HEADS = 4
+    # Visual feature fusion (eq. 5.1): w * CLIP + (1 - w) * Proj(frozen second encoder).
+    cfg.MODEL.HVLFORMER.LSMSEG.FUSION = False
+    # Registered name in AUXILIARY_ENCODER_REGISTRY (hvlformer.modeling.thesis.feature_fusion).
+    cfg.MODEL.HVLFORMER.LSMSEG.FUSION_ENCODER = "TinyConvEncoder"
+    # state_dict file of the second encoder ("" only for encoders that allow random weights).
+    cfg.MODEL.HVLFORMER.LSMSEG.FUSION_WEIGHTS = ""
+    # Backbone outputs that are fused.
+    cfg.MODEL.HVLFORMER.LSMSEG.FUSION_LEVELS = ["res3", "res4", "res5"]
+    # Initial fusion weight w (the thesis: 0.5).
+    cfg.MODEL.HVLFORMER.LSMSEG.FUSION_INIT_WEIGHT = 0.5
+    # Class prompts: "descriptions" (the dataset-aware descriptions, paper) or "attributes" (the thesis's
+    # size, shape, texture, colour sentences joined in that order into one prompt per class, Sec. 5.2.3; the
+    # table comes from the descriptions file's "attribute_descriptions" or from attributes/<file name> next to
+    # it, shipped for shapes and voc).
+    cfg.MODEL.HVLFORMER.TEXT.PROMPT_STYLE = "descriptions"
+
     # ------------------------------------------------------------------ test
     cfg.TEST.SLIDING_WINDOW = CN()
     # Sliding-window inference (count-matrix averaging); whole-image inference when False.

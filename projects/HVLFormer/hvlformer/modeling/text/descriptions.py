@@ -18,6 +18,18 @@ class order). Decisions:
   classes in the file that the dataset does not use are ignored;
 - more than ``R`` descriptions: the first ``R`` are used; fewer: all that are there (at least one).
 - class names are matched exactly (the names of the dataset metadata).
+
+Prompt styles (``style``, config ``MODEL.HVLFORMER.TEXT.PROMPT_STYLE``):
+
+- ``"descriptions"`` (default, the paper): up to ``R`` description sentences per class from ``"classes"``;
+- ``"attributes"`` (the thesis, chapter 5, Sec. 5.2.3 "Attribute Combination", Table 5.4): ONE prompt per
+  class, its attribute sentences joined in the order size, shape, texture, colour (``ATTRIBUTE_ORDER``),
+  from a table ``{class: {"size": ..., "shape": ..., "texture": ..., "colour": ...}}`` ("color" is accepted
+  for "colour"): the descriptions file's ``"attribute_descriptions"`` object if it has one, else the
+  ``"classes"`` object of ``attributes/<same file name>`` next to it (the shipped
+  ``datasets/descriptions/attributes/{shapes,voc}.json``). A class or an attribute missing is a
+  ``ValueError``; the style needs a file (there is no fallback sentence for an attribute). Keep the four sentences short:
+  the text encoder truncates a prompt at its context length (77 tokens minus the learnable context).
 """
 from __future__ import annotations
 
@@ -34,10 +46,16 @@ __all__ = [
     "reference_prompts",
     "DEFAULT_FALLBACK_TEMPLATE",
     "DEFAULT_REFERENCE_TEMPLATE",
+    "PROMPT_STYLES",
+    "ATTRIBUTE_ORDER",
 ]
 
 DEFAULT_FALLBACK_TEMPLATE = "a photo of a {}."
 DEFAULT_REFERENCE_TEMPLATE = "a clean origami of a {} with attributes: {}"
+#: Prompt styles of :func:`load_class_descriptions`.
+PROMPT_STYLES = ("descriptions", "attributes")
+#: The thesis's attribute combination, in its order (size + shape + texture + colour).
+ATTRIBUTE_ORDER = ("size", "shape", "texture", "colour")
 #: Filled into the attribute slot of the reference template when a dataset has no attributes.
 NO_ATTRIBUTES = "unspecified"
 
@@ -67,8 +85,13 @@ def load_class_descriptions(
     class_names: Sequence[str],
     num_descriptions: int = 4,
     fallback_template: str = DEFAULT_FALLBACK_TEMPLATE,
+    style: str = "descriptions",
 ) -> ClassDescriptions:
-    """Load the descriptions of ``class_names`` (see the module docstring for the rules)."""
+    """Load the descriptions of ``class_names`` in prompt ``style`` (see the module docstring for the rules)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    if style == "attributes" and not path:
+        raise ValueError('prompt style "attributes" needs a descriptions file with "attribute_descriptions"')
     if num_descriptions < 1:
         raise ValueError(f"num_descriptions must be >= 1, got {num_descriptions}")
     if not class_names:
@@ -89,6 +112,9 @@ def load_class_descriptions(
     if not isinstance(data, dict) or not isinstance(data.get("classes"), dict):
         raise _fail(path, 'expected an object with a "classes" object {class name: [descriptions]}')
     attributes = _string_list(data.get("attributes", []), path, '"attributes"')
+    if style == "attributes":
+        return ClassDescriptions(prompts=[[p] for p in _attribute_prompts(data, class_names, path)],
+                                 attributes=attributes, source=f"{path} (attributes)")
     classes = data["classes"]
     prompts = []
     for name in class_names:
@@ -99,6 +125,39 @@ def load_class_descriptions(
             raise _fail(path, f"class {name!r} has no (non-empty) descriptions")
         prompts.append(sentences[:num_descriptions])
     return ClassDescriptions(prompts=prompts, attributes=attributes, source=str(path))
+
+
+def _attribute_prompts(data: dict, class_names: Sequence[str], path: str) -> List[str]:
+    """One prompt per class: its ``ATTRIBUTE_ORDER`` sentences joined by a space."""
+    table = data.get("attribute_descriptions")
+    if table is None:
+        sibling = Path(path).parent / "attributes" / Path(path).name
+        if not sibling.is_file():
+            raise _fail(path, 'prompt style "attributes" needs an "attribute_descriptions" object {class name: '
+                              '{"size": ..., "shape": ..., "texture": ..., "colour": ...}} in it, or the file '
+                              f'{sibling} with that table as "classes"')
+        with open(sibling, "r", encoding="utf-8") as f:
+            try:
+                table = json.load(f).get("classes")
+            except json.JSONDecodeError as e:
+                raise _fail(str(sibling), f"not valid JSON ({e})") from e
+        path = str(sibling)
+    if not isinstance(table, dict):
+        raise _fail(path, "the attribute table must be an object {class name: {attribute: sentence}}")
+    prompts = []
+    for name in class_names:
+        entry = table.get(name)
+        if not isinstance(entry, dict):
+            raise _fail(path, f"class {name!r} has no attribute descriptions")
+        entry = {("colour" if key == "color" else key): value for key, value in entry.items()}
+        sentences = []
+        for attribute in ATTRIBUTE_ORDER:
+            value = entry.get(attribute)
+            if not isinstance(value, str) or not value.strip():
+                raise _fail(path, f"class {name!r} has no {attribute!r} description")
+            sentences.append(value.strip())
+        prompts.append(" ".join(sentences))
+    return prompts
 
 
 def _repository_root() -> Optional[Path]:
