@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from hvlformer import setup_cfg
 from hvlformer.data import HVLFormerSemanticDatasetMapper, register_shapes
 from hvlformer.evaluation import HVLSemSegEvaluator, PixelTextAlignmentEvaluator, build_sem_seg_evaluator
-from hvlformer.evaluation.alignment import pixel_text_alignment
+from hvlformer.modeling.alignment import pixel_text_alignment
 
 CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
 SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
@@ -89,11 +89,11 @@ def test_model_outputs_carry_the_alignment(single_thread):
         images = model.preprocess_images(batch)
         predicted = model.predict(images.tensor, model.encode_text())
     assert [o["sem_seg"].shape for o in outputs] == [(6, 40, 56), (6, 64, 32)]
-    assert predicted["refined_queries"].shape == (2, 3, 6, 64)
+    assert predicted.refined_queries.shape == (2, 3, 6, 64)
     # padded batch 64 x 64: mask features 16 x 16; image 0 covers 10 x 14 cells, image 1 16 x 8
     for i, cells in enumerate([(10, 14), (16, 8)]):
-        expected = brute_force(predicted["refined_queries"][i],
-                               predicted["mask_features"][i, :, : cells[0], : cells[1]])
+        expected = brute_force(predicted.refined_queries[i],
+                               predicted.mask_features[i, :, : cells[0], : cells[1]])
         torch.testing.assert_close(outputs[i]["pixel_text_alignment"], expected, rtol=1e-4, atol=1e-5)
     # sliding-window inference: the windows of an image are averaged; same outputs otherwise
     sliding, _ = make_model("TEST.SLIDING_WINDOW.ENABLED", "True", "TEST.SLIDING_WINDOW.CROP_SIZE", "32",
@@ -108,7 +108,7 @@ def test_model_outputs_carry_the_alignment(single_thread):
         for top in (0, 8):
             for left in (0, 24):
                 window = sliding.predict(image[None, :, top: top + 32, left: left + 32], sliding.encode_text())
-                per_window.append(brute_force(window["refined_queries"][0], window["mask_features"][0]))
+                per_window.append(brute_force(window.refined_queries[0], window.mask_features[0]))
     torch.testing.assert_close(out[0]["pixel_text_alignment"], torch.stack(per_window).mean(dim=0),
                                rtol=1e-4, atol=1e-5)
     sliding.pixel_text_alignment = False

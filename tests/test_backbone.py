@@ -259,6 +259,58 @@ def test_frozen_reference(tiny_model):
             method(x)
 
 
+def test_frozen_reference_survives_copies_moves_and_loading(tiny_model):
+    """E_I^0 is a frozen submodule: deepcopy keeps it, .to(dtype) / to_empty move it, state_dict, parameters()
+    and the optimizer leave it out, strict loading of a checkpoint without it works and keeps its weights,
+    and drop_reference removes it."""
+    from hvlformer.engine.optimizer import get_parameter_groups
+
+    bb = make_backbone(tiny_model)
+    ref_state = {k: v.clone() for k, v in bb.reference_tower.state_dict().items()}
+    ref_ids = {id(p) for p in bb.reference_tower.parameters()}
+    # not in the checkpoint, the parameters or the optimizer's groups
+    assert set(bb.state_dict()) == {f"visual.{k}" for k in bb.visual.state_dict()} | {
+        f"pyramid.{k}" for k in bb.pyramid.state_dict()}
+    assert not ref_ids & {id(p) for p in bb.parameters()}
+    groups = get_parameter_groups(bb, 1e-4, 0.01, 0.0, 0.0, 0.1)
+    assert not ref_ids & {id(p) for g in groups for p in g["params"]}
+    assert len(groups) == sum(1 for p in bb.parameters() if p.requires_grad)
+    # requires_grad_ on the whole backbone does not unfreeze it
+    bb.requires_grad_(True)
+    assert not any(p.requires_grad for p in bb.reference_tower.parameters())
+
+    # deepcopy keeps it (an independent copy with the same weights)
+    twin = copy.deepcopy(bb)
+    assert twin.reference_tower is not None and twin.reference_tower is not bb.reference_tower
+    for k, v in twin.reference_tower.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(twin.reference_global_embedding(x), bb.reference_global_embedding(x), atol=0, rtol=0)
+
+    # strict loading of a state dict (which never holds E_I^0) keeps E_I^0's own weights
+    other = make_backbone(tiny_model)
+    with torch.no_grad():
+        for p in other.visual.parameters():
+            p.add_(1.0)
+    incompatible = twin.load_state_dict(other.state_dict(), strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    assert torch.equal(twin.visual.proj, other.visual.proj)
+    for k, v in twin.reference_tower.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k
+
+    # .to(dtype) moves it with the backbone; to_empty keeps it (on the new device, same shapes)
+    twin.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in twin.reference_tower.parameters())
+    empty = copy.deepcopy(bb).to_empty(device="cpu")
+    assert [p.shape for p in empty.reference_tower.parameters()] == [p.shape for p in bb.reference_tower.parameters()]
+
+    # the public way to drop it (the EMA teacher)
+    twin.drop_reference()
+    assert twin.reference_tower is None
+    with pytest.raises(RuntimeError, match="frozen_reference=False"):
+        twin.reference_global_embedding(x.double())
+
+
 def test_build_from_cfg():
     cfg = get_cfg()
     add_hvlformer_config(cfg)

@@ -1,5 +1,6 @@
 """The assembled HVLFormer meta-architecture on the tiny random-weight CLIP and the shapes dataset."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def test_loss_weights_come_from_the_config():
 
     expected_div = 3.0 * diversity_loss(model.htqg.hqg(model.encode_text()))
     torch.testing.assert_close(losses["loss_div"], expected_div)
-    assert model.criterion.weight_dict["loss_ce"] == 0.5
+    assert model.criterion.seg_criterion.weight_dict["loss_ce"] == 0.5
 
 
 def test_inference_output_at_original_size():
@@ -86,13 +87,13 @@ def test_inference_output_at_original_size():
 
 
 def test_semantic_scores_sum_levels_of_a_class():
-    from hvlformer.hvlformer_model import HVLFormer
+    from hvlformer.modeling.outputs import semantic_scores
 
     logits = torch.full((1, 4, 3), -30.0)  # K = 2, E = 2 -> 4 queries, + no-object
     logits[0, 0, 0] = logits[0, 2, 0] = 30.0  # queries 0 and 2 (levels 0, 1) say class 0
     logits[0, 1, 1] = logits[0, 3, 2] = 30.0  # query 1 says class 1, query 3 says no-object
     masks = torch.full((1, 4, 1, 1), 30.0)
-    scores = HVLFormer.semantic_scores(logits, masks)
+    scores = semantic_scores(logits, masks)
     torch.testing.assert_close(scores[0, :, 0, 0], torch.tensor([2.0, 1.0]))
 
 
@@ -110,18 +111,18 @@ def test_sliding_window_count_averaging(monkeypatch):
     model = make_model("TEST.SLIDING_WINDOW.CROP_SIZE", "64", "TEST.SLIDING_WINDOW.STRIDE", "32", train=False)
     calls = []
 
-    def fake_scores(images, text_embeddings):  # each window scores the number of its call everywhere
+    def fake_scores(images, text_embeddings, valid_sizes=None):  # each window scores the number of its call
         calls.append(images.shape[-2:])
-        return torch.full((1, 6, *images.shape[-2:]), float(len(calls)))
+        return torch.full((1, 6, *images.shape[-2:]), float(len(calls))), None
 
-    monkeypatch.setattr(model, "_scores_for", fake_scores)
-    scores = model.sliding_window_scores(torch.zeros(3, 64, 128), None)
+    monkeypatch.setattr(model, "scores_and_alignment", fake_scores)
+    scores, _ = model.sliding_window_scores(torch.zeros(3, 64, 128), None)
     # windows at x = 0, 32, 64 -> values 1, 2, 3; columns 32..63 see windows 1,2; 64..95 see 2,3
     assert len(calls) == 3 and all(tuple(c) == (64, 64) for c in calls)
     expected = torch.tensor([1.0] * 32 + [1.5] * 32 + [2.5] * 32 + [3.0] * 32)
     torch.testing.assert_close(scores[0, 0], expected)
     # an image smaller than the window is padded to one window and cropped back
-    small = model.sliding_window_scores(torch.zeros(3, 40, 50), None)
+    small, _ = model.sliding_window_scores(torch.zeros(3, 40, 50), None)
     assert small.shape == (6, 40, 50)
 
 
@@ -135,13 +136,16 @@ def test_text_classifier_accepts_a_new_vocabulary():
 
 
 @pytest.mark.parametrize("opts, extra_losses", [
-    (["MODEL.HVLFORMER.NUM_INSTANCE_QUERIES", "3"], set()),
+    # HierVL with instance queries only (its other options off)
+    (["MODEL.META_ARCHITECTURE", "HierVL", "MODEL.HIERVL.NUM_INSTANCE_QUERIES", "3",
+      "MODEL.HIERVL.TEXT_CROSS_ATTENTION", "False", "MODEL.HIERVL.PROMPT_WEIGHT", "0.0",
+      "MODEL.HIERVL.MASKED_VL_WEIGHT", "0.0"], set()),
     (["MODEL.HVLFORMER.PTRM.MODE", "cross_attention"], set()),
     (["MODEL.HVLFORMER.PTRM.MODE", "none", "MODEL.HVLFORMER.SRE.MODE", "none"], set()),
     (["MODEL.HVLFORMER.SRE.MODE", "threshold", "MODEL.HVLFORMER.NUM_QUERY_LEVELS", "1"], set()),
-    (["MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION", "True", "MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot",
-      "MODEL.HVLFORMER.HIERVL.PROMPT_WEIGHT", "1.0", "MODEL.HVLFORMER.HIERVL.MASKED_VL_WEIGHT", "1.0",
-      "MODEL.HVLFORMER.NUM_INSTANCE_QUERIES", "2"], {"loss_prompt", "loss_masked_vl"}),
+    (["MODEL.META_ARCHITECTURE", "HierVL", "MODEL.HIERVL.TEXT_CROSS_ATTENTION", "True",
+      "MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot", "MODEL.HIERVL.PROMPT_WEIGHT", "1.0",
+      "MODEL.HIERVL.MASKED_VL_WEIGHT", "1.0", "MODEL.HIERVL.NUM_INSTANCE_QUERIES", "2"], {"loss_prompt", "loss_masked_vl"}),
 ])
 def test_config_variants_train(opts, extra_losses):
     model = make_model(*opts)
@@ -175,3 +179,73 @@ def test_learnable_query_switch_builds_and_trains():
     total.backward()
     opt.step()
     assert not torch.equal(before, model.htqg.learned_queries.detach())
+
+
+def test_reference_text_buffer_follows_copies_and_resets():
+    """T0 is a non-persistent buffer: empty until first use, then cached; deepcopy keeps it, .to(dtype) casts it,
+    it is never saved, and a new vocabulary or loaded weights reset it (recomputed on next use)."""
+    import copy
+
+    model = make_model()
+    assert model.reference_text_embeddings.numel() == 0
+    t0 = model.reference_text()
+    expected = model.text_encoder.reference_embeddings(model.reference_class_prompts)
+    torch.testing.assert_close(t0, expected, atol=0, rtol=0)
+    assert model.reference_text() is t0  # cached
+    assert "reference_text_embeddings" not in model.state_dict()
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin.reference_text_embeddings, t0, atol=0, rtol=0)
+    twin.to(torch.float64)
+    assert twin.reference_text_embeddings.dtype == torch.float64
+    twin.load_state_dict(model.state_dict())
+    assert twin.reference_text_embeddings.numel() == 0
+    names = ["cat", "dog"]
+    model.set_vocabulary(names, [[f"a photo of a {n}."] for n in names], [f"a {n}" for n in names])
+    assert model.reference_text_embeddings.numel() == 0 and model.reference_text().shape[0] == 2
+
+
+def test_backbone_comes_from_the_registry_by_name(monkeypatch):
+    """MODEL.BACKBONE.NAME is read (a name that is not a CLIP backbone is a clear error), and the CLIP model is
+    loaded once for both towers (the backbone does not load it again)."""
+    from hvlformer.modeling.backbone import clip_vit
+    from hvlformer.modeling.meta_arch import hvlformer as meta
+
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME"):
+        make_model("MODEL.BACKBONE.NAME", "build_resnet_backbone")
+    calls = []
+    original = meta.build_clip_model
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(meta, "build_clip_model", counting)
+    monkeypatch.setattr(clip_vit, "build_clip_model", lambda *a, **k: pytest.fail("CLIP loaded a second time"))
+    model = make_model()
+    assert len(calls) == 1 and isinstance(model.backbone, clip_vit.CLIPViTBackbone)
+
+
+@pytest.mark.parametrize("old, value, new", [
+    ("MODEL.HVLFORMER.HIERVL.PROMPT_WEIGHT", "1.0", "MODEL.HIERVL.PROMPT_WEIGHT"),
+    ("MODEL.HVLFORMER.NUM_INSTANCE_QUERIES", "3", "MODEL.HIERVL.NUM_INSTANCE_QUERIES"),
+    ("MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION", "True", "MODEL.HIERVL.TEXT_CROSS_ATTENTION"),
+    ("SEMI.UNLABELED_LOSS", "entropy", "MODEL.HIERVL.UNLABELED_LOSS"),
+])
+def test_old_hiervl_keys_name_their_new_place(tmp_path, old, value, new):
+    """A HierVL key in its old place fails, on the command line and in a YAML file, naming the new key."""
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[old, value]))
+    *parents, leaf = old.split(".")
+    lines = [f"_BASE_: {os.path.abspath(CONFIG)}"]
+    for depth, part in enumerate(parents):
+        lines.append("  " * depth + f"{part}:")
+    lines.append("  " * len(parents) + f"{leaf}: {value}")
+    path = tmp_path / "old.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(KeyError, match="was renamed to MODEL.HIERVL"):
+        setup_cfg(argparse.Namespace(config_file=str(path), opts=[]))
+
+
+def test_hvlformer_refuses_the_hiervl_zero_shot_relevance():
+    with pytest.raises(ValueError, match="HierVL"):
+        make_model("MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot")

@@ -292,7 +292,7 @@ def test_no_pretrained_weights_switch_l_v_off_with_one_warning(caplog):
         _, model = _tiny_semi_model()
         _tiny_semi_model()
     assert sum("SWITCHED OFF" in r.getMessage() for r in caplog.records) == 1  # said once
-    assert model.backbone.reference_tower is None and model.loss_weights["reg_vision"] == 0.0
+    assert model.backbone.reference_tower is None and model.criterion.loss_weights["reg_vision"] == 0.0
     assert "loss_reg_vision" not in model(_labeled_batch())
 
 
@@ -405,7 +405,11 @@ def test_zero_shot_relevance_keeps_every_present_class():
 
 def test_zero_shot_uses_the_frozen_pretrained_encoder_on_unlabeled_and_test_images(pretrained_file):
     path, clip = pretrained_file
-    _, model = _tiny_semi_model("MODEL.HVLFORMER.CLIP.PRETRAINED", path, "MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot")
+    # the zero-shot relevance is HierVL's (its other options off)
+    _, model = _tiny_semi_model("MODEL.HVLFORMER.CLIP.PRETRAINED", path, "MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot",
+                                "MODEL.META_ARCHITECTURE", "HierVL", "MODEL.HIERVL.NUM_INSTANCE_QUERIES", "0",
+                                "MODEL.HIERVL.TEXT_CROSS_ATTENTION", "False", "MODEL.HIERVL.PROMPT_WEIGHT", "0.0",
+                                "MODEL.HIERVL.MASKED_VL_WEIGHT", "0.0", "MODEL.HIERVL.UNLABELED_LOSS", "cmcr")
     with torch.no_grad():  # the fine-tuned encoder has moved away from the pretrained one
         for p in model.backbone.visual.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -485,7 +489,7 @@ def test_decoder_queries_are_level_major():
     images = model.preprocess_images(_labeled_batch()).tensor
     with torch.no_grad():
         outputs = model.predict(images, model.encode_text())
-    refined = outputs["refined_queries"]  # B x E x K x D
+    refined = outputs.refined_queries  # B x E x K x D
     batch, levels, classes, _ = refined.shape
     assert levels > 1 and classes > 1
     for e in range(levels):

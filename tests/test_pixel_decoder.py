@@ -106,8 +106,8 @@ def test_build_from_cfg():
     assert mask_features.shape == (1, 24, 16, 24)
     assert len(zs) == 3
 
-    head.TEXT_CROSS_ATTENTION = True
-    assert build_pixel_decoder(cfg, shapes).text_cross_attention
+    # HierVL's text cross-attention (MODEL.HIERVL.TEXT_CROSS_ATTENTION) is passed by its meta-architecture
+    assert build_pixel_decoder(cfg, shapes, text_cross_attention=True).text_cross_attention
 
     head.MSDEFORM_ATTN_IMPL = "bogus"
     with pytest.raises(ValueError, match="MSDEFORM_ATTN_IMPL"):

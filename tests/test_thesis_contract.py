@@ -9,6 +9,7 @@ from detectron2.modeling import build_model
 
 from hvlformer import setup_cfg
 from hvlformer.data import register_shapes_from_cfg
+from hvlformer.modeling.outputs import semantic_scores
 from hvlformer.modeling.thesis import (
     CategoryFilter,
     ClassAwareAffinity,
@@ -50,7 +51,7 @@ def test_modules_fit_the_model_tensors(model_outputs):
 
     # CAA on the stride-8 pixel-decoder level
     _, multi_scale = model.pixel_decoder.forward_features(
-        {k: v for k, v in outputs["features"].items() if k in ("res2", "res3", "res4", "res5")})
+        {k: v for k, v in outputs.features.items() if k in ("res2", "res3", "res4", "res5")})
     level = multi_scale[cfg.MODEL.HVLFORMER.CAA.LEVEL]
     assert level.shape[-2:] == (8, 12)
     caa = ClassAwareAffinity(cfg, text_dim=text_dim)
@@ -60,8 +61,8 @@ def test_modules_fit_the_model_tensors(model_outputs):
     assert caa_auxiliary_loss(caa_out["coarse_logits"], labels) > 0
 
     # ECAC on the mask features with the mask-classification soft masks
-    scores = model.semantic_scores(outputs["pred_logits"], outputs["pred_masks"])
-    mask_features = outputs["mask_features"]
+    scores = semantic_scores(outputs.pred_logits, outputs.pred_masks)
+    mask_features = outputs.mask_features
     ecac = ExtendedContextAwareClassifier(cfg, text_dim=text_dim, num_classes=num_classes).train()
     ecac_out = ecac(mask_features, scores, text, labels)
     assert ecac_out["student_logits"].shape == scores.shape == (2, num_classes, 16, 24)
@@ -69,18 +70,18 @@ def test_modules_fit_the_model_tensors(model_outputs):
     assert ecac_fuse_scores(scores, ecac_out["student_logits"], 0.5).shape == scores.shape
 
     # category filter on the dense CLIP embedding (joint space, same width as the text)
-    dense = outputs["features"]["clip_dense"]
+    dense = outputs.features["clip_dense"]
     kept = CategoryFilter(cfg)(dense, text)
     assert kept["indices"].shape == (2, 4)
     assert scatter_filtered_scores(scores[:, :4], kept["indices"], num_classes).shape == scores.shape
 
     # class refinement on the textual queries (B x E x K x D)
-    queries = outputs["refined_queries"]
+    queries = outputs.refined_queries
     assert torch.equal(ClassLinearAttentionRefinement(cfg)(queries), queries)
 
     # visual fusion on the backbone levels
     channels = {name: spec.channels for name, spec in model.backbone.output_shape().items()}
     fusion = VisualFeatureFusion(cfg, in_channels=channels)
-    fused = fusion(images, outputs["features"])
+    fused = fusion(images, outputs.features)
     for name in cfg.MODEL.HVLFORMER.LSMSEG.FUSION_LEVELS:
-        assert fused[name].shape == outputs["features"][name].shape
+        assert fused[name].shape == outputs.features[name].shape

@@ -241,10 +241,10 @@ def test_build_from_cfg():
     cfg.MODEL.HVLFORMER.NHEADS = 4
     cfg.MODEL.HVLFORMER.DIM_FEEDFORWARD = 40
     cfg.MODEL.HVLFORMER.NUM_QUERY_LEVELS = 2
-    cfg.MODEL.HVLFORMER.NUM_INSTANCE_QUERIES = 3
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = MASK_DIM
     assert "HVLTransformerDecoder" in TRANSFORMER_DECODER_REGISTRY
-    dec = build_transformer_decoder(cfg, in_channels=IN_CH, num_classes=K, text_dim=C)
+    # HierVL's instance queries (MODEL.HIERVL.NUM_INSTANCE_QUERIES) are passed by its meta-architecture
+    dec = build_transformer_decoder(cfg, in_channels=IN_CH, num_classes=K, text_dim=C, num_instance_queries=3)
     assert isinstance(dec, HVLTransformerDecoder)
     assert dec.num_layers == 4 and dec.num_query_levels == 2 and dec.num_instance_queries == 3
     assert isinstance(dec.input_proj[0], torch.nn.Conv2d)  # IN_CH != D

@@ -76,8 +76,7 @@ def parameter_table(model: nn.Module, depth: int = 2) -> str:
         lines.append(f"| {name} | {_fmt_count(trainable + frozen)} | {_fmt_count(trainable)} | "
                      f"{_fmt_count(frozen)} |")
     backbone = getattr(model, "backbone", None)
-    reference = getattr(backbone, "_reference", None) if backbone is not None else None
-    reference = reference[0] if isinstance(reference, (list, tuple)) and reference else reference
+    reference = getattr(backbone, "reference_tower", None) if backbone is not None else None
     if isinstance(reference, nn.Module):
         count = sum(p.numel() for p in reference.parameters())
         lines.append(f"| (frozen reference encoder E_I^0, not in checkpoints) | {_fmt_count(count)} | 0 | "

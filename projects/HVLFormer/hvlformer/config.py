@@ -7,8 +7,26 @@ typo in a YAML file or on the command line is a clear error, not a silent no-op.
 from detectron2.config import CfgNode as CN
 
 
+#: Keys that moved to the HierVL variant (issue 15): old key -> (new key, note). A config or command line
+#: with an old key fails with "Key <old> was renamed to <new>; please update your config. Note: ...".
+RENAMED_KEYS = {
+    "MODEL.HVLFORMER.HIERVL": "MODEL.HIERVL",
+    "MODEL.HVLFORMER.HIERVL.PROMPT_WEIGHT": "MODEL.HIERVL.PROMPT_WEIGHT",
+    "MODEL.HVLFORMER.HIERVL.MASKED_VL_WEIGHT": "MODEL.HIERVL.MASKED_VL_WEIGHT",
+    "MODEL.HVLFORMER.HIERVL.MASK_CONSISTENCY_WEIGHT": "MODEL.HIERVL.MASK_CONSISTENCY_WEIGHT",
+    "MODEL.HVLFORMER.NUM_INSTANCE_QUERIES": "MODEL.HIERVL.NUM_INSTANCE_QUERIES",
+    "MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION": "MODEL.HIERVL.TEXT_CROSS_ATTENTION",
+    "SEMI.UNLABELED_LOSS": "MODEL.HIERVL.UNLABELED_LOSS",
+    "SEMI.ENTROPY_WEIGHT": "MODEL.HIERVL.ENTROPY_WEIGHT",
+}
+_RENAME_NOTE = ("HierVL's options are read only by MODEL.META_ARCHITECTURE \"HierVL\"; HVLFormer has none of them "
+                "(see configs/*/hiervl_*.yaml)")
+
+
 def add_hvlformer_config(cfg: CN) -> None:
     """Add the HVLFormer keys to a detectron2 config (in place)."""
+    for old, new in RENAMED_KEYS.items():
+        cfg.register_renamed_key(old, new, message=_RENAME_NOTE)
     # ------------------------------------------------------------------ data
     # Dataset mapper for labeled training images ("hvlformer_semantic").
     cfg.INPUT.DATASET_MAPPER_NAME = "hvlformer_semantic"
@@ -90,15 +108,11 @@ def add_hvlformer_config(cfg: CN) -> None:
     # EMA decay d over parameters and floating-point buffers: teacher = d_t * teacher + (1 - d_t) * student,
     # d_t = min(d, 1 - 1 / (iteration + 1)) (UniMatch V2 warm-up: the plain average of the student so far).
     cfg.SEMI.EMA_DECAY = 0.996
-    # Loss on unlabeled images: "cmcr" (HVLFormer) or "entropy" (HierVL entropy minimisation).
-    cfg.SEMI.UNLABELED_LOSS = "cmcr"
-    # Weight of L_CMCR (summed over the decoder layers) in the total loss.
+    # Weight of L_CMCR (summed over the decoder layers) in the total loss (lambda_cmcr, paper eq. 6).
     cfg.SEMI.CMCR_WEIGHT = 5.0
     # Linear ramp-up of the unlabeled loss weight from 0 over the first N iterations (0 = full weight from
     # the start, as in the paper); during the ramp's first iteration the unlabeled views are skipped.
     cfg.SEMI.UNLABELED_RAMPUP_ITERS = 0
-    # Weight of the entropy loss (UNLABELED_LOSS "entropy").
-    cfg.SEMI.ENTROPY_WEIGHT = 1.0
     # Pseudo-label confidence threshold of l_mask (max class probability of the original view).
     cfg.SEMI.CONFIDENCE_THRESHOLD = 0.95
     # Distribution alignment of the pseudo-labels (ReMixMatch; not in the paper): the original view's class
@@ -209,10 +223,10 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Decoder width D.
     cfg.MODEL.HVLFORMER.HIDDEN_DIM = 256
     cfg.MODEL.HVLFORMER.SRE = CN()
-    # "soft" (q * s_k), "threshold" (keep s_k > THRESHOLD), "none", "clip_zero_shot" (HierVL: ground-truth
-    # presence on labeled images; zero-shot CLIP presence from the frozen pretrained encoder E_I^0 on
-    # unlabeled and test images, which needs CLIP.PRETRAINED also at evaluation; without pretrained weights
-    # every class is kept).
+    # "soft" (q * s_k), "threshold" (keep s_k > THRESHOLD), "none", "clip_zero_shot" (MODEL.META_ARCHITECTURE
+    # "HierVL" only: ground-truth presence on labeled images; zero-shot CLIP presence from the frozen
+    # pretrained encoder E_I^0 on unlabeled and test images, which needs CLIP.PRETRAINED also at evaluation;
+    # without pretrained weights every class is kept).
     cfg.MODEL.HVLFORMER.SRE.MODE = "soft"
     # "threshold": the SRE score a class needs. "clip_zero_shot": the zero-shot class probability a class
     # needs RELATIVE to the most likely class, exp((cos_k - max cos) / TEMPERATURE) (several classes can pass).
@@ -238,8 +252,6 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.HVLFORMER.DROPOUT = 0.0
     cfg.MODEL.HVLFORMER.PRE_NORM = False
     cfg.MODEL.HVLFORMER.ENFORCE_INPUT_PROJ = False
-    # Learnable instance queries appended after the E*K textual ones (HierVL DQTD: 100; HVLFormer: 0).
-    cfg.MODEL.HVLFORMER.NUM_INSTANCE_QUERIES = 0
     # Query classifier: "linear" (paper) or "text" (cosine to t_k; allows a new vocabulary at inference).
     cfg.MODEL.HVLFORMER.CLASSIFIER = "linear"
     # Input size divisibility inside the model (padding for batching).
@@ -265,12 +277,25 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.HVLFORMER.DIV_WEIGHT = 1.0
     cfg.MODEL.HVLFORMER.SRE_WEIGHT = 1.0
 
-    # HierVL options (0 = off): L_prompt = L_topo + L_anchor on the learned class embeddings, and the
-    # masked vision-language regularisation L_align + MASK_CONSISTENCY_WEIGHT * L_mask.
-    cfg.MODEL.HVLFORMER.HIERVL = CN()
-    cfg.MODEL.HVLFORMER.HIERVL.PROMPT_WEIGHT = 0.0
-    cfg.MODEL.HVLFORMER.HIERVL.MASKED_VL_WEIGHT = 0.0
-    cfg.MODEL.HVLFORMER.HIERVL.MASK_CONSISTENCY_WEIGHT = 1.0
+    # ------------------------------------------------------------------ HierVL variant
+    # Read only by MODEL.META_ARCHITECTURE "HierVL" (hvlformer/modeling/meta_arch/hiervl.py), the earlier
+    # version of the method; the defaults are HierVL's. Its zero-shot relevance is MODEL.HVLFORMER.SRE.MODE
+    # "clip_zero_shot" (HierVL only).
+    cfg.MODEL.HIERVL = CN()
+    # Learnable instance queries (DQTD) appended after the E*K textual ones, Hungarian-matched.
+    cfg.MODEL.HIERVL.NUM_INSTANCE_QUERIES = 100
+    # Pixel tokens cross-attend to the K textual cluster centres after each deformable encoder layer.
+    cfg.MODEL.HIERVL.TEXT_CROSS_ATTENTION = True
+    # L_prompt = L_topo + L_anchor on the learned class embeddings (0 = off).
+    cfg.MODEL.HIERVL.PROMPT_WEIGHT = 1.0
+    # Masked vision-language regularisation L_align + MASK_CONSISTENCY_WEIGHT * L_mask (0 = off); L_mask
+    # needs the pretrained E_I^0 (MODEL.HVLFORMER.CLIP.PRETRAINED).
+    cfg.MODEL.HIERVL.MASKED_VL_WEIGHT = 1.0
+    cfg.MODEL.HIERVL.MASK_CONSISTENCY_WEIGHT = 1.0
+    # Loss on unlabeled images: "entropy" (HierVL's entropy minimisation) or "cmcr" (HVLFormer's CMCR, with
+    # the SEMI keys), and the weight of the entropy loss.
+    cfg.MODEL.HIERVL.UNLABELED_LOSS = "entropy"
+    cfg.MODEL.HIERVL.ENTROPY_WEIGHT = 1.0
 
     # ------------------------------------------------------------------ pixel decoder (Mask2Former keys)
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
@@ -289,8 +314,6 @@ def add_hvlformer_config(cfg: CN) -> None:
     # MSDeformAttn core: "auto" (Triton kernels for CUDA tensors, PyTorch grid_sample elsewhere; the env
     # variable HVLFORMER_MSDEFORM_ATTN_IMPL overrides "auto"), "pytorch" (always the reference) or "triton".
     cfg.MODEL.SEM_SEG_HEAD.MSDEFORM_ATTN_IMPL = "auto"
-    # HierVL: pixel tokens cross-attend to the K textual cluster centres after each deformable layer.
-    cfg.MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION = False
 
     # ------------------------------------------------------------------ thesis methods (all OFF by default)
     # The thesis "Towards Image Semantic Segmentation: From Context to Language" (chapters 3-5) as optional

@@ -28,8 +28,8 @@ class EMATeacher:
         self.decay = decay
         self.model = copy.deepcopy(student).eval().requires_grad_(False)
         backbone = getattr(self.model, "backbone", None)
-        if backbone is not None and hasattr(backbone, "_reference"):
-            backbone._reference = []  # the teacher never needs the frozen E_I^0 copy
+        if backbone is not None and hasattr(backbone, "drop_reference"):
+            backbone.drop_reference()  # the teacher never needs the frozen E_I^0 copy
         self.loaded_from_checkpoint = False
 
     def decay_at(self, iteration: Optional[int]) -> float:

@@ -39,6 +39,8 @@ def check_override_keys(cfg: CfgNode, opts: List[str]) -> None:
     if len(opts) % 2:
         raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd number: {opts}")
     for key in opts[0::2]:
+        if cfg.key_is_renamed(key):
+            cfg.raise_key_rename_error(key)  # "Key <old> was renamed to <new>; ..." (hvlformer.config.RENAMED_KEYS)
         node = cfg
         for part in key.split("."):
             if not isinstance(node, CfgNode) or part not in node:

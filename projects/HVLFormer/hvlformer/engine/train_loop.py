@@ -20,6 +20,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
 from ..cutmix import apply_cutmix
+from ..modeling.unlabeled_objective import teacher_targets
 from .ema import EMATeacher, unwrap
 
 __all__ = ["AMP_DTYPES", "amp_dtype", "TrainStep", "SemiSupervisedStep", "UNLABELED_LOSSES"]
@@ -147,8 +148,8 @@ class SemiSupervisedStep(TrainStep):
             batch["image_original"] = original
         else:
             teacher = self.teacher.model
-            teacher_outputs = teacher.predict(teacher.normalize(original), teacher.encode_text())
-            batch["targets"] = core.unlabeled_criterion.targets(teacher_outputs, batch["padding"])
+            batch["targets"] = teacher_targets(teacher, original, teacher.encode_text(), core.unlabeled_criterion,
+                                               batch["padding"])
         return batch
 
     def next_batch(self) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:

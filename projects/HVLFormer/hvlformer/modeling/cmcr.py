@@ -31,13 +31,15 @@ sigmoid(m_q)``, the inference output) normalised over the K classes, so it is a 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from torch import Tensor, nn
 
 from ..cutmix import mix_spatial
+from .outputs import semantic_scores
 from .regularization import fp32_loss
 
 # strides of the levels the decoder layers cycle over (coarse to fine; layer n uses level n % 3)
@@ -47,7 +49,7 @@ LEVEL_STRIDES = (32, 16, 8)
 @fp32_loss
 def class_probability_maps(pred_logits: Tensor, pred_masks: Tensor, eps: float = 1e-6) -> Tensor:
     """``B x Q x (K+1)`` logits and ``B x Q x h x w`` mask logits -> ``B x K x h x w`` per-pixel distributions."""
-    scores = torch.einsum("bqc,bqhw->bchw", pred_logits.float().softmax(-1)[..., :-1], pred_masks.float().sigmoid())
+    scores = semantic_scores(pred_logits, pred_masks)
     return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
 
 
@@ -134,6 +136,7 @@ class LayerTargets:
 class CMCRLoss(nn.Module):
     """All CMCR terms over all decoder layers; see the module docstring. Also the entropy alternative."""
 
+    @configurable
     def __init__(self, confidence_threshold: float = 0.95, weak_weight: float = 0.5, strong_weight: float = 0.1,
                  use_mask: bool = True, use_class: bool = True, use_align: bool = True, mode: str = "cmcr",
                  distribution_alignment_classes: int = 0, distribution_alignment_momentum: float = 0.99) -> None:
@@ -141,7 +144,7 @@ class CMCRLoss(nn.Module):
         see :meth:`align_distribution`."""
         super().__init__()
         if mode not in ("cmcr", "entropy"):
-            raise ValueError(f"SEMI.UNLABELED_LOSS must be 'cmcr' or 'entropy', got {mode!r}")
+            raise ValueError(f"MODEL.HIERVL.UNLABELED_LOSS must be 'cmcr' or 'entropy', got {mode!r}")
         if not 0.0 <= distribution_alignment_momentum < 1.0:
             raise ValueError(f"SEMI.DISTRIBUTION_ALIGNMENT_MOMENTUM must be in [0, 1), got {distribution_alignment_momentum}")
         self.distribution_alignment = distribution_alignment_classes > 0
@@ -159,6 +162,23 @@ class CMCRLoss(nn.Module):
         self.use_class = use_class
         self.use_align = use_align
         self.mode = mode
+
+    @classmethod
+    def from_config(cls, cfg, num_classes: int, mode: str = "cmcr") -> Dict[str, Any]:
+        """``SEMI`` keys; ``num_classes`` K sizes the distribution-alignment prior; ``mode`` ``entropy`` is
+        HierVL's alternative (``MODEL.HIERVL.UNLABELED_LOSS``)."""
+        semi = cfg.SEMI
+        return {
+            "confidence_threshold": semi.CONFIDENCE_THRESHOLD,
+            "weak_weight": semi.MASK_WEIGHT_WEAK,
+            "strong_weight": semi.MASK_WEIGHT_STRONG,
+            "use_mask": semi.MASK_CONSISTENCY,
+            "use_class": semi.CLASS_CONSISTENCY,
+            "use_align": semi.ALIGN_CONSISTENCY,
+            "mode": mode,
+            "distribution_alignment_classes": num_classes if semi.DISTRIBUTION_ALIGNMENT else 0,
+            "distribution_alignment_momentum": semi.DISTRIBUTION_ALIGNMENT_MOMENTUM,
+        }
 
     @torch.no_grad()
     @fp32_loss

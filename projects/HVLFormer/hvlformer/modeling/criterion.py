@@ -28,13 +28,14 @@ sampled with normalised coordinates, so their resolution may differ from that of
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from detectron2.config import configurable
 from detectron2.projects.point_rend.point_features import (
     get_uncertain_point_coords_with_randomness,
     point_sample,
@@ -115,6 +116,7 @@ def _uncertainty(logits: Tensor) -> Tensor:
 class HVLSetCriterion(nn.Module):
     """Fixed-matching Mask2Former losses for textual queries (+ Hungarian matching for instance queries)."""
 
+    @configurable
     def __init__(
         self,
         num_classes: int,
@@ -162,6 +164,25 @@ class HVLSetCriterion(nn.Module):
         empty_weight[-1] = self.no_object_weight
         # Not persistent: a checkpoint must load under a different vocabulary size.
         self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg, num_classes: int, num_instance_queries: int = 0) -> Dict[str, Any]:
+        """``MODEL.HVLFORMER`` loss keys; the Hungarian matcher is built only for ``num_instance_queries > 0``."""
+        hv = cfg.MODEL.HVLFORMER
+        matcher = (HungarianMatcher(cost_class=hv.CLASS_WEIGHT, cost_mask=hv.MASK_WEIGHT, cost_dice=hv.DICE_WEIGHT,
+                                    num_points=hv.TRAIN_NUM_POINTS) if num_instance_queries > 0 else None)
+        return {
+            "num_classes": num_classes,
+            "num_query_levels": hv.NUM_QUERY_LEVELS,
+            "num_instance_queries": num_instance_queries,
+            "matcher": matcher,
+            "weight_dict": {"loss_ce": hv.CLASS_WEIGHT, "loss_mask": hv.MASK_WEIGHT, "loss_dice": hv.DICE_WEIGHT},
+            "no_object_weight": hv.NO_OBJECT_WEIGHT,
+            "num_points": hv.TRAIN_NUM_POINTS,
+            "oversample_ratio": hv.OVERSAMPLE_RATIO,
+            "importance_sample_ratio": hv.IMPORTANCE_SAMPLE_RATIO,
+            "deep_supervision": hv.DEEP_SUPERVISION,
+        }
 
     # ------------------------------------------------------------------ weights
     def expand_weight_dict(self, num_aux_outputs: int) -> Dict[str, float]:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detectron2.config import configurable
+
 from .regularization import fp32_loss
 
 SRE_MODES = ("soft", "threshold", "none", "clip_zero_shot")
@@ -117,9 +119,17 @@ class HTQG(nn.Module):
     vocabulary). Everything after the queries is the same in both.
     """
 
+    @configurable
     def __init__(self, text_dim: int, hidden_dim: int, num_levels: int, feature_channels: List[int],
                  sre_mode: str = "soft", sre_threshold: float = 0.5, sre_temperature: float = 0.05,
                  query_source: str = "text", num_classes: int = 0) -> None:
+        """
+        Args:
+            text_dim: C, width of the class embeddings t_k. hidden_dim: D. num_levels: E.
+            feature_channels: channels of res3, res4, res5 (the SRE's image context).
+            sre_mode, sre_threshold, sre_temperature: see the class docstring.
+            query_source: ``text`` or ``learnable``; num_classes: K (``learnable`` only).
+        """
         super().__init__()
         if sre_mode not in SRE_MODES:
             raise ValueError(f"MODEL.HVLFORMER.SRE.MODE must be one of {SRE_MODES}, got {sre_mode!r}")
@@ -141,6 +151,22 @@ class HTQG(nn.Module):
         self.sre_temperature = sre_temperature
         self.sre = (SemanticRelevanceEstimator(feature_channels, text_dim, hidden_dim)
                     if sre_mode in ("soft", "threshold") else None)
+
+    @classmethod
+    def from_config(cls, cfg, text_dim: int, feature_channels: List[int], num_classes: int) -> Dict:
+        """``MODEL.HVLFORMER`` keys; the dimensions of the other modules are passed in."""
+        hv = cfg.MODEL.HVLFORMER
+        return {
+            "text_dim": text_dim,
+            "hidden_dim": hv.HIDDEN_DIM,
+            "num_levels": hv.NUM_QUERY_LEVELS,
+            "feature_channels": list(feature_channels),
+            "sre_mode": hv.SRE.MODE,
+            "sre_threshold": hv.SRE.THRESHOLD,
+            "sre_temperature": hv.SRE.TEMPERATURE,
+            "query_source": hv.QUERY_SOURCE,
+            "num_classes": num_classes,
+        }
 
     def forward(self, class_embeddings: Tensor, features: List[Tensor], global_embedding: Optional[Tensor] = None,
                 presence: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:

@@ -18,9 +18,10 @@ multi-head cross-attention; pixels unchanged), ``none`` (identity).
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
+from detectron2.config import configurable
 from torch import Tensor, nn
 
 PTRM_MODES = ("ptrm", "cross_attention", "none")
@@ -87,8 +88,12 @@ class CrossAttentionLevel(nn.Module):
 class PTRM(nn.Module):
     """PTRM over all pixel levels. See the module docstring for the equations and the E < 3 rule."""
 
+    @configurable
     def __init__(self, dim: int, num_query_levels: int, num_pixel_levels: int = 3, mode: str = "ptrm",
                  kernel_size: int = 7, hidden_channels: int = 16, num_heads: int = 8) -> None:
+        """dim: D of queries and pixels; num_query_levels: E; num_pixel_levels: pixel-decoder levels (3);
+        mode: see the module docstring; kernel_size, hidden_channels: the gate convolutions; num_heads: of
+        ``cross_attention``."""
         super().__init__()
         if mode not in PTRM_MODES:
             raise ValueError(f"MODEL.HVLFORMER.PTRM.MODE must be one of {PTRM_MODES}, got {mode!r}")
@@ -101,6 +106,13 @@ class PTRM(nn.Module):
             self.levels = nn.ModuleList(CrossAttentionLevel(dim, num_heads) for _ in range(num_pixel_levels))
         else:
             self.levels = nn.ModuleList()
+
+    @classmethod
+    def from_config(cls, cfg, num_pixel_levels: int = 3) -> Dict[str, Any]:
+        hv = cfg.MODEL.HVLFORMER
+        return {"dim": hv.HIDDEN_DIM, "num_query_levels": hv.NUM_QUERY_LEVELS, "num_pixel_levels": num_pixel_levels,
+                "mode": hv.PTRM.MODE, "kernel_size": hv.PTRM.KERNEL_SIZE,
+                "hidden_channels": hv.PTRM.HIDDEN_CHANNELS, "num_heads": hv.NHEADS}
 
     def query_level_of(self, pixel_level: int) -> int:
         """Query level used by a pixel level: the same index, or the finest query level for the extras."""

@@ -30,11 +30,15 @@ Decisions:
   unless torch.distributed is initialised with more than one process (single-process CPU runs work).
 - The frozen reference E_I^0 (for L^V) is a deep copy of the tower taken at construction (i.e. of the
   PRETRAINED CLIP weights ``build_clip_model`` loaded; built from a config only when there are such weights,
-  see :func:`~hvlformer.modeling.clip_loader.has_pretrained_reference`), kept in a plain list: it is not a
-  submodule, so it is not in ``state_dict()``, ``parameters()``, the optimizer or DDP; ``_apply``
-  moves/casts it with the backbone.
-  If the tower's initial weights are loaded later by other means, call :meth:`reset_reference`.
+  see :func:`~hvlformer.modeling.clip_loader.has_pretrained_reference`), held in a
+  :class:`~hvlformer.modeling.frozen.FrozenModule` (``reference``): a frozen submodule, so it moves and is
+  copied with the backbone (``.to()``, ``to_empty``, ``deepcopy``), but it is not in ``state_dict()``,
+  ``parameters()``, the optimizer or DDP.
+  If the tower's initial weights are loaded later by other means, call :meth:`reset_reference`; code that
+  never needs it (the EMA teacher) calls :meth:`drop_reference`.
   ``reference_global_embedding`` (f_CLS^0, L^V) and ``reference_dense_embedding`` (HierVL L_mask) run it.
+- The CLIP model is loaded once per model: the meta-architecture passes its vision tower (``visual``) to
+  this backbone's ``from_config``; without one (the backbone on its own) ``from_config`` loads it.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..clip_loader import build_clip_model, has_pretrained_reference
+from ..frozen import FrozenModule
 
 __all__ = ["CLIPViTBackbone", "interpolate_pos_embed", "NOMINAL_STRIDE", "NATIVE_PATCH_SIZES"]
 
@@ -342,21 +347,25 @@ class CLIPViTBackbone(Backbone):
         self._out_feature_channels = {"res2": w // 4, "res3": w // 2, "res4": w, "res5": w}
         self._out_feature_strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
-        # Plain list: deliberately not a registered submodule (see module docstring).
-        self._reference: List[nn.Module] = []
+        # E_I^0: a frozen submodule outside state_dict() and the optimizer (see the module docstring)
+        self.reference: Optional[FrozenModule] = None
         if frozen_reference:
             self.reset_reference()
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
+    def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None, visual: Optional[nn.Module] = None):
+        """``visual``: the vision tower of the CLIP model the caller already loaded (the meta-architecture
+        loads CLIP once for both towers); ``None`` loads ``CLIP.MODEL_NAME`` / ``CLIP.PRETRAINED`` here."""
         if input_shape is not None and input_shape.channels not in (None, 3):
             raise ValueError(f"CLIP vision towers take 3-channel images, got input_shape {input_shape}")
         c = cfg.MODEL.HVLFORMER.CLIP
         zero_shot = cfg.MODEL.HVLFORMER.SRE.MODE == "clip_zero_shot"  # needs E_I^0 at inference too
-        model, _ = build_clip_model(c.MODEL_NAME, c.PRETRAINED,
-                                    weights_from_checkpoint=c.WEIGHTS_FROM_CHECKPOINT and not zero_shot)
+        if visual is None:
+            model, _ = build_clip_model(c.MODEL_NAME, c.PRETRAINED,
+                                        weights_from_checkpoint=c.WEIGHTS_FROM_CHECKPOINT and not zero_shot)
+            visual = model.visual
         return {
-            "visual": model.visual,
+            "visual": visual,
             "out_indices": list(c.OUT_INDICES),
             "pyramid_norm": c.PYRAMID_NORM,
             "gradient_checkpointing": c.GRADIENT_CHECKPOINTING,
@@ -438,21 +447,24 @@ class CLIPViTBackbone(Backbone):
     # ------------------------------------------------------------------ frozen reference E_I^0
     def reset_reference(self) -> None:
         """(Re)take the frozen reference E_I^0 as a copy of the tower's current weights."""
-        ref = copy.deepcopy(self.visual).eval()
-        ref.requires_grad_(False)
-        self._reference = [ref]
+        self.reference = FrozenModule(copy.deepcopy(self.visual))
+
+    def drop_reference(self) -> None:
+        """Remove E_I^0 (for a copy of the model that never runs it, e.g. the EMA teacher)."""
+        self.reference = None
 
     @property
     def reference_tower(self) -> Optional[nn.Module]:
-        return self._reference[0] if self._reference else None
+        """The frozen vision tower E_I^0, or None."""
+        return self.reference.module if self.reference is not None else None
 
     def _reference_outputs(self, x: Tensor, dense: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        if not self._reference:
+        ref = self.reference_tower
+        if ref is None:
             raise RuntimeError(
                 "this CLIPViTBackbone was built with frozen_reference=False "
                 "(MODEL.HVLFORMER.CLIP.FROZEN_REFERENCE), so it has no frozen reference tower E_I^0"
             )
-        ref = self._reference[0]
         with torch.no_grad():
             final, _, (h, w) = self._run_tower(ref, self._prepare_input(x), (), checkpointing=False)
             pooled, tokens = self._adapter.heads(ref, final, dense=dense)
@@ -465,9 +477,3 @@ class CLIPViTBackbone(Backbone):
     def reference_dense_embedding(self, x: Tensor) -> Tensor:
         """Dense embedding of the frozen initial tower (as ``clip_dense``), ``B x C x H/s x W/s``, no grad."""
         return self._reference_outputs(x, dense=True)[1]
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        for ref in self._reference:
-            ref._apply(fn, recurse)
-        return self

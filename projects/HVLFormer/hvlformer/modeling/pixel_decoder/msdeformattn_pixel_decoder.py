@@ -345,7 +345,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "norm": head.NORM,
             "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
             "common_stride": head.COMMON_STRIDE,
-            "text_cross_attention": head.TEXT_CROSS_ATTENTION,
             "msdeform_attn_impl": head.MSDEFORM_ATTN_IMPL,
         }
 
@@ -402,13 +401,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         return self.forward_features(features, text_centers)
 
 
-def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
+def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec], **kwargs) -> nn.Module:
     """Build ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME`` from ``SEM_SEG_HEADS_REGISTRY``.
 
-    The decoder must provide ``forward_features(features, text_centers=None)``.
+    The decoder must provide ``forward_features(features, text_centers=None)``. ``kwargs`` override the
+    config's arguments (HierVL's ``text_cross_attention=True``, ``MODEL.HIERVL.TEXT_CROSS_ATTENTION``).
     """
     name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
-    model = SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape)
+    model = SEM_SEG_HEADS_REGISTRY.get(name)(cfg, input_shape, **kwargs)
     if not callable(getattr(model, "forward_features", None)):
         raise ValueError(f"pixel decoder {name!r} has no forward_features method; it cannot be used here")
     return model

@@ -56,14 +56,15 @@ Registry for HVLFormer transformer decoders. A registered class is called as
 """
 
 
-def build_transformer_decoder(cfg, in_channels: int, num_classes: int, text_dim: int) -> nn.Module:
+def build_transformer_decoder(cfg, in_channels: int, num_classes: int, text_dim: int, **kwargs) -> nn.Module:
     """Build the decoder named by ``cfg.MODEL.HVLFORMER.TRANSFORMER_DECODER_NAME``.
 
     in_channels: channels of the multi-scale pixel-decoder features; num_classes: K of the training
-    vocabulary (used by the linear classifier); text_dim: C, width of the text embeddings ``t_k``.
+    vocabulary (used by the linear classifier); text_dim: C, width of the text embeddings ``t_k``;
+    ``kwargs`` override the config's arguments (HierVL's ``num_instance_queries``, ``MODEL.HIERVL``).
     """
     name = cfg.MODEL.HVLFORMER.TRANSFORMER_DECODER_NAME
-    return TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, num_classes, text_dim)
+    return TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, num_classes, text_dim, **kwargs)
 
 
 def compute_attention_mask(mask_logits: Tensor, size, num_heads: int) -> Tensor:
@@ -226,7 +227,6 @@ class HVLTransformerDecoder(nn.Module):
         num_classes: int,
         hidden_dim: int,
         num_query_levels: int,
-        num_instance_queries: int,
         nheads: int,
         dim_feedforward: int,
         dec_layers: int,
@@ -237,6 +237,7 @@ class HVLTransformerDecoder(nn.Module):
         text_dim: int = 512,
         dropout: float = 0.0,
         num_feature_levels: int = 3,
+        num_instance_queries: int = 0,
     ) -> None:
         """
         Args:
@@ -312,7 +313,6 @@ class HVLTransformerDecoder(nn.Module):
             "num_classes": num_classes,
             "hidden_dim": h.HIDDEN_DIM,
             "num_query_levels": h.NUM_QUERY_LEVELS,
-            "num_instance_queries": h.NUM_INSTANCE_QUERIES,
             "nheads": h.NHEADS,
             "dim_feedforward": h.DIM_FEEDFORWARD,
             "dec_layers": h.DEC_LAYERS,

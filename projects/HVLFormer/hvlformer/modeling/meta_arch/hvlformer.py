@@ -1,0 +1,455 @@
+"""The HVLFormer meta-architecture (paper Sec. 3 and Fig. 2), registered in detectron2's ``META_ARCH_REGISTRY``.
+
+Data flow of :meth:`HVLFormer.predict` for a normalised, padded batch ``B x 3 x H x W``::
+
+    backbone E_I (CLIP ViT)  -> res2..res5, f_CLS (B x C), dense embedding (B x C x H/s x W/s)
+    text E_T + context       -> t (K x C), once per step (encode_text)
+    HTQG: HQG(t) -> Q_hat (E x K x D); SRE(res3..res5, t) -> s (B x K); Q~ = s * Q_hat
+    pixel decoder            -> mask_features (B x D x H/4 x W/4), [z^1, z^2, z^3] (strides 32/16/8)
+    PTRM(Q~, z)              -> refined queries Q (B x E x K x D), z_out
+    transformer decoder(z_out, mask_features, Q level-major (B x E*K x D)) -> class logits, masks, attention
+    losses: HVLFormerLoss (labeled), unlabeled_objective (CMCR)
+
+Inference turns the last layer into class scores (:func:`~hvlformer.modeling.outputs.semantic_scores`),
+whole-image or with sliding windows, optionally with the eq.-10 pixel-text alignment
+(:mod:`hvlformer.modeling.alignment`). HierVL, the earlier variant, is :mod:`.hiervl`, a subclass.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from detectron2.utils.logger import log_first_n
+from torch import Tensor, nn
+
+from ..alignment import ALIGNMENT_KEY, pixel_text_alignment, valid_cells
+from ..backbone import CLIPViTBackbone
+from ..clip_loader import build_clip_model, has_pretrained_reference
+from ..cmcr import CMCRLoss
+from ..criterion import HVLSetCriterion
+from ..htqg import HTQG
+from ..losses import HVLFormerLoss
+from ..outputs import HVLFormerOutput, semantic_scores
+from ..pixel_decoder import build_pixel_decoder
+from ..ptrm import PTRM
+from ..text import CLIPTextEncoder, load_class_descriptions, reference_prompts, resolve_descriptions_path
+from ..transformer_decoder import build_transformer_decoder
+from ..unlabeled_objective import unlabeled_losses
+
+__all__ = ["HVLFormer", "CLIP_PIXEL_MEAN", "CLIP_PIXEL_STD", "dataset_classes", "build_clip_backbone"]
+
+logger = logging.getLogger("hvlformer")
+
+# CLIP's normalisation, in 0-255 pixel units.
+CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
+CLIP_PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
+
+
+def dataset_classes(cfg) -> Tuple[List[str], Optional[str]]:
+    """Class names and descriptions name of the first training (or test) dataset."""
+    names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+    labeled = getattr(cfg.DATASETS, "TRAIN_LABELED", None)
+    if labeled:
+        names = list(labeled) + names
+    if not names:
+        raise ValueError("DATASETS.TRAIN (or DATASETS.TEST) must name a registered dataset to get the class list")
+    metadata = MetadataCatalog.get(names[0])
+    classes = getattr(metadata, "stuff_classes", None)
+    if not classes:
+        raise ValueError(f"dataset {names[0]!r} has no 'stuff_classes' metadata; is it registered?")
+    return list(classes), getattr(metadata, "descriptions_name", None)
+
+
+def build_clip_backbone(cfg, visual: nn.Module) -> CLIPViTBackbone:
+    """``MODEL.BACKBONE.NAME`` from detectron2's ``BACKBONE_REGISTRY``, on the already loaded CLIP tower."""
+    name = cfg.MODEL.BACKBONE.NAME
+    backbone_class = BACKBONE_REGISTRY.get(name)
+    if not (isinstance(backbone_class, type) and issubclass(backbone_class, CLIPViTBackbone)):
+        raise ValueError(f"MODEL.BACKBONE.NAME must name CLIPViTBackbone or a subclass (the model needs the CLIP "
+                         f"image embeddings and the frozen reference encoder), got {name!r}")
+    return backbone_class(cfg, visual=visual)
+
+
+def _reset_reference_text_after_load(model: "HVLFormer", incompatible_keys: Any) -> None:
+    model.reset_reference_text()  # new text-tower weights: T0 is recomputed on next use
+
+
+@META_ARCH_REGISTRY.register()
+class HVLFormer(nn.Module):
+    """Semi-supervised semantic segmentation with language anchors.
+
+    ``forward`` follows detectron2: a list of dicts with ``"image"`` (``3 x H x W`` uint8, RGB) and, in
+    training, ``"sem_seg"`` (``H x W`` long); it returns a dict of weighted losses in training and
+    ``[{"sem_seg": K x height x width}]`` (class scores at the original size) in inference.
+    ``encode_text`` and ``predict`` are what the trainers, the predictor and the tools use.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: CLIPViTBackbone,
+        text_encoder: CLIPTextEncoder,
+        pixel_decoder: nn.Module,
+        htqg: HTQG,
+        ptrm: PTRM,
+        transformer_decoder: nn.Module,
+        criterion: HVLFormerLoss,
+        class_names: List[str],
+        class_prompts: List[List[str]],
+        reference_class_prompts: List[str],
+        pixel_mean: Tuple[float, ...] = CLIP_PIXEL_MEAN,
+        pixel_std: Tuple[float, ...] = CLIP_PIXEL_STD,
+        size_divisibility: int = 32,
+        ignore_value: int = 255,
+        unlabeled_criterion: Optional[CMCRLoss] = None,
+        unlabeled_weight: float = 5.0,
+        sliding_window: bool = False,
+        window_size: int = 512,
+        window_stride: int = 341,
+        pixel_text_alignment: bool = False,
+    ) -> None:
+        """
+        Args:
+            backbone, text_encoder, pixel_decoder, htqg, ptrm, transformer_decoder: the network, in data order.
+            criterion: the supervised objective. unlabeled_criterion, unlabeled_weight: CMCR and lambda_cmcr.
+            class_names, class_prompts, reference_class_prompts: the vocabulary (see :meth:`set_vocabulary`).
+            pixel_mean, pixel_std: input normalisation (0-255). size_divisibility: batch padding.
+            ignore_value: label of unlabeled pixels.
+            sliding_window, window_size, window_stride: sliding-window inference.
+            pixel_text_alignment: inference outputs also carry the eq.-10 alignment (``E`` values).
+        """
+        super().__init__()
+        if htqg.sre_mode == "clip_zero_shot" and not self.zero_shot_relevance:
+            raise ValueError("MODEL.HVLFORMER.SRE.MODE 'clip_zero_shot' is HierVL's zero-shot relevance: set "
+                             "MODEL.META_ARCHITECTURE 'HierVL'")
+        self.backbone = backbone
+        self.text_encoder = text_encoder
+        self.pixel_decoder = pixel_decoder
+        self.htqg = htqg
+        self.ptrm = ptrm
+        self.transformer_decoder = transformer_decoder
+        self.criterion = criterion
+        self.size_divisibility = size_divisibility
+        self.ignore_value = ignore_value
+        self.sliding_window = sliding_window
+        self.window_size = window_size
+        self.window_stride = window_stride
+        self.unlabeled_criterion = unlabeled_criterion if unlabeled_criterion is not None else CMCRLoss()
+        self.unlabeled_weight = unlabeled_weight
+        self.pixel_text_alignment = pixel_text_alignment
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        # T0 (K x C), frozen, computed on first use (the text tower's weights may still be loaded from a
+        # checkpoint after construction); empty until then, never saved. A buffer, so it follows .to().
+        self.register_buffer("reference_text_embeddings", torch.empty(0), persistent=False)
+        self.register_load_state_dict_post_hook(_reset_reference_text_after_load)
+        self.set_vocabulary(class_names, class_prompts, reference_class_prompts)
+
+    #: Whether the model can gate queries by zero-shot CLIP presence (SRE mode ``clip_zero_shot``; HierVL).
+    zero_shot_relevance = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, Any]:
+        hv = cfg.MODEL.HVLFORMER
+        class_names, descriptions_name = dataset_classes(cfg)
+        num_classes = len(class_names)
+        if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES not in (num_classes, 0):
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} but the dataset "
+                             f"has {num_classes} classes")
+        hidden_dim = hv.HIDDEN_DIM
+        if cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM != hidden_dim:
+            raise ValueError("MODEL.SEM_SEG_HEAD.CONVS_DIM must equal MODEL.HVLFORMER.HIDDEN_DIM (PTRM mixes them)")
+        # one CLIP model for both towers; E_I^0 = its pretrained vision tower (see clip_loader)
+        reference_at_test = cls.reference_needed_at_test(cfg)
+        clip_model, tokenizer = build_clip_model(
+            hv.CLIP.MODEL_NAME, hv.CLIP.PRETRAINED,
+            weights_from_checkpoint=hv.CLIP.WEIGHTS_FROM_CHECKPOINT and not reference_at_test)
+        reference = has_pretrained_reference(hv.CLIP)
+        cls.warn_without_reference(cfg, reference)
+        backbone = build_clip_backbone(cfg, clip_model.visual)
+        text_encoder = CLIPTextEncoder(clip_model, tokenizer, num_context=hv.TEXT.NUM_CONTEXT)
+        text_dim = text_encoder.embed_dim
+        descriptions = load_class_descriptions(
+            resolve_descriptions_path(hv.TEXT.DESCRIPTIONS, descriptions_name), class_names,
+            num_descriptions=hv.TEXT.NUM_DESCRIPTIONS, fallback_template=hv.TEXT.FALLBACK_TEMPLATE)
+        logger.info("class prompts: %s (%d per class)", descriptions.source, len(descriptions.prompts[0]))
+        shapes = backbone.output_shape()
+        # the network, in data order (also the order of the random initialisation)
+        pixel_decoder = cls.build_pixel_decoder(
+            cfg, {k: v for k, v in shapes.items() if k in cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES})
+        htqg = HTQG(cfg, text_dim, [shapes[k].channels for k in ("res3", "res4", "res5")], num_classes)
+        ptrm = PTRM(cfg, num_pixel_levels=3)
+        transformer_decoder = cls.build_transformer_decoder(cfg, hidden_dim, num_classes, text_dim)
+        criterion = HVLFormerLoss(cfg, cls.build_seg_criterion(cfg, num_classes), has_reference=reference)
+        return {
+            "backbone": backbone,
+            "text_encoder": text_encoder,
+            "pixel_decoder": pixel_decoder,
+            "htqg": htqg,
+            "ptrm": ptrm,
+            "transformer_decoder": transformer_decoder,
+            "criterion": criterion,
+            "class_names": class_names,
+            "class_prompts": descriptions.prompts,
+            "reference_class_prompts": reference_prompts(class_names, descriptions.attributes,
+                                                         template=hv.TEXT.REFERENCE_TEMPLATE),
+            "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
+            "size_divisibility": hv.SIZE_DIVISIBILITY,
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "sliding_window": cfg.TEST.SLIDING_WINDOW.ENABLED,
+            "window_size": cfg.TEST.SLIDING_WINDOW.CROP_SIZE,
+            "window_stride": cfg.TEST.SLIDING_WINDOW.STRIDE,
+            "unlabeled_criterion": cls.build_unlabeled_criterion(cfg, num_classes),
+            "unlabeled_weight": cls.unlabeled_weight_from_config(cfg),
+            "pixel_text_alignment": cfg.TEST.PIXEL_TEXT_ALIGNMENT,
+        }
+
+    # Construction steps a variant (HierVL) changes; HVLFormer's are the plain config.
+    @classmethod
+    def reference_needed_at_test(cls, cfg) -> bool:
+        """Whether inference runs E_I^0 (then CLIP.PRETRAINED is loaded even for a checkpoint's evaluation)."""
+        return False
+
+    @classmethod
+    def warn_without_reference(cls, cfg, reference: bool) -> None:
+        hv = cfg.MODEL.HVLFORMER
+        if not reference and hv.CLIP.FROZEN_REFERENCE and not hv.CLIP.WEIGHTS_FROM_CHECKPOINT and hv.REG_VISION_WEIGHT > 0:
+            log_first_n(logging.WARNING, "L^V (MODEL.HVLFORMER.REG_VISION_WEIGHT) is SWITCHED OFF: "
+                        "MODEL.HVLFORMER.CLIP.PRETRAINED is empty, so there is no pretrained CLIP encoder E_I^0 to "
+                        "anchor f_CLS to (a copy of a random initialisation would anchor to noise). Set PRETRAINED to "
+                        "the encoder's pretrained tag or file, also when training from MODEL.WEIGHTS.",
+                        n=1, name="hvlformer")
+
+    @classmethod
+    def build_pixel_decoder(cls, cfg, input_shape) -> nn.Module:
+        return build_pixel_decoder(cfg, input_shape)
+
+    @classmethod
+    def build_transformer_decoder(cls, cfg, in_channels: int, num_classes: int, text_dim: int) -> nn.Module:
+        return build_transformer_decoder(cfg, in_channels, num_classes, text_dim)
+
+    @classmethod
+    def build_seg_criterion(cls, cfg, num_classes: int) -> HVLSetCriterion:
+        return HVLSetCriterion(cfg, num_classes)
+
+    @classmethod
+    def build_unlabeled_criterion(cls, cfg, num_classes: int) -> CMCRLoss:
+        return CMCRLoss(cfg, num_classes)
+
+    @classmethod
+    def unlabeled_weight_from_config(cls, cfg) -> float:
+        return cfg.SEMI.CMCR_WEIGHT
+
+    # ------------------------------------------------------------------ vocabulary and text
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_query_levels(self) -> int:
+        """E."""
+        return self.ptrm.num_query_levels
+
+    def set_vocabulary(self, class_names: List[str], class_prompts: List[List[str]],
+                       reference_class_prompts: List[str]) -> None:
+        """Replace the class list (K names, K lists of prompts, K reference prompts).
+
+        A new K at inference needs the ``text`` classifier (the ``linear`` one has K+1 fixed outputs).
+        """
+        if not (len(class_names) == len(class_prompts) == len(reference_class_prompts)):
+            raise ValueError("class_names, class_prompts and reference_class_prompts must have the same length")
+        self.class_names = list(class_names)
+        self.class_prompts = [list(p) for p in class_prompts]
+        self.reference_class_prompts = list(reference_class_prompts)
+        self.reset_reference_text()
+
+    def encode_text(self) -> Tensor:
+        """t: ``K x C`` normalised class embeddings (one batched text pass; cached by the encoder in eval)."""
+        return self.text_encoder(self.class_prompts)
+
+    def reference_text(self) -> Tensor:
+        """T0: ``K x C`` frozen reference embeddings, computed on first use."""
+        if self.reference_text_embeddings.numel() == 0:
+            self.reference_text_embeddings = self.text_encoder.reference_embeddings(self.reference_class_prompts)
+        return self.reference_text_embeddings
+
+    def reset_reference_text(self) -> None:
+        """Forget T0 (recomputed on next use): after a new vocabulary or new text-tower weights."""
+        self.reference_text_embeddings = self.pixel_mean.new_empty(0)
+
+    # ------------------------------------------------------------------ the network
+    def normalize(self, images: Tensor) -> Tensor:
+        """``B x 3 x H x W`` uint8/float 0-255 images -> normalised float (on the model's device)."""
+        return (images.to(self.device).float() - self.pixel_mean) / self.pixel_std
+
+    def preprocess_images(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
+        """Normalise and pad the images of a batch to a multiple of ``size_divisibility``."""
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def pad_labels(self, batched_inputs: List[Dict[str, Any]], padded_size: Tuple[int, int]) -> Tensor:
+        """Stack the ``sem_seg`` labels into ``B x H x W``, padding with the ignore value."""
+        labels = []
+        for x in batched_inputs:
+            if "sem_seg" not in x:
+                raise KeyError("training inputs need a 'sem_seg' label map")
+            sem_seg = x["sem_seg"].to(self.device).long()
+            pad_h, pad_w = padded_size[0] - sem_seg.shape[0], padded_size[1] - sem_seg.shape[1]
+            labels.append(F.pad(sem_seg, (0, pad_w, 0, pad_h), value=self.ignore_value))
+        return torch.stack(labels)
+
+    def predict(self, images: Tensor, text_embeddings: Tensor, presence: Optional[Tensor] = None) -> HVLFormerOutput:
+        """Run the whole network on a normalised, padded batch ``B x 3 x H x W`` with class embeddings
+        ``K x C``. ``presence``: ``B x K`` ground-truth class presence of labeled images, for relevance
+        modes that use it (HierVL's ``clip_zero_shot``); HVLFormer's SRE ignores it."""
+        features = self.backbone(images)
+        weighted_queries, level_queries, htqg_extras = self.htqg(
+            text_embeddings, [features["res3"], features["res4"], features["res5"]],
+            **self.relevance_inputs(images, text_embeddings, presence))
+        pixel_features = {k: v for k, v in features.items() if k in ("res2", "res3", "res4", "res5")}
+        mask_features, multi_scale_features = self.decode_pixels(pixel_features, weighted_queries)
+        queries, refined_features, affinity = self.ptrm(weighted_queries, multi_scale_features)
+        batch, levels, num_classes, dim = queries.shape
+        decoded = self.transformer_decoder(refined_features, mask_features,
+                                           queries.reshape(batch, levels * num_classes, dim),
+                                           class_embeddings=text_embeddings)
+        return HVLFormerOutput(
+            pred_logits=decoded["pred_logits"], pred_masks=decoded["pred_masks"], attn_maps=decoded["attn_maps"],
+            aux_outputs=decoded["aux_outputs"], features=features, level_queries=level_queries,
+            relevance=htqg_extras["relevance"], sre_logits=htqg_extras.get("sre_logits"), ptrm_affinity=affinity,
+            mask_features=mask_features, refined_queries=queries)
+
+    def relevance_inputs(self, images: Tensor, text_embeddings: Tensor,
+                         presence: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
+        """Extra HTQG inputs (HierVL: zero-shot image embedding or presence); none for HVLFormer's SRE."""
+        return {}
+
+    def decode_pixels(self, pixel_features: Dict[str, Tensor], weighted_queries: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """Pixel decoder: ``mask_features`` and the three multi-scale maps (HierVL adds text centres)."""
+        return self.pixel_decoder.forward_features(pixel_features)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batched_inputs: List[Dict[str, Any]], unlabeled: Optional[Dict[str, Any]] = None):
+        """Training: weighted supervised losses of the labeled batch (plus, when ``unlabeled`` is given,
+        the unlabeled losses and ``stat_*`` statistics, which are not losses; see
+        :func:`~hvlformer.modeling.unlabeled_objective.unlabeled_losses`). Inference: per image
+        ``{"sem_seg": K x height x width}``."""
+        images = self.preprocess_images(batched_inputs)
+        text_embeddings = self.encode_text()  # once per step, shared by every view
+        if not self.training:
+            return self.inference(batched_inputs, images, text_embeddings)
+        labels = self.pad_labels(batched_inputs, tuple(images.tensor.shape[-2:]))
+        outputs = self.predict(images.tensor, text_embeddings, self.labeled_presence(labels))
+        losses = self.supervised_losses(outputs, labels, text_embeddings, images.tensor)
+        if unlabeled is not None:
+            self.unlabeled_criterion.observe_labels(labels, self.ignore_value)  # distribution alignment
+            losses.update(unlabeled_losses(self, unlabeled, text_embeddings))
+            losses["stat_sre_mean_labeled"] = outputs.relevance.detach().float().mean()
+        return losses
+
+    def labeled_presence(self, labels: Tensor) -> Optional[Tensor]:
+        """``presence`` of :meth:`predict` for a labeled batch (HierVL); None for HVLFormer."""
+        return None
+
+    def supervised_losses(self, outputs: HVLFormerOutput, labels: Tensor, text_embeddings: Tensor,
+                          images: Tensor) -> Dict[str, Tensor]:
+        """Weighted losses of a labeled batch (:class:`~hvlformer.modeling.losses.HVLFormerLoss`).
+        labels: ``B x H x W`` long; images: the normalised batch (f_CLS^0 for L^V)."""
+        criterion = self.criterion
+        return criterion(outputs, labels, text_embeddings,
+                         reference_text=self.reference_text() if criterion.needs_reference_text else None,
+                         reference_global=(self.backbone.reference_global_embedding(images)
+                                           if criterion.needs_reference_image else None))
+
+    # ------------------------------------------------------------------ inference
+    def scores_and_alignment(self, images: Tensor, text_embeddings: Tensor,
+                             valid_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Class scores ``B x K x H x W`` of a normalised batch ``B x 3 x H x W`` at its (padded) resolution,
+        and, when ``valid_sizes`` (the unpadded ``(h, w)`` of each image) is given, the pixel-text alignment
+        ``B x E`` (supplement eq. 10) over each image's unpadded cells."""
+        outputs = self.predict(images, text_embeddings)
+        masks = F.interpolate(outputs.pred_masks, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        scores = semantic_scores(outputs.pred_logits, masks)
+        if valid_sizes is None:
+            return scores, None
+        mask_features = outputs.mask_features
+        cells = [valid_cells(size, tuple(images.shape[-2:]), mask_features.shape[-2:]) for size in valid_sizes]
+        return scores, pixel_text_alignment(outputs.refined_queries, mask_features, cells)
+
+    def sliding_window_scores(self, image: Tensor, text_embeddings: Tensor,
+                              with_alignment: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """Sliding-window class scores for one normalised image ``3 x H x W`` -> ``K x H x W``, and with
+        ``with_alignment`` the eq.-10 alignment ``E`` averaged over the windows (each window's unpadded part).
+
+        Windows of ``window_size`` with ``window_stride``; the last window of a row/column is aligned to
+        the image border; images smaller than a window are padded (with 0, the mean colour). The
+        per-pixel scores are averaged over the windows that cover the pixel (count matrix).
+        """
+        size, stride = self.window_size, self.window_stride
+        height, width = image.shape[-2:]
+        padded = F.pad(image, (0, max(size - width, 0), 0, max(size - height, 0)), value=0.0)
+        full_h, full_w = padded.shape[-2:]
+        tops = list(range(0, max(full_h - size, 0) + 1, stride))
+        lefts = list(range(0, max(full_w - size, 0) + 1, stride))
+        if tops[-1] + size < full_h:
+            tops.append(full_h - size)
+        if lefts[-1] + size < full_w:
+            lefts.append(full_w - size)
+        scores = padded.new_zeros(self.num_classes, full_h, full_w)
+        counts = padded.new_zeros(1, full_h, full_w)
+        # the image part of a window; the rest is the padding of an image smaller than a window
+        valid_sizes = [(min(height, size), min(width, size))] if with_alignment else None
+        alignments = []
+        for top in tops:
+            for left in lefts:
+                window = padded[:, top: top + size, left: left + size]
+                window_batch = ImageList.from_tensors([window], self.size_divisibility).tensor
+                window_scores, alignment = self.scores_and_alignment(window_batch, text_embeddings, valid_sizes)
+                if with_alignment:
+                    alignments.append(alignment[0])
+                scores[:, top: top + size, left: left + size] += window_scores[0, :, :size, :size]
+                counts[:, top: top + size, left: left + size] += 1
+        alignment = torch.stack(alignments).mean(dim=0) if with_alignment else None
+        return (scores / counts)[:, :height, :width], alignment
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[Dict[str, Any]], images: ImageList,
+                  text_embeddings: Tensor) -> List[Dict[str, Tensor]]:
+        """Per image ``{"sem_seg": K x height x width}`` at the original size (``height``/``width`` keys),
+        plus ``"pixel_text_alignment"`` (``E`` values, supplement eq. 10) when ``pixel_text_alignment`` is
+        on: computed from the same forward pass as the scores, over each image's unpadded part; with
+        sliding windows, the windows of an image are averaged (see :mod:`hvlformer.modeling.alignment`).
+        """
+        with_alignment = self.pixel_text_alignment
+        if self.sliding_window:
+            per_image, alignment = zip(*(self.sliding_window_scores(images.tensor[i, :, :h, :w], text_embeddings,
+                                                                    with_alignment)
+                                         for i, (h, w) in enumerate(images.image_sizes)))
+        else:
+            batch_scores, batch_alignment = self.scores_and_alignment(
+                images.tensor, text_embeddings, list(images.image_sizes) if with_alignment else None)
+            per_image = [batch_scores[i, :, :h, :w] for i, (h, w) in enumerate(images.image_sizes)]
+            alignment = list(batch_alignment) if with_alignment else [None] * len(per_image)
+        results = []
+        for scores, value, inputs, image_size in zip(per_image, alignment, batched_inputs, images.image_sizes):
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            result = {"sem_seg": sem_seg_postprocess(scores, image_size, height, width)}
+            if with_alignment:
+                result[ALIGNMENT_KEY] = value
+            results.append(result)
+        return results

@@ -1,0 +1,82 @@
+"""The unlabeled objective (paper Sec. 3.3, eq. 5, and eq. 6's ``lambda_cmcr * l_CMCR``): teacher targets of
+the original view and the consistency losses of the weak and strong views.
+
+The terms themselves are :class:`~hvlformer.modeling.cmcr.CMCRLoss` (``l_mask``, ``l_class``, ``l_align`` per
+decoder layer; or HierVL's entropy minimisation). This module runs the network for them:
+
+- :func:`teacher_targets`: the teacher (the model itself without gradient, or an EMA copy) predicts the
+  original view; its per-layer outputs become the detached targets.
+- :func:`unlabeled_losses`: the weak and strong views go through the network as one batch (so the student
+  runs once per view kind and DDP synchronises one forward); the output is split back into the two views
+  and compared with the targets; the losses are multiplied by the model's ``unlabeled_weight``
+  (``lambda_cmcr``, ``SEMI.CMCR_WEIGHT``). Keys ``stat_*`` are statistics, not losses.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .cmcr import CMCRLoss, LayerTargets
+
+__all__ = ["teacher_targets", "split_views", "unlabeled_losses"]
+
+_PREDICTION_KEYS = ("pred_logits", "pred_masks", "attn_maps")
+
+
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, images: Tensor, text_embeddings: Tensor, criterion: CMCRLoss,
+                    padding: Optional[Tensor] = None) -> List[LayerTargets]:
+    """Detached per-layer targets of the original view.
+
+    Args:
+        teacher: an HVLFormer (the student itself, or the EMA teacher's copy).
+        images: ``B x 3 x H x W`` original views, 0-255 (normalised here).
+        text_embeddings: ``K x C`` class embeddings (the step's own, detached, for the self teacher).
+        criterion: the CMCR loss whose targets are built (distribution alignment lives there).
+        padding: ``B x H x W`` bool, True on padded pixels.
+    """
+    outputs = teacher.predict(teacher.normalize(images), text_embeddings.detach())
+    return criterion.targets(outputs.decoder_outputs(), padding)
+
+
+def split_views(outputs: Dict[str, Any], part: slice) -> Dict[str, Any]:
+    """The images ``part`` of decoder outputs (final and auxiliary predictions) of a concatenated batch."""
+    return {**{k: outputs[k][part] for k in _PREDICTION_KEYS},
+            "aux_outputs": [{k: (a[k][part] if a.get(k) is not None else None) for k in _PREDICTION_KEYS}
+                            for a in outputs["aux_outputs"]]}
+
+
+def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embeddings: Tensor) -> Dict[str, Tensor]:
+    """Weighted losses of the weak and strong views of a batch of unlabeled images, and ``stat_*`` values.
+
+    Args:
+        model: the HVLFormer being trained (its ``unlabeled_criterion`` and ``unlabeled_weight``).
+        unlabeled: ``"image_weak"`` and ``"image_strong"`` (``B x 3 x H x W``, the strong one already
+            CutMix-ed), ``"padding"`` and ``"cutmix_box"`` (``B x H x W`` bool), ``"mix_order"`` (``B``) and
+            either ``"targets"`` (an EMA teacher's, from :func:`teacher_targets`) or ``"image_original"``
+            (``B x 3 x H x W``: the model itself is the teacher, without gradient).
+        text_embeddings: ``K x C`` class embeddings of this step.
+    """
+    criterion: CMCRLoss = model.unlabeled_criterion
+    if "targets" not in unlabeled and criterion.mode == "cmcr":
+        targets = teacher_targets(model, unlabeled["image_original"], text_embeddings, criterion,
+                                  unlabeled["padding"])
+        unlabeled = {**unlabeled, "targets": targets}
+    weak = model.normalize(unlabeled["image_weak"])
+    strong = model.normalize(unlabeled["image_strong"])
+    batch = weak.shape[0]
+    outputs = model.predict(torch.cat([weak, strong]), text_embeddings)
+    predictions = outputs.decoder_outputs()
+    weak_out, strong_out = split_views(predictions, slice(0, batch)), split_views(predictions, slice(batch, 2 * batch))
+    padding = unlabeled["padding"].to(model.device)
+    if criterion.mode == "entropy":
+        terms = criterion.entropy(weak_out, strong_out, padding)
+    else:
+        terms = criterion(unlabeled["targets"], weak_out, strong_out, padding,
+                          unlabeled["cutmix_box"].to(model.device), unlabeled["mix_order"].to(model.device))
+    stats = {k: v for k, v in terms.items() if k.startswith("stat_")}
+    stats["stat_sre_mean_unlabeled"] = outputs.relevance.detach().float().mean()
+    losses = {k: model.unlabeled_weight * v for k, v in terms.items() if k.startswith("loss")}
+    return {**losses, **stats}
