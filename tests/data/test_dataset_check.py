@@ -1,24 +1,20 @@
 """The up-front dataset check: every image and mask read before training, cached, datasets before models."""
 import argparse
-import importlib.util
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import TINY_PRETRAINED_CONFIG, load_script, repo_path
 from hvlformer import setup_cfg
 from hvlformer.data import register_sem_seg_folder
 from hvlformer.data import check as check_module
 from hvlformer.data.check import DatasetCheckError, check_dataset_dicts
 
-CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("check_dataset_tool", ROOT / "tools/check_dataset.py")
-check_dataset_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check_dataset_tool)
+CONFIG = TINY_PRETRAINED_CONFIG
+check_dataset_tool = load_script("tools/check_dataset.py", "check_dataset_tool")
 
 
 def make_folder(root, count=6, size=(40, 30)):
@@ -116,7 +112,7 @@ def test_missing_dataset_is_reported_before_the_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SemiSupervisedTrainer, "build_model",
                         classmethod(lambda cls, cfg: pytest.fail("model built before the datasets were checked")))
-    cfg = setup_cfg(argparse.Namespace(config_file="configs/voc/hvlformer_vitb16_voc_92.yaml",
+    cfg = setup_cfg(argparse.Namespace(config_file=str(repo_path("configs/voc/hvlformer_vitb16_voc_92.yaml")),
                                        opts=["OUTPUT_DIR", str(tmp_path)]), freeze=False)
     with pytest.raises(FileNotFoundError, match="VOC2012") as info:
         SemiSupervisedTrainer(cfg)
