@@ -13,7 +13,6 @@ from hvlformer.data import register_sem_seg_folder
 from hvlformer.data import check as check_module
 from hvlformer.data.check import DatasetCheckError, check_dataset_dicts
 
-CONFIG = TINY_PRETRAINED_CONFIG
 check_dataset_tool = load_script("tools/check_dataset.py", "check_dataset_tool")
 
 
@@ -81,7 +80,7 @@ def test_second_run_uses_the_cache_and_rechecks_changed_files(tmp_path):
 
 
 def _cfg(name, *opts):
-    cfg = setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[
+    cfg = setup_cfg(argparse.Namespace(config_file=TINY_PRETRAINED_CONFIG, opts=[
         "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", *opts]), freeze=False)
     return cfg
 
@@ -123,8 +122,8 @@ def test_check_dataset_tool(tmp_path, capsys):
     main = check_dataset_tool.main
     make_folder(tmp_path)
     register_sem_seg_folder("check_tool_folder", tmp_path / "images", tmp_path / "masks", ["a", "b", "c"])
-    opts = ["--no-progress", "--config-file", CONFIG, "--opts", "DATASETS.TRAIN", "('check_tool_folder',)",
-            "DATASETS.TEST", "()"]
+    opts = ["--no-progress", "--config-file", TINY_PRETRAINED_CONFIG, "--opts",
+            "DATASETS.TRAIN", "('check_tool_folder',)", "DATASETS.TEST", "()"]
     assert main(opts) == 0
     assert "check_tool_folder: 6 entries OK (6 read" in capsys.readouterr().out
     assert main(opts) == 0
@@ -132,5 +131,6 @@ def test_check_dataset_tool(tmp_path, capsys):
     Image.fromarray(np.full((30, 40), 5, np.uint8)).save(tmp_path / "masks" / "0.png")
     assert main(opts) == 1
     assert "0.png" in capsys.readouterr().err
-    assert main(["--no-progress", "--config-file", CONFIG, "--opts", "DATASETS.TRAIN", "('nope',)"]) == 2
+    assert main(["--no-progress", "--config-file", TINY_PRETRAINED_CONFIG, "--opts",
+                 "DATASETS.TRAIN", "('nope',)"]) == 2
     assert "not registered" in capsys.readouterr().err
