@@ -49,7 +49,8 @@ def test_descriptions_schema(dataset):
 def test_model_loader_finds_and_reads_them(dataset, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     path = resolve_descriptions_path("", dataset)
-    assert path is not None and Path(path).resolve() == (REPO_ROOT / "datasets" / "descriptions" / f"{dataset}.json").resolve()
+    shipped = REPO_ROOT / "datasets" / "descriptions" / f"{dataset}.json"
+    assert path is not None and Path(path).resolve() == shipped.resolve()
     desc = load_class_descriptions(path, builtin_class_names(dataset), num_descriptions=R)
     assert len(desc.prompts) == DATASETS[dataset] and all(len(p) == R for p in desc.prompts)
     assert desc.attributes

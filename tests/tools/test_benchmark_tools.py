@@ -85,7 +85,8 @@ def test_gpu_checks_script_is_valid_bash():
     script = REPO_ROOT / "tools" / "gpu_checks.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    for tool in ("tools/benchmark_msdeformattn.py", "tools/benchmark.py", "tests/modeling/pixel_decoder/test_ms_deform_attn_triton.py"):
+    for tool in ("tools/benchmark_msdeformattn.py", "tools/benchmark.py",
+                 "tests/modeling/pixel_decoder/test_ms_deform_attn_triton.py"):
         assert tool in text
 
 

@@ -32,4 +32,5 @@ def test_mutants_of_a_small_function():
 def test_every_target_file_exists_and_has_mutants():
     for name, (path, pytest_args) in mutation_test.TARGETS.items():
         assert path.exists(), name
-        assert pytest_args and all(Path(REPO_ROOT, a.split("::")[0]).exists() for a in pytest_args if a.startswith("tests/"))
+        assert pytest_args and all(Path(REPO_ROOT, a.split("::")[0]).exists()
+                                   for a in pytest_args if a.startswith("tests/"))
