@@ -1,10 +1,29 @@
-"""Test-wide settings: never touch the network, keep generated data out of the checkout, run Triton
-kernels in Triton's interpreter on machines without CUDA, and let scripts loaded by file path import their
-folder's shared helpers."""
+"""Test-wide settings and shared helpers.
+
+Settings: never touch the network, keep generated data out of the checkout, run Triton kernels in Triton's
+interpreter on machines without CUDA, and let scripts loaded by file path import their folder's shared helpers.
+
+Helpers (the test tree mirrors the package: tests/modeling, tests/data, tests/engine, tests/evaluation, and
+tests/tools and tests/datasets for the scripts; module basenames are unique, so no ``__init__.py``):
+
+* :data:`REPO_ROOT` and :func:`repo_path`: every path into the checkout is resolved from here, so the suite
+  runs from any working directory (``cd /tmp && python -m pytest /path/to/repo/tests``).
+* :data:`TINY_CONFIG`, :data:`SMALL` and the fixtures ``tiny_cfg`` / ``tiny_model``: the tiny random-weight
+  config shrunk for tests, and the model built from it (factories taking extra ``KEY VALUE`` options).
+* :data:`TINY_SEMI_CONFIG`, :data:`SEMI_SMALL`: the same for the semi-supervised tiny config.
+* :func:`load_script` and the fixture ``load_tool``: import a script (tools/*.py, datasets/prepare_*.py,
+  the demo, train_net.py) by file path, as the tests of those scripts do.
+
+Test modules import the constants and plain functions (``from conftest import REPO_ROOT``); pytest puts this
+folder on ``sys.path`` (rootdir conftest, default ``prepend`` import mode)."""
+import argparse
+import importlib.util
 import os
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
+from typing import Callable, Optional, Sequence, Union
 
 import pytest
 import torch
@@ -21,8 +40,8 @@ if not torch.cuda.is_available():
 # tools/*.py and datasets/prepare_*.py run as scripts, with their folder on sys.path, and import the helpers
 # they share from there (tools/_common.py, datasets/prepare_common.py). Tests load them by file path, so the
 # two folders go on sys.path here as they would for a script run (appended: installed packages win).
-_ROOT = Path(__file__).resolve().parents[1]
-for _scripts in (_ROOT / "tools", _ROOT / "datasets"):
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for _scripts in (REPO_ROOT / "tools", REPO_ROOT / "datasets"):
     if str(_scripts) not in sys.path:
         sys.path.append(str(_scripts))
 
@@ -42,3 +61,91 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------ paths
+def repo_path(relative: Union[str, Path]) -> Path:
+    """``relative`` (e.g. ``"configs/tiny/x.yaml"``) under the repository root, whatever the cwd."""
+    return REPO_ROOT / relative
+
+
+# ----------------------------------------------------------------------------------- tiny configs
+TINY_CONFIG = str(repo_path("configs/tiny/hvlformer_tiny_shapes_random.yaml"))  # random-weight tiny CLIP
+TINY_PRETRAINED_CONFIG = str(repo_path("configs/tiny/hvlformer_tiny_shapes.yaml"))  # the shipped tiny CLIP
+TINY_SEMI_CONFIG = str(repo_path("configs/tiny/hvlformer_tiny_shapes_semi_random.yaml"))
+TINY_SEMI_PRETRAINED_CONFIG = str(repo_path("configs/tiny/hvlformer_tiny_shapes_semi.yaml"))
+
+# A smaller shapes dataset and model than the tiny configs' own (64 px images, 2 decoder layers, 1 encoder
+# layer): what every model-level test uses, on the command line of the tools too.
+SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
+         "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
+# The semi-supervised counterpart: 8 of 40 images labeled, 64 px crops, batches of 2 + 2, no worker
+# processes, no evaluation during training.
+SEMI_SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "40", "DATASETS.SHAPES.NUM_VAL", "4",
+              "DATASETS.SHAPES.NUM_LABELED", "8", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
+              "SOLVER.IMS_PER_BATCH_LABELED", "2", "SOLVER.IMS_PER_BATCH_UNLABELED", "2", "DATALOADER.NUM_WORKERS",
+              "0", "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "3",
+              "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1", "SEED", "0", "TEST.EVAL_PERIOD", "0"]
+
+
+def make_tiny_cfg(*opts: str, config: Union[str, Path] = TINY_CONFIG, small: Sequence[str] = SMALL,
+                  freeze: bool = True):
+    """``setup_cfg`` of ``config`` (a path relative to the repository root, or absolute) with ``small`` and
+    then ``opts`` (``KEY VALUE`` pairs) merged."""
+    from hvlformer import setup_cfg
+
+    return setup_cfg(argparse.Namespace(config_file=str(repo_path(config)), opts=[*small, *opts]), freeze=freeze)
+
+
+def make_tiny_model(*opts: str, config: Union[str, Path] = TINY_CONFIG, small: Sequence[str] = SMALL,
+                    train: Optional[bool] = True, register: bool = True):
+    """The model of :func:`make_tiny_cfg` built after ``torch.manual_seed(0)`` (so every build of one config
+    has the same weights). ``register``: register the config's shapes dataset first (its class names);
+    ``train``: the mode to set (None leaves the one ``build_model`` returns)."""
+    from detectron2.modeling import build_model
+
+    from hvlformer.data import register_shapes_from_cfg
+
+    cfg = make_tiny_cfg(*opts, config=config, small=small)
+    if register:
+        register_shapes_from_cfg(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if train is not None:
+        model.train(train)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Callable:
+    """Factory ``tiny_cfg(*opts, config=TINY_CONFIG, small=SMALL, freeze=True)``: see :func:`make_tiny_cfg`."""
+    return make_tiny_cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable:
+    """Factory ``tiny_model(*opts, config=TINY_CONFIG, small=SMALL, train=True, register=True)``: see
+    :func:`make_tiny_model`."""
+    return make_tiny_model
+
+
+# ------------------------------------------------------------------------------- scripts by path
+def load_script(relative: Union[str, Path], name: Optional[str] = None, register: bool = False) -> ModuleType:
+    """Import the script at ``relative`` (to the repository root) as a fresh module called ``name`` (default:
+    the file's stem). ``register``: put it in ``sys.modules`` first (dataclasses look their module up there)."""
+    path = repo_path(relative)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_tool() -> Callable[..., ModuleType]:
+    """Factory ``load_tool(name, module_name=None)``: a fresh import of ``tools/<name>.py``."""
+    def load(name: str, module_name: Optional[str] = None) -> ModuleType:
+        return load_script(f"tools/{name}.py", module_name)
+
+    return load

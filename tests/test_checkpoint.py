@@ -1,5 +1,5 @@
 """Checkpoints: strict loading for inference, one summary line for fine-tuning, resume fallback, atomic saves."""
-import argparse
+import functools
 import logging
 import os
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hvlformer import setup_cfg
+from conftest import TINY_PRETRAINED_CONFIG
 from hvlformer.checkpoint import (
     CheckpointMismatchError,
     DamagedCheckpointError,
@@ -15,20 +15,18 @@ from hvlformer.checkpoint import (
     group_layers,
 )
 
-CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
-SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
-         "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
 
 
-def tiny_cfg(*opts):
-    return setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[*SMALL, *opts]))
+@pytest.fixture(scope="module")
+def pretrained_cfg(tiny_cfg):
+    """The tiny config with the shipped tiny CLIP."""
+    return functools.partial(tiny_cfg, config=TINY_PRETRAINED_CONFIG)
 
 
-def build(*opts):
-    from detectron2.modeling import build_model
-
-    torch.manual_seed(0)
-    return build_model(tiny_cfg(*opts))
+@pytest.fixture(scope="module")
+def build(tiny_model):
+    """Its model, as ``build_model`` returns it (seed 0)."""
+    return functools.partial(tiny_model, config=TINY_PRETRAINED_CONFIG, train=None, register=False)
 
 
 class Net(nn.Module):
@@ -41,16 +39,16 @@ class Net(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def text_checkpoint(tmp_path_factory, single_thread):
+def text_checkpoint(tmp_path_factory, single_thread, build, pretrained_cfg):
     """A checkpoint of the tiny model trained with the 'text' classifier, with its config.yaml."""
     folder = tmp_path_factory.mktemp("text_run")
     model = build("MODEL.HVLFORMER.CLASSIFIER", "text")
     HVLFormerCheckpointer(model, str(folder)).save("model_final")
-    (folder / "config.yaml").write_text(tiny_cfg("MODEL.HVLFORMER.CLASSIFIER", "text").dump())
+    (folder / "config.yaml").write_text(pretrained_cfg("MODEL.HVLFORMER.CLASSIFIER", "text").dump())
     return folder / "model_final.pth"
 
 
-def test_strict_load_names_the_uninitialised_layers_and_the_saved_config(text_checkpoint, single_thread):
+def test_strict_load_names_the_uninitialised_layers_and_the_saved_config(text_checkpoint, single_thread, build):
     model = build()  # the plain config: 'linear' classifier
     with pytest.raises(CheckpointMismatchError) as info:
         HVLFormerCheckpointer(model, strict=True).load(str(text_checkpoint))
@@ -66,11 +64,11 @@ def test_strict_load_names_the_uninitialised_layers_and_the_saved_config(text_ch
         torch.testing.assert_close(value, saved[key])
 
 
-def test_predictor_refuses_a_checkpoint_of_another_config(text_checkpoint, single_thread):
+def test_predictor_refuses_a_checkpoint_of_another_config(text_checkpoint, single_thread, pretrained_cfg):
     from hvlformer.predictor import HVLFormerPredictor
 
     with pytest.raises(CheckpointMismatchError, match="class_embed"):
-        HVLFormerPredictor(tiny_cfg("MODEL.WEIGHTS", str(text_checkpoint)))
+        HVLFormerPredictor(pretrained_cfg("MODEL.WEIGHTS", str(text_checkpoint)))
 
 
 def test_shape_mismatch_is_an_error_in_strict_mode(tmp_path):

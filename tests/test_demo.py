@@ -1,5 +1,4 @@
 """projects/HVLFormer/demo/demo.py on synthetic images, real photos shipped by packages, bad inputs and a video."""
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -9,25 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SMALL, TINY_CONFIG, load_script
 from hvlformer.data.shapes import render_shapes_image
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs/tiny/hvlformer_tiny_shapes_random.yaml")
-SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
-         "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
 SAMPLE_DATA = Path(matplotlib.get_data_path()) / "sample_data"
 # real pictures that packages ship: a JPEG photo and an RGBA PNG from matplotlib, a Debian logo if installed
 REAL_IMAGES = [SAMPLE_DATA / "grace_hopper.jpg", SAMPLE_DATA / "logo2.png", Path("/usr/share/pixmaps/debian-logo.png")]
 
 
-def load_demo():
-    spec = importlib.util.spec_from_file_location("hvlformer_demo", ROOT / "projects/HVLFormer/demo/demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = load_demo()
+demo = load_script("projects/HVLFormer/demo/demo.py", "hvlformer_demo")
 
 
 def image_size(path):
@@ -59,7 +48,7 @@ def run(argv, capsys):
 def test_demo_writes_overlays_labels_and_heatmaps(inputs, tmp_path, capsys, caplog):
     out = tmp_path / "out"
     photo = inputs / "real" / "grace_hopper.jpg"
-    code, err = run(["--config-file", CONFIG, "--input", str(inputs / "shapes_*.png"), str(inputs / "grey.png"),
+    code, err = run(["--config-file", TINY_CONFIG, "--input", str(inputs / "shapes_*.png"), str(inputs / "grey.png"),
                      str(photo), str(inputs / "real"), "--output", str(out), "--heatmaps", "--opts", *SMALL], capsys)
     assert code == 0, err + caplog.text
     sources = [inputs / "shapes_0.png", inputs / "shapes_1.png", inputs / "grey.png",
@@ -82,7 +71,7 @@ def test_demo_writes_overlays_labels_and_heatmaps(inputs, tmp_path, capsys, capl
 
 def test_bad_inputs_are_skipped_with_a_message(inputs, tmp_path, capsys, caplog):
     out = tmp_path / "out"
-    code, err = run(["--config-file", CONFIG, "--input", str(inputs / "broken.jpg"), str(inputs / "nothing.png"),
+    code, err = run(["--config-file", TINY_CONFIG, "--input", str(inputs / "broken.jpg"), str(inputs / "nothing.png"),
                      str(inputs / "no_match_*.png"), str(inputs / "shapes_0.png"), "--output", str(out),
                      "--opts", *SMALL], capsys)
     messages = err + caplog.text
@@ -100,7 +89,7 @@ def test_vocabulary_replaces_classes_in_the_outputs(inputs, tmp_path, capsys, ca
     original = demo.draw_overlay
     monkeypatch.setattr(demo, "draw_overlay", lambda img, labels, meta, alpha, skip=None: drawn.append(meta) or original(
         img, labels, meta, alpha, skip))
-    code, err = run(["--config-file", CONFIG, "--input", str(inputs / "shapes_0.png"), "--output", str(out),
+    code, err = run(["--config-file", TINY_CONFIG, "--input", str(inputs / "shapes_0.png"), "--output", str(out),
                      "--vocabulary", "cat, dog, grass", "--heatmaps",
                      "--opts", *SMALL, "MODEL.HVLFORMER.CLASSIFIER", "text"], capsys)
     assert code == 0, err + caplog.text
@@ -113,7 +102,7 @@ def test_vocabulary_replaces_classes_in_the_outputs(inputs, tmp_path, capsys, ca
 
 
 def test_linear_classifier_with_other_class_count_is_refused(inputs, tmp_path, capsys, caplog):
-    code, err = run(["--config-file", CONFIG, "--input", str(inputs / "shapes_0.png"), "--output",
+    code, err = run(["--config-file", TINY_CONFIG, "--input", str(inputs / "shapes_0.png"), "--output",
                      str(tmp_path / "out"), "--vocabulary", "cat, dog", "--opts", *SMALL], capsys)
     assert code == 2
     assert "CLASSIFIER text" in err + caplog.text
@@ -128,7 +117,7 @@ def test_video_input(tmp_path, capsys, caplog, single_thread):
         writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
     writer.release()
     out = tmp_path / "out"
-    code, err = run(["--config-file", CONFIG, "--video-input", str(video), "--output", str(out), "--opts", *SMALL],
+    code, err = run(["--config-file", TINY_CONFIG, "--video-input", str(video), "--output", str(out), "--opts", *SMALL],
                     capsys)
     assert code == 0, err + caplog.text
     capture = cv2.VideoCapture(str(out / "clip_overlay.mp4"))

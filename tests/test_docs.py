@@ -16,7 +16,8 @@ from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
+
 
 # References to the external specification: its file name, the folder it lived in (one level up, or by its
 # absolute path) and section numbers written as "<word> 2.4" / "<word> section 2.6" / "<word> §3". The
@@ -36,17 +37,17 @@ SKIP_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".pth", ".pkl", ".whl", ".zip"
 def repository_files() -> List[Path]:
     """Tracked and untracked-but-not-ignored files (what a commit would hold); a plain walk without git."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
                              capture_output=True, check=True).stdout.decode("utf-8", "surrogateescape")
         names = [n for n in out.split("\0") if n]
     except (OSError, subprocess.CalledProcessError):
         names = []
-        for dirpath, dirnames, filenames in os.walk(ROOT):
+        for dirpath, dirnames, filenames in os.walk(REPO_ROOT):
             dirnames[:] = [d for d in dirnames if d not in {".git", "__pycache__", "output", ".pytest_cache"}]
-            names += [os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames]
+            names += [os.path.relpath(os.path.join(dirpath, f), REPO_ROOT) for f in filenames]
     files = []
     for name in names:
-        path = ROOT / name
+        path = REPO_ROOT / name
         if ".git" in Path(name).parts or path.suffix.lower() in SKIP_SUFFIXES or not path.is_file():
             continue
         files.append(path)
@@ -86,7 +87,7 @@ def test_no_reference_to_an_external_specification():
     bad = []
     for path in repository_files():
         for lineno, text, what in external_references(read_text(path)):
-            bad.append(f"{path.relative_to(ROOT)}:{lineno}: {text!r} ({what})")
+            bad.append(f"{path.relative_to(REPO_ROOT)}:{lineno}: {text!r} ({what})")
     assert not bad, "cite the paper (paper Sec. X / eq. N) or docs/DESIGN.md instead:\n" + "\n".join(bad)
 
 
@@ -144,14 +145,14 @@ def markdown_files() -> List[Path]:
 
 def test_the_documentation_pages_exist():
     for name in ["README.md", "docs/INSTALL.md", "docs/GETTING_STARTED.md", "docs/RESULTS.md", "docs/DESIGN.md"]:
-        assert (ROOT / name).is_file(), name
+        assert (REPO_ROOT / name).is_file(), name
 
 
 @pytest.mark.parametrize("name", ["README.md", "docs/INSTALL.md", "docs/GETTING_STARTED.md", "docs/RESULTS.md",
                                   "docs/DESIGN.md", "datasets/README.md", "projects/HVLFormer/demo/README.md",
                                   "docs/results/README.md"])
 def test_the_main_pages_are_checked(name):
-    assert ROOT / name in markdown_files(), f"{name} is not among the checked markdown files"
+    assert REPO_ROOT / name in markdown_files(), f"{name} is not among the checked markdown files"
 
 
 def test_relative_markdown_links_resolve():
@@ -160,28 +161,28 @@ def test_relative_markdown_links_resolve():
     broken = []
     for md in markdown_files():
         for lineno, target in relative_links(md):
-            where = f"{md.relative_to(ROOT)}:{lineno}: {target}"
+            where = f"{md.relative_to(REPO_ROOT)}:{lineno}: {target}"
             file_part, _, anchor = target.partition("#")
             if file_part:
-                base = ROOT if file_part.startswith("/") else md.parent
+                base = REPO_ROOT if file_part.startswith("/") else md.parent
                 dest = (base / file_part.lstrip("/")).resolve()
                 if not dest.exists():
                     broken.append(f"{where} (no such file)")
                     continue
-                if ROOT not in dest.parents and dest != ROOT:
+                if REPO_ROOT not in dest.parents and dest != REPO_ROOT:
                     broken.append(f"{where} (outside the repository)")
                     continue
             else:
                 dest = md
             if anchor and dest.suffix.lower() == ".md" and anchor.lower() not in anchors(dest):
-                broken.append(f"{where} (no heading '#{anchor}' in {dest.relative_to(ROOT)})")
+                broken.append(f"{where} (no heading '#{anchor}' in {dest.relative_to(REPO_ROOT)})")
     assert not broken, "broken relative links:\n" + "\n".join(broken)
 
 
 def test_readme_keeps_the_two_ci_commands():
     """.ci/run runs the README's two set-up commands exactly as written there."""
-    readme = read_text(ROOT / "README.md")
-    ci = read_text(ROOT / ".ci" / "run")
+    readme = read_text(REPO_ROOT / "README.md")
+    ci = read_text(REPO_ROOT / ".ci" / "run")
     for command in ["bash tools/install.sh", "python -m pytest -q"]:
         assert f"\n{command}\n" in readme, command
         assert f"\n{command}\n" in ci, command

@@ -7,7 +7,6 @@ global batch of the paper configs.
 import argparse
 import copy
 import glob
-import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 
+from conftest import REPO_ROOT, SEMI_SMALL, TINY_SEMI_CONFIG, load_script
 from hvlformer import setup_cfg
 from hvlformer.data import register_shapes_semi_split
 from hvlformer.engine import get_parameter_groups
@@ -30,14 +30,7 @@ from hvlformer.modeling.htqg import diversity_loss
 from hvlformer.modeling.regularization import language_regularization, vision_language_regularization
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ROOT = Path(__file__).resolve().parents[1]
-SEMI_CONFIG = "configs/tiny/hvlformer_tiny_shapes_semi_random.yaml"
-FAST = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "40", "DATASETS.SHAPES.NUM_VAL", "4",
-        "DATASETS.SHAPES.NUM_LABELED", "8", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
-        "SOLVER.IMS_PER_BATCH_LABELED", "2", "SOLVER.IMS_PER_BATCH_UNLABELED", "2", "DATALOADER.NUM_WORKERS", "0",
-        "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "3",
-        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1", "SEED", "0", "TEST.EVAL_PERIOD", "0"]
-PAPER_CONFIGS = sorted(p for p in glob.glob(str(ROOT / "configs" / "*" / "*.yaml"))
+PAPER_CONFIGS = sorted(p for p in glob.glob(str(REPO_ROOT / "configs" / "*" / "*.yaml"))
                        if "/tiny/" not in p and not Path(p).name.startswith("Base-"))
 
 
@@ -46,7 +39,7 @@ def _cfg(config_file, *opts):
 
 
 def _tiny_semi_model(*opts):
-    cfg = _cfg(SEMI_CONFIG, *FAST, *opts)
+    cfg = _cfg(TINY_SEMI_CONFIG, *SEMI_SMALL, *opts)
     register_shapes_semi_split(cfg)
     torch.manual_seed(0)
     return cfg, build_model(cfg).train()
@@ -68,7 +61,7 @@ def test_openai_weights_need_the_quickgelu_architecture(monkeypatch):
 
 def test_every_shipped_config_matches_its_weights():
     assert len(PAPER_CONFIGS) == 44  # 4 datasets x (5 splits x 2 backbones + 1 HierVL)
-    for path in PAPER_CONFIGS + [str(ROOT / "configs" / "Base-HVLFormer.yaml")]:
+    for path in PAPER_CONFIGS + [str(REPO_ROOT / "configs" / "Base-HVLFormer.yaml")]:
         clip = _cfg(path).MODEL.HVLFORMER.CLIP
         check_activation_match(clip.MODEL_NAME, clip.PRETRAINED)
         if clip.PRETRAINED == "openai":
@@ -224,16 +217,14 @@ def test_rare_class_sampling_on_in_paper_configs_off_in_tiny():
     for path in PAPER_CONFIGS:
         rcs = _cfg(path).SEMI.RARE_CLASS_SAMPLING
         assert (rcs.ENABLED, rcs.TEMPERATURE, rcs.MIN_PIXELS) == (True, 0.01, 3000), path
-    for path in glob.glob(str(ROOT / "configs" / "tiny" / "*.yaml")):
+    for path in glob.glob(str(REPO_ROOT / "configs" / "tiny" / "*.yaml")):
         assert not _cfg(path).SEMI.RARE_CLASS_SAMPLING.ENABLED, path
 
 
 def test_committed_configs_are_what_the_generator_writes():
-    spec = importlib.util.spec_from_file_location("generate_configs", ROOT / "tools" / "generate_configs.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = load_script("tools/generate_configs.py")
     for name, dataset in gen.DATASETS.items():
-        folder = ROOT / "configs" / dataset.get("dir", name)
+        folder = REPO_ROOT / "configs" / dataset.get("dir", name)
         assert (folder / f"Base-{name}.yaml").read_text() == gen.base_config(name, dataset)
         for count in dataset["counts"]:
             for backbone in gen.BACKBONES:
@@ -246,7 +237,7 @@ def test_committed_configs_are_what_the_generator_writes():
 # --------------------------------------------------------------------------- 8. the global batch on any GPU count
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_paper_configs_keep_the_global_batch_on_any_gpu_count(world_size):
-    cfg = _cfg(str(ROOT / "configs" / "voc" / "hvlformer_vitb16_voc_92.yaml"))
+    cfg = _cfg(str(REPO_ROOT / "configs" / "voc" / "hvlformer_vitb16_voc_92.yaml"))
     scaled = auto_scale_semi(cfg, world_size)
     assert (scaled.SOLVER.IMS_PER_BATCH_LABELED, scaled.SOLVER.IMS_PER_BATCH_UNLABELED) == (8, 8)
     assert scaled.SOLVER.BASE_LR == cfg.SOLVER.BASE_LR and scaled.SOLVER.MAX_ITER == cfg.SOLVER.MAX_ITER
@@ -258,7 +249,7 @@ def test_paper_configs_keep_the_global_batch_on_any_gpu_count(world_size):
 
 
 def test_rescaling_only_when_asked_and_logged():
-    cfg = _cfg(str(ROOT / "configs" / "voc" / "hvlformer_vitb16_voc_92.yaml"), "SOLVER.REFERENCE_WORLD_SIZE", "2")
+    cfg = _cfg(str(REPO_ROOT / "configs" / "voc" / "hvlformer_vitb16_voc_92.yaml"), "SOLVER.REFERENCE_WORLD_SIZE", "2")
     scaled = auto_scale_semi(cfg, 1)
     assert (scaled.SOLVER.IMS_PER_BATCH_LABELED, scaled.SOLVER.IMS_PER_BATCH_UNLABELED) == (4, 4)
     assert scaled.SOLVER.BASE_LR == pytest.approx(cfg.SOLVER.BASE_LR / 2)
@@ -303,7 +294,7 @@ def test_reference_encoder_is_the_pretrained_one_on_every_rank_and_after_model_w
     expected = _visual_state(clip.visual)
     models = []
     for seed in (1, 2):  # DDP ranks differ by their seed only
-        cfg = _cfg(SEMI_CONFIG, *FAST, "MODEL.HVLFORMER.CLIP.PRETRAINED", path)
+        cfg = _cfg(TINY_SEMI_CONFIG, *SEMI_SMALL, "MODEL.HVLFORMER.CLIP.PRETRAINED", path)
         register_shapes_semi_split(cfg)
         torch.manual_seed(seed)
         models.append(build_model(cfg).train())
@@ -316,7 +307,7 @@ def test_reference_encoder_is_the_pretrained_one_on_every_rank_and_after_model_w
         for p in trained.backbone.visual.parameters():
             p.add_(0.05 * torch.randn_like(p))
     DetectionCheckpointer(trained, save_dir=str(tmp_path)).save("trained")
-    cfg = _cfg(SEMI_CONFIG, *FAST, "MODEL.HVLFORMER.CLIP.PRETRAINED", path, "MODEL.WEIGHTS",
+    cfg = _cfg(TINY_SEMI_CONFIG, *SEMI_SMALL, "MODEL.HVLFORMER.CLIP.PRETRAINED", path, "MODEL.WEIGHTS",
                str(tmp_path / "trained.pth"))
     register_shapes_semi_split(cfg)
     finetune = build_model(cfg).train()
@@ -357,17 +348,15 @@ def test_evaluation_never_loads_clip_pretrained_when_model_weights_are_given(tmp
         return original(name, pretrained=None, **kwargs)
 
     monkeypatch.setattr(clip_loader.open_clip, "create_model", offline_create_model)
-    opts = [*FAST, "MODEL.HVLFORMER.CLIP.PRETRAINED", "/not/downloaded/clip.pt",
+    opts = [*SEMI_SMALL, "MODEL.HVLFORMER.CLIP.PRETRAINED", "/not/downloaded/clip.pt",
             "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
-    predictor = HVLFormerPredictor(_cfg(SEMI_CONFIG, *opts))
+    predictor = HVLFormerPredictor(_cfg(TINY_SEMI_CONFIG, *opts))
     assert created and not any(created)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(predictor.model.state_dict()[key], value, msg=key)
     # train_net --eval-only builds the model the same way
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "projects" / "HVLFormer" / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
-    args = argparse.Namespace(config_file=SEMI_CONFIG, opts=[*opts, "OUTPUT_DIR", str(tmp_path / "eval")],
+    train_net = load_script("projects/HVLFormer/train_net.py")
+    args = argparse.Namespace(config_file=TINY_SEMI_CONFIG, opts=[*opts, "OUTPUT_DIR", str(tmp_path / "eval")],
                               eval_only=True, resume=False, num_gpus=1, num_machines=1, machine_rank=0)
     loggers = [logging.getLogger(name) for name in ("hvlformer", "detectron2", "fvcore", "d2")]
     saved = [(lg.propagate, list(lg.handlers), lg.level) for lg in loggers]

@@ -1,5 +1,4 @@
 """HVLFormerPredictor: label maps, probabilities, input formats and the open-vocabulary swap."""
-import argparse
 import json
 import os
 
@@ -8,29 +7,30 @@ import numpy as np
 import pytest
 import torch
 
-from hvlformer import setup_cfg
 from hvlformer.predictor import HVLFormerPredictor, SemanticPrediction, normalize_scores, parse_vocabulary
 
-CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
-SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
-         "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
 SHAPES = ["background", "circle", "square", "triangle", "star", "cross"]
 PHOTO = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
 
 
-def make_predictor(*opts):
-    cfg = setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[*SMALL, *opts]))
-    torch.manual_seed(0)
-    return HVLFormerPredictor(cfg)
+@pytest.fixture(scope="module")
+def make_predictor(tiny_cfg):
+    """Factory: the predictor of the tiny config (weights from seed 0)."""
+    def make(*opts):
+        cfg = tiny_cfg(*opts)
+        torch.manual_seed(0)
+        return HVLFormerPredictor(cfg)
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def text_predictor(single_thread):
+def text_predictor(single_thread, make_predictor):
     return make_predictor("MODEL.HVLFORMER.CLASSIFIER", "text")
 
 
 @pytest.fixture(scope="module")
-def linear_predictor(single_thread):
+def linear_predictor(single_thread, make_predictor):
     return make_predictor()
 
 
@@ -91,7 +91,7 @@ def _model_input_sizes(predictor, image, **kwargs):
     return seen[0], result
 
 
-def test_inference_scale_defaults_to_the_training_scale(linear_predictor):
+def test_inference_scale_defaults_to_the_training_scale(linear_predictor, make_predictor):
     """A large photo is segmented at the training crop's short side (128 for the tiny config), long side
     capped at RESIZE_BASE * 2 = 256, and the result mapped back to the input size."""
     size, result = _model_input_sizes(linear_predictor, np.zeros((300, 400, 3), np.uint8))
@@ -104,7 +104,7 @@ def test_inference_scale_defaults_to_the_training_scale(linear_predictor):
     assert _model_input_sizes(predictor, np.zeros((300, 400, 3), np.uint8))[0] == (128, 171)
 
 
-def test_inference_scale_can_be_set_or_switched_off(single_thread):
+def test_inference_scale_can_be_set_or_switched_off(single_thread, make_predictor):
     predictor = make_predictor("TEST.INFERENCE_SCALE.MIN_SIZE", "32", "TEST.INFERENCE_SCALE.MAX_SIZE", "64")
     size, result = _model_input_sizes(predictor, np.zeros((48, 96, 3), np.uint8))
     assert size == (32, 64)
@@ -227,6 +227,6 @@ def test_parse_vocabulary_and_normalisation():
     torch.testing.assert_close(probs[:, 0, 1], torch.tensor([0.75, 0.25]), rtol=1e-5, atol=1e-5)
 
 
-def test_missing_weights_file_is_a_clear_error(tmp_path, single_thread):
+def test_missing_weights_file_is_a_clear_error(tmp_path, single_thread, make_predictor):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         make_predictor("MODEL.WEIGHTS", str(tmp_path / "nope.pth"))

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
-CONFIG = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_random.yaml"
-PRETRAINED_CONFIG = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
+from conftest import REPO_ROOT, TINY_CONFIG, TINY_PRETRAINED_CONFIG
+
+TRAIN_NET = REPO_ROOT / "projects" / "HVLFormer" / "train_net.py"
 # A small, fast variant of the tiny config: 64 px images, few iterations.
 FAST = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "48", "DATASETS.SHAPES.NUM_VAL", "8",
         "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64", "SOLVER.IMS_PER_BATCH", "4",
@@ -19,11 +18,11 @@ FAST = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "48", "
         "SEED", "0"]
 
 
-def run(args, env_extra=None, timeout=600, config=CONFIG):
+def run(args, env_extra=None, timeout=600, config=TINY_CONFIG):
     env = dict(os.environ)
     env.update(env_extra or {})
     result = subprocess.run([sys.executable, str(TRAIN_NET), "--config-file", str(config), *args],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
 
@@ -94,9 +93,9 @@ def test_eval_only_refuses_a_checkpoint_of_another_config(trained):
     """A 'linear' checkpoint evaluated with the 'text' classifier: an error naming the layers, not garbage."""
     out, _ = trained
     result = subprocess.run(
-        [sys.executable, str(TRAIN_NET), "--config-file", str(CONFIG), "--eval-only", *FAST,
+        [sys.executable, str(TRAIN_NET), "--config-file", str(TINY_CONFIG), "--eval-only", *FAST,
          "MODEL.WEIGHTS", str(out / "model_final.pth"), "MODEL.HVLFORMER.CLASSIFIER", "text",
-         "OUTPUT_DIR", str(out / "eval_text")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "OUTPUT_DIR", str(out / "eval_text")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "CheckpointMismatchError" in result.stderr and "transformer_decoder.class_embed" in result.stderr
     assert f"--config-file {out / 'config.yaml'}" in result.stderr
@@ -113,5 +112,5 @@ def test_two_process_gloo_run(tmp_path):
 @pytest.mark.slow
 def test_tiny_config_reaches_50_miou(tmp_path):
     """The README's tiny training command, unchanged: >= 50 mIoU on shapes_val (about 10 min on 2 cores)."""
-    log = run(["OUTPUT_DIR", str(tmp_path / "tiny")], timeout=1800, config=PRETRAINED_CONFIG)
+    log = run(["OUTPUT_DIR", str(tmp_path / "tiny")], timeout=1800, config=TINY_PRETRAINED_CONFIG)
     assert final_miou(log) >= 50.0

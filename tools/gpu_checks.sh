@@ -61,7 +61,7 @@ fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = kernels ]; then
     step pytest_msdeformattn python -m pytest -q -p no:cacheprovider \
-        tests/test_ms_deform_attn_triton.py tests/test_ms_deform_attn.py
+        tests/modeling/pixel_decoder/test_ms_deform_attn_triton.py tests/modeling/pixel_decoder/test_ms_deform_attn.py
     step msdeformattn_float32 python tools/benchmark_msdeformattn.py --output "$OUT_DIR/msdeformattn_float32.json"
     step msdeformattn_bfloat16 python tools/benchmark_msdeformattn.py --dtype bfloat16 \
         --output "$OUT_DIR/msdeformattn_bfloat16.json"

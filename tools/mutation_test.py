@@ -45,12 +45,12 @@ PKG = ROOT / "projects" / "HVLFormer" / "hvlformer"
 
 #: target name -> (file, pytest arguments that exercise it)
 F = "tests/test_paper_fidelity.py::"
-E = "tests/test_loss_edge_cases.py"
+E = "tests/modeling/test_loss_edge_cases.py"
 TARGETS: Dict[str, Tuple[Path, List[str]]] = {
     "criterion": (PKG / "modeling" / "criterion.py",
-                  ["tests/test_criterion.py", E, F + "test_decoder_queries_are_level_major"]),
+                  ["tests/modeling/test_criterion.py", E, F + "test_decoder_queries_are_level_major"]),
     "cmcr": (PKG / "modeling" / "cmcr.py",
-             ["tests/test_semi.py", "-k", "cmcr or confidence or entropy or mixed or distribution or self_teacher "
+             ["tests/engine/test_semi.py", "-k", "cmcr or confidence or entropy or mixed or distribution or self_teacher "
               "or l_mask or weak_view or cutmix_box or float32 or bf16", E,
               F + "test_l_mask_averages_over_all_pixels_with_a_known_confident_fraction",
               F + "test_cmcr_l_mask_weights_each_view_over_all_pixels",
@@ -59,21 +59,21 @@ TARGETS: Dict[str, Tuple[Path, List[str]]] = {
               F + "test_losses_are_float32_under_bf16_autocast",
               F + "test_semi_step_under_bf16_autocast_matches_fp32"]),
     "regularization": (PKG / "modeling" / "regularization.py",
-                       ["tests/test_regularization.py", E, F + "test_losses_are_float32_under_bf16_autocast",
+                       ["tests/modeling/test_regularization.py", E, F + "test_losses_are_float32_under_bf16_autocast",
                         F + "test_semi_step_under_bf16_autocast_matches_fp32",
                         F + "test_reference_encoder_is_the_pretrained_one_on_every_rank_and_after_model_weights"]),
     "htqg": (PKG / "modeling" / "htqg.py",
-             ["tests/test_htqg_ptrm.py", E, F + "test_losses_are_float32_under_bf16_autocast",
+             ["tests/modeling/test_htqg_ptrm.py", E, F + "test_losses_are_float32_under_bf16_autocast",
               F + "test_zero_shot_relevance_keeps_every_present_class",
               F + "test_zero_shot_uses_the_frozen_pretrained_encoder_on_unlabeled_and_test_images"]),
-    "ptrm": (PKG / "modeling" / "ptrm.py", ["tests/test_htqg_ptrm.py", E]),
+    "ptrm": (PKG / "modeling" / "ptrm.py", ["tests/modeling/test_htqg_ptrm.py", E]),
     "semi_views": (PKG / "data" / "dataset_mappers" / "unlabeled_views_mapper.py",
-                   ["tests/test_semi.py", E, "-k", "views or blur or defaults or photometric"]),
-    "cutmix": (PKG / "cutmix.py", ["tests/test_semi.py", E, "-k", "cutmix or mixed or defaults"]),
+                   ["tests/engine/test_semi.py", E, "-k", "views or blur or defaults or photometric"]),
+    "cutmix": (PKG / "cutmix.py", ["tests/engine/test_semi.py", E, "-k", "cutmix or mixed or defaults"]),
     "samplers": (PKG / "data" / "samplers.py",
-                 ["tests/test_semi.py", E, "-k", "rare or repeat or labeled_list or defaults or pixel_counts"]),
+                 ["tests/engine/test_semi.py", E, "-k", "rare or repeat or labeled_list or defaults or pixel_counts"]),
     "shapes_split": (PKG / "data" / "datasets" / "register_shapes.py",
-                     ["tests/test_semi.py", E, "-k", "shapes_split"]),
+                     ["tests/engine/test_semi.py", E, "-k", "shapes_split"]),
 }
 
 _BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,

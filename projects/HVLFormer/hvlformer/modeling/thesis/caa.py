@@ -31,7 +31,7 @@ works, but its memory grows with the square of the pixel count::
     entries(M) = B * P^2,   P = ceil(H / s) * ceil(W / s)
     training:  4 float32 maps + 1 bool map kept for the backward (the scaled cosine, the logits, M = sigmoid,
                the BCE target; the "valid pair" mask), i.e. about 17 * B * P^2 bytes (counted with
-               saved-tensor hooks in tests/test_thesis_caa.py);
+               saved-tensor hooks in tests/modeling/thesis/test_thesis_caa.py);
     inference: 2 float32 maps held (the returned logits and M), 3 for a moment while the logits are scaled:
                8 to 12 * B * P^2 bytes.
 

@@ -1,6 +1,4 @@
 """Pixel-text alignment (supplement eq. 10): the formula, the model outputs and the evaluator."""
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,14 +7,9 @@ from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.modeling import build_model
 
-from hvlformer import setup_cfg
 from hvlformer.data import HVLFormerSemanticDatasetMapper, register_shapes
 from hvlformer.evaluation import HVLSemSegEvaluator, PixelTextAlignmentEvaluator, build_sem_seg_evaluator
 from hvlformer.modeling.alignment import pixel_text_alignment
-
-CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
-SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
-         "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
 
 
 def brute_force(queries, pixels):
@@ -62,24 +55,29 @@ def small_dataset(tmp_path_factory):
     return names[1]
 
 
-def test_build_sem_seg_evaluator_adds_the_alignment_when_asked(small_dataset, tmp_path):
+def test_build_sem_seg_evaluator_adds_the_alignment_when_asked(small_dataset, tmp_path, tiny_cfg):
     cfg = get_cfg()  # plain detectron2 config, without the HVLFormer keys: mIoU only
     cfg.OUTPUT_DIR = str(tmp_path)
     assert isinstance(build_sem_seg_evaluator(cfg, small_dataset), HVLSemSegEvaluator)
-    cfg = setup_cfg(argparse.Namespace(config_file=CONFIG, opts=["TEST.PIXEL_TEXT_ALIGNMENT", "True"]), freeze=False)
+    cfg = tiny_cfg("TEST.PIXEL_TEXT_ALIGNMENT", "True", small=(), freeze=False)
     cfg.OUTPUT_DIR = str(tmp_path)
     evaluator = build_sem_seg_evaluator(cfg, small_dataset)
     assert isinstance(evaluator, DatasetEvaluators)
     assert {type(e) for e in evaluator._evaluators} == {HVLSemSegEvaluator, PixelTextAlignmentEvaluator}
 
 
-def make_model(*opts):
-    cfg = setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[*SMALL, "TEST.PIXEL_TEXT_ALIGNMENT", "True", *opts]))
-    torch.manual_seed(0)
-    return build_model(cfg).eval(), cfg
+@pytest.fixture(scope="module")
+def make_model(tiny_cfg):
+    """Factory: the tiny model with the alignment metric on, in eval mode, and its config."""
+    def make(*opts):
+        cfg = tiny_cfg("TEST.PIXEL_TEXT_ALIGNMENT", "True", *opts)
+        torch.manual_seed(0)
+        return build_model(cfg).eval(), cfg
+
+    return make
 
 
-def test_model_outputs_carry_the_alignment(single_thread):
+def test_model_outputs_carry_the_alignment(single_thread, make_model):
     model, _ = make_model()
     g = torch.Generator().manual_seed(0)
     batch = [{"image": torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=g)},
@@ -118,7 +116,7 @@ def test_model_outputs_carry_the_alignment(single_thread):
     torch.testing.assert_close(plain[0]["sem_seg"], out[0]["sem_seg"])
 
 
-def test_inference_on_dataset_reports_miou_and_alignment(small_dataset, tmp_path, single_thread):
+def test_inference_on_dataset_reports_miou_and_alignment(small_dataset, tmp_path, single_thread, make_model):
     model, cfg = make_model("DATASETS.TEST", f"('{small_dataset}',)")
     cfg = cfg.clone()
     cfg.defrost()

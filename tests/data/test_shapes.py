@@ -12,12 +12,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 import hvlformer.data  # noqa: F401  (registers the default shapes datasets)
+from conftest import REPO_ROOT
 from hvlformer.data import shapes as S
 from hvlformer.data.datasets import register_shapes as R
 
-ROOT = Path(__file__).resolve().parents[1]
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _files(root: Path):
@@ -240,7 +239,7 @@ def test_registration_metadata_and_replacement(tmp_path):
 
 
 def test_descriptions_cover_every_class():
-    desc = json.loads((REPO / "datasets" / "descriptions" / "shapes.json").read_text())
+    desc = json.loads((REPO_ROOT / "datasets" / "descriptions" / "shapes.json").read_text())
     assert desc["dataset"] == "shapes" and len(desc["attributes"]) >= 3
     names = S.shapes_class_names(S.max_shapes_classes())
     assert set(desc["classes"]) == set(names)
@@ -301,12 +300,8 @@ def test_register_from_cfg(tmp_path, monkeypatch):
     assert MetadataCatalog.get("shapes_train").image_root == str(R.shapes_root(6, 128, 0) / "images" / "train")
 
 
-def test_command_line(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("generate_shapes", ROOT / "tools" / "generate_shapes.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+def test_command_line(tmp_path, capsys, load_tool):
+    tool = load_tool("generate_shapes")
     assert tool.main(["--out", str(tmp_path), "--num-classes", "4", "--image-size", "32", "--num-train", "3",
                    "--num-val", "2", "--seed", "2"]) == 0
     assert len(list((tmp_path / "images" / "train").glob("*.jpg"))) == 3

@@ -10,6 +10,7 @@ import torch
 from detectron2.engine import HookBase
 from PIL import Image
 
+from conftest import SEMI_SMALL, TINY_SEMI_CONFIG
 from hvlformer import build_trainer_class, setup_cfg
 from hvlformer.cutmix import apply_cutmix, mix_spatial, sample_cutmix_box
 from hvlformer.data import RareClassSampler, UnlabeledViewsMapper, rare_class_probabilities, repeat_to_length
@@ -18,18 +19,12 @@ from hvlformer.modeling import cmcr as C
 from hvlformer.modeling.unlabeled_objective import unlabeled_losses
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-SEMI_CONFIG = "configs/tiny/hvlformer_tiny_shapes_semi_random.yaml"
-FAST = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "40", "DATASETS.SHAPES.NUM_VAL", "4",
-        "DATASETS.SHAPES.NUM_LABELED", "8", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
-        "SOLVER.IMS_PER_BATCH_LABELED", "2", "SOLVER.IMS_PER_BATCH_UNLABELED", "2", "DATALOADER.NUM_WORKERS", "0",
-        "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "3",
-        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1", "SOLVER.WARMUP_ITERS", "2", "SEED", "0",
-        "TEST.EVAL_PERIOD", "0"]
+FAST = [*SEMI_SMALL, "SOLVER.WARMUP_ITERS", "2"]
 
 
 # ----------------------------------------------------------------------------------------- views
 def _views_cfg(*opts):
-    return setup_cfg(argparse.Namespace(config_file=SEMI_CONFIG, opts=[*FAST, *opts]))
+    return setup_cfg(argparse.Namespace(config_file=TINY_SEMI_CONFIG, opts=[*FAST, *opts]))
 
 
 def _write_image(tmp_path, size=(48, 40)):
@@ -254,7 +249,7 @@ def test_rare_class_sampling_prefers_rare_classes():
 
 # ----------------------------------------------------------------------------------------- trainer
 def _trainer(tmp_path, *opts):
-    cfg = setup_cfg(argparse.Namespace(config_file=SEMI_CONFIG, opts=[*FAST, "OUTPUT_DIR", str(tmp_path), *opts]))
+    cfg = setup_cfg(argparse.Namespace(config_file=TINY_SEMI_CONFIG, opts=[*FAST, "OUTPUT_DIR", str(tmp_path), *opts]))
     trainer_class = build_trainer_class(cfg)
     assert trainer_class.__name__ == "SemiSupervisedTrainer"
     return trainer_class(cfg)

@@ -1,13 +1,10 @@
 """The thesis modules on the tensors the tiny HVLFormer really produces (docs/THESIS_MODULES.md, Integration):
 modules built from the model's config fit its pixel-decoder levels, mask features, textual queries, dense CLIP
 embedding and backbone outputs. The meta-architecture is only read (its ``predict`` outputs), not changed."""
-import argparse
-
 import pytest
 import torch
 from detectron2.modeling import build_model
 
-from hvlformer import setup_cfg
 from hvlformer.data import register_shapes_from_cfg
 from hvlformer.modeling.outputs import semantic_scores
 from hvlformer.modeling.thesis import (
@@ -25,15 +22,11 @@ from hvlformer.modeling.thesis import (
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
-SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
-         "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
-         "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", "4"]
 
 
 @pytest.fixture(scope="module")
-def model_outputs():
-    cfg = setup_cfg(argparse.Namespace(config_file=CONFIG, opts=SMALL))
+def model_outputs(tiny_cfg):
+    cfg = tiny_cfg("MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", "4")
     register_shapes_from_cfg(cfg)
     torch.manual_seed(0)
     model = build_model(cfg).eval()

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_clip():
     torch.manual_seed(0)
     model, _ = build_clip_model(TINY)
     return model.eval()
@@ -76,11 +76,11 @@ def test_random_init_logs_one_warning(caplog):
     assert tokenizer(["a cat"]).shape == (1, 77)
 
 
-def test_local_checkpoint_path_is_loaded(tiny_model, tmp_path):
+def test_local_checkpoint_path_is_loaded(tiny_clip, tmp_path):
     path = tmp_path / "tiny.pt"
-    torch.save(tiny_model.state_dict(), path)
+    torch.save(tiny_clip.state_dict(), path)
     loaded, _ = build_clip_model(TINY, str(path))
-    for (name, a), b in zip(tiny_model.state_dict().items(), loaded.state_dict().values()):
+    for (name, a), b in zip(tiny_clip.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
 
 
@@ -103,8 +103,8 @@ def test_bad_pretrained_values_fail_fast(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ ViT backbone
 @pytest.mark.parametrize("size", [(128, 128), (96, 160)])
-def test_shapes_and_strides(tiny_model, size):
-    bb = make_backbone(tiny_model).eval()
+def test_shapes_and_strides(tiny_clip, size):
+    bb = make_backbone(tiny_clip).eval()
     H, W = size
     with torch.no_grad():
         out = bb(torch.randn(2, 3, H, W))
@@ -112,9 +112,9 @@ def test_shapes_and_strides(tiny_model, size):
     assert (bb.width, bb.embed_dim, bb.patch_size) == (64, 64, 16)
 
 
-def test_native_size_matches_open_clip(tiny_model):
-    bb = make_backbone(tiny_model, out_indices=[0, 1, 2, -1]).eval()
-    visual = copy.deepcopy(tiny_model.visual)
+def test_native_size_matches_open_clip(tiny_clip):
+    bb = make_backbone(tiny_clip, out_indices=[0, 1, 2, -1]).eval()
+    visual = copy.deepcopy(tiny_clip.visual)
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         out = bb(x)
@@ -178,8 +178,8 @@ def test_position_interpolation():
     torch.testing.assert_close(interpolate_pos_embed(const, 1, (8, 8), (5, 13))[1:], torch.full((65, 4), 3.0))
 
 
-def test_sizes_do_not_leak_between_calls(tiny_model):
-    bb = make_backbone(tiny_model).eval()
+def test_sizes_do_not_leak_between_calls(tiny_clip):
+    bb = make_backbone(tiny_clip).eval()
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         first = bb(x)["clip_global"]
@@ -189,9 +189,9 @@ def test_sizes_do_not_leak_between_calls(tiny_model):
         bb(torch.randn(1, 3, 100, 128))
 
 
-def test_gradient_checkpointing_same_outputs_and_grads(tiny_model, monkeypatch):
+def test_gradient_checkpointing_same_outputs_and_grads(tiny_clip, monkeypatch):
     torch.manual_seed(0)
-    plain = make_backbone(tiny_model, frozen_reference=False).train()
+    plain = make_backbone(tiny_clip, frozen_reference=False).train()
     ckpt = copy.deepcopy(plain)
     ckpt.gradient_checkpointing = True
     calls = []
@@ -217,8 +217,8 @@ def test_gradient_checkpointing_same_outputs_and_grads(tiny_model, monkeypatch):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_frozen_reference(tiny_model):
-    bb = make_backbone(tiny_model).train()
+def test_frozen_reference(tiny_clip):
+    bb = make_backbone(tiny_clip).train()
     ref = bb.reference_tower
     ref_ids = {id(p) for p in ref.parameters()}
     assert not ref_ids & {id(p) for p in bb.parameters()}
@@ -252,20 +252,20 @@ def test_frozen_reference(tiny_model):
     assert all(p.dtype == torch.float64 for p in bb.reference_tower.parameters())
     assert bb.reference_global_embedding(x.double()).dtype == torch.float64
 
-    no_ref = make_backbone(tiny_model, frozen_reference=False)
+    no_ref = make_backbone(tiny_clip, frozen_reference=False)
     assert no_ref.reference_tower is None
     for method in (no_ref.reference_global_embedding, no_ref.reference_dense_embedding):
         with pytest.raises(RuntimeError, match="frozen_reference=False"):
             method(x)
 
 
-def test_frozen_reference_survives_copies_moves_and_loading(tiny_model):
+def test_frozen_reference_survives_copies_moves_and_loading(tiny_clip):
     """E_I^0 is a frozen submodule: deepcopy keeps it, .to(dtype) / to_empty move it, state_dict, parameters()
     and the optimizer leave it out, strict loading of a checkpoint without it works and keeps its weights,
     and drop_reference removes it."""
     from hvlformer.engine.optimizer import get_parameter_groups
 
-    bb = make_backbone(tiny_model)
+    bb = make_backbone(tiny_clip)
     ref_state = {k: v.clone() for k, v in bb.reference_tower.state_dict().items()}
     ref_ids = {id(p) for p in bb.reference_tower.parameters()}
     # not in the checkpoint, the parameters or the optimizer's groups
@@ -288,7 +288,7 @@ def test_frozen_reference_survives_copies_moves_and_loading(tiny_model):
     torch.testing.assert_close(twin.reference_global_embedding(x), bb.reference_global_embedding(x), atol=0, rtol=0)
 
     # strict loading of a state dict (which never holds E_I^0) keeps E_I^0's own weights
-    other = make_backbone(tiny_model)
+    other = make_backbone(tiny_clip)
     with torch.no_grad():
         for p in other.visual.parameters():
             p.add_(1.0)
@@ -329,17 +329,17 @@ def test_build_from_cfg():
         build_backbone(cfg)
 
 
-def test_out_indices_and_syncbn_fallback(tiny_model):
+def test_out_indices_and_syncbn_fallback(tiny_clip):
     assert not torch.distributed.is_initialized()
-    bb = make_backbone(tiny_model, out_indices=[-4, -3, -2, -1], pyramid_norm="SyncBN")
+    bb = make_backbone(tiny_clip, out_indices=[-4, -3, -2, -1], pyramid_norm="SyncBN")
     assert bb.out_indices == [0, 1, 2, 3]
     norm = bb.pyramid["res2"][1]
     assert isinstance(norm, nn.BatchNorm2d) and not isinstance(norm, nn.SyncBatchNorm)
     out = bb.train()(torch.randn(2, 3, 64, 64))
     assert out["res2"].shape == (2, 16, 16, 16)
-    assert make_backbone(tiny_model, out_indices=[-1]).out_indices == [3] * 4
+    assert make_backbone(tiny_clip, out_indices=[-1]).out_indices == [3] * 4
     with pytest.raises(ValueError, match="4 block indices"):
-        make_backbone(tiny_model, out_indices=[0, 1])
+        make_backbone(tiny_clip, out_indices=[0, 1])
 
 
 def test_unsupported_tower_is_rejected():

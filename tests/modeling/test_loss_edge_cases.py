@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_SEMI_PRETRAINED_CONFIG
 from hvlformer.modeling import cmcr as C
 from hvlformer.modeling import criterion as crit_mod
 from hvlformer.modeling.criterion import HVLSetCriterion, fixed_matching_indices, semantic_to_targets
@@ -282,7 +283,7 @@ def test_shapes_split_with_one_labeled_image():
     from hvlformer import setup_cfg
     from hvlformer.data import register_shapes_semi_split
 
-    cfg = setup_cfg(argparse.Namespace(config_file="configs/tiny/hvlformer_tiny_shapes_semi.yaml",
+    cfg = setup_cfg(argparse.Namespace(config_file=TINY_SEMI_PRETRAINED_CONFIG,
                                        opts=["DATASETS.SHAPES.NUM_LABELED", "1", "DATASETS.SHAPES.NUM_TRAIN", "6",
                                              "DATASETS.SHAPES.IMAGE_SIZE", "32"]))
     names = register_shapes_semi_split(cfg)
@@ -342,7 +343,7 @@ def _views_mapper(*opts):
     from hvlformer import setup_cfg
     from hvlformer.data import UnlabeledViewsMapper
 
-    cfg = setup_cfg(argparse.Namespace(config_file="configs/tiny/hvlformer_tiny_shapes_semi.yaml", opts=[
+    cfg = setup_cfg(argparse.Namespace(config_file=TINY_SEMI_PRETRAINED_CONFIG, opts=[
         "SEMI.WEAK.BRIGHTNESS", "0.0", "SEMI.WEAK.CONTRAST", "0.0", "SEMI.WEAK.BLUR_PROB", "0.0",
         "SEMI.STRONG.JITTER_PROB", "0.0", "SEMI.STRONG.GRAYSCALE_PROB", "0.0", "SEMI.STRONG.BLUR_PROB", "0.0",
         "INPUT.RESIZE_BASE", "64", "INPUT.RESIZE_RATIO_RANGE", "(1.0, 1.0)", *opts]))

@@ -1,5 +1,4 @@
 """Schema of the dataset-aware class descriptions, and the regeneration tool against a local fake endpoint."""
-import importlib.util
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -8,10 +7,10 @@ from pathlib import Path
 import open_clip
 import pytest
 
+from conftest import REPO_ROOT, load_script
 from hvlformer.data import builtin_class_names
 from hvlformer.modeling.text.descriptions import load_class_descriptions, resolve_descriptions_path
 
-REPO = Path(__file__).resolve().parents[1]
 DATASETS = {"voc": 21, "coco81": 81, "ade20k": 150, "cityscapes": 19}
 R = 4
 BUDGET = 77 - 2 - 8  # CLIP context minus SOT/EOT minus the 8 learnable context tokens
@@ -19,15 +18,12 @@ TOKENIZER = open_clip.get_tokenizer("ViT-B-16")
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("_hvl_generate_descriptions", REPO / "tools" / "generate_descriptions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/generate_descriptions.py", "_hvl_generate_descriptions")
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_descriptions_schema(dataset):
-    path = REPO / "datasets" / "descriptions" / f"{dataset}.json"
+    path = REPO_ROOT / "datasets" / "descriptions" / f"{dataset}.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     assert set(data) == {"dataset", "attributes", "classes"} and data["dataset"] == dataset
     assert data["attributes"] == _tool().TABLE_A1[dataset]  # the paper's Table A.1
@@ -51,9 +47,10 @@ def test_descriptions_schema(dataset):
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_model_loader_finds_and_reads_them(dataset, monkeypatch):
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(REPO_ROOT)
     path = resolve_descriptions_path("", dataset)
-    assert path is not None and Path(path).resolve() == (REPO / "datasets" / "descriptions" / f"{dataset}.json").resolve()
+    shipped = REPO_ROOT / "datasets" / "descriptions" / f"{dataset}.json"
+    assert path is not None and Path(path).resolve() == shipped.resolve()
     desc = load_class_descriptions(path, builtin_class_names(dataset), num_descriptions=R)
     assert len(desc.prompts) == DATASETS[dataset] and all(len(p) == R for p in desc.prompts)
     assert desc.attributes

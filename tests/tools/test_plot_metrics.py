@@ -1,5 +1,4 @@
 """tools/plot_metrics.py: metrics.json parsing and the PNG of training curves."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,10 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("plot_metrics", ROOT / "tools/plot_metrics.py")
-plot_metrics = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(plot_metrics)
+from conftest import load_script
+
+plot_metrics = load_script("tools/plot_metrics.py")
 
 
 def write_metrics(folder: Path, scale: float = 1.0) -> Path:

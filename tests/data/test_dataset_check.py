@@ -1,24 +1,19 @@
 """The up-front dataset check: every image and mask read before training, cached, datasets before models."""
 import argparse
-import importlib.util
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import TINY_PRETRAINED_CONFIG, load_script, repo_path
 from hvlformer import setup_cfg
 from hvlformer.data import register_sem_seg_folder
 from hvlformer.data import check as check_module
 from hvlformer.data.check import DatasetCheckError, check_dataset_dicts
 
-CONFIG = "configs/tiny/hvlformer_tiny_shapes.yaml"
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("check_dataset_tool", ROOT / "tools/check_dataset.py")
-check_dataset_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check_dataset_tool)
+check_dataset_tool = load_script("tools/check_dataset.py", "check_dataset_tool")
 
 
 def make_folder(root, count=6, size=(40, 30)):
@@ -85,7 +80,7 @@ def test_second_run_uses_the_cache_and_rechecks_changed_files(tmp_path):
 
 
 def _cfg(name, *opts):
-    cfg = setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[
+    cfg = setup_cfg(argparse.Namespace(config_file=TINY_PRETRAINED_CONFIG, opts=[
         "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", *opts]), freeze=False)
     return cfg
 
@@ -116,7 +111,7 @@ def test_missing_dataset_is_reported_before_the_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SemiSupervisedTrainer, "build_model",
                         classmethod(lambda cls, cfg: pytest.fail("model built before the datasets were checked")))
-    cfg = setup_cfg(argparse.Namespace(config_file="configs/voc/hvlformer_vitb16_voc_92.yaml",
+    cfg = setup_cfg(argparse.Namespace(config_file=str(repo_path("configs/voc/hvlformer_vitb16_voc_92.yaml")),
                                        opts=["OUTPUT_DIR", str(tmp_path)]), freeze=False)
     with pytest.raises(FileNotFoundError, match="VOC2012") as info:
         SemiSupervisedTrainer(cfg)
@@ -127,8 +122,8 @@ def test_check_dataset_tool(tmp_path, capsys):
     main = check_dataset_tool.main
     make_folder(tmp_path)
     register_sem_seg_folder("check_tool_folder", tmp_path / "images", tmp_path / "masks", ["a", "b", "c"])
-    opts = ["--no-progress", "--config-file", CONFIG, "--opts", "DATASETS.TRAIN", "('check_tool_folder',)",
-            "DATASETS.TEST", "()"]
+    opts = ["--no-progress", "--config-file", TINY_PRETRAINED_CONFIG, "--opts",
+            "DATASETS.TRAIN", "('check_tool_folder',)", "DATASETS.TEST", "()"]
     assert main(opts) == 0
     assert "check_tool_folder: 6 entries OK (6 read" in capsys.readouterr().out
     assert main(opts) == 0
@@ -136,5 +131,6 @@ def test_check_dataset_tool(tmp_path, capsys):
     Image.fromarray(np.full((30, 40), 5, np.uint8)).save(tmp_path / "masks" / "0.png")
     assert main(opts) == 1
     assert "0.png" in capsys.readouterr().err
-    assert main(["--no-progress", "--config-file", CONFIG, "--opts", "DATASETS.TRAIN", "('nope',)"]) == 2
+    assert main(["--no-progress", "--config-file", TINY_PRETRAINED_CONFIG, "--opts",
+                 "DATASETS.TRAIN", "('nope',)"]) == 2
     assert "not registered" in capsys.readouterr().err

@@ -1,22 +1,14 @@
 """tools/open_vocabulary_shapes.py: the IoU bookkeeping, and a smoke run (a few training steps, a few images)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "open_vocabulary_shapes.py"
-
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("open_vocabulary_shapes", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("open_vocabulary_shapes")
 
 
 def test_confusion_and_iou(tool):

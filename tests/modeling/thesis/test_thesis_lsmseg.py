@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import get_cfg
 
+from conftest import REPO_ROOT
 from hvlformer import add_hvlformer_config
 from hvlformer.modeling.text.descriptions import ATTRIBUTE_ORDER, load_class_descriptions
 from hvlformer.modeling.thesis import (
@@ -251,11 +252,9 @@ def test_attribute_prompt_style_order_and_errors(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["shapes", "voc"])
 def test_shipped_attribute_prompts_fit_the_text_context(dataset):
-    from pathlib import Path
-
     import open_clip
 
-    path = Path(__file__).resolve().parents[1] / f"datasets/descriptions/{dataset}.json"
+    path = REPO_ROOT / f"datasets/descriptions/{dataset}.json"
     names = list(json.loads(path.read_text())["classes"])
     prompts = load_class_descriptions(str(path), names, style="attributes").prompts
     assert len(prompts) == len(names) and all(len(p) == 1 for p in prompts)

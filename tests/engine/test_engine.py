@@ -6,6 +6,7 @@ import torch
 from detectron2.config import get_cfg
 from torch import nn
 
+from conftest import repo_path
 from hvlformer.config import add_hvlformer_config
 from hvlformer.engine import build_lr_scheduler, build_optimizer, get_parameter_groups
 from hvlformer.engine.setup import setup_cfg
@@ -96,5 +97,5 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 
 def test_shipped_configs_load():
     for path in ("configs/Base-HVLFormer.yaml", "configs/tiny/hvlformer_tiny_shapes.yaml"):
-        cfg = setup_cfg(argparse.Namespace(config_file=path, opts=[]))
+        cfg = setup_cfg(argparse.Namespace(config_file=str(repo_path(path)), opts=[]))
         assert cfg.MODEL.META_ARCHITECTURE == "HVLFormer"

@@ -6,7 +6,6 @@ docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -14,15 +13,10 @@ from typing import List
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "semi_vs_supervised.py"
-
 
 @pytest.fixture()
-def tool():
-    spec = importlib.util.spec_from_file_location("semi_vs_supervised", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("semi_vs_supervised")
 
 
 @pytest.fixture()

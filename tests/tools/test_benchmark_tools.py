@@ -1,26 +1,15 @@
 """CPU smoke runs of the benchmark tools (tiny shapes, random weights): they run and print the JSON the GPU
 session will record, with the GPU-only entries marked as not measured."""
-import importlib.util
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT, TINY_SEMI_PRETRAINED_CONFIG, load_script
 from hvlformer.modeling.pixel_decoder import ms_deform_attn_triton as msda_triton
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark_msdeformattn = _load_tool("benchmark_msdeformattn")
-benchmark = _load_tool("benchmark")
+benchmark_msdeformattn = load_script("tools/benchmark_msdeformattn.py")
+benchmark = load_script("tools/benchmark.py")
 
 
 def test_msdeformattn_benchmark_cpu_smoke(capsys, single_thread):
@@ -78,7 +67,7 @@ SMALL_MODEL = ["INPUT.CROP.SIZE", "(64, 64)", "MODEL.HVLFORMER.DEC_LAYERS", "2",
 
 def test_semi_sweep_cpu_smoke(capsys, tmp_path, single_thread):
     output = tmp_path / "sweep.json"
-    report = benchmark.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes_semi.yaml"),
+    report = benchmark.main(["--config-file", TINY_SEMI_PRETRAINED_CONFIG,
                              "--device", "cpu", "--sweep", "--batch-sizes", "1+1", "--amp", "off",
                              "--checkpointing", "on", "--iters", "1", "--warmup", "0", "--inference-images", "1",
                              "--output", str(output), *SMALL_MODEL])
@@ -93,10 +82,11 @@ def test_semi_sweep_cpu_smoke(capsys, tmp_path, single_thread):
 
 
 def test_gpu_checks_script_is_valid_bash():
-    script = ROOT / "tools" / "gpu_checks.sh"
+    script = REPO_ROOT / "tools" / "gpu_checks.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    for tool in ("tools/benchmark_msdeformattn.py", "tools/benchmark.py", "tests/test_ms_deform_attn_triton.py"):
+    for tool in ("tools/benchmark_msdeformattn.py", "tools/benchmark.py",
+                 "tests/modeling/pixel_decoder/test_ms_deform_attn_triton.py"):
         assert tool in text
 
 
@@ -111,7 +101,7 @@ def test_sweep_matrix_and_out_of_memory_are_recorded(monkeypatch, capsys):
         return {"train_step_s": 1.0}
 
     monkeypatch.setattr(benchmark, "measure", fake_measure)
-    report = benchmark.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes_semi.yaml"),
+    report = benchmark.main(["--config-file", TINY_SEMI_PRETRAINED_CONFIG,
                              "--device", "cpu", "--sweep", "--batch-sizes", "4+4,8+8", "--impls", "auto,pytorch"])
     capsys.readouterr()
     assert len(calls) == 2 * 2 * 2 * 2  # impls x AMP x checkpointing x batches

@@ -5,6 +5,7 @@ import json
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from conftest import TINY_SEMI_CONFIG
 from hvlformer import setup_cfg
 from hvlformer.data import generate_shapes_split
 from hvlformer.engine.trainer import Trainer
@@ -25,7 +26,7 @@ def _cfg(tmp_path, **custom):
     opts = []
     for key, value in custom.items():
         opts += [f"DATASETS.CUSTOM.{key}", value]
-    return setup_cfg(argparse.Namespace(config_file="configs/tiny/hvlformer_tiny_shapes_semi_random.yaml", opts=opts))
+    return setup_cfg(argparse.Namespace(config_file=TINY_SEMI_CONFIG, opts=opts))
 
 
 def test_custom_dataset_from_config(folder_dataset):

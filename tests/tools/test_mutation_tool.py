@@ -1,14 +1,10 @@
 """tools/mutation_test.py generates the single-point mutants it documents (no test run here)."""
 import ast
-import importlib.util
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("mutation_test", ROOT / "tools" / "mutation_test.py")
-mutation_test = importlib.util.module_from_spec(SPEC)
-sys.modules["mutation_test"] = mutation_test  # dataclasses look their module up
-SPEC.loader.exec_module(mutation_test)
+from conftest import REPO_ROOT, load_script
+
+mutation_test = load_script("tools/mutation_test.py", register=True)  # dataclasses look their module up
 
 SOURCE = '''
 def f(a, b):
@@ -36,4 +32,5 @@ def test_mutants_of_a_small_function():
 def test_every_target_file_exists_and_has_mutants():
     for name, (path, pytest_args) in mutation_test.TARGETS.items():
         assert path.exists(), name
-        assert pytest_args and all(Path(ROOT, a.split("::")[0]).exists() for a in pytest_args if a.startswith("tests/"))
+        assert pytest_args and all(Path(REPO_ROOT, a.split("::")[0]).exists()
+                                   for a in pytest_args if a.startswith("tests/"))

@@ -1,5 +1,4 @@
 """Split files (UniMatch format), seeded paper splits, config-given splits and custom semi-supervised datasets."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +7,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from conftest import load_script
 from hvlformer.config import add_hvlformer_config
 from hvlformer.data import (
     parse_split_file,
@@ -17,7 +17,7 @@ from hvlformer.data import (
     seeded_split,
 )
 from hvlformer.data.splits import parse_split_lines
-from test_builtin_datasets import REPO, evaluate_perfect, restore_builtin  # noqa: F401
+from test_builtin_datasets import evaluate_perfect, restore_builtin  # noqa: F401
 
 
 def touch(path: Path):
@@ -112,9 +112,7 @@ def test_paper_split_names_generate_write_and_reread(tmp_path, restore_builtin):
 
 def test_make_splits_tool(tmp_path, capsys):
     fake_voc_tree(tmp_path)
-    spec = importlib.util.spec_from_file_location("_hvl_make_splits", REPO / "tools" / "make_splits.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/make_splits.py", "_hvl_make_splits")
     assert tool.main(["--dataset", "voc", "--counts", "4", "10", "--seeds", "0", "1", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("written") == 4 and "4 labeled, 26 unlabeled" in out and "10 labeled, 20 unlabeled" in out

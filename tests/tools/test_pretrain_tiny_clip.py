@@ -3,26 +3,21 @@ shipped checkpoint (hash, loading through the config route, a non-trivial zero-s
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "pretrain_tiny_clip.py"
-RECORD = ROOT / "docs" / "results" / "tiny_clip_pretraining.json"
+from conftest import REPO_ROOT, TINY_PRETRAINED_CONFIG, load_script
+
+RECORD = REPO_ROOT / "docs" / "results" / "tiny_clip_pretraining.json"
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("pretrain_tiny_clip", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("pretrain_tiny_clip")
 
 
 def test_gwrp_matches_hand_computation(tool):
@@ -107,7 +102,7 @@ def _record():
 
 def test_shipped_checkpoint_hash_and_size():
     record = _record()
-    path = ROOT / record["checkpoint"]
+    path = REPO_ROOT / record["checkpoint"]
     data = path.read_bytes()
     assert len(data) <= 16 * 2 ** 20 and len(data) == record["size_bytes"]
     assert hashlib.sha256(data).hexdigest() == record["sha256"]
@@ -115,9 +110,7 @@ def test_shipped_checkpoint_hash_and_size():
 
 
 def tool_digest(path: Path) -> str:
-    spec = importlib.util.spec_from_file_location("pretrain_tiny_clip_digest", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("tools/pretrain_tiny_clip.py", "pretrain_tiny_clip_digest")
     return module.weights_digest(torch.load(path, weights_only=True))
 
 
@@ -130,12 +123,12 @@ def test_tiny_config_loads_the_shipped_checkpoint_from_any_directory(tmp_path, m
 
     cfg = get_cfg()
     add_hvlformer_config(cfg)
-    cfg.merge_from_file(str(ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"))
+    cfg.merge_from_file(TINY_PRETRAINED_CONFIG)
     record = _record()
     assert cfg.MODEL.HVLFORMER.CLIP.PRETRAINED == record["checkpoint"]
     monkeypatch.chdir(tmp_path)
     model, _ = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
-    state = torch.load(ROOT / record["checkpoint"], weights_only=True)
+    state = torch.load(REPO_ROOT / record["checkpoint"], weights_only=True)
     for key in ("visual.conv1.weight", "token_embedding.weight", "visual.proj"):
         torch.testing.assert_close(model.state_dict()[key], state[key].float())
 
@@ -147,7 +140,7 @@ def test_shipped_checkpoint_is_a_zero_shot_segmenter(tool, single_thread):
     from hvlformer.modeling.clip_loader import build_clip_model
 
     record = _record()
-    model, tokenizer = build_clip_model(tool.MODEL_NAME, str(ROOT / record["checkpoint"]))
+    model, tokenizer = build_clip_model(tool.MODEL_NAME, str(REPO_ROOT / record["checkpoint"]))
     metrics = tool.evaluate(model, tokenizer, "val", num_seg_images=8, num_presence_images=60, batch_size=30)
     _, labels, _, _ = tool.draw_batch(range(8), "val", 0, 128, 6)
     all_background_miou = 100.0 * float((labels == 0).float().mean()) / 6

@@ -1,20 +1,14 @@
 """tools/analyze_model.py: parameter table and fvcore FLOPs (attention included) of the tiny config."""
-import importlib.util
 import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("analyze_model", ROOT / "tools/analyze_model.py")
-analyze_model = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(analyze_model)
+from conftest import SMALL, TINY_CONFIG, TINY_PRETRAINED_CONFIG, load_script
 
-SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
-         "MODEL.HVLFORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
+analyze_model = load_script("tools/analyze_model.py")
 
 
 def test_parameter_rows_add_up():
@@ -46,7 +40,7 @@ def test_attention_handles_count_multiply_adds():
 
 def test_tables_for_the_tiny_config(capsys, single_thread):
     # the pretrained tiny config: its frozen reference encoder E_I^0 exists (random weights have none)
-    code = analyze_model.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes.yaml"),
+    code = analyze_model.main(["--config-file", TINY_PRETRAINED_CONFIG,
                                "--input-size", "64", "96", *SMALL])
     assert code == 0
     out = capsys.readouterr().out
@@ -61,7 +55,7 @@ def test_tables_for_the_tiny_config(capsys, single_thread):
 
 def test_thesis_module_table(capsys, single_thread):
     # standalone thesis modules at the tiny widths (no full model is built with --thesis-only)
-    code = analyze_model.main(["--config-file", str(ROOT / "configs/tiny/hvlformer_tiny_shapes_random.yaml"),
+    code = analyze_model.main(["--config-file", TINY_CONFIG,
                                "--input-size", "64", "64", "--thesis-only", "--vocabulary", "100", *SMALL])
     assert code == 0
     out = capsys.readouterr().out

@@ -1,28 +1,15 @@
 """The assembled HVLFormer meta-architecture on the tiny random-weight CLIP and the shapes dataset."""
 import argparse
-import os
 
 import pytest
 import torch
-from detectron2.modeling import build_model
 
+from conftest import TINY_CONFIG
 from hvlformer import setup_cfg
-from hvlformer.data import register_shapes_from_cfg
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-CONFIG = "configs/tiny/hvlformer_tiny_shapes_random.yaml"
-SMALL = ["DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "4",
-         "MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256", "MODEL.HVLFORMER.DEC_LAYERS", "2",
-         "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
-
-
-def make_model(*opts, train=True):
-    cfg = setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[*SMALL, *opts]))
-    register_shapes_from_cfg(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.train(train)
-    return model
+# more sampled points than the tiny config's for the mask losses
+POINTS = ["MODEL.HVLFORMER.TRAIN_NUM_POINTS", "256"]
 
 
 def batch(num_classes=6, sizes=((64, 64), (64, 64)), seed=0):
@@ -41,8 +28,8 @@ EXPECTED_LOSSES = {"loss_ce", "loss_mask", "loss_dice", "loss_reg_language", "lo
                    "loss_div", "loss_sre"}
 
 
-def test_training_losses_and_gradients():
-    model = make_model()
+def test_training_losses_and_gradients(tiny_model):
+    model = tiny_model(*POINTS)
     losses = model(batch())
     assert EXPECTED_LOSSES <= set(losses) and "loss_reg_vision" not in losses
     assert {"loss_ce_0", "loss_mask_1", "loss_dice_1"} <= set(losses)  # deep supervision: N + 1 predictions
@@ -59,8 +46,8 @@ def test_training_losses_and_gradients():
     assert not any("reference" in key for key in model.state_dict())
 
 
-def test_loss_weights_come_from_the_config():
-    model = make_model("MODEL.HVLFORMER.REG_LANGUAGE_WEIGHT", "0.0", "MODEL.HVLFORMER.DIV_WEIGHT", "3.0",
+def test_loss_weights_come_from_the_config(tiny_model):
+    model = tiny_model(*POINTS, "MODEL.HVLFORMER.REG_LANGUAGE_WEIGHT", "0.0", "MODEL.HVLFORMER.DIV_WEIGHT", "3.0",
                        "MODEL.HVLFORMER.CLASS_WEIGHT", "0.5")
     torch.manual_seed(1)
     losses = model(batch())
@@ -72,8 +59,8 @@ def test_loss_weights_come_from_the_config():
     assert model.criterion.seg_criterion.weight_dict["loss_ce"] == 0.5
 
 
-def test_inference_output_at_original_size():
-    model = make_model(train=False)
+def test_inference_output_at_original_size(tiny_model):
+    model = tiny_model(*POINTS, train=False)
     inputs = [{"image": torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8), "height": 96, "width": 160},
               {"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}]
     with torch.no_grad():
@@ -97,8 +84,8 @@ def test_semantic_scores_sum_levels_of_a_class():
     torch.testing.assert_close(scores[0, :, 0, 0], torch.tensor([2.0, 1.0]))
 
 
-def test_sliding_window_equals_whole_image_for_one_window():
-    model = make_model("TEST.SLIDING_WINDOW.CROP_SIZE", "64", "TEST.SLIDING_WINDOW.STRIDE", "42", train=False)
+def test_sliding_window_equals_whole_image_for_one_window(tiny_model):
+    model = tiny_model(*POINTS, "TEST.SLIDING_WINDOW.CROP_SIZE", "64", "TEST.SLIDING_WINDOW.STRIDE", "42", train=False)
     inputs = batch(sizes=((64, 64),))
     with torch.no_grad():
         whole = model(inputs)[0]["sem_seg"]
@@ -107,8 +94,8 @@ def test_sliding_window_equals_whole_image_for_one_window():
     torch.testing.assert_close(sliding, whole, rtol=1e-4, atol=1e-5)
 
 
-def test_sliding_window_count_averaging(monkeypatch):
-    model = make_model("TEST.SLIDING_WINDOW.CROP_SIZE", "64", "TEST.SLIDING_WINDOW.STRIDE", "32", train=False)
+def test_sliding_window_count_averaging(monkeypatch, tiny_model):
+    model = tiny_model(*POINTS, "TEST.SLIDING_WINDOW.CROP_SIZE", "64", "TEST.SLIDING_WINDOW.STRIDE", "32", train=False)
     calls = []
 
     def fake_scores(images, text_embeddings, valid_sizes=None):  # each window scores the number of its call
@@ -126,8 +113,8 @@ def test_sliding_window_count_averaging(monkeypatch):
     assert small.shape == (6, 40, 50)
 
 
-def test_text_classifier_accepts_a_new_vocabulary():
-    model = make_model("MODEL.HVLFORMER.CLASSIFIER", "text", train=False)
+def test_text_classifier_accepts_a_new_vocabulary(tiny_model):
+    model = tiny_model(*POINTS, "MODEL.HVLFORMER.CLASSIFIER", "text", train=False)
     names = ["cat", "dog", "grass"]
     model.set_vocabulary(names, [[f"a photo of a {n}."] for n in names], [f"a {n}" for n in names])
     with torch.no_grad():
@@ -147,8 +134,8 @@ def test_text_classifier_accepts_a_new_vocabulary():
       "MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot", "MODEL.HIERVL.PROMPT_WEIGHT", "1.0",
       "MODEL.HIERVL.MASKED_VL_WEIGHT", "1.0", "MODEL.HIERVL.NUM_INSTANCE_QUERIES", "2"], {"loss_prompt", "loss_masked_vl"}),
 ])
-def test_config_variants_train(opts, extra_losses):
-    model = make_model(*opts)
+def test_config_variants_train(opts, extra_losses, tiny_model):
+    model = tiny_model(*POINTS, *opts)
     losses = model(batch())
     assert extra_losses <= set(losses)
     if "none" in opts:
@@ -158,18 +145,18 @@ def test_config_variants_train(opts, extra_losses):
     total.backward()
 
 
-def test_bad_label_value_is_a_clear_error():
-    model = make_model()
+def test_bad_label_value_is_a_clear_error(tiny_model):
+    model = tiny_model(*POINTS)
     inputs = batch()
     inputs[0]["sem_seg"][10, 10] = 7  # K = 6, not the ignore value
     with pytest.raises(ValueError, match="7"):
         model(inputs)
 
 
-def test_learnable_query_switch_builds_and_trains():
+def test_learnable_query_switch_builds_and_trains(tiny_model):
     """MODEL.HVLFORMER.QUERY_SOURCE learnable (the Table 4 baseline row): no HQG, E x K x D learned queries;
     a training step gives finite losses and moves them."""
-    model = make_model("MODEL.HVLFORMER.QUERY_SOURCE", "learnable")
+    model = tiny_model(*POINTS, "MODEL.HVLFORMER.QUERY_SOURCE", "learnable")
     assert model.htqg.hqg is None and model.htqg.learned_queries.shape == (3, 6, 64)
     before = model.htqg.learned_queries.detach().clone()
     losses = model(batch())
@@ -181,12 +168,12 @@ def test_learnable_query_switch_builds_and_trains():
     assert not torch.equal(before, model.htqg.learned_queries.detach())
 
 
-def test_reference_text_buffer_follows_copies_and_resets():
+def test_reference_text_buffer_follows_copies_and_resets(tiny_model):
     """T0 is a non-persistent buffer: empty until first use, then cached; deepcopy keeps it, .to(dtype) casts it,
     it is never saved, and a new vocabulary or loaded weights reset it (recomputed on next use)."""
     import copy
 
-    model = make_model()
+    model = tiny_model(*POINTS)
     assert model.reference_text_embeddings.numel() == 0
     t0 = model.reference_text()
     expected = model.text_encoder.reference_embeddings(model.reference_class_prompts)
@@ -204,14 +191,14 @@ def test_reference_text_buffer_follows_copies_and_resets():
     assert model.reference_text_embeddings.numel() == 0 and model.reference_text().shape[0] == 2
 
 
-def test_backbone_comes_from_the_registry_by_name(monkeypatch):
+def test_backbone_comes_from_the_registry_by_name(monkeypatch, tiny_model):
     """MODEL.BACKBONE.NAME is read (a name that is not a CLIP backbone is a clear error), and the CLIP model is
     loaded once for both towers (the backbone does not load it again)."""
     from hvlformer.modeling.backbone import clip_vit
     from hvlformer.modeling.meta_arch import hvlformer as meta
 
     with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME"):
-        make_model("MODEL.BACKBONE.NAME", "build_resnet_backbone")
+        tiny_model(*POINTS, "MODEL.BACKBONE.NAME", "build_resnet_backbone")
     calls = []
     original = meta.build_clip_model
 
@@ -221,7 +208,7 @@ def test_backbone_comes_from_the_registry_by_name(monkeypatch):
 
     monkeypatch.setattr(meta, "build_clip_model", counting)
     monkeypatch.setattr(clip_vit, "build_clip_model", lambda *a, **k: pytest.fail("CLIP loaded a second time"))
-    model = make_model()
+    model = tiny_model(*POINTS)
     assert len(calls) == 1 and isinstance(model.backbone, clip_vit.CLIPViTBackbone)
 
 
@@ -234,9 +221,9 @@ def test_backbone_comes_from_the_registry_by_name(monkeypatch):
 def test_old_hiervl_keys_name_their_new_place(tmp_path, old, value, new):
     """A HierVL key in its old place fails, on the command line and in a YAML file, naming the new key."""
     with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
-        setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[old, value]))
+        setup_cfg(argparse.Namespace(config_file=TINY_CONFIG, opts=[old, value]))
     *parents, leaf = old.split(".")
-    lines = [f"_BASE_: {os.path.abspath(CONFIG)}"]
+    lines = [f"_BASE_: {TINY_CONFIG}"]
     for depth, part in enumerate(parents):
         lines.append("  " * depth + f"{part}:")
     lines.append("  " * len(parents) + f"{leaf}: {value}")
@@ -246,6 +233,6 @@ def test_old_hiervl_keys_name_their_new_place(tmp_path, old, value, new):
         setup_cfg(argparse.Namespace(config_file=str(path), opts=[]))
 
 
-def test_hvlformer_refuses_the_hiervl_zero_shot_relevance():
+def test_hvlformer_refuses_the_hiervl_zero_shot_relevance(tiny_model):
     with pytest.raises(ValueError, match="HierVL"):
-        make_model("MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot")
+        tiny_model(*POINTS, "MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot")

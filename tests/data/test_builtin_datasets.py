@@ -3,7 +3,6 @@
 Also holds the helpers that the ``test_prepare_*.py`` files share (loading a prepare script, evaluating
 a registered dataset with a perfect predictor).
 """
-import importlib.util
 import os
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from conftest import REPO_ROOT, load_script
 from hvlformer.data import (
     BUILTIN_DATASETS,
     PAPER_SPLIT_COUNTS,
@@ -22,7 +22,6 @@ from hvlformer.data import (
 from hvlformer.data import load_builtin_classes
 from hvlformer.evaluation import HVLSemSegEvaluator
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = {"voc": 21, "coco81": 81, "ade20k": 150, "cityscapes": 19}
 
 
@@ -30,11 +29,7 @@ NUM_CLASSES = {"voc": 21, "coco81": 81, "ade20k": 150, "cityscapes": 19}
 def load_prepare_script(name: str):
     """Import ``datasets/prepare_<name>.py`` as a module (its ``main(argv)`` runs in-process; its
     ``import prepare_common`` finds the folder that ``conftest.py`` put on ``sys.path``)."""
-    path = REPO / "datasets" / f"prepare_{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_hvl_prepare_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"datasets/prepare_{name}.py", f"_hvl_prepare_{name}")
 
 
 def evaluate_perfect(dataset_name: str) -> dict:
@@ -154,7 +149,7 @@ def test_every_config_names_registered_datasets():
 
     checked = []
     try:
-        for path in sorted((REPO / "configs").rglob("*.yaml")):
+        for path in sorted((REPO_ROOT / "configs").rglob("*.yaml")):
             cfg = get_cfg()
             add_hvlformer_config(cfg)
             cfg.merge_from_file(str(path))
@@ -164,7 +159,7 @@ def test_every_config_names_registered_datasets():
             register_split_files_from_cfg(cfg)
             registered = set(DatasetCatalog.list())
             for name in _dataset_names(cfg):
-                assert name in registered, f"{path.relative_to(REPO)} names {name!r}, which is not registered"
+                assert name in registered, f"{path.relative_to(REPO_ROOT)} names {name!r}, which is not registered"
                 checked.append(name)
     finally:
         register_shapes()  # the default shapes datasets for the other tests
