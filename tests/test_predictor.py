@@ -230,3 +230,15 @@ def test_parse_vocabulary_and_normalisation():
 def test_missing_weights_file_is_a_clear_error(tmp_path, single_thread, make_predictor):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         make_predictor("MODEL.WEIGHTS", str(tmp_path / "nope.pth"))
+
+
+def test_config_of_a_semi_split_run_builds_without_the_trainer(single_thread, make_predictor):
+    """A run's dumped config names the labeled split (``shapes_labeled``), which only the trainer used to
+    register: the predictor (and the demo) register the config's datasets themselves."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if "shapes_labeled" in catalog.list():
+            catalog.remove("shapes_labeled")
+    predictor = make_predictor("DATASETS.TRAIN", "('shapes_labeled',)", "DATASETS.TEST", "()", "DATASETS.SHAPES.NUM_LABELED", "4")
+    assert predictor.metadata.stuff_classes == ["background", "circle", "square", "triangle", "star", "cross"]

@@ -236,3 +236,26 @@ def test_old_hiervl_keys_name_their_new_place(tmp_path, old, value, new):
 def test_hvlformer_refuses_the_hiervl_zero_shot_relevance(tiny_model):
     with pytest.raises(ValueError, match="HierVL"):
         tiny_model(*POINTS, "MODEL.HVLFORMER.SRE.MODE", "clip_zero_shot")
+
+
+def test_a_config_dumped_by_an_older_version_still_loads(tmp_path, caplog):
+    """``output/*/config.yaml`` of a run made before the HierVL keys moved holds them at their old defaults
+    (nothing selected): loading drops them with a warning; the rest of the file still applies."""
+    old = setup_cfg(argparse.Namespace(config_file=TINY_CONFIG, opts=["SOLVER.MAX_ITER", "7"]))
+    dumped = old.dump()
+    # what the old version wrote, besides the current keys
+    text = dumped.replace("  HVLFORMER:\n", "  HVLFORMER:\n    HIERVL:\n      MASKED_VL_WEIGHT: 0.0\n"
+                          "      MASK_CONSISTENCY_WEIGHT: 1.0\n      PROMPT_WEIGHT: 0.0\n"
+                          "    NUM_INSTANCE_QUERIES: 0\n", 1)
+    text = text.replace("SEMI:\n", "SEMI:\n  ENTROPY_WEIGHT: 1.0\n  UNLABELED_LOSS: cmcr\n", 1)
+    assert "    HIERVL:\n      MASKED_VL_WEIGHT: 0.0" in text and "UNLABELED_LOSS: cmcr" in text
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with caplog.at_level("WARNING"):
+        cfg = setup_cfg(argparse.Namespace(config_file=str(path), opts=[]))
+    assert cfg.SOLVER.MAX_ITER == 7 and cfg.INPUT.CROP.SIZE == old.INPUT.CROP.SIZE
+    assert "MODEL.HVLFORMER.HIERVL" in caplog.text and "SEMI.UNLABELED_LOSS" in caplog.text
+    # the same file with a HierVL option really set still fails, naming the new key
+    path.write_text(text.replace("UNLABELED_LOSS: cmcr", "UNLABELED_LOSS: entropy"))
+    with pytest.raises(KeyError, match="SEMI.UNLABELED_LOSS was renamed to MODEL.HIERVL.UNLABELED_LOSS"):
+        setup_cfg(argparse.Namespace(config_file=str(path), opts=[]))

@@ -4,6 +4,12 @@
 them through ``_BASE_`` inheritance. detectron2's CfgNode refuses keys that do not exist here, so a
 typo in a YAML file or on the command line is a clear error, not a silent no-op.
 """
+import logging
+import os
+import tempfile
+from typing import List
+
+import yaml
 from detectron2.config import CfgNode as CN
 
 
@@ -18,6 +24,17 @@ RENAMED_KEYS = {
     "MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION": "MODEL.HIERVL.TEXT_CROSS_ATTENTION",
     "SEMI.UNLABELED_LOSS": "MODEL.HIERVL.UNLABELED_LOSS",
     "SEMI.ENTROPY_WEIGHT": "MODEL.HIERVL.ENTROPY_WEIGHT",
+}
+#: The values the renamed keys had by default before they moved: a config dumped by a run of an older version
+#: (``output/*/config.yaml``) holds them, and they select nothing, so loading drops them with a warning.
+RENAMED_KEY_OLD_DEFAULTS = {
+    "MODEL.HVLFORMER.HIERVL.PROMPT_WEIGHT": 0.0,
+    "MODEL.HVLFORMER.HIERVL.MASKED_VL_WEIGHT": 0.0,
+    "MODEL.HVLFORMER.HIERVL.MASK_CONSISTENCY_WEIGHT": 1.0,
+    "MODEL.HVLFORMER.NUM_INSTANCE_QUERIES": 0,
+    "MODEL.SEM_SEG_HEAD.TEXT_CROSS_ATTENTION": False,
+    "SEMI.UNLABELED_LOSS": "cmcr",
+    "SEMI.ENTROPY_WEIGHT": 1.0,
 }
 _RENAME_NOTE = ("HierVL's options are read only by MODEL.META_ARCHITECTURE \"HierVL\"; HVLFormer has none of them "
                 "(see configs/*/hiervl_*.yaml)")
@@ -405,3 +422,58 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Cap of the long side in pixels; -1 = the longest side seen in training
     # (INPUT.RESIZE_BASE * max(INPUT.RESIZE_RATIO_RANGE)); 0 = no cap.
     cfg.TEST.INFERENCE_SCALE.MAX_SIZE = -1
+
+
+def drop_old_default_keys(loaded: dict) -> List[str]:
+    """Remove, in place, the renamed keys (:data:`RENAMED_KEYS`) that hold their old default value.
+
+    ``loaded`` is a config as a nested dict (``CfgNode.load_yaml_with_base``). Returns the dotted keys removed.
+    A renamed key with any other value stays, so that merging it fails with the rename message.
+    """
+    removed = []
+    for key, default in RENAMED_KEY_OLD_DEFAULTS.items():
+        *parents, leaf = key.split(".")
+        node = loaded
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
+            removed.append(key)
+    # an emptied MODEL.HVLFORMER.HIERVL node goes as well
+    hvlformer = loaded.get("MODEL", {}).get("HVLFORMER", {})
+    if isinstance(hvlformer, dict) and hvlformer.get("HIERVL", None) == {}:
+        del hvlformer["HIERVL"]
+        removed.append("MODEL.HVLFORMER.HIERVL")
+    return removed
+
+
+def merge_config_file(cfg: CN, path: str) -> None:
+    """``cfg.merge_from_file(path)``, accepting the configs that older versions dumped with their runs.
+
+    Renamed keys that hold their old default (nothing selected) are dropped with one warning; a renamed key
+    set to anything else still fails, naming its new place.
+    """
+    loaded = cfg.load_yaml_with_base(path, allow_unsafe=True)
+    removed = drop_old_default_keys(loaded)
+    if not removed:
+        cfg.merge_from_file(path)
+        return
+    logging.getLogger(__name__).warning(
+        "%s: ignoring keys of an older version that hold their old default and were renamed: %s", path,
+        ", ".join(removed))
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = os.path.join(tmp, os.path.basename(path))
+        with open(pruned, "w") as f:
+            yaml.safe_dump(_plain(loaded), f)
+        cfg.merge_from_file(pruned)
+
+
+def _plain(value):
+    """Tuples as lists, recursively, so that ``yaml.safe_dump`` writes them (merging turns them back)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

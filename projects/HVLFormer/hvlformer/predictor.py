@@ -51,7 +51,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from .checkpoint import HVLFormerCheckpointer
-from .data import default_class_colors, read_image_checked, register_shapes_from_cfg
+from .data import default_class_colors, read_image_checked, register_datasets_from_cfg
 from .data.dataset_mappers import inference_resize
 from .data.validation import array_to_rgb8, image_to_rgb8
 from .modeling.clip_loader import clip_weights_from_checkpoint
@@ -151,7 +151,7 @@ class HVLFormerPredictor:
     def __init__(self, cfg: CfgNode) -> None:
         # the CLIP weights come from MODEL.WEIGHTS when it is given: nothing is downloaded (works offline)
         self.cfg = clip_weights_from_checkpoint(cfg.clone())
-        register_shapes_from_cfg(self.cfg)  # the shapes datasets follow DATASETS.SHAPES.* (as in training)
+        register_datasets_from_cfg(self.cfg)  # the config-dependent datasets (shapes sizes, splits), as in training
         self.model = build_model(self.cfg)
         self.model.eval()
         weights = self.cfg.MODEL.WEIGHTS

@@ -9,7 +9,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer
 
-from ..config import add_hvlformer_config
+from ..config import add_hvlformer_config, merge_config_file
 
 
 def setup_cfg(args: Namespace, freeze: bool = True) -> CfgNode:
@@ -20,7 +20,7 @@ def setup_cfg(args: Namespace, freeze: bool = True) -> CfgNode:
     cfg = get_cfg()
     add_hvlformer_config(cfg)
     if getattr(args, "config_file", ""):
-        cfg.merge_from_file(args.config_file)
+        merge_config_file(cfg, args.config_file)
     opts = list(getattr(args, "opts", []) or [])
     check_override_keys(cfg, opts)
     cfg.merge_from_list(opts)
