@@ -219,3 +219,11 @@ def test_training_on_a_fixed_batch_decreases_the_module_loss(switch, keys):
         assert model.class_refinement.out.weight.abs().sum() > 0
     if switch is FUSION:
         assert any(float(w.detach()) != 0.0 for w in model.fusion.weight_logits.values())
+
+
+def test_hiervl_inherits_the_modules():
+    """HierVL's own pixel-decoder step (text cross-attention) passes CAA's level hook on."""
+    model = make_model("MODEL.META_ARCHITECTURE", "HierVL", *CAA, *REFINEMENT)
+    losses = losses_of(model, batch())
+    assert {"loss_caa_affinity", "loss_caa_aux"} <= set(losses)
+    assert all(torch.isfinite(v) for k, v in losses.items() if k.startswith("loss"))
