@@ -210,7 +210,7 @@ def test_training_on_a_fixed_batch_decreases_the_module_loss(switch, keys):
     values = []
     for _ in range(6):
         losses = losses_of(model, inputs)
-        values.append(float(measured(losses)))
+        values.append(float(measured(losses).detach()))
         optimizer.zero_grad()
         sum(v for k, v in losses.items() if k.startswith("loss")).backward()
         optimizer.step()
