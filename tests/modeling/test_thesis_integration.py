@@ -227,3 +227,21 @@ def test_hiervl_inherits_the_modules():
     losses = losses_of(model, batch())
     assert {"loss_caa_affinity", "loss_caa_aux"} <= set(losses)
     assert all(torch.isfinite(v) for k, v in losses.items() if k.startswith("loss"))
+
+
+def test_ecac_after_a_new_vocabulary_and_with_the_category_filter():
+    """ECAC's memory rows follow the class names: a known name keeps its row, a new one is -1 (local centre,
+    no calibration), also for the per-image subsets of the category filter."""
+    model = make_model(*ECAC, "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER", "True",
+                       "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", "3", train=False)
+    training = list(model.class_names)
+    assert model.ecac_vocabulary_index() is None
+    names = [training[2], "lamp", training[0], "tiger", training[5]]
+    _with_vocabulary(model, names)
+    assert model.ecac_vocabulary_index().tolist() == [2, -1, 0, -1, 5]
+    assert model.ecac_vocabulary_index(torch.tensor([1, 4])).tolist() == [-1, 5]
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        scores, _ = model.scores_and_alignment(images, model.encode_text())
+    assert scores.shape == (2, 5, 64, 64) and torch.isfinite(scores).all()
+    assert ((scores > 0).flatten(2).any(-1).sum(1) <= 3).all()  # 3 classes kept per image
