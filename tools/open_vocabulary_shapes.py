@@ -18,6 +18,14 @@ score):
 * ``zero_shot_vlm``: the pretrained tiny CLIP alone (dense argmax of the plain prompts, as
   ``tools/pretrain_tiny_clip.py`` measures it) on the same images and vocabulary.
 
+With ``--distractors N`` (LSMSeg's category filter, thesis Sec. 5.2.5; docs/THESIS_MODULES.md), the same
+trained runs are also evaluated with a large vocabulary: background + the 5 classes + ``N`` distractor names
+(class names of the other datasets' description files in ``datasets/descriptions/``, none of them a shape
+kind), once without and once with ``MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER`` (top ``--filter-top-k``):
+the seen classes' mIoU (a pixel given a distractor name counts as wrong) and the inference time per image.
+
+    python tools/open_vocabulary_shapes.py --distractors 200  # filter on vs off with 206 names
+
 The trained runs are reused from ``--output-dir`` when their command line matches.
 """
 from __future__ import annotations
@@ -28,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -55,6 +64,58 @@ def confusion_of(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_l
     valid = label != ignore_label
     return np.bincount(label[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64),
                        minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+DESCRIPTIONS = ROOT / "datasets" / "descriptions"
+
+
+def distractor_names(count: int, exclude: Sequence[str]) -> List[str]:
+    """``count`` class names of the description files in ``datasets/descriptions/`` (files in name order,
+    classes in file order, first occurrence kept), none of them in ``exclude`` (nor "background")."""
+    skip = {n.lower() for n in exclude} | {"background"}
+    names: List[str] = []
+    for path in sorted(DESCRIPTIONS.glob("*.json")):
+        for name in json.loads(path.read_text()).get("classes", {}):
+            if name.lower() not in skip and name not in names:
+                names.append(name)
+    if count > len(names):
+        raise ValueError(f"--distractors {count}: only {len(names)} distinct names in {DESCRIPTIONS}")
+    return names[:count]
+
+
+def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
+    """Seen-class IoUs and seconds per image with background + 5 classes + ``args.distractors`` names, the
+    category filter off and on (the same checkpoint: the filter has no parameters)."""
+    from hvlformer import setup_cfg
+    from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
+    from hvlformer.predictor import HVLFormerPredictor
+
+    spec = importlib_tool()
+    seen = shapes_class_names(6)
+    vocabulary = seen + distractor_names(args.distractors, shapes_class_names(11))
+    images = []
+    for i in range(args.num_images):
+        image, label = render_shapes_image(_image_rng(0, "openvocab", i), args.image_size, 6,
+                                           guaranteed_class=1 + i % 5)
+        images.append((spec._jpeg_roundtrip(image), label.astype(np.int64)))
+    result: Dict[str, Any] = {"distractors": args.distractors, "vocabulary": len(vocabulary),
+                              "top_k": args.filter_top_k}
+    for arm, on in (("filter_off", False), ("filter_on", True)):
+        cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=[
+            "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
+            "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER", str(on),
+            "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", str(args.filter_top_k)]))
+        predictor = HVLFormerPredictor(cfg)
+        predictor.set_vocabulary(vocabulary)
+        predictor(images[0][0], format="RGB")  # warm-up (text embeddings, allocations), not timed
+        confusion = np.zeros((len(vocabulary), len(vocabulary)), np.int64)
+        start = time.perf_counter()
+        for image, label in images:
+            confusion += confusion_of(predictor(image, format="RGB").labels, label, len(vocabulary))
+        seconds = (time.perf_counter() - start) / len(images)
+        iou = iou_table(confusion, vocabulary, ignore=range(len(seen), len(vocabulary)))
+        result[arm] = {"seen_iou": iou, "seen_miou": statistics.mean(iou.values()), "seconds_per_image": seconds}
+    return result
 
 
 def train(seed: int, args: argparse.Namespace) -> Path:
@@ -158,20 +219,36 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "open_vocabulary")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--distractors", type=int, default=0,
+                        help="also evaluate with this many distractor names, LSMSeg's category filter off vs on")
+    parser.add_argument("--filter-top-k", type=int, default=32, help="classes the category filter keeps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    per_seed = {seed: evaluate(train(seed, args), args) for seed in args.seeds}
+    per_seed = {}
+    for seed in args.seeds:
+        run_dir = train(seed, args)
+        per_seed[seed] = evaluate(run_dir, args)
+        if args.distractors > 0:
+            per_seed[seed]["category_filter"] = evaluate_distractors(run_dir, args)
     summary = {}
     for key in ("open_seen_miou", "closed_seen_miou"):
         summary[key] = [round(r[key], 2) for r in per_seed.values()]
     summary["unseen_iou"] = [round(r["open_iou"][args.unseen], 2) for r in per_seed.values()]
     summary["seen_cost"] = [round(r["closed_seen_miou"] - r["open_seen_miou"], 2) for r in per_seed.values()]
     summary["zero_shot_vlm_unseen_iou"] = round(next(iter(per_seed.values()))["zero_shot_vlm_iou"][args.unseen], 2)
-    for key in ("unseen_iou", "seen_cost", "open_seen_miou", "closed_seen_miou"):
+    if args.distractors > 0:
+        for arm in ("filter_off", "filter_on"):
+            summary[f"distractors_seen_miou_{arm}"] = [round(r["category_filter"][arm]["seen_miou"], 2)
+                                                       for r in per_seed.values()]
+            summary[f"distractors_ms_per_image_{arm}"] = [
+                round(1000 * r["category_filter"][arm]["seconds_per_image"], 1) for r in per_seed.values()]
+    for key in [k for k in summary if k != "zero_shot_vlm_unseen_iou"]:
         values = summary[key]
         summary[key] = {"runs": values, **mean_std(values)}
     output = {"setup": {"command": "python tools/open_vocabulary_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "seeds": args.seeds, "iterations": args.iters, "image_size": args.image_size},
+                        "seeds": args.seeds, "iterations": args.iters, "image_size": args.image_size,
+                        **({"distractors": args.distractors, "filter_top_k": args.filter_top_k}
+                           if args.distractors > 0 else {})},
               "summary": summary, "per_seed": {str(k): v for k, v in per_seed.items()}}
     emit_json(output, args.json_out)
     return output

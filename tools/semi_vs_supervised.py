@@ -10,6 +10,10 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
     python tools/semi_vs_supervised.py --seeds 0 --iters 300  # a quick look
     python tools/semi_vs_supervised.py --ablations            # (c) plus each CMCR term switched off
     python tools/semi_vs_supervised.py --semi-name t08 --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # another setting
+    python tools/semi_vs_supervised.py --experiment caa      # (f) the thesis's modules: supervised vs + CAA,
+    python tools/semi_vs_supervised.py --experiment ecac     #     + ECAC, + LSMSeg class refinement, + LSMSeg
+    python tools/semi_vs_supervised.py --experiment class_refinement  # visual fusion (with the tiny RANDOM
+    python tools/semi_vs_supervised.py --experiment fusion   #     TinyConvEncoder: a control, not SAM)
 
 Each run is a separate `train_net.py` process (as a user would run it); the seed fixes the labeled
 subset, the initialisation and the data order. Runs go to --output-dir; a finished run is not repeated
@@ -57,6 +61,12 @@ VARIANTS = {
     "t4_hqg_levels": (SUPERVISED, PLAIN[:4] + LABELED_ONLY),
     "t4_sre": (SUPERVISED, PLAIN[2:4] + LABELED_ONLY),
     "semi_only_mask": (SEMI, ONLY_MASK),
+    # (f) the thesis's modules (docs/THESIS_MODULES.md), each switched on in the supervised arm
+    "supervised_caa": (SUPERVISED, LABELED_ONLY + ["MODEL.HVLFORMER.CAA.ENABLED", "True"]),
+    "supervised_ecac": (SUPERVISED, LABELED_ONLY + ["MODEL.HVLFORMER.ECAC.ENABLED", "True"]),
+    "supervised_class_refinement": (SUPERVISED, LABELED_ONLY + ["MODEL.HVLFORMER.LSMSEG.CLASS_REFINEMENT", "True"]),
+    "supervised_fusion": (SUPERVISED, LABELED_ONLY + ["MODEL.HVLFORMER.LSMSEG.FUSION", "True",
+                                                      "MODEL.HVLFORMER.LSMSEG.FUSION_ENCODER", "TinyConvEncoder"]),
 }
 # experiment -> (arms in table order, [(difference name, arm, minus arm)])
 EXPERIMENTS = {
@@ -67,6 +77,9 @@ EXPERIMENTS = {
                     [("pretrained_minus_random", "supervised", "supervised_random")]),
     "table4": (["t4_baseline", "t4_htqg", "t4_hqg_levels", "t4_sre", "supervised", "semi_only_mask",
                 "semi_no_align", "semi"], [("full_minus_baseline", "semi", "t4_baseline")]),
+    **{module: (["supervised", f"supervised_{module}"],
+                [(f"{module}_minus_supervised", f"supervised_{module}", "supervised")])
+       for module in ("caa", "ecac", "class_refinement", "fusion")},
 }
 MIOU = re.compile(r"copypaste: mIoU,fwIoU,mACC,pACC\n.*copypaste: ([0-9.]+),")
 
@@ -116,7 +129,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="semi",
                         help="semi: (c) semi vs supervised; anchors: (a) textual vs learnable queries; pretraining: "
-                             "(b) pretrained vs random CLIP; table4: (d) the toy Table 4")
+                             "(b) pretrained vs random CLIP; table4: (d) the toy Table 4; caa, ecac, "
+                             "class_refinement, fusion: (f) supervised vs supervised + that thesis module")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=1200, help="training steps of every run")
     parser.add_argument("--num-labeled", type=int, default=25, help="labeled images of the 400 (1/16)")

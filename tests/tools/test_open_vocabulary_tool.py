@@ -30,3 +30,24 @@ def test_smoke_run(tool, tmp_path):
     assert run["images_with_unseen"] >= 2  # every other image holds the unseen kind
     assert (tmp_path / "e.json").exists() and (tmp_path / "text_classifier_seed0" / "model_final.pth").exists()
     assert out["summary"]["unseen_iou"]["runs"] == [round(run["open_iou"]["ring"], 2)]
+
+
+def test_distractor_names(tool):
+    names = tool.distractor_names(200, ["background", "circle", "square", "Sky"])
+    assert len(names) == len(set(names)) == 200
+    assert not {"background", "circle", "square", "sky", "Sky"} & set(names)
+    with pytest.raises(ValueError, match="distinct names"):
+        tool.distractor_names(100000, [])
+
+
+def test_smoke_run_with_distractors(tool, tmp_path):
+    """--distractors: the same trained run evaluated with 6 + 30 names, the category filter (top 8) off / on."""
+    out = tool.main(["--seeds", "0", "--iters", "2", "--image-size", "64", "--num-images", "3", "--workers", "0",
+                     "--distractors", "30", "--filter-top-k", "8", "--output-dir", str(tmp_path)])
+    result = out["per_seed"]["0"]["category_filter"]
+    assert result["vocabulary"] == 36 and result["top_k"] == 8
+    for arm in ("filter_off", "filter_on"):
+        assert set(result[arm]["seen_iou"]) == {"background", "circle", "square", "triangle", "star", "cross"}
+        assert result[arm]["seconds_per_image"] > 0
+        assert out["summary"][f"distractors_seen_miou_{arm}"]["runs"] == [round(result[arm]["seen_miou"], 2)]
+    assert out["setup"]["distractors"] == 30

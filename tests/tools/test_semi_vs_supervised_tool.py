@@ -122,3 +122,27 @@ def test_experiments_are_one_command_each(tool, fake_train, tmp_path):
     only_mask = [c for c in fake_train if str(tmp_path / "semi_only_mask_seed0") in c][0]
     assert only_mask[only_mask.index("SEMI.CLASS_CONSISTENCY") + 1] == "False"
     assert "full_minus_baseline" in out
+
+
+@pytest.mark.parametrize("experiment,key", [("caa", "MODEL.HVLFORMER.CAA.ENABLED"),
+                                            ("ecac", "MODEL.HVLFORMER.ECAC.ENABLED"),
+                                            ("class_refinement", "MODEL.HVLFORMER.LSMSEG.CLASS_REFINEMENT"),
+                                            ("fusion", "MODEL.HVLFORMER.LSMSEG.FUSION")])
+def test_thesis_module_experiments(tool, fake_train, tmp_path, experiment, key):
+    """(f) supervised vs supervised + one thesis module: the supervised runs keep their folders (reused
+    from the other experiments), the module's arm adds its switch after the labeled-only override."""
+    common = ["--iters", "20", "--workers", "0", "--parallel", "1", "--output-dir", str(tmp_path)]
+    out = tool.main(["--experiment", experiment, "--seeds", "0", "1", *common])
+    assert list(out["mIoU"]) == ["supervised", f"supervised_{experiment}"]
+    folders = sorted(c[c.index("OUTPUT_DIR") + 1] for c in fake_train)
+    assert folders == sorted(str(tmp_path / f"{arm}_seed{s}") for arm in out["mIoU"] for s in (0, 1))
+    module_runs = [c for c in fake_train if f"supervised_{experiment}_seed" in c[c.index("OUTPUT_DIR") + 1]]
+    assert len(module_runs) == 2 and all(c[c.index(key) + 1] == "True" for c in module_runs)
+    assert all(c[c.index("--config-file") + 1] == str(tool.SUPERVISED) for c in fake_train)
+    assert all(key not in c for c in fake_train if c not in module_runs)
+    diff = out[f"{experiment}_minus_supervised"]
+    assert diff["runs"] == [round(out["mIoU"][f"supervised_{experiment}"]["runs"][i]
+                                  - out["mIoU"]["supervised"]["runs"][i], 2) for i in range(2)]
+    # the supervised runs are shared with the other experiments: (a) finds them and adds only its own arm
+    tool.main(["--experiment", "anchors", "--seeds", "0", "1", *common])
+    assert len(fake_train) == 6

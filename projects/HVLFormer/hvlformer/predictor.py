@@ -222,7 +222,8 @@ class HVLFormerPredictor:
         hv = self.cfg.MODEL.HVLFORMER
         descriptions = load_class_descriptions(descriptions_file or None, names,
                                                num_descriptions=hv.TEXT.NUM_DESCRIPTIONS,
-                                               fallback_template=hv.TEXT.FALLBACK_TEMPLATE)
+                                               fallback_template=hv.TEXT.FALLBACK_TEMPLATE,
+                                               style=hv.TEXT.PROMPT_STYLE)
         prompts = descriptions.prompts
         references = reference_prompts(names, descriptions.attributes, template=hv.TEXT.REFERENCE_TEMPLATE)
         source = descriptions.source

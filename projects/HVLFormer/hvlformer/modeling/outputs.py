@@ -52,6 +52,14 @@ class HVLFormerOutput:
     mask_features: Tensor
     #: ``B x E x K x D`` queries after PTRM (what the decoder receives; the eq.-10 alignment).
     refined_queries: Tensor
+    #: CAA's outputs when ``MODEL.HVLFORMER.CAA.ENABLED`` (thesis ch. 3): ``features`` (the refined level),
+    #: ``coarse_logits`` ``B x K x h x w``, ``affinity_logits`` ``B x P x P``, ``centers`` ``B x K x D'``.
+    caa: Optional[Dict[str, Tensor]] = None
+    #: ECAC's outputs when ``MODEL.HVLFORMER.ECAC.ENABLED`` (thesis ch. 4): ``student_logits``
+    #: ``B x K x H/4 x W/4``; for a labeled batch also ``teacher_logits``, ``labels`` (``B x H/4 x W/4``),
+    #: ``class_pixel_counts`` (``K``, the running counts of eq. 4.14) and, once active, ``memory_logits``.
+    #: None on unlabeled training batches (ECAC has no loss there).
+    ecac: Optional[Dict[str, Tensor]] = None
 
     def decoder_outputs(self) -> Dict[str, Any]:
         """The decoder predictions as a dict: ``pred_logits``, ``pred_masks``, ``attn_maps``, ``aux_outputs``."""

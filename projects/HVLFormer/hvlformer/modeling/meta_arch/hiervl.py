@@ -21,7 +21,7 @@ What HierVL adds or replaces (each an override of one HVLFormer step):
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -146,14 +146,17 @@ class HierVL(HVLFormer):
             return None
         return class_presence(list(labels), self.num_classes, self.ignore_value)
 
-    def decode_pixels(self, pixel_features: Dict[str, Tensor], weighted_queries: Tensor) -> Tuple[Tensor, List[Tensor]]:
+    def decode_pixels(self, pixel_features: Dict[str, Tensor], weighted_queries: Tensor,
+                      level_hook: Optional[Callable[[List[Tensor]], List[Tensor]]] = None) -> Tuple[Tensor, List[Tensor]]:
         text_centers = None
         if self.text_center_proj is not None:
             # textual cluster centres c_t^(l) (B x 3 x K x D) when there is one query level per pixel-decoder
             # level, otherwise one shared set from the mean of the levels (B x K x D)
             centers = self.text_center_proj(weighted_queries)
             text_centers = centers if centers.shape[1] == 3 else centers.mean(dim=1)
-        return self.pixel_decoder.forward_features(pixel_features, text_centers)
+        if level_hook is None:
+            return self.pixel_decoder.forward_features(pixel_features, text_centers)
+        return self.pixel_decoder.forward_features(pixel_features, text_centers, level_hook=level_hook)
 
     # ------------------------------------------------------------------ losses
     def supervised_losses(self, outputs: HVLFormerOutput, labels: Tensor, text_embeddings: Tensor,

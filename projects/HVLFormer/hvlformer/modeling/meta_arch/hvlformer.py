@@ -10,6 +10,12 @@ Data flow of :meth:`HVLFormer.predict` for a normalised, padded batch ``B x 3 x 
     transformer decoder(z_out, mask_features, Q level-major (B x E*K x D)) -> class logits, masks, attention
     losses: HVLFormerLoss (labeled), unlabeled_objective (CMCR)
 
+``predict`` = :meth:`HVLFormer.extract_features` (the backbone step) + :meth:`HVLFormer.decode` (the rest).
+The thesis's optional modules (docs/THESIS_MODULES.md; each off by default, and then not even built, so the
+paper's model is unchanged) hook in there: LSMSeg's visual fusion after the backbone; LSMSeg's class
+refinement on the HTQG queries; CAA on one pixel-decoder level (before the FPN); ECAC on the mask features
+after the decoder; LSMSeg's category filter between the two steps at inference.
+
 Inference turns the last layer into class scores (:func:`~hvlformer.modeling.outputs.semantic_scores`),
 whole-image or with sliding windows, optionally with the eq.-10 pixel-text alignment
 (:mod:`hvlformer.modeling.alignment`). HierVL, the earlier variant, is :mod:`.hiervl`, a subclass.
@@ -17,7 +23,7 @@ whole-image or with sliding windows, optionally with the eq.-10 pixel-text align
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +46,15 @@ from ..outputs import HVLFormerOutput, semantic_scores
 from ..pixel_decoder import build_pixel_decoder
 from ..ptrm import PTRM
 from ..text import CLIPTextEncoder, load_class_descriptions, reference_prompts, resolve_descriptions_path
+from ..thesis import (
+    CategoryFilter,
+    ClassAwareAffinity,
+    ClassLinearAttentionRefinement,
+    ExtendedContextAwareClassifier,
+    VisualFeatureFusion,
+    ecac_fuse_scores,
+    scatter_filtered_scores,
+)
 from ..transformer_decoder import build_transformer_decoder
 from ..unlabeled_objective import unlabeled_losses
 
@@ -115,6 +130,13 @@ class HVLFormer(nn.Module):
         window_size: int = 512,
         window_stride: int = 341,
         pixel_text_alignment: bool = False,
+        caa: Optional[ClassAwareAffinity] = None,
+        caa_level: int = 2,
+        ecac: Optional[ExtendedContextAwareClassifier] = None,
+        ecac_inference_weight: float = 0.5,
+        category_filter: Optional[CategoryFilter] = None,
+        class_refinement: Optional[ClassLinearAttentionRefinement] = None,
+        fusion: Optional[VisualFeatureFusion] = None,
     ) -> None:
         """
         Args:
@@ -125,6 +147,9 @@ class HVLFormer(nn.Module):
             ignore_value: label of unlabeled pixels.
             sliding_window, window_size, window_stride: sliding-window inference.
             pixel_text_alignment: inference outputs also carry the eq.-10 alignment (``E`` values).
+            caa, caa_level: the thesis's CAA and the pixel-decoder level it refines (0, 1, 2 = strides 32,
+                16, 8). ecac, ecac_inference_weight: ECAC and its share of the inference scores.
+            category_filter, class_refinement, fusion: LSMSeg's modules. None = off (the paper's model).
         """
         super().__init__()
         if htqg.sre_mode == "clip_zero_shot" and not self.zero_shot_relevance:
@@ -145,6 +170,17 @@ class HVLFormer(nn.Module):
         self.unlabeled_criterion = unlabeled_criterion if unlabeled_criterion is not None else CMCRLoss()
         self.unlabeled_weight = unlabeled_weight
         self.pixel_text_alignment = pixel_text_alignment
+        # the thesis's modules (None = off); submodules, so checkpoints and the optimiser see them
+        self.caa, self.caa_level = caa, caa_level
+        self.ecac, self.ecac_inference_weight = ecac, ecac_inference_weight
+        self.category_filter = category_filter
+        self.class_refinement = class_refinement
+        self.fusion = fusion
+        if category_filter is not None and getattr(transformer_decoder, "classifier", "text") == "linear":
+            # the linear classifier's decoder expects the E*K queries of its fixed K classes
+            raise ValueError("MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER decodes a subset of the vocabulary per image: "
+                             "it needs MODEL.HVLFORMER.CLASSIFIER 'text'")
+        self.training_class_names = list(class_names)  # ECAC's memory rows belong to these
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         # T0 (K x C), frozen, computed on first use (the text tower's weights may still be loaded from a
@@ -180,7 +216,8 @@ class HVLFormer(nn.Module):
         text_dim = text_encoder.embed_dim
         descriptions = load_class_descriptions(
             resolve_descriptions_path(hv.TEXT.DESCRIPTIONS, descriptions_name), class_names,
-            num_descriptions=hv.TEXT.NUM_DESCRIPTIONS, fallback_template=hv.TEXT.FALLBACK_TEMPLATE)
+            num_descriptions=hv.TEXT.NUM_DESCRIPTIONS, fallback_template=hv.TEXT.FALLBACK_TEMPLATE,
+            style=hv.TEXT.PROMPT_STYLE)
         logger.info("class prompts: %s (%d per class)", descriptions.source, len(descriptions.prompts[0]))
         shapes = backbone.output_shape()
         # the network, in data order (also the order of the random initialisation)
@@ -190,7 +227,9 @@ class HVLFormer(nn.Module):
         ptrm = PTRM(cfg, num_pixel_levels=3)
         transformer_decoder = cls.build_transformer_decoder(cfg, hidden_dim, num_classes, text_dim)
         criterion = HVLFormerLoss(cfg, cls.build_seg_criterion(cfg, num_classes), has_reference=reference)
+        thesis_modules = cls.build_thesis_modules(cfg, text_dim, num_classes, shapes)
         return {
+            **thesis_modules,
             "backbone": backbone,
             "text_encoder": text_encoder,
             "pixel_decoder": pixel_decoder,
@@ -212,6 +251,26 @@ class HVLFormer(nn.Module):
             "unlabeled_criterion": cls.build_unlabeled_criterion(cfg, num_classes),
             "unlabeled_weight": cls.unlabeled_weight_from_config(cfg),
             "pixel_text_alignment": cfg.TEST.PIXEL_TEXT_ALIGNMENT,
+        }
+
+    @classmethod
+    def build_thesis_modules(cls, cfg, text_dim: int, num_classes: int, shapes: Dict[str, Any]) -> Dict[str, Any]:
+        """The enabled thesis modules (docs/THESIS_MODULES.md), built after the network so that the paper
+        model's random initialisation is the same with them off (a disabled module is not built)."""
+        hv = cfg.MODEL.HVLFORMER
+        lsm = hv.LSMSEG
+        if hv.CAA.ENABLED and not 0 <= hv.CAA.LEVEL <= 2:
+            raise ValueError(f"MODEL.HVLFORMER.CAA.LEVEL must be 0, 1 or 2 (strides 32, 16, 8), got {hv.CAA.LEVEL}")
+        return {
+            "caa": ClassAwareAffinity(cfg, text_dim=text_dim) if hv.CAA.ENABLED else None,
+            "caa_level": hv.CAA.LEVEL,
+            "ecac": (ExtendedContextAwareClassifier(cfg, text_dim=text_dim, num_classes=num_classes)
+                     if hv.ECAC.ENABLED else None),
+            "ecac_inference_weight": hv.ECAC.INFERENCE_WEIGHT,
+            "category_filter": CategoryFilter(cfg) if lsm.CATEGORY_FILTER else None,
+            "class_refinement": ClassLinearAttentionRefinement(cfg) if lsm.CLASS_REFINEMENT else None,
+            "fusion": (VisualFeatureFusion(cfg, in_channels={name: spec.channels for name, spec in shapes.items()})
+                       if lsm.FUSION else None),
         }
 
     # Construction steps a variant (HierVL) changes; HVLFormer's are the plain config.
@@ -277,6 +336,17 @@ class HVLFormer(nn.Module):
         self.reference_class_prompts = list(reference_class_prompts)
         self.reset_reference_text()
 
+    def ecac_vocabulary_index(self, class_index: Optional[Tensor] = None) -> Optional[Tensor]:
+        """ECAC's ``vocabulary_index`` for the current vocabulary (or its classes ``class_index``): the
+        memory row of each class, -1 for a name the training vocabulary does not have; None = the training
+        vocabulary itself."""
+        training = self.training_class_names
+        if class_index is None and self.class_names == training:
+            return None
+        index = torch.tensor([training.index(n) if n in training else -1 for n in self.class_names],
+                             device=self.device)
+        return index if class_index is None else index[class_index]
+
     def encode_text(self) -> Tensor:
         """t: ``K x C`` normalised class embeddings (one batched text pass; cached by the encoder in eval)."""
         return self.text_encoder(self.class_prompts)
@@ -312,35 +382,82 @@ class HVLFormer(nn.Module):
             labels.append(F.pad(sem_seg, (0, pad_w, 0, pad_h), value=self.ignore_value))
         return torch.stack(labels)
 
-    def predict(self, images: Tensor, text_embeddings: Tensor, presence: Optional[Tensor] = None) -> HVLFormerOutput:
+    def predict(self, images: Tensor, text_embeddings: Tensor, presence: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> HVLFormerOutput:
         """Run the whole network on a normalised, padded batch ``B x 3 x H x W`` with class embeddings
-        ``K x C``. ``presence``: ``B x K`` ground-truth class presence of labeled images, for relevance
-        modes that use it (HierVL's ``clip_zero_shot``); HVLFormer's SRE ignores it."""
+        ``K x C``: :meth:`extract_features` then :meth:`decode`. ``presence``: ``B x K`` ground-truth class
+        presence of labeled images, for relevance modes that use it (HierVL's ``clip_zero_shot``);
+        HVLFormer's SRE ignores it. ``labels``: ``B x H x W`` ground truth of a labeled training batch (ECAC's
+        teacher and memory; nothing else reads it)."""
+        return self.decode(images, self.extract_features(images), text_embeddings, presence, labels)
+
+    def extract_features(self, images: Tensor) -> Dict[str, Tensor]:
+        """The backbone step: ``res2`` .. ``res5``, ``clip_global``, ``clip_dense`` of a normalised batch
+        (with LSMSeg's visual fusion, eq. 5.1, on its levels when on)."""
         features = self.backbone(images)
+        if self.fusion is not None:
+            features = self.fusion(images, features)
+        return features
+
+    def decode(self, images: Tensor, features: Dict[str, Tensor], text_embeddings: Tensor,
+               presence: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+               class_index: Optional[Tensor] = None) -> HVLFormerOutput:
+        """Everything after the backbone, for the classes of ``text_embeddings`` (``K x C``).
+
+        Args:
+            images: the normalised batch ``B x 3 x H x W`` (HierVL's zero-shot relevance reads it).
+            features: :meth:`extract_features` of ``images``.
+            presence, labels: see :meth:`predict`.
+            class_index: ``K`` indices of these classes in the model's vocabulary when they are a subset of
+                it (the category filter); None = the whole vocabulary.
+        """
         weighted_queries, level_queries, htqg_extras = self.htqg(
             text_embeddings, [features["res3"], features["res4"], features["res5"]],
             **self.relevance_inputs(images, text_embeddings, presence))
+        if self.class_refinement is not None:  # LSMSeg eq. 5.8, over the class dimension of each level
+            weighted_queries = self.class_refinement(weighted_queries)
         pixel_features = {k: v for k, v in features.items() if k in ("res2", "res3", "res4", "res5")}
-        mask_features, multi_scale_features = self.decode_pixels(pixel_features, weighted_queries)
+        caa_out: Dict[str, Tensor] = {}
+        if self.caa is None:
+            mask_features, multi_scale_features = self.decode_pixels(pixel_features, weighted_queries)
+        else:
+            def refine_level(levels: List[Tensor]) -> List[Tensor]:
+                caa_out.update(self.caa(levels[self.caa_level], text_embeddings))
+                return [caa_out["features"] if i == self.caa_level else z for i, z in enumerate(levels)]
+
+            mask_features, multi_scale_features = self.decode_pixels(pixel_features, weighted_queries,
+                                                                     level_hook=refine_level)
         queries, refined_features, affinity = self.ptrm(weighted_queries, multi_scale_features)
         batch, levels, num_classes, dim = queries.shape
         decoded = self.transformer_decoder(refined_features, mask_features,
                                            queries.reshape(batch, levels * num_classes, dim),
                                            class_embeddings=text_embeddings)
+        ecac_out = None
+        if self.ecac is not None and (labels is not None or not self.training):
+            # soft masks of the mask-classification prediction (not detached: ECAC's losses reach it too)
+            soft_masks = semantic_scores(decoded["pred_logits"], decoded["pred_masks"])
+            ecac_out = self.ecac(mask_features, soft_masks, text_embeddings, labels,
+                                 vocabulary_index=None if labels is not None else self.ecac_vocabulary_index(class_index))
+            if labels is not None:
+                ecac_out["class_pixel_counts"] = self.ecac.class_pixel_counts
         return HVLFormerOutput(
             pred_logits=decoded["pred_logits"], pred_masks=decoded["pred_masks"], attn_maps=decoded["attn_maps"],
             aux_outputs=decoded["aux_outputs"], features=features, level_queries=level_queries,
             relevance=htqg_extras["relevance"], sre_logits=htqg_extras.get("sre_logits"), ptrm_affinity=affinity,
-            mask_features=mask_features, refined_queries=queries)
+            mask_features=mask_features, refined_queries=queries, caa=caa_out or None, ecac=ecac_out)
 
     def relevance_inputs(self, images: Tensor, text_embeddings: Tensor,
                          presence: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
         """Extra HTQG inputs (HierVL: zero-shot image embedding or presence); none for HVLFormer's SRE."""
         return {}
 
-    def decode_pixels(self, pixel_features: Dict[str, Tensor], weighted_queries: Tensor) -> Tuple[Tensor, List[Tensor]]:
-        """Pixel decoder: ``mask_features`` and the three multi-scale maps (HierVL adds text centres)."""
-        return self.pixel_decoder.forward_features(pixel_features)
+    def decode_pixels(self, pixel_features: Dict[str, Tensor], weighted_queries: Tensor,
+                      level_hook: Optional[Callable[[List[Tensor]], List[Tensor]]] = None) -> Tuple[Tensor, List[Tensor]]:
+        """Pixel decoder: ``mask_features`` and the three multi-scale maps (HierVL adds text centres).
+        ``level_hook`` (CAA) is passed only when given, so a decoder without it works with CAA off."""
+        if level_hook is None:
+            return self.pixel_decoder.forward_features(pixel_features)
+        return self.pixel_decoder.forward_features(pixel_features, level_hook=level_hook)
 
     # ------------------------------------------------------------------ training
     def forward(self, batched_inputs: List[Dict[str, Any]], unlabeled: Optional[Dict[str, Any]] = None):
@@ -353,7 +470,8 @@ class HVLFormer(nn.Module):
         if not self.training:
             return self.inference(batched_inputs, images, text_embeddings)
         labels = self.pad_labels(batched_inputs, tuple(images.tensor.shape[-2:]))
-        outputs = self.predict(images.tensor, text_embeddings, self.labeled_presence(labels))
+        outputs = self.predict(images.tensor, text_embeddings, self.labeled_presence(labels),
+                               labels=labels if self.ecac is not None else None)
         losses = self.supervised_losses(outputs, labels, text_embeddings, images.tensor)
         if unlabeled is not None:
             self.unlabeled_criterion.observe_labels(labels, self.ignore_value)  # distribution alignment
@@ -381,14 +499,45 @@ class HVLFormer(nn.Module):
         """Class scores ``B x K x H x W`` of a normalised batch ``B x 3 x H x W`` at its (padded) resolution,
         and, when ``valid_sizes`` (the unpadded ``(h, w)`` of each image) is given, the pixel-text alignment
         ``B x E`` (supplement eq. 10) over each image's unpadded cells."""
-        outputs = self.predict(images, text_embeddings)
-        masks = F.interpolate(outputs.pred_masks, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        num_classes = text_embeddings.shape[0]
+        if self.category_filter is not None and num_classes > self.category_filter.top_k:
+            return self.filtered_scores_and_alignment(images, text_embeddings, valid_sizes)
+        return self.output_scores_and_alignment(self.predict(images, text_embeddings), images.shape[-2:], valid_sizes)
+
+    def output_scores_and_alignment(self, outputs: HVLFormerOutput, image_size: Sequence[int],
+                                    valid_sizes: Optional[Sequence[Tuple[int, int]]] = None
+                                    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Class scores ``B x K x H x W`` of one pass at ``image_size`` (with ECAC's student mixed in when on)
+        and the eq.-10 alignment when ``valid_sizes`` is given (see :meth:`scores_and_alignment`)."""
+        masks = F.interpolate(outputs.pred_masks, size=tuple(image_size), mode="bilinear", align_corners=False)
         scores = semantic_scores(outputs.pred_logits, masks)
+        if outputs.ecac is not None:
+            scores = ecac_fuse_scores(scores, outputs.ecac["student_logits"], self.ecac_inference_weight)
         if valid_sizes is None:
             return scores, None
         mask_features = outputs.mask_features
-        cells = [valid_cells(size, tuple(images.shape[-2:]), mask_features.shape[-2:]) for size in valid_sizes]
+        cells = [valid_cells(size, tuple(image_size), mask_features.shape[-2:]) for size in valid_sizes]
         return scores, pixel_text_alignment(outputs.refined_queries, mask_features, cells)
+
+    def filtered_scores_and_alignment(self, images: Tensor, text_embeddings: Tensor,
+                                      valid_sizes: Optional[Sequence[Tuple[int, int]]] = None
+                                      ) -> Tuple[Tensor, Optional[Tensor]]:
+        """:meth:`scores_and_alignment` with LSMSeg's category filter (thesis Sec. 5.2.5): one backbone pass,
+        then per image the decoder runs on its top-k classes only (by the image-text cost of ``clip_dense``);
+        the filtered-out classes get score 0 (:func:`scatter_filtered_scores`)."""
+        num_classes = text_embeddings.shape[0]
+        features = self.extract_features(images)
+        kept = self.category_filter(features["clip_dense"], text_embeddings)["indices"]    # B x k
+        scores, alignments = [], []
+        for b in range(images.shape[0]):
+            image_features = {name: value[b: b + 1] for name, value in features.items()}
+            outputs = self.decode(images[b: b + 1], image_features, text_embeddings[kept[b]], class_index=kept[b])
+            image_scores, alignment = self.output_scores_and_alignment(
+                outputs, images.shape[-2:], None if valid_sizes is None else [valid_sizes[b]])
+            scores.append(scatter_filtered_scores(image_scores, kept[b: b + 1], num_classes))
+            alignments.append(alignment)
+        alignment = torch.cat(alignments) if valid_sizes is not None else None
+        return torch.cat(scores), alignment
 
     def sliding_window_scores(self, image: Tensor, text_embeddings: Tensor,
                               with_alignment: bool = False) -> Tuple[Tensor, Optional[Tensor]]:

@@ -348,14 +348,18 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "msdeform_attn_impl": head.MSDEFORM_ATTN_IMPL,
         }
 
-    def forward_features(self, features: Dict[str, Tensor],
-                         text_centers: Optional[Tensor] = None) -> Tuple[Tensor, List[Tensor]]:
+    def forward_features(self, features: Dict[str, Tensor], text_centers: Optional[Tensor] = None,
+                         level_hook: Optional[Callable[[List[Tensor]], List[Tensor]]] = None
+                         ) -> Tuple[Tensor, List[Tensor]]:
         """
         Args:
             features: backbone maps ``B x C_f x H/s_f x W/s_f`` for every name in ``input_shape``.
             text_centers: HierVL textual cluster centres ``B x K x conv_dim`` (or ``B x L x K x conv_dim``
                 per transformer level, coarse to fine). Required when ``text_cross_attention`` is on,
                 ignored otherwise.
+            level_hook: optional function applied to the encoder outputs ``[z^1, z^2, z^3]`` before the FPN
+                (it returns the list, some levels replaced; same shapes), so that a refined level (the
+                thesis's CAA) feeds both the decoder and, through the FPN, the mask features.
 
         Returns:
             ``(mask_features, multi_scale_features)``: ``mask_features`` is ``B x mask_dim x H/4 x W/4``
@@ -385,6 +389,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             z.transpose(1, 2).reshape(bs, -1, h, w)
             for z, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
         ]
+        if level_hook is not None:
+            out = list(level_hook(out))
         multi_scale_features = list(out)
 
         # FPN: finer backbone levels, coarse to fine; bilinear upsampling by target size, so odd sizes work.
