@@ -136,7 +136,8 @@ class HVLFormer(nn.Module):
             class_names, class_prompts, reference_class_prompts: the vocabulary (see :meth:`set_vocabulary`).
             pixel_mean, pixel_std: input normalisation (0-255). size_divisibility: batch padding.
             ignore_value: label of unlabeled pixels.
-            sliding_window, window_size, window_stride: sliding-window inference.
+            sliding_window, window_size, window_stride: sliding-window inference (these and
+                ``pixel_text_alignment`` / ``ecac_inference_weight`` are read by :mod:`hvlformer.modeling.inference`).
             pixel_text_alignment: inference outputs also carry the eq.-10 alignment (``E`` values).
             caa, caa_level: the thesis's CAA and the pixel-decoder level it refines (0, 1, 2 = strides 32,
                 16, 8). ecac, ecac_inference_weight: ECAC and its share of the inference scores.
@@ -425,7 +426,7 @@ class HVLFormer(nn.Module):
         """Training: weighted supervised losses of the labeled batch (plus, when ``unlabeled`` is given,
         the unlabeled losses and ``stat_*`` statistics, which are not losses; see
         :func:`~hvlformer.modeling.unlabeled_objective.unlabeled_losses`). Inference: per image
-        ``{"sem_seg": K x height x width}``."""
+        ``{"sem_seg": K x height x width}`` (:func:`~hvlformer.modeling.inference.semantic_inference`)."""
         images = self.preprocess_images(batched_inputs)
         text_embeddings = self.encode_text()  # once per step, shared by every view
         if not self.training:
