@@ -6,6 +6,7 @@ import torch
 
 from conftest import TINY_CONFIG
 from hvlformer import setup_cfg
+from hvlformer.modeling import inference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 # more sampled points than the tiny config's for the mask losses
@@ -98,18 +99,18 @@ def test_sliding_window_count_averaging(monkeypatch, tiny_model):
     model = tiny_model(*POINTS, "TEST.SLIDING_WINDOW.CROP_SIZE", "64", "TEST.SLIDING_WINDOW.STRIDE", "32", train=False)
     calls = []
 
-    def fake_scores(images, text_embeddings, valid_sizes=None):  # each window scores the number of its call
+    def fake_scores(model, images, text_embeddings, valid_sizes=None):  # each window scores the number of its call
         calls.append(images.shape[-2:])
         return torch.full((1, 6, *images.shape[-2:]), float(len(calls))), None
 
-    monkeypatch.setattr(model, "scores_and_alignment", fake_scores)
-    scores, _ = model.sliding_window_scores(torch.zeros(3, 64, 128), None)
+    monkeypatch.setattr(inference, "scores_and_alignment", fake_scores)
+    scores, _ = inference.sliding_window_scores(model, torch.zeros(3, 64, 128), None)
     # windows at x = 0, 32, 64 -> values 1, 2, 3; columns 32..63 see windows 1,2; 64..95 see 2,3
     assert len(calls) == 3 and all(tuple(c) == (64, 64) for c in calls)
     expected = torch.tensor([1.0] * 32 + [1.5] * 32 + [2.5] * 32 + [3.0] * 32)
     torch.testing.assert_close(scores[0, 0], expected)
     # an image smaller than the window is padded to one window and cropped back
-    small, _ = model.sliding_window_scores(torch.zeros(3, 40, 50), None)
+    small, _ = inference.sliding_window_scores(model, torch.zeros(3, 40, 50), None)
     assert small.shape == (6, 40, 50)
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
+from hvlformer.modeling.inference import scores_and_alignment
+from hvlformer.modeling.thesis import ecac_vocabulary_index
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 # the shared small tiny model, with fewer sampled points for the mask losses
@@ -93,7 +95,7 @@ def predict(model, size=64, seed=1):
     images = torch.randn(2, 3, size, size, generator=g)
     with torch.no_grad():
         text = model.encode_text()
-        scores, _ = model.scores_and_alignment(images, text)
+        scores, _ = scores_and_alignment(model, images, text)
     return scores
 
 
@@ -160,22 +162,22 @@ def test_category_filter_decodes_the_kept_classes_as_a_model_with_that_vocabular
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         text = filtered.encode_text()
-        scores, _ = filtered.scores_and_alignment(images, text)
+        scores, _ = scores_and_alignment(filtered, images, text)
         kept = filtered.category_filter(filtered.extract_features(images)["clip_dense"], text)["indices"]
         assert kept.shape == (2, 4)
         for b in range(2):
             # the unfiltered model, given only this image's kept classes, predicts the same scores
             kept_names = [names[i] for i in kept[b]]
             _with_vocabulary(plain, kept_names)
-            reference, _ = plain.scores_and_alignment(images[b: b + 1], plain.encode_text())
+            reference, _ = scores_and_alignment(plain, images[b: b + 1], plain.encode_text())
             assert torch.allclose(scores[b, kept[b]], reference[0], atol=1e-5)
             dropped = [k for k in range(len(names)) if k not in kept[b].tolist()]
             assert torch.all(scores[b, dropped] == 0)
         # a vocabulary of at most k classes is not filtered: the same scores as without the filter
         _with_vocabulary(filtered, names[:4])
         _with_vocabulary(plain, names[:4])
-        small_filtered, _ = filtered.scores_and_alignment(images, filtered.encode_text())
-        small_plain, _ = plain.scores_and_alignment(images, plain.encode_text())
+        small_filtered, _ = scores_and_alignment(filtered, images, filtered.encode_text())
+        small_plain, _ = scores_and_alignment(plain, images, plain.encode_text())
         assert torch.equal(small_filtered, small_plain)
 
 
@@ -218,19 +220,24 @@ def test_hiervl_inherits_the_modules():
     assert all(torch.isfinite(v) for k, v in losses.items() if k.startswith("loss"))
 
 
+def memory_rows(model, class_index=None):
+    """ECAC's memory row of each class of the model's current vocabulary (or of its classes ``class_index``)."""
+    return ecac_vocabulary_index(model.training_class_names, model.class_names, class_index, model.device)
+
+
 def test_ecac_after_a_new_vocabulary_and_with_the_category_filter():
     """ECAC's memory rows follow the class names: a known name keeps its row, a new one is -1 (local centre,
     no calibration), also for the per-image subsets of the category filter."""
     model = make_model(*ECAC, "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER", "True",
                        "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", "3", train=False)
     training = list(model.class_names)
-    assert model.ecac_vocabulary_index() is None
+    assert memory_rows(model) is None
     names = [training[2], "lamp", training[0], "tiger", training[5]]
     _with_vocabulary(model, names)
-    assert model.ecac_vocabulary_index().tolist() == [2, -1, 0, -1, 5]
-    assert model.ecac_vocabulary_index(torch.tensor([1, 4])).tolist() == [-1, 5]
+    assert memory_rows(model).tolist() == [2, -1, 0, -1, 5]
+    assert memory_rows(model, torch.tensor([1, 4])).tolist() == [-1, 5]
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        scores, _ = model.scores_and_alignment(images, model.encode_text())
+        scores, _ = scores_and_alignment(model, images, model.encode_text())
     assert scores.shape == (2, 5, 64, 64) and torch.isfinite(scores).all()
     assert ((scores > 0).flatten(2).any(-1).sum(1) <= 3).all()  # 3 classes kept per image

@@ -16,31 +16,32 @@ paper's model is unchanged) hook in there: LSMSeg's visual fusion after the back
 refinement on the HTQG queries; CAA on one pixel-decoder level (before the FPN); ECAC on the mask features
 after the decoder; LSMSeg's category filter between the two steps at inference.
 
-Inference turns the last layer into class scores (:func:`~hvlformer.modeling.outputs.semantic_scores`),
-whole-image or with sliding windows, optionally with the eq.-10 pixel-text alignment
-(:mod:`hvlformer.modeling.alignment`). HierVL, the earlier variant, is :mod:`.hiervl`, a subclass.
+Inference (:mod:`hvlformer.modeling.inference`) turns the last layer into class scores
+(:func:`~hvlformer.modeling.outputs.semantic_scores`), whole-image or with sliding windows, optionally with the
+eq.-10 pixel-text alignment (:mod:`hvlformer.modeling.alignment`); the thesis modules are built by
+:func:`~hvlformer.modeling.thesis.build_thesis_modules`. HierVL, the earlier variant, is :mod:`.hiervl`, a
+subclass.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 from detectron2.utils.logger import log_first_n
 from torch import Tensor, nn
 
-from ..alignment import ALIGNMENT_KEY, pixel_text_alignment, valid_cells
-from ..backbone import CLIPViTBackbone
+from ..backbone import CLIPViTBackbone, build_clip_backbone
 from ..clip_loader import build_clip_model, has_pretrained_reference
 from ..cmcr import CMCRLoss
 from ..criterion import HVLSetCriterion
 from ..htqg import HTQG
+from ..inference import semantic_inference
 from ..losses import HVLFormerLoss
 from ..outputs import HVLFormerOutput, semantic_scores
 from ..pixel_decoder import build_pixel_decoder
@@ -52,13 +53,13 @@ from ..thesis import (
     ClassLinearAttentionRefinement,
     ExtendedContextAwareClassifier,
     VisualFeatureFusion,
-    ecac_fuse_scores,
-    scatter_filtered_scores,
+    build_thesis_modules,
+    ecac_vocabulary_index,
 )
 from ..transformer_decoder import build_transformer_decoder
 from ..unlabeled_objective import unlabeled_losses
 
-__all__ = ["HVLFormer", "CLIP_PIXEL_MEAN", "CLIP_PIXEL_STD", "dataset_classes", "build_clip_backbone"]
+__all__ = ["HVLFormer", "CLIP_PIXEL_MEAN", "CLIP_PIXEL_STD", "dataset_classes"]
 
 logger = logging.getLogger("hvlformer")
 
@@ -80,16 +81,6 @@ def dataset_classes(cfg) -> Tuple[List[str], Optional[str]]:
     if not classes:
         raise ValueError(f"dataset {names[0]!r} has no 'stuff_classes' metadata; is it registered?")
     return list(classes), getattr(metadata, "descriptions_name", None)
-
-
-def build_clip_backbone(cfg, visual: nn.Module) -> CLIPViTBackbone:
-    """``MODEL.BACKBONE.NAME`` from detectron2's ``BACKBONE_REGISTRY``, on the already loaded CLIP tower."""
-    name = cfg.MODEL.BACKBONE.NAME
-    backbone_class = BACKBONE_REGISTRY.get(name)
-    if not (isinstance(backbone_class, type) and issubclass(backbone_class, CLIPViTBackbone)):
-        raise ValueError(f"MODEL.BACKBONE.NAME must name CLIPViTBackbone or a subclass (the model needs the CLIP "
-                         f"image embeddings and the frozen reference encoder), got {name!r}")
-    return backbone_class(cfg, visual=visual)
 
 
 def _reset_reference_text_after_load(model: "HVLFormer", incompatible_keys: Any) -> None:
@@ -145,7 +136,8 @@ class HVLFormer(nn.Module):
             class_names, class_prompts, reference_class_prompts: the vocabulary (see :meth:`set_vocabulary`).
             pixel_mean, pixel_std: input normalisation (0-255). size_divisibility: batch padding.
             ignore_value: label of unlabeled pixels.
-            sliding_window, window_size, window_stride: sliding-window inference.
+            sliding_window, window_size, window_stride: sliding-window inference (these and
+                ``pixel_text_alignment`` / ``ecac_inference_weight`` are read by :mod:`hvlformer.modeling.inference`).
             pixel_text_alignment: inference outputs also carry the eq.-10 alignment (``E`` values).
             caa, caa_level: the thesis's CAA and the pixel-decoder level it refines (0, 1, 2 = strides 32,
                 16, 8). ecac, ecac_inference_weight: ECAC and its share of the inference scores.
@@ -227,7 +219,7 @@ class HVLFormer(nn.Module):
         ptrm = PTRM(cfg, num_pixel_levels=3)
         transformer_decoder = cls.build_transformer_decoder(cfg, hidden_dim, num_classes, text_dim)
         criterion = HVLFormerLoss(cfg, cls.build_seg_criterion(cfg, num_classes), has_reference=reference)
-        thesis_modules = cls.build_thesis_modules(cfg, text_dim, num_classes, shapes)
+        thesis_modules = build_thesis_modules(cfg, text_dim, num_classes, shapes)
         return {
             **thesis_modules,
             "backbone": backbone,
@@ -251,26 +243,6 @@ class HVLFormer(nn.Module):
             "unlabeled_criterion": cls.build_unlabeled_criterion(cfg, num_classes),
             "unlabeled_weight": cls.unlabeled_weight_from_config(cfg),
             "pixel_text_alignment": cfg.TEST.PIXEL_TEXT_ALIGNMENT,
-        }
-
-    @classmethod
-    def build_thesis_modules(cls, cfg, text_dim: int, num_classes: int, shapes: Dict[str, Any]) -> Dict[str, Any]:
-        """The enabled thesis modules (docs/THESIS_MODULES.md), built after the network so that the paper
-        model's random initialisation is the same with them off (a disabled module is not built)."""
-        hv = cfg.MODEL.HVLFORMER
-        lsm = hv.LSMSEG
-        if hv.CAA.ENABLED and not 0 <= hv.CAA.LEVEL <= 2:
-            raise ValueError(f"MODEL.HVLFORMER.CAA.LEVEL must be 0, 1 or 2 (strides 32, 16, 8), got {hv.CAA.LEVEL}")
-        return {
-            "caa": ClassAwareAffinity(cfg, text_dim=text_dim) if hv.CAA.ENABLED else None,
-            "caa_level": hv.CAA.LEVEL,
-            "ecac": (ExtendedContextAwareClassifier(cfg, text_dim=text_dim, num_classes=num_classes)
-                     if hv.ECAC.ENABLED else None),
-            "ecac_inference_weight": hv.ECAC.INFERENCE_WEIGHT,
-            "category_filter": CategoryFilter(cfg) if lsm.CATEGORY_FILTER else None,
-            "class_refinement": ClassLinearAttentionRefinement(cfg) if lsm.CLASS_REFINEMENT else None,
-            "fusion": (VisualFeatureFusion(cfg, in_channels={name: spec.channels for name, spec in shapes.items()})
-                       if lsm.FUSION else None),
         }
 
     # Construction steps a variant (HierVL) changes; HVLFormer's are the plain config.
@@ -335,17 +307,6 @@ class HVLFormer(nn.Module):
         self.class_prompts = [list(p) for p in class_prompts]
         self.reference_class_prompts = list(reference_class_prompts)
         self.reset_reference_text()
-
-    def ecac_vocabulary_index(self, class_index: Optional[Tensor] = None) -> Optional[Tensor]:
-        """ECAC's ``vocabulary_index`` for the current vocabulary (or its classes ``class_index``): the
-        memory row of each class, -1 for a name the training vocabulary does not have; None = the training
-        vocabulary itself."""
-        training = self.training_class_names
-        if class_index is None and self.class_names == training:
-            return None
-        index = torch.tensor([training.index(n) if n in training else -1 for n in self.class_names],
-                             device=self.device)
-        return index if class_index is None else index[class_index]
 
     def encode_text(self) -> Tensor:
         """t: ``K x C`` normalised class embeddings (one batched text pass; cached by the encoder in eval)."""
@@ -436,8 +397,9 @@ class HVLFormer(nn.Module):
         if self.ecac is not None and (labels is not None or not self.training):
             # soft masks of the mask-classification prediction (not detached: ECAC's losses reach it too)
             soft_masks = semantic_scores(decoded["pred_logits"], decoded["pred_masks"])
-            ecac_out = self.ecac(mask_features, soft_masks, text_embeddings, labels,
-                                 vocabulary_index=None if labels is not None else self.ecac_vocabulary_index(class_index))
+            vocabulary_index = None if labels is not None else ecac_vocabulary_index(
+                self.training_class_names, self.class_names, class_index, self.device)
+            ecac_out = self.ecac(mask_features, soft_masks, text_embeddings, labels, vocabulary_index=vocabulary_index)
             if labels is not None:
                 ecac_out["class_pixel_counts"] = self.ecac.class_pixel_counts
         return HVLFormerOutput(
@@ -464,11 +426,11 @@ class HVLFormer(nn.Module):
         """Training: weighted supervised losses of the labeled batch (plus, when ``unlabeled`` is given,
         the unlabeled losses and ``stat_*`` statistics, which are not losses; see
         :func:`~hvlformer.modeling.unlabeled_objective.unlabeled_losses`). Inference: per image
-        ``{"sem_seg": K x height x width}``."""
+        ``{"sem_seg": K x height x width}`` (:func:`~hvlformer.modeling.inference.semantic_inference`)."""
         images = self.preprocess_images(batched_inputs)
         text_embeddings = self.encode_text()  # once per step, shared by every view
         if not self.training:
-            return self.inference(batched_inputs, images, text_embeddings)
+            return semantic_inference(self, batched_inputs, images, text_embeddings)
         labels = self.pad_labels(batched_inputs, tuple(images.tensor.shape[-2:]))
         outputs = self.predict(images.tensor, text_embeddings, self.labeled_presence(labels),
                                labels=labels if self.ecac is not None else None)
@@ -492,113 +454,3 @@ class HVLFormer(nn.Module):
                          reference_text=self.reference_text() if criterion.needs_reference_text else None,
                          reference_global=(self.backbone.reference_global_embedding(images)
                                            if criterion.needs_reference_image else None))
-
-    # ------------------------------------------------------------------ inference
-    def scores_and_alignment(self, images: Tensor, text_embeddings: Tensor,
-                             valid_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """Class scores ``B x K x H x W`` of a normalised batch ``B x 3 x H x W`` at its (padded) resolution,
-        and, when ``valid_sizes`` (the unpadded ``(h, w)`` of each image) is given, the pixel-text alignment
-        ``B x E`` (supplement eq. 10) over each image's unpadded cells."""
-        num_classes = text_embeddings.shape[0]
-        if self.category_filter is not None and num_classes > self.category_filter.top_k:
-            return self.filtered_scores_and_alignment(images, text_embeddings, valid_sizes)
-        return self.output_scores_and_alignment(self.predict(images, text_embeddings), images.shape[-2:], valid_sizes)
-
-    def output_scores_and_alignment(self, outputs: HVLFormerOutput, image_size: Sequence[int],
-                                    valid_sizes: Optional[Sequence[Tuple[int, int]]] = None
-                                    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Class scores ``B x K x H x W`` of one pass at ``image_size`` (with ECAC's student mixed in when on)
-        and the eq.-10 alignment when ``valid_sizes`` is given (see :meth:`scores_and_alignment`)."""
-        masks = F.interpolate(outputs.pred_masks, size=tuple(image_size), mode="bilinear", align_corners=False)
-        scores = semantic_scores(outputs.pred_logits, masks)
-        if outputs.ecac is not None:
-            scores = ecac_fuse_scores(scores, outputs.ecac["student_logits"], self.ecac_inference_weight)
-        if valid_sizes is None:
-            return scores, None
-        mask_features = outputs.mask_features
-        cells = [valid_cells(size, tuple(image_size), mask_features.shape[-2:]) for size in valid_sizes]
-        return scores, pixel_text_alignment(outputs.refined_queries, mask_features, cells)
-
-    def filtered_scores_and_alignment(self, images: Tensor, text_embeddings: Tensor,
-                                      valid_sizes: Optional[Sequence[Tuple[int, int]]] = None
-                                      ) -> Tuple[Tensor, Optional[Tensor]]:
-        """:meth:`scores_and_alignment` with LSMSeg's category filter (thesis Sec. 5.2.5): one backbone pass,
-        then per image the decoder runs on its top-k classes only (by the image-text cost of ``clip_dense``);
-        the filtered-out classes get score 0 (:func:`scatter_filtered_scores`)."""
-        num_classes = text_embeddings.shape[0]
-        features = self.extract_features(images)
-        kept = self.category_filter(features["clip_dense"], text_embeddings)["indices"]    # B x k
-        scores, alignments = [], []
-        for b in range(images.shape[0]):
-            image_features = {name: value[b: b + 1] for name, value in features.items()}
-            outputs = self.decode(images[b: b + 1], image_features, text_embeddings[kept[b]], class_index=kept[b])
-            image_scores, alignment = self.output_scores_and_alignment(
-                outputs, images.shape[-2:], None if valid_sizes is None else [valid_sizes[b]])
-            scores.append(scatter_filtered_scores(image_scores, kept[b: b + 1], num_classes))
-            alignments.append(alignment)
-        alignment = torch.cat(alignments) if valid_sizes is not None else None
-        return torch.cat(scores), alignment
-
-    def sliding_window_scores(self, image: Tensor, text_embeddings: Tensor,
-                              with_alignment: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        """Sliding-window class scores for one normalised image ``3 x H x W`` -> ``K x H x W``, and with
-        ``with_alignment`` the eq.-10 alignment ``E`` averaged over the windows (each window's unpadded part).
-
-        Windows of ``window_size`` with ``window_stride``; the last window of a row/column is aligned to
-        the image border; images smaller than a window are padded (with 0, the mean colour). The
-        per-pixel scores are averaged over the windows that cover the pixel (count matrix).
-        """
-        size, stride = self.window_size, self.window_stride
-        height, width = image.shape[-2:]
-        padded = F.pad(image, (0, max(size - width, 0), 0, max(size - height, 0)), value=0.0)
-        full_h, full_w = padded.shape[-2:]
-        tops = list(range(0, max(full_h - size, 0) + 1, stride))
-        lefts = list(range(0, max(full_w - size, 0) + 1, stride))
-        if tops[-1] + size < full_h:
-            tops.append(full_h - size)
-        if lefts[-1] + size < full_w:
-            lefts.append(full_w - size)
-        scores = padded.new_zeros(self.num_classes, full_h, full_w)
-        counts = padded.new_zeros(1, full_h, full_w)
-        # the image part of a window; the rest is the padding of an image smaller than a window
-        valid_sizes = [(min(height, size), min(width, size))] if with_alignment else None
-        alignments = []
-        for top in tops:
-            for left in lefts:
-                window = padded[:, top: top + size, left: left + size]
-                window_batch = ImageList.from_tensors([window], self.size_divisibility).tensor
-                window_scores, alignment = self.scores_and_alignment(window_batch, text_embeddings, valid_sizes)
-                if with_alignment:
-                    alignments.append(alignment[0])
-                scores[:, top: top + size, left: left + size] += window_scores[0, :, :size, :size]
-                counts[:, top: top + size, left: left + size] += 1
-        alignment = torch.stack(alignments).mean(dim=0) if with_alignment else None
-        return (scores / counts)[:, :height, :width], alignment
-
-    @torch.no_grad()
-    def inference(self, batched_inputs: List[Dict[str, Any]], images: ImageList,
-                  text_embeddings: Tensor) -> List[Dict[str, Tensor]]:
-        """Per image ``{"sem_seg": K x height x width}`` at the original size (``height``/``width`` keys),
-        plus ``"pixel_text_alignment"`` (``E`` values, supplement eq. 10) when ``pixel_text_alignment`` is
-        on: computed from the same forward pass as the scores, over each image's unpadded part; with
-        sliding windows, the windows of an image are averaged (see :mod:`hvlformer.modeling.alignment`).
-        """
-        with_alignment = self.pixel_text_alignment
-        if self.sliding_window:
-            per_image, alignment = zip(*(self.sliding_window_scores(images.tensor[i, :, :h, :w], text_embeddings,
-                                                                    with_alignment)
-                                         for i, (h, w) in enumerate(images.image_sizes)))
-        else:
-            batch_scores, batch_alignment = self.scores_and_alignment(
-                images.tensor, text_embeddings, list(images.image_sizes) if with_alignment else None)
-            per_image = [batch_scores[i, :, :h, :w] for i, (h, w) in enumerate(images.image_sizes)]
-            alignment = list(batch_alignment) if with_alignment else [None] * len(per_image)
-        results = []
-        for scores, value, inputs, image_size in zip(per_image, alignment, batched_inputs, images.image_sizes):
-            height = inputs.get("height", image_size[0])
-            width = inputs.get("width", image_size[1])
-            result = {"sem_seg": sem_seg_postprocess(scores, image_size, height, width)}
-            if with_alignment:
-                result[ALIGNMENT_KEY] = value
-            results.append(result)
-        return results
