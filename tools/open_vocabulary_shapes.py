@@ -100,20 +100,22 @@ def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, A
         images.append((spec._jpeg_roundtrip(image), label.astype(np.int64)))
     result: Dict[str, Any] = {"distractors": args.distractors, "vocabulary": len(vocabulary),
                               "top_k": args.filter_top_k}
-    for arm, on in (("filter_off", False), ("filter_on", True)):
+    # reference: the same images with the training vocabulary only (what the distractors cost)
+    for arm, names, on in (("no_distractors", seen, False), ("filter_off", vocabulary, False),
+                           ("filter_on", vocabulary, True)):
         cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=[
             "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER", str(on),
             "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", str(args.filter_top_k)]))
         predictor = HVLFormerPredictor(cfg)
-        predictor.set_vocabulary(vocabulary)
+        predictor.set_vocabulary(names)
         predictor(images[0][0], format="RGB")  # warm-up (text embeddings, allocations), not timed
-        confusion = np.zeros((len(vocabulary), len(vocabulary)), np.int64)
+        confusion = np.zeros((len(names), len(names)), np.int64)
         start = time.perf_counter()
         for image, label in images:
-            confusion += confusion_of(predictor(image, format="RGB").labels, label, len(vocabulary))
+            confusion += confusion_of(predictor(image, format="RGB").labels, label, len(names))
         seconds = (time.perf_counter() - start) / len(images)
-        iou = iou_table(confusion, vocabulary, ignore=range(len(seen), len(vocabulary)))
+        iou = iou_table(confusion, names, ignore=range(len(seen), len(names)))
         result[arm] = {"seen_iou": iou, "seen_miou": statistics.mean(iou.values()), "seconds_per_image": seconds}
     return result
 
@@ -194,6 +196,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         "unseen": args.unseen, "images": args.num_images, "images_with_unseen": images_with_unseen,
         "open_iou": open_iou, "open_seen_miou": statistics.mean(open_iou[n] for n in seen),
         "closed_iou": closed_iou, "closed_seen_miou": statistics.mean(closed_iou.values()),
+        # rows: ground truth, columns: prediction (open vocabulary): where the unseen kind's pixels go
+        "open_confusion": conf_open.tolist(),
         "zero_shot_vlm_iou": vlm_iou,
     }
 
@@ -237,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     summary["seen_cost"] = [round(r["closed_seen_miou"] - r["open_seen_miou"], 2) for r in per_seed.values()]
     summary["zero_shot_vlm_unseen_iou"] = round(next(iter(per_seed.values()))["zero_shot_vlm_iou"][args.unseen], 2)
     if args.distractors > 0:
-        for arm in ("filter_off", "filter_on"):
+        for arm in ("no_distractors", "filter_off", "filter_on"):
             summary[f"distractors_seen_miou_{arm}"] = [round(r["category_filter"][arm]["seen_miou"], 2)
                                                        for r in per_seed.values()]
             summary[f"distractors_ms_per_image_{arm}"] = [

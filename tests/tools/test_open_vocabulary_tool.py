@@ -1,7 +1,6 @@
 """tools/open_vocabulary_shapes.py: the IoU bookkeeping, and a smoke run (a few training steps, a few images)."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -30,6 +29,10 @@ def test_smoke_run(tool, tmp_path):
     assert run["images_with_unseen"] >= 2  # every other image holds the unseen kind
     assert (tmp_path / "e.json").exists() and (tmp_path / "text_classifier_seed0" / "model_final.pth").exists()
     assert out["summary"]["unseen_iou"]["runs"] == [round(run["open_iou"]["ring"], 2)]
+    # the open confusion matrix (rows: truth) gives the IoUs it reports
+    confusion = np.array(run["open_confusion"])
+    assert confusion.shape == (7, 7)
+    assert tool.iou_table(confusion, list(run["open_iou"]))["ring"] == run["open_iou"]["ring"]
 
 
 def test_distractor_names(tool):
@@ -46,7 +49,7 @@ def test_smoke_run_with_distractors(tool, tmp_path):
                      "--distractors", "30", "--filter-top-k", "8", "--output-dir", str(tmp_path)])
     result = out["per_seed"]["0"]["category_filter"]
     assert result["vocabulary"] == 36 and result["top_k"] == 8
-    for arm in ("filter_off", "filter_on"):
+    for arm in ("no_distractors", "filter_off", "filter_on"):
         assert set(result[arm]["seen_iou"]) == {"background", "circle", "square", "triangle", "star", "cross"}
         assert result[arm]["seconds_per_image"] > 0
         assert out["summary"][f"distractors_seen_miou_{arm}"]["runs"] == [round(result[arm]["seen_miou"], 2)]
