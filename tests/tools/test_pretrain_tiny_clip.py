@@ -67,7 +67,7 @@ def test_pretraining_loss_decreases_on_a_tiny_batch(tool, single_thread):
     history = []
     for _ in range(25):
         losses = model.losses(images, captions, tags)
-        history.append({k: float(v) for k, v in losses.items()})
+        history.append({k: float(v.detach()) for k, v in losses.items()})
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
