@@ -88,9 +88,11 @@ def _jpeg_roundtrip(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, num_classes: int
-               ) -> Tuple[Tensor, Tensor, List[str], Tensor]:
-    """Images ``indices`` of a shapes split, drawn in memory exactly as the dataset files would be.
+def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, num_classes: int,
+               random_hue_probability: float = 0.0) -> Tuple[Tensor, Tensor, List[str], Tensor]:
+    """Images ``indices`` of a shapes split, drawn in memory exactly as the dataset files would be (with
+    ``random_hue_probability`` > 0, the pretraining images: instances recoloured at random, see
+    :func:`render_shapes_image`).
 
     Returns ``(images B x 3 x H x W uint8, labels B x H x W uint8, captions, tags B x ALL_KINDS float)``;
     ``tags[:, 0]`` (background) is 1, ``tags[:, k]`` is 1 when the caption names kind ``k``.
@@ -100,7 +102,8 @@ def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, n
     for row, i in enumerate(indices):
         record: Dict[str, Any] = {}
         image, label = render_shapes_image(_image_rng(seed, split, i), image_size, num_classes,
-                                           guaranteed_class=1 + i % (num_classes - 1), record=record)
+                                           guaranteed_class=1 + i % (num_classes - 1), record=record,
+                                           random_hue_probability=random_hue_probability)
         caption_rng = np.random.default_rng([seed, zlib.crc32(f"{split}/caption".encode()), i])
         caption, caption_tags = caption_shapes_image(record, image_size, caption_rng)
         images.append(torch.from_numpy(_jpeg_roundtrip(image)).permute(2, 0, 1))
@@ -320,7 +323,7 @@ def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         images, _, captions, tags = draw_batch(range(step * args.batch_size, (step + 1) * args.batch_size),
-                                               "pretrain", args.seed, args.image_size, ALL_KINDS)
+                                               "pretrain", args.seed, args.image_size, ALL_KINDS, args.random_hue)
         losses = model.losses(images, captions, tags)
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
@@ -366,6 +369,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dense-mode", choices=("softmax", "sigmoid"), default="softmax",
                         help="sigmoid: per-kind MIL, background prompt trained towards 'no kind here'; softmax: one "
                              "softmax over background + kinds per patch, background pooled like a tag")
+    parser.add_argument("--random-hue", type=float, default=0.0,
+                        help="probability that a pretraining instance gets a random hue instead of its kind's colour "
+                             "family (decouples colour from kind; the evaluation images keep the families)")
     parser.add_argument("--clip-weight", type=float, default=1.0)
     parser.add_argument("--tag-weight", type=float, default=1.0)
     parser.add_argument("--dense-weight", type=float, default=1.0)
@@ -390,7 +396,7 @@ def _metrics_path(args: argparse.Namespace) -> Path:
 
 def _training_options(args: argparse.Namespace) -> Dict[str, Any]:
     keys = ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay", "bg_decay",
-            "dense_mode", "clip_weight", "tag_weight", "dense_weight")
+            "dense_mode", "clip_weight", "tag_weight", "dense_weight", "random_hue")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -410,7 +416,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "--weight-decay", opts["weight_decay"], "--image-size", opts["image_size"], "--seed", opts["seed"],
                    "--threads", opts["threads"], "--fg-decay", opts["fg_decay"], "--bg-decay", opts["bg_decay"],
                    "--dense-mode", opts["dense_mode"], "--clip-weight", opts["clip_weight"], "--tag-weight", opts["tag_weight"],
-                   "--dense-weight", opts["dense_weight"], "--eval-split", recorded["eval_split"],
+                   "--dense-weight", opts["dense_weight"], "--random-hue", opts.get("random_hue", 0.0),
+                   "--eval-split", recorded["eval_split"],
                    "--num-seg-images", recorded["eval_options"]["num_seg_images"],
                    "--num-presence-images", recorded["eval_options"]["num_presence_images"]]
         with tempfile.TemporaryDirectory() as tmp:

@@ -149,3 +149,30 @@ def test_attribute_words_never_contain_a_shape_name():
     for template in vocab["templates"]:
         words |= set(re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", "", template)))
     assert words and not words & set(NAMES[1:])
+
+
+def test_random_hue_recolours_instances_and_leaves_the_dataset_alone():
+    """``random_hue_probability`` 0 is the dataset (no extra random number drawn); 1 spreads every kind's hue
+    over the colour circle (the family of circle is 0 +- 12 degrees), and the captions' colour words follow."""
+    for i in range(3):
+        plain = S.render_shapes_image(S._image_rng(0, "train", i), 96, 6, 1 + i % 5)
+        zero = S.render_shapes_image(S._image_rng(0, "train", i), 96, 6, 1 + i % 5, random_hue_probability=0.0)
+        assert np.array_equal(plain[0], zero[0]) and np.array_equal(plain[1], zero[1])
+    circle_hues, half_in_family, words = [], [], set()
+    for i in range(60):
+        record = {}
+        S.render_shapes_image(S._image_rng(0, "pretrain", i), 128, 11, 1 + i % 10, record=record,
+                              random_hue_probability=1.0)
+        circle_hues += [inst["hsv"][0] for inst in record["instances"] if inst["class"] == 1]
+        caption, _ = C.caption_shapes_image(record, 128, np.random.default_rng(i))
+        words.update(w for w in ("red", "blue", "green", "yellow", "purple") if w in caption)
+        record = {}
+        S.render_shapes_image(S._image_rng(0, "pretrain", i), 128, 11, 1 + i % 10, record=record,
+                              random_hue_probability=0.5)
+        half_in_family += [min(inst["hsv"][0], 360 - inst["hsv"][0]) <= 12
+                           for inst in record["instances"] if inst["class"] == 1]
+    hues = np.array(circle_hues)
+    assert len(hues) >= 20
+    assert np.histogram(hues, bins=4, range=(0, 360))[0].min() >= 2  # every quarter of the circle
+    assert 0.3 <= np.mean(half_in_family) <= 0.8  # about half keep the family (plus the random hues near red)
+    assert len(words) >= 4

@@ -297,9 +297,14 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def render_shapes_image(
     rng: np.random.Generator, image_size: int, num_classes: int, guaranteed_class: Optional[int] = None,
-    record: Optional[Dict[str, Any]] = None,
+    record: Optional[Dict[str, Any]] = None, random_hue_probability: float = 0.0,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Draw one image. Returns ``(image RGB uint8 HxWx3, label uint8 HxW)``.
+
+    ``random_hue_probability`` (for pretraining data only; 0 for the segmentation dataset): each instance's
+    hue is drawn uniformly from the colour circle with this probability instead of from its class's colour
+    family (saturation, value and texture keep the class's ranges). With 0 no extra random number is drawn,
+    so the dataset's images do not change.
 
     ``record`` (optional, e.g. for captions) receives ``background`` (see :func:`_background`) and
     ``instances``: one dict per painted instance in painting order with ``class`` (label id), ``radius``
@@ -342,6 +347,9 @@ def render_shapes_image(
         col = cspec["color"]
         hsv = (col["hue"] + rng.uniform(-col["hue_jitter"], col["hue_jitter"]),
                rng.uniform(*col["saturation"]), rng.uniform(*col["value"]))
+        if random_hue_probability > 0.0 and rng.uniform() < random_hue_probability:
+            # decouple colour from kind: names of kinds that share a colour family must be told apart by shape
+            hsv = (rng.uniform(0.0, 360.0),) + hsv[1:]
         base = _hsv_to_rgb(*hsv)
         tex = cspec["texture"]
         mod = _texture(tex["type"], rng, yy, xx, 2 * radius, tex.get("period", ()))
