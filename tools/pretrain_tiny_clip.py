@@ -129,11 +129,36 @@ def gwrp(scores: Tensor, decay: Tensor) -> Tensor:
     return (ordered * weights[None]).sum(dim=1)
 
 
+def region_tags(labels: Tensor, cell: int, min_fraction: float) -> Tensor:
+    """Which kinds are visible in each ``cell x cell`` pixel square of the image (region tags).
+
+    labels: ``B x H x W`` class ids (0 background, 1-10 the kinds; H, W multiples of ``cell``). Returns
+    ``B x H/cell x W/cell x ALL_KINDS`` float: 1 where the kind covers at least ``min_fraction`` of the cell.
+    These are the tags a caption of the cell would carry (as region captions, e.g. Visual Genome's, give a
+    real vision-language model), not a pixel mask: they say what is in a 32 px square, not where.
+    """
+    one_hot = F.one_hot(labels.long(), ALL_KINDS).permute(0, 3, 1, 2).float()  # B x K x H x W
+    fractions = F.avg_pool2d(one_hot, cell)  # B x K x H/cell x W/cell
+    return (fractions >= min_fraction).float().permute(0, 2, 3, 1)
+
+
+def cell_pooled(probs: Tensor, grid: Tuple[int, int], patches_per_cell: int, decay: Tensor) -> Tensor:
+    """GWRP of patch probabilities within each cell of ``patches_per_cell x patches_per_cell`` patches.
+
+    probs: ``B x N x K`` (N = h * w, row-major); returns ``B x h/p x w/p x K``.
+    """
+    b, _, k = probs.shape
+    (h, w), c = grid, patches_per_cell
+    cells = probs.reshape(b, h // c, c, w // c, c, k).permute(0, 1, 3, 2, 4, 5).reshape(b * (h // c) * (w // c), c * c, k)
+    return gwrp(cells, decay).reshape(b, h // c, w // c, k)
+
+
 class TinyClipPretrainer(nn.Module):
     """An open_clip model plus the few scalars of the pretraining losses (not part of the checkpoint)."""
 
     def __init__(self, clip_model: nn.Module, tokenizer, fg_decay: float = 0.9, bg_decay: float = 0.99,
-                 loss_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0), dense_mode: str = "softmax") -> None:
+                 loss_weights: Tuple[float, ...] = (1.0, 1.0, 1.0, 0.0), dense_mode: str = "softmax",
+                 region_cell: int = 32, region_decay: float = 0.5) -> None:
         super().__init__()
         self.clip = clip_model
         self.tokenizer = tokenizer
@@ -146,7 +171,9 @@ class TinyClipPretrainer(nn.Module):
         self.register_buffer("decay", torch.tensor([bg_decay] + [fg_decay] * (ALL_KINDS - 1)))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1))
-        self.loss_weights = loss_weights
+        self.loss_weights = tuple(loss_weights) + (0.0,) * (4 - len(loss_weights))
+        self.region_cell = region_cell
+        self.register_buffer("region_decay", torch.full((ALL_KINDS,), float(region_decay)))
         self.prompt_tokens = tokenizer([PLAIN_TEMPLATE.format(n) for n in vocabulary()])
 
     def encode_image(self, images: Tensor) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
@@ -174,9 +201,11 @@ class TinyClipPretrainer(nn.Module):
         x = x[torch.arange(x.shape[0]), pool] @ clip.text_projection
         return F.normalize(x, dim=-1)
 
-    def losses(self, images: Tensor, captions: Sequence[str], tags: Tensor) -> Dict[str, Tensor]:
-        """The three weighted pretraining losses of a batch (images uint8 ``B x 3 x H x W``, tags ``B x 11``)."""
-        image_emb, dense, _ = self.encode_image(images)
+    def losses(self, images: Tensor, captions: Sequence[str], tags: Tensor,
+               cell_tags: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """The weighted pretraining losses of a batch (images uint8 ``B x 3 x H x W``, tags ``B x 11``,
+        ``cell_tags`` ``B x H/cell x W/cell x 11`` from :func:`region_tags`, needed when the region weight > 0)."""
+        image_emb, dense, grid = self.encode_image(images)
         texts = self.encode_text(torch.cat([self.prompt_tokens, self.tokenizer(list(captions))]))
         prompts, caption_emb = texts[:ALL_KINDS], texts[ALL_KINDS:]
         scale = self.clip.logit_scale.exp().clamp(max=100.0)
@@ -196,7 +225,16 @@ class TinyClipPretrainer(nn.Module):
             dense_loss = (F.binary_cross_entropy(pooled, tags[:, 1:])
                           + F.binary_cross_entropy_with_logits(dense_logits[..., 0], background_target))
         w = self.loss_weights
-        return {"clip": w[0] * clip_loss, "tag": w[1] * tag_loss, "dense": w[2] * dense_loss}
+        out = {"clip": w[0] * clip_loss, "tag": w[1] * tag_loss, "dense": w[2] * dense_loss}
+        if w[3] > 0:
+            # the same multiple-instance term inside each cell: a kind absent from a cell must lose all of its
+            # patches, which ties the patch scores to what is under the patch (image-level pooling alone
+            # lets background patches carry "there is a circle somewhere", see docs/RESULTS.md)
+            patch_size = images.shape[-1] // grid[1]
+            pooled_cells = cell_pooled(dense_logits.softmax(dim=-1), grid, self.region_cell // patch_size,
+                                       self.region_decay).clamp(1e-6, 1 - 1e-6)
+            out["region"] = w[3] * F.binary_cross_entropy(pooled_cells, cell_tags)
+        return out
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -218,6 +256,13 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     rank_of = np.empty(allv.size)
     rank_of[order] = ranks
     return float((rank_of[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+
+
+def _closest_names(prompts: Tensor, names: Sequence[str]) -> Dict[str, List[Any]]:
+    """For each shape name: the other shape name whose plain prompt is closest, and their cosine."""
+    cos = (prompts[1:] @ prompts[1:].t()).fill_diagonal_(-2.0)
+    best = cos.max(dim=1)
+    return {names[k + 1]: [names[int(j) + 1], round(float(v), 3)] for k, (v, j) in enumerate(zip(*best))}
 
 
 @torch.no_grad()
@@ -266,6 +311,10 @@ def evaluate(clip_model: nn.Module, tokenizer, split_suffix: str = "val", num_se
         "dense_miou": float(iou.mean()),
         "dense_iou": {n: float(v) for n, v in zip(seg_names, iou)},
         "dense_pixel_accuracy": float(100.0 * inter.sum() / confusion.sum()),
+        # where each class's pixels go (rows: ground truth, % of the row), and how alike the names are
+        "dense_confusion_percent": {n: {m: round(float(v), 1) for m, v in zip(seg_names, row)} for n, row in
+                                    zip(seg_names, 100.0 * confusion / np.maximum(confusion.sum(1, keepdims=True), 1))},
+        "text_cosine_max": _closest_names(prompts, names),
         "global_auroc": global_auroc,
         "global_auroc_min": float(min(global_auroc.values())),
         "dense_pooled_auroc": dense_auroc,
@@ -303,7 +352,8 @@ def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str
     """Pretrain from scratch; returns ``(clip model, tokenizer, history)``."""
     clip_model, tokenizer = build_model(args.seed)
     model = TinyClipPretrainer(clip_model, tokenizer, args.fg_decay, args.bg_decay,
-                               (args.clip_weight, args.tag_weight, args.dense_weight), args.dense_mode)
+                               (args.clip_weight, args.tag_weight, args.dense_weight, args.region_weight),
+                               args.dense_mode, args.region_cell, args.region_decay)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
@@ -322,9 +372,10 @@ def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        images, _, captions, tags = draw_batch(range(step * args.batch_size, (step + 1) * args.batch_size),
-                                               "pretrain", args.seed, args.image_size, ALL_KINDS, args.random_hue)
-        losses = model.losses(images, captions, tags)
+        images, labels, captions, tags = draw_batch(range(step * args.batch_size, (step + 1) * args.batch_size),
+                                                    "pretrain", args.seed, args.image_size, ALL_KINDS, args.random_hue)
+        cell_tags = region_tags(labels, args.region_cell, args.region_min_fraction) if args.region_weight > 0 else None
+        losses = model.losses(images, captions, tags, cell_tags)
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -375,6 +426,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--clip-weight", type=float, default=1.0)
     parser.add_argument("--tag-weight", type=float, default=1.0)
     parser.add_argument("--dense-weight", type=float, default=1.0)
+    parser.add_argument("--region-weight", type=float, default=0.0,
+                        help="weight of the region term (the dense term inside each --region-cell square, against "
+                             "the kinds visible in it)")
+    parser.add_argument("--region-cell", type=int, default=32, help="region side in pixels (a multiple of the patch)")
+    parser.add_argument("--region-min-fraction", type=float, default=0.1,
+                        help="a kind is tagged in a region when it covers at least this share of it")
+    parser.add_argument("--region-decay", type=float, default=0.5, help="GWRP decay inside a region")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="progress metrics on the dev images (never the evaluation ones) every N steps")
@@ -396,7 +454,8 @@ def _metrics_path(args: argparse.Namespace) -> Path:
 
 def _training_options(args: argparse.Namespace) -> Dict[str, Any]:
     keys = ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay", "bg_decay",
-            "dense_mode", "clip_weight", "tag_weight", "dense_weight", "random_hue")
+            "dense_mode", "clip_weight", "tag_weight", "dense_weight", "random_hue", "region_weight", "region_cell",
+            "region_min_fraction", "region_decay")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -417,6 +476,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "--threads", opts["threads"], "--fg-decay", opts["fg_decay"], "--bg-decay", opts["bg_decay"],
                    "--dense-mode", opts["dense_mode"], "--clip-weight", opts["clip_weight"], "--tag-weight", opts["tag_weight"],
                    "--dense-weight", opts["dense_weight"], "--random-hue", opts.get("random_hue", 0.0),
+                   "--region-weight", opts.get("region_weight", 0.0), "--region-cell", opts.get("region_cell", 32),
+                   "--region-min-fraction", opts.get("region_min_fraction", 0.1),
+                   "--region-decay", opts.get("region_decay", 0.5),
                    "--eval-split", recorded["eval_split"],
                    "--num-seg-images", recorded["eval_options"]["num_seg_images"],
                    "--num-presence-images", recorded["eval_options"]["num_presence_images"]]

@@ -29,6 +29,25 @@ def test_gwrp_matches_hand_computation(tool):
     assert out[0, 1].item() == pytest.approx(float(np.mean([0.9, 0.5, 0.2])))  # decay 1 = mean
 
 
+def test_region_tags_and_cell_pooling_by_hand(tool):
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, 0, 0] = 3          # one pixel of kind 3 in the top-left 2 x 2 cell: 1/4 of it
+    labels[0, 2:, 2:] = 5        # kind 5 fills the bottom-right cell
+    tags = tool.region_tags(labels, 2, 0.25)
+    assert tags.shape == (1, 2, 2, tool.ALL_KINDS)
+    assert tags[0, 0, 0].nonzero().flatten().tolist() == [0, 3]
+    assert tags[0, 1, 1].nonzero().flatten().tolist() == [5]
+    assert tags[0, 0, 1].nonzero().flatten().tolist() == [0] and tags[0, 1, 0].nonzero().flatten().tolist() == [0]
+    assert tool.region_tags(labels, 2, 0.3)[0, 0, 0].nonzero().flatten().tolist() == [0]
+    # a 4 x 4 patch grid in 2 x 2 cells; the score of patch (r, c) is 10 r + c
+    probs = torch.tensor([[10.0 * r + c] for r in range(4) for c in range(4)]).view(1, 16, 1)
+    pooled = tool.cell_pooled(probs, (4, 4), 2, torch.tensor([1.0]))  # decay 1 = mean of the cell
+    assert pooled.shape == (1, 2, 2, 1)
+    assert pooled[0, :, :, 0].tolist() == [[5.5, 7.5], [25.5, 27.5]]
+    top = tool.cell_pooled(probs, (4, 4), 2, torch.tensor([1e-9]))  # decay ~0 = max of the cell
+    torch.testing.assert_close(top[0, :, :, 0], torch.tensor([[11.0, 13.0], [31.0, 33.0]]))
+
+
 def test_auroc_matches_pairwise_count(tool):
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 5, 40).astype(float)  # many ties
@@ -61,17 +80,18 @@ def test_short_text_pass_equals_open_clip_encode_text(tool, single_thread):
 
 def test_pretraining_loss_decreases_on_a_tiny_batch(tool, single_thread):
     clip_model, tokenizer = tool.build_model(0)
-    model = tool.TinyClipPretrainer(clip_model, tokenizer)
-    images, _, captions, tags = tool.draw_batch(range(8), "pretrain", 0, 32, 11)
+    model = tool.TinyClipPretrainer(clip_model, tokenizer, loss_weights=(1.0, 1.0, 1.0, 1.0), region_cell=16)
+    images, labels, captions, tags = tool.draw_batch(range(8), "pretrain", 0, 32, 11, random_hue_probability=0.5)
+    cell_tags = tool.region_tags(labels, 16, 0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     history = []
     for _ in range(25):
-        losses = model.losses(images, captions, tags)
+        losses = model.losses(images, captions, tags, cell_tags)
         history.append({k: float(v.detach()) for k, v in losses.items()})
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
-    for key in ("clip", "tag", "dense"):
+    for key in ("clip", "tag", "dense", "region"):
         assert history[-1][key] < 0.75 * history[0][key], (key, history[0][key], history[-1][key])
 
 
