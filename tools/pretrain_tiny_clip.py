@@ -63,7 +63,7 @@ from hvlformer.modeling.backbone.clip_vit import _select_adapter  # noqa: E402
 from hvlformer.modeling.clip_loader import build_clip_model  # noqa: E402
 
 MODEL_NAME = "HVL-Tiny-ViT-P8"
-DEFAULT_OUT = ROOT / "projects" / "HVLFormer" / "hvlformer" / "modeling" / "backbone" / "pretrained" / "hvl_tiny_vit_p8_shapes.pt"
+DEFAULT_OUT = ROOT / "projects" / "HVLFormer" / "hvlformer" / "modeling" / "backbone" / "pretrained" / "hvl_tiny_vit_p8_shapes_v2.pt"
 DEFAULT_METRICS = ROOT / "docs" / "results" / "tiny_clip_pretraining.json"
 PLAIN_TEMPLATE = "a photo of a {}."
 # The normalisation of configs/Base-HVLFormer.yaml (MODEL.PIXEL_MEAN / PIXEL_STD, 0-255 RGB).
@@ -426,7 +426,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--clip-weight", type=float, default=1.0)
     parser.add_argument("--tag-weight", type=float, default=1.0)
     parser.add_argument("--dense-weight", type=float, default=1.0)
-    parser.add_argument("--region-weight", type=float, default=0.0,
+    parser.add_argument("--region-weight", type=float, default=1.0,
                         help="weight of the region term (the dense term inside each --region-cell square, against "
                              "the kinds visible in it)")
     parser.add_argument("--region-cell", type=int, default=32, help="region side in pixels (a multiple of the patch)")

@@ -13,6 +13,8 @@ import torch
 from conftest import REPO_ROOT, TINY_PRETRAINED_CONFIG, load_script
 
 RECORD = REPO_ROOT / "docs" / "results" / "tiny_clip_pretraining.json"
+# the first shipped model (no region term), kept so that the results measured from it stay reproducible
+RECORD_V1 = REPO_ROOT / "docs" / "results" / "tiny_clip_pretraining_v1.json"
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +118,25 @@ def test_tool_smoke_run_writes_checkpoint_and_metrics(tool, tmp_path, single_thr
 
 
 # ------------------------------------------------------------------------------------- shipped checkpoint
-def _record():
-    return json.loads(RECORD.read_text())
+def _record(path: Path = RECORD):
+    return json.loads(path.read_text())
 
 
-def test_shipped_checkpoint_hash_and_size():
-    record = _record()
+@pytest.mark.parametrize("record_path", [RECORD, RECORD_V1], ids=["v2", "v1"])
+def test_shipped_checkpoint_hash_and_size(record_path):
+    record = _record(record_path)
     path = REPO_ROOT / record["checkpoint"]
     data = path.read_bytes()
     assert len(data) <= 16 * 2 ** 20 and len(data) == record["size_bytes"]
     assert hashlib.sha256(data).hexdigest() == record["sha256"]
     assert tool_digest(path) == record["weights_sha256"]
+
+
+def test_records_name_their_training_options():
+    """The shipped model is the one with the region term; the first one had none (its options predate it)."""
+    assert _record()["options"]["region_weight"] == 1.0
+    assert "region_weight" not in _record(RECORD_V1)["options"]
+    assert _record()["checkpoint"] != _record(RECORD_V1)["checkpoint"]
 
 
 def tool_digest(path: Path) -> str:
@@ -154,9 +164,10 @@ def test_tiny_config_loads_the_shipped_checkpoint_from_any_directory(tmp_path, m
 
 
 def test_shipped_checkpoint_is_a_zero_shot_segmenter(tool, single_thread):
-    """8 held-out images with the plain prompts: twice the mIoU of predicting background everywhere, the two
-    kinds it segments (star, square) well above chance, and presence well above chance for every name on 60
-    images. (The full numbers, and the kinds it misses, are in docs/results/tiny_clip_pretraining.json.)"""
+    """8 held-out images with the plain prompts: four times the mIoU of predicting background everywhere,
+    every class above chance (the red kinds the first model lost to background above 50 IoU), and presence
+    well above chance for every name on 60 images. (The full numbers are in
+    docs/results/tiny_clip_pretraining.json.)"""
     from hvlformer.modeling.clip_loader import build_clip_model
 
     record = _record()
@@ -164,7 +175,8 @@ def test_shipped_checkpoint_is_a_zero_shot_segmenter(tool, single_thread):
     metrics = tool.evaluate(model, tokenizer, "val", num_seg_images=8, num_presence_images=60, batch_size=30)
     _, labels, _, _ = tool.draw_batch(range(8), "val", 0, 128, 6)
     all_background_miou = 100.0 * float((labels == 0).float().mean()) / 6
-    assert metrics["dense_miou"] >= 2 * all_background_miou
-    assert metrics["dense_iou"]["star"] >= 40.0 and metrics["dense_iou"]["square"] >= 20.0
+    assert metrics["dense_miou"] >= 4 * all_background_miou
+    assert min(metrics["dense_iou"].values()) >= 20.0
+    assert metrics["dense_iou"]["circle"] >= 50.0 and metrics["dense_iou"]["triangle"] >= 50.0
     finite = [v for v in metrics["global_auroc"].values() if not np.isnan(v)]
-    assert min(finite) >= 0.7 and np.mean(finite) >= 0.85
+    assert min(finite) >= 0.75 and np.mean(finite) >= 0.9
