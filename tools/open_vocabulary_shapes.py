@@ -16,7 +16,13 @@ score):
 * ``closed``: the same images with the training vocabulary (the unseen kind's pixels are ignored), so
   ``closed - open`` on the seen classes is what naming one more class costs them;
 * ``zero_shot_vlm``: the pretrained tiny CLIP alone (dense argmax of the plain prompts, as
-  ``tools/pretrain_tiny_clip.py`` measures it) on the same images and vocabulary.
+  ``tools/pretrain_tiny_clip.py`` measures it) on the same images and vocabulary;
+* ``described``: the open vocabulary again, every name given the sentences of
+  ``datasets/descriptions/shapes.json`` (the training names otherwise keep their training prompts and the
+  unseen name gets the plain fallback prompt);
+* ``unseen_queries``: why the unseen name wins or loses pixels: the SRE relevance of each class, the class
+  distribution of the unseen name's own queries per level, and each class's queries' mask probability on
+  the unseen kind's pixels.
 
 With ``--distractors N`` (LSMSeg's category filter, thesis Sec. 5.2.5; docs/THESIS_MODULES.md), the same
 trained runs are also evaluated with a large vocabulary: background + the 5 classes + ``N`` distractor names
@@ -164,7 +170,17 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     with torch.no_grad():
         prompts = vlm.encode_text(tokenizer([spec.PLAIN_TEMPLATE.format(n) for n in open_names]))
     conf_open = np.zeros((7, 7), np.int64)
+    conf_described = np.zeros((7, 7), np.int64)
     conf_closed = np.zeros((6, 6), np.int64)
+    captured: Dict[str, Any] = {}
+    predict = predictor.model.predict
+
+    def recording_predict(*inputs, **kwargs):  # keep the network's raw outputs of the last image
+        captured["out"] = predict(*inputs, **kwargs)
+        return captured["out"]
+
+    predictor.model.predict = recording_predict
+    queries = QueryDiagnosis(open_names)
     conf_vlm = np.zeros((7, 7), np.int64)
     images_with_unseen = 0
     for i in range(args.num_images):
@@ -180,6 +196,11 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         image = spec._jpeg_roundtrip(image)
         predictor.set_vocabulary(open_names)
         conf_open += confusion_of(predictor(image, format="RGB").labels, mapped, 7)
+        if (mapped == 6).any():
+            queries.add(captured["out"], mapped == 6)
+        # every name described alike (the descriptions file), instead of training prompts + one plain prompt
+        predictor.set_vocabulary(open_names, descriptions_file=str(DESCRIPTIONS / "shapes.json"))
+        conf_described += confusion_of(predictor(image, format="RGB").labels, mapped, 7)
         predictor.set_vocabulary(seen)
         closed_label = np.where(mapped == 6, 255, mapped)
         conf_closed += confusion_of(predictor(image, format="RGB").labels, closed_label, 6)
@@ -189,7 +210,9 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             pred = torch.nn.functional.interpolate(cos, size=label.shape, mode="bilinear",
                                                    align_corners=False).argmax(1)[0].numpy()
         conf_vlm += confusion_of(pred, mapped, 7)
+    predictor.model.predict = predict
     open_iou = iou_table(conf_open, open_names)
+    described_iou = iou_table(conf_described, open_names)
     closed_iou = iou_table(conf_closed, seen)
     vlm_iou = iou_table(conf_vlm, open_names)
     return {
@@ -199,7 +222,53 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         # rows: ground truth, columns: prediction (open vocabulary): where the unseen kind's pixels go
         "open_confusion": conf_open.tolist(),
         "zero_shot_vlm_iou": vlm_iou,
+        # the same images with the descriptions file's sentences for all 7 names
+        "described_iou": described_iou,
+        "described_seen_miou": statistics.mean(described_iou[n] for n in seen),
+        "unseen_queries": queries.summary(),
     }
+
+
+class QueryDiagnosis:
+    """What the network does with the unseen name's own queries, on the images that hold the unseen kind.
+
+    The textual queries are ``E x K`` (level-major: query ``q`` belongs to class ``q % K``); the unseen name is
+    the last class. Accumulates, per image: the SRE relevance of every class, each unseen query's class
+    distribution (softmax over the K classes + no-object), and every query's mean mask probability on the
+    unseen kind's pixels.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.relevance: List[np.ndarray] = []
+        self.class_probs: List[np.ndarray] = []  # per image: levels x (K + 1)
+        self.mask_on_unseen: List[np.ndarray] = []  # per image: Q
+
+    def add(self, out: Any, unseen_pixels: np.ndarray) -> None:
+        k = len(self.names)
+        probs = out.pred_logits[0].float().softmax(-1)
+        self.relevance.append(out.relevance[0].float().numpy())
+        self.class_probs.append(probs[k - 1::k].numpy())
+        masks = torch.nn.functional.interpolate(out.pred_masks[:, : probs.shape[0]].float().sigmoid(),
+                                                size=unseen_pixels.shape, mode="bilinear", align_corners=False)[0]
+        self.mask_on_unseen.append(masks[:, torch.from_numpy(unseen_pixels)].mean(dim=1).numpy())
+
+    def summary(self) -> Dict[str, Any]:
+        if not self.class_probs:
+            return {}
+        k = len(self.names)
+        probs = np.mean(self.class_probs, axis=0)  # levels x (K + 1)
+        masks = np.mean(self.mask_on_unseen, axis=0)
+        per_class_mask = {n: round(float(masks[j::k].mean()), 3) for j, n in enumerate(self.names)}
+        return {
+            "images": len(self.class_probs),
+            "relevance": {n: round(float(v), 3) for n, v in zip(self.names, np.mean(self.relevance, axis=0))},
+            # mean class distribution of the unseen name's queries (one row per level)
+            "class_probability_per_level": [{n: round(float(v), 3) for n, v in zip(self.names + ["no object"], row)}
+                                            for row in probs],
+            # mean mask probability on the unseen kind's pixels, over each class's queries
+            "mask_on_unseen_pixels": per_class_mask,
+        }
 
 
 def importlib_tool():

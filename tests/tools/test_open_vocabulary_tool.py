@@ -33,6 +33,15 @@ def test_smoke_run(tool, tmp_path):
     confusion = np.array(run["open_confusion"])
     assert confusion.shape == (7, 7)
     assert tool.iou_table(confusion, list(run["open_iou"]))["ring"] == run["open_iou"]["ring"]
+    # the same images with every name described by the descriptions file
+    assert set(run["described_iou"]) == set(run["open_iou"])
+    # the unseen name's own queries: one class distribution per query level (K + no object, summing to 1)
+    queries = run["unseen_queries"]
+    assert queries["images"] == run["images_with_unseen"]
+    assert len(queries["class_probability_per_level"]) == 3
+    for row in queries["class_probability_per_level"]:
+        assert list(row) == list(run["open_iou"]) + ["no object"] and sum(row.values()) == pytest.approx(1.0, abs=0.01)
+    assert all(0.0 <= v <= 1.0 for v in queries["mask_on_unseen_pixels"].values())
 
 
 def test_distractor_names(tool):
