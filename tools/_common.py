@@ -6,13 +6,16 @@ file path.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-__all__ = ["emit_json", "mean_std"]
+__all__ = ["emit_json", "mean_std", "clip_weights_id", "run_train_net"]
 
 
 def emit_json(report: Any, path: Optional[Union[str, os.PathLike]] = None) -> str:
@@ -31,3 +34,58 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     a single value."""
     return {"mean": round(statistics.mean(values), 2),
             "std": round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0}
+
+
+def clip_weights_id(config: Path, opts: Sequence[str], root: Path) -> str:
+    """What ``MODEL.HVLFORMER.CLIP.PRETRAINED`` of ``config`` + ``opts`` loads: ``"<path> sha256:<hex>"`` for a
+    local file (a relative path is tried from ``root``, as the loader does), else the value itself (an
+    open_clip tag, or ``""`` for random weights)."""
+    from detectron2.config import get_cfg
+    from hvlformer.config import add_hvlformer_config, merge_config_file
+
+    cfg = get_cfg()
+    add_hvlformer_config(cfg)
+    merge_config_file(cfg, str(config))
+    cfg.merge_from_list(list(opts))
+    weights = cfg.MODEL.HVLFORMER.CLIP.PRETRAINED
+    path = Path(weights) if Path(weights).is_absolute() else root / weights
+    if weights and path.is_file():
+        return f"{weights} sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    return weights
+
+
+def _dumped_clip_weights(out: Path) -> Optional[str]:
+    """``MODEL.HVLFORMER.CLIP.PRETRAINED`` of the ``config.yaml`` a run dumped (None without one)."""
+    import yaml
+
+    try:
+        dumped = yaml.safe_load((out / "config.yaml").read_text())
+        return dumped["MODEL"]["HVLFORMER"]["CLIP"]["PRETRAINED"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def run_train_net(train_net: Path, config: Path, opts: Sequence[str], out: Path, root: Path, threads: int,
+                  finished: Callable[[Path], bool]) -> Optional[subprocess.CompletedProcess]:
+    """Run ``train_net.py --config-file config *opts`` in ``root`` (``opts`` set ``OUTPUT_DIR`` to ``out``),
+    unless ``out`` already holds a run that ``finished(out)`` accepts, made with the same command line
+    (``benchmark_opts.json``) from the same CLIP weights (``benchmark_clip.json``: path and sha256, so a
+    checkpoint retrained in place is noticed; for runs from before that file, the weights path of the run's
+    dumped ``config.yaml``). Returns the finished process, or None when the run is reused; the caller checks
+    its return code."""
+    opts = [str(o) for o in opts]
+    command, weights = out / "benchmark_opts.json", out / "benchmark_clip.json"
+    current = clip_weights_id(config, opts, root)
+    if command.exists() and json.loads(command.read_text()) == opts and finished(out):
+        if weights.exists():
+            same = json.loads(weights.read_text()) == current
+        else:
+            same = _dumped_clip_weights(out) == current.split(" sha256:")[0]
+        if same:
+            return None
+    out.mkdir(parents=True, exist_ok=True)
+    command.write_text(json.dumps(opts))
+    weights.write_text(json.dumps(current))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.run([sys.executable, str(train_net), "--config-file", str(config), *opts], cwd=root,
+                          env=env, capture_output=True, text=True)

@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +47,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from _common import emit_json, mean_std  # tools/_common.py (this folder is on sys.path when the tool runs)
+from _common import emit_json, mean_std, run_train_net  # tools/_common.py (this folder is on sys.path when the tool runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
@@ -134,15 +132,9 @@ def train(seed: int, args: argparse.Namespace) -> Path:
             "INPUT.RESIZE_BASE", str(args.image_size), "SOLVER.MAX_ITER", str(args.iters),
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
             "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out)]
-    command = out / "benchmark_opts.json"
-    if (out / "model_final.pth").exists() and command.exists() and json.loads(command.read_text()) == opts:
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    command.write_text(json.dumps(opts))
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    result = subprocess.run([sys.executable, str(TRAIN_NET), "--config-file", str(CONFIG), *opts], cwd=ROOT,
-                            env=env, capture_output=True, text=True)
-    if result.returncode != 0:
+    result = run_train_net(TRAIN_NET, CONFIG, opts, out, ROOT, args.threads,
+                           finished=lambda run: (run / "model_final.pth").exists())
+    if result is not None and result.returncode != 0:
         raise RuntimeError(f"seed {seed} failed:\n{result.stderr[-3000:]}")
     return out
 

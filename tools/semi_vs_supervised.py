@@ -23,16 +23,13 @@ experiments sharing an arm (the supervised textual run of (a), (b) and (c)) shar
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from _common import emit_json, mean_std  # tools/_common.py (this folder is on sys.path when the tool runs)
+from _common import emit_json, mean_std, run_train_net  # tools/_common.py (this folder is on sys.path when the tool runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
@@ -98,18 +95,10 @@ def run(variant: str, seed: int, args: argparse.Namespace) -> float:
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
             "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out),
             *semi_opts, *extra]  # the ablation switch comes last, so it wins
-    # a finished run with the same command line is not repeated
-    command = out / "benchmark_opts.json"
-    log = out / "log.txt"
-    if log.exists() and command.exists() and json.loads(command.read_text()) == opts:
-        found = MIOU.findall(log.read_text())
-        if found and (out / "model_final.pth").exists():
-            return float(found[-1])
-    out.mkdir(parents=True, exist_ok=True)
-    command.write_text(json.dumps(opts))
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    result = subprocess.run([sys.executable, str(TRAIN_NET), "--config-file", str(config), *opts], cwd=ROOT,
-                            env=env, capture_output=True, text=True)
+    # a finished run (final weights and an mIoU in its log) of the same command line and CLIP weights is reused
+    result = run_train_net(TRAIN_NET, config, opts, out, ROOT, args.threads, finished=_logged_miou)
+    if result is None:
+        return float(MIOU.findall((out / "log.txt").read_text())[-1])
     if result.returncode != 0:
         raise RuntimeError(f"{variant} seed {seed} failed:\n{result.stderr[-3000:]}")
     found = MIOU.findall(result.stdout + result.stderr)
@@ -117,6 +106,11 @@ def run(variant: str, seed: int, args: argparse.Namespace) -> float:
         raise RuntimeError(f"{variant} seed {seed}: no mIoU in its output")
     print(f"{variant} seed {seed}: mIoU {found[-1]}", file=sys.stderr, flush=True)
     return float(found[-1])
+
+
+def _logged_miou(out: Path) -> bool:
+    log = out / "log.txt"
+    return (out / "model_final.pth").exists() and log.exists() and bool(MIOU.findall(log.read_text()))
 
 
 def summarise(values: List[float]) -> Dict[str, float]:

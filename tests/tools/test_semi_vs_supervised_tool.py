@@ -34,7 +34,7 @@ def fake_train(tool, monkeypatch):
         (out / "model_final.pth").write_bytes(b"weights")
         return subprocess.CompletedProcess(command, 0, stdout=log, stderr="")
 
-    monkeypatch.setattr(tool.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)  # also the one tools/_common.py calls
     return calls
 
 
@@ -75,8 +75,36 @@ def test_finished_run_is_reused_only_for_the_same_command_line(tool, fake_train,
     assert len(fake_train) == 3
 
 
+def test_run_is_repeated_when_the_clip_weights_change(tool, fake_train, tmp_path):
+    """Same command line, other CLIP weights (a checkpoint retrained in place, or another file): not reused.
+    Runs from before ``benchmark_clip.json`` are judged by the weights path of their dumped config."""
+    from _common import run_train_net
+
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"first weights")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"_BASE_: {tool.SUPERVISED}\nMODEL:\n  HVLFORMER:\n    CLIP:\n      PRETRAINED: '{weights}'\n")
+    out = tmp_path / "run"
+    opts = ["SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)]
+
+    def launch():
+        return run_train_net(tool.TRAIN_NET, config, opts, out, tmp_path, 1, finished=lambda run: True)
+
+    assert launch() is not None and launch() is None and len(fake_train) == 1
+    assert "sha256:" in (out / "benchmark_clip.json").read_text()
+    weights.write_bytes(b"retrained weights")  # same path, other bytes
+    assert launch() is not None and len(fake_train) == 2
+    assert launch() is None
+    # a run from before the weights record: its dumped config names the weights file
+    (out / "benchmark_clip.json").unlink()
+    (out / "config.yaml").write_text(f"MODEL:\n  HVLFORMER:\n    CLIP:\n      PRETRAINED: {weights}\n")
+    assert launch() is None and len(fake_train) == 2
+    (out / "config.yaml").write_text("MODEL:\n  HVLFORMER:\n    CLIP:\n      PRETRAINED: other.pt\n")
+    assert launch() is not None and len(fake_train) == 3
+
+
 def test_failed_run_raises_with_its_stderr(tool, monkeypatch, tmp_path):
-    monkeypatch.setattr(tool.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
         command, 1, stdout="", stderr="KeyError: 'Non-existent config key: SEMI.TYPO'"))
     with pytest.raises(RuntimeError, match=r"(?s)semi seed 1 failed:.*SEMI.TYPO"):
         tool.run("semi", 1, _args(tmp_path))

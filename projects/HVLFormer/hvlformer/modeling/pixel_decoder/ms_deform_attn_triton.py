@@ -46,6 +46,33 @@ __all__ = ["ms_deform_attn_triton", "MSDeformAttnTritonFunction", "triton_can_ru
 
 
 @triton.jit
+def _sample_position(loc_x, loc_y, width, height):
+    """Normalised sampling locations -> ``(x0, y0, lx, ly)``: the top-left neighbour (int32) and the
+    fractional offsets towards the right and lower neighbours, for ``grid_sample``'s pixel-centre convention
+    (``px = x * W - 0.5``, ``align_corners=False``)."""
+    # clamped to [-2, size + 1] (far outside either way: both neighbours are off the map, the sample and its
+    # gradient are 0) so the int cast is safe
+    px = tl.minimum(tl.maximum(loc_x * width - 0.5, -2.0), width + 1.0)
+    py = tl.minimum(tl.maximum(loc_y * height - 0.5, -2.0), height + 1.0)
+    fx0 = tl.floor(px)
+    fy0 = tl.floor(py)
+    return fx0.to(tl.int32), fy0.to(tl.int32), px - fx0, py - fy0
+
+
+@triton.jit
+def _corner(x0, y0, lx, ly, width, height, level_start, S, dy: tl.constexpr, dx: tl.constexpr):
+    """Corner ``(dy, dx)`` of the sample: ``(token index in the flattened value, inside the map, wx, wy)``,
+    the bilinear weight being ``wx * wy``; zero padding outside the map, as ``grid_sample``."""
+    x = x0 + dx
+    y = y0 + dy
+    token = level_start + y * width + x
+    ok = (x >= 0) & (x < width) & (y >= 0) & (y < height) & (token >= 0) & (token < S)
+    wx = lx if dx == 1 else 1.0 - lx
+    wy = ly if dy == 1 else 1.0 - ly
+    return token, ok, wx, wy
+
+
+@triton.jit
 def _ms_deform_attn_fwd_kernel(
     value_ptr, shapes_ptr, loc_ptr, attn_ptr, out_ptr,
     n_rows, n_queries, S,
@@ -78,31 +105,12 @@ def _ms_deform_attn_fwd_kernel(
             loc_x = tl.load(loc_ptr + 2 * sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
             loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=row_ok, other=0.0).to(ACC_DTYPE)
             weight = tl.load(attn_ptr + sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
-            # continuous pixel coordinates; clamped to [-2, size + 1] (far outside either way: both
-            # neighbours are off the map, the sample and its gradient are 0) so the int cast is safe
-            px = tl.minimum(tl.maximum(loc_x * width - 0.5, -2.0), width + 1.0)
-            py = tl.minimum(tl.maximum(loc_y * height - 0.5, -2.0), height + 1.0)
-            fx0 = tl.floor(px)
-            fy0 = tl.floor(py)
-            x0 = fx0.to(tl.int32)
-            y0 = fy0.to(tl.int32)
-            lx = px - fx0
-            ly = py - fy0
-            hx = 1.0 - lx
-            hy = 1.0 - ly
-            x0_ok = (x0 >= 0) & (x0 < width)
-            x1_ok = (x0 + 1 >= 0) & (x0 + 1 < width)
-            y0_ok = (y0 >= 0) & (y0 < height)
-            y1_ok = (y0 + 1 >= 0) & (y0 + 1 < height)
-            token00 = level_start + y0 * width + x0
+            x0, y0, lx, ly = _sample_position(loc_x, loc_y, width, height)
             sampled = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC_DTYPE)
             for corner in tl.static_range(4):
-                dy = corner // 2
-                dx = corner % 2
-                token = token00 + dy * width + dx
-                ok = row_ok & (x1_ok if dx == 1 else x0_ok) & (y1_ok if dy == 1 else y0_ok)
-                ok = ok & (token >= 0) & (token < S)
-                bilinear = (lx if dx == 1 else hx) * (ly if dy == 1 else hy)
+                token, ok, wx, wy = _corner(x0, y0, lx, ly, width, height, level_start, S, corner // 2, corner % 2)
+                ok = ok & row_ok
+                bilinear = wx * wy
                 ptrs = value_ptr + (value_base + token.to(tl.int64) * (N_HEADS * HEAD_DIM))[:, None] + chans[None, :]
                 v = tl.load(ptrs, mask=ok[:, None] & chan_ok[None, :], other=0.0).to(ACC_DTYPE)
                 sampled += bilinear[:, None] * v
@@ -155,21 +163,7 @@ def _ms_deform_attn_bwd_kernel(
             loc_x = tl.load(loc_ptr + 2 * sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
             loc_y = tl.load(loc_ptr + 2 * sample + 1, mask=row_ok, other=0.0).to(ACC_DTYPE)
             weight = tl.load(attn_ptr + sample, mask=row_ok, other=0.0).to(ACC_DTYPE)
-            px = tl.minimum(tl.maximum(loc_x * width - 0.5, -2.0), width + 1.0)
-            py = tl.minimum(tl.maximum(loc_y * height - 0.5, -2.0), height + 1.0)
-            fx0 = tl.floor(px)
-            fy0 = tl.floor(py)
-            x0 = fx0.to(tl.int32)
-            y0 = fy0.to(tl.int32)
-            lx = px - fx0
-            ly = py - fy0
-            hx = 1.0 - lx
-            hy = 1.0 - ly
-            x0_ok = (x0 >= 0) & (x0 < width)
-            x1_ok = (x0 + 1 >= 0) & (x0 + 1 < width)
-            y0_ok = (y0 >= 0) & (y0 < height)
-            y1_ok = (y0 + 1 >= 0) & (y0 + 1 < height)
-            token00 = level_start + y0 * width + x0
+            x0, y0, lx, ly = _sample_position(loc_x, loc_y, width, height)
 
             sampled = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC_DTYPE)
             d_px = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC_DTYPE)
@@ -177,11 +171,8 @@ def _ms_deform_attn_bwd_kernel(
             for corner in tl.static_range(4):
                 dy = corner // 2
                 dx = corner % 2
-                token = token00 + dy * width + dx
-                ok = row_ok & (x1_ok if dx == 1 else x0_ok) & (y1_ok if dy == 1 else y0_ok)
-                ok = ok & (token >= 0) & (token < S)
-                wx = lx if dx == 1 else hx
-                wy = ly if dy == 1 else hy
+                token, ok, wx, wy = _corner(x0, y0, lx, ly, width, height, level_start, S, dy, dx)
+                ok = ok & row_ok
                 offsets = (value_base + token.to(tl.int64) * (N_HEADS * HEAD_DIM))[:, None] + chans[None, :]
                 tile_ok = ok[:, None] & chan_ok[None, :]
                 v = tl.load(value_ptr + offsets, mask=tile_ok, other=0.0).to(ACC_DTYPE)
