@@ -32,7 +32,7 @@ the seen classes' mIoU (a pixel given a distractor name counts as wrong) and the
 
     python tools/open_vocabulary_shapes.py --distractors 200  # filter on vs off with 206 names
 
-The trained runs are reused from ``--output-dir`` when their command line matches.
+The trained runs are reused from ``--output-dir`` when their command line and CLIP weights match.
 """
 from __future__ import annotations
 

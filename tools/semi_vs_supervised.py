@@ -16,8 +16,9 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
     python tools/semi_vs_supervised.py --experiment fusion   #     TinyConvEncoder: a control, not SAM)
 
 Each run is a separate `train_net.py` process (as a user would run it); the seed fixes the labeled
-subset, the initialisation and the data order. Runs go to --output-dir; a finished run is not repeated
-(its mIoU is read back from its log), so an interrupted benchmark continues where it stopped, and
+subset, the initialisation and the data order. Runs go to --output-dir; a finished run of the same
+command line from the same CLIP weights (path and sha256, see ``tools/_common.run_train_net``) is not
+repeated (its mIoU is read back from its log), so an interrupted benchmark continues where it stopped, and
 experiments sharing an arm (the supervised textual run of (a), (b) and (c)) share its runs.
 """
 from __future__ import annotations
