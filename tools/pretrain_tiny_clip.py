@@ -157,7 +157,7 @@ class TinyClipPretrainer(nn.Module):
     """An open_clip model plus the few scalars of the pretraining losses (not part of the checkpoint)."""
 
     def __init__(self, clip_model: nn.Module, tokenizer, fg_decay: float = 0.9, bg_decay: float = 0.99,
-                 loss_weights: Tuple[float, ...] = (1.0, 1.0, 1.0, 0.0), dense_mode: str = "softmax",
+                 loss_weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.0), dense_mode: str = "softmax",
                  region_cell: int = 32, region_decay: float = 0.5) -> None:
         super().__init__()
         self.clip = clip_model
@@ -171,7 +171,7 @@ class TinyClipPretrainer(nn.Module):
         self.register_buffer("decay", torch.tensor([bg_decay] + [fg_decay] * (ALL_KINDS - 1)))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1))
-        self.loss_weights = tuple(loss_weights) + (0.0,) * (4 - len(loss_weights))
+        self.loss_weights = tuple(loss_weights)  # clip, tag, dense, region
         self.region_cell = region_cell
         self.register_buffer("region_decay", torch.full((ALL_KINDS,), float(region_decay)))
         self.prompt_tokens = tokenizer([PLAIN_TEMPLATE.format(n) for n in vocabulary()])
@@ -452,11 +452,30 @@ def _metrics_path(args: argparse.Namespace) -> Path:
     return DEFAULT_METRICS if args.out.resolve() == DEFAULT_OUT.resolve() else args.out.with_suffix(".json")
 
 
+# The options that decide the trained weights (recorded with the checkpoint, replayed by --verify).
+TRAINING_OPTIONS = ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay",
+                    "bg_decay", "dense_mode", "clip_weight", "tag_weight", "dense_weight", "random_hue",
+                    "region_weight", "region_cell", "region_min_fraction", "region_decay")
+# Options added after a record was written were off in it (their other absent options keep the defaults).
+OFF_WHEN_ABSENT = {"random_hue": 0.0, "region_weight": 0.0}
+
+
 def _training_options(args: argparse.Namespace) -> Dict[str, Any]:
-    keys = ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay", "bg_decay",
-            "dense_mode", "clip_weight", "tag_weight", "dense_weight", "random_hue", "region_weight", "region_cell",
-            "region_min_fraction", "region_decay")
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k) for k in TRAINING_OPTIONS}
+
+
+def _replay_command(recorded: Dict[str, Any]) -> List[str]:
+    """The command-line arguments that retrain a recorded checkpoint and evaluate it the same way."""
+    opts = recorded["options"]
+    command: List[Any] = []
+    for key in TRAINING_OPTIONS:
+        value = opts.get(key, OFF_WHEN_ABSENT.get(key))
+        if value is not None:
+            command += ["--" + key.replace("_", "-"), value]
+    command += ["--eval-split", recorded["eval_split"],
+                "--num-seg-images", recorded["eval_options"]["num_seg_images"],
+                "--num-presence-images", recorded["eval_options"]["num_presence_images"]]
+    return [str(c) for c in command]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -470,21 +489,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.verify:
         recorded = json.loads(_metrics_path(args).read_text())
-        opts = recorded["options"]
-        command = ["--steps", opts["steps"], "--batch-size", opts["batch_size"], "--lr", opts["lr"],
-                   "--weight-decay", opts["weight_decay"], "--image-size", opts["image_size"], "--seed", opts["seed"],
-                   "--threads", opts["threads"], "--fg-decay", opts["fg_decay"], "--bg-decay", opts["bg_decay"],
-                   "--dense-mode", opts["dense_mode"], "--clip-weight", opts["clip_weight"], "--tag-weight", opts["tag_weight"],
-                   "--dense-weight", opts["dense_weight"], "--random-hue", opts.get("random_hue", 0.0),
-                   "--region-weight", opts.get("region_weight", 0.0), "--region-cell", opts.get("region_cell", 32),
-                   "--region-min-fraction", opts.get("region_min_fraction", 0.1),
-                   "--region-decay", opts.get("region_decay", 0.5),
-                   "--eval-split", recorded["eval_split"],
-                   "--num-seg-images", recorded["eval_options"]["num_seg_images"],
-                   "--num-presence-images", recorded["eval_options"]["num_presence_images"]]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "verify.pt"
-            main([str(c) for c in command] + ["--out", str(out)])
+            main(_replay_command(recorded) + ["--out", str(out)])
             again = json.loads(out.with_suffix(".json").read_text())
         diffs = {"dense_miou": again["metrics"]["dense_miou"] - recorded["metrics"]["dense_miou"],
                  "global_auroc_min": again["metrics"]["global_auroc_min"] - recorded["metrics"]["global_auroc_min"],

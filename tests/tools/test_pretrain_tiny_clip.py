@@ -132,6 +132,17 @@ def test_shipped_checkpoint_hash_and_size(record_path):
     assert tool_digest(path) == record["weights_sha256"]
 
 
+@pytest.mark.parametrize("record_path", [RECORD, RECORD_V1], ids=["v2", "v1"])
+def test_verify_replays_the_recorded_options(tool, record_path):
+    """--verify retrains with exactly the recorded options; options newer than a record were off in it."""
+    record = _record(record_path)
+    replayed = tool._training_options(tool.parse_args(tool._replay_command(record)))
+    assert {k: v for k, v in replayed.items() if k in record["options"]} == record["options"]
+    # v1 predates the region term and the random hue: replayed with both off
+    assert replayed["region_weight"] == record["options"].get("region_weight", 0.0)
+    assert replayed["random_hue"] == record["options"].get("random_hue", 0.0)
+
+
 def test_records_name_their_training_options():
     """The shipped model is the one with the region term; the first one had none (its options predate it)."""
     assert _record()["options"]["region_weight"] == 1.0
