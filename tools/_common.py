@@ -36,22 +36,18 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
             "std": round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0}
 
 
-def clip_weights_id(config: Path, opts: Sequence[str], root: Path) -> str:
-    """What ``MODEL.HVLFORMER.CLIP.PRETRAINED`` of ``config`` + ``opts`` loads: ``"<path> sha256:<hex>"`` for a
-    local file (a relative path is tried from ``root``, as the loader does), else the value itself (an
-    open_clip tag, or ``""`` for random weights)."""
-    from detectron2.config import get_cfg
-    from hvlformer.config import add_hvlformer_config, merge_config_file
+def clip_weights_id(config: Path, opts: Sequence[str], root: Path) -> Dict[str, Optional[str]]:
+    """What ``MODEL.HVLFORMER.CLIP.PRETRAINED`` of ``config`` + ``opts`` loads: ``{"pretrained": value,
+    "sha256": hex}``, the hash of the file for a local path (a relative one taken from ``root``, where the
+    tools run ``train_net.py``), None for an open_clip tag or ``""`` (random weights)."""
+    import argparse
 
-    cfg = get_cfg()
-    add_hvlformer_config(cfg)
-    merge_config_file(cfg, str(config))
-    cfg.merge_from_list(list(opts))
-    weights = cfg.MODEL.HVLFORMER.CLIP.PRETRAINED
+    from hvlformer import setup_cfg
+
+    weights = setup_cfg(argparse.Namespace(config_file=str(config), opts=list(opts))).MODEL.HVLFORMER.CLIP.PRETRAINED
     path = Path(weights) if Path(weights).is_absolute() else root / weights
-    if weights and path.is_file():
-        return f"{weights} sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
-    return weights
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if weights and path.is_file() else None
+    return {"pretrained": weights, "sha256": digest}
 
 
 def _dumped_clip_weights(out: Path) -> Optional[str]:
@@ -80,7 +76,7 @@ def run_train_net(train_net: Path, config: Path, opts: Sequence[str], out: Path,
         if weights.exists():
             same = json.loads(weights.read_text()) == current
         else:
-            same = _dumped_clip_weights(out) == current.split(" sha256:")[0]
+            same = _dumped_clip_weights(out) == current["pretrained"]
         if same:
             return None
     out.mkdir(parents=True, exist_ok=True)

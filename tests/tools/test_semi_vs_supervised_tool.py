@@ -6,6 +6,7 @@ docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -91,7 +92,8 @@ def test_run_is_repeated_when_the_clip_weights_change(tool, fake_train, tmp_path
         return run_train_net(tool.TRAIN_NET, config, opts, out, tmp_path, 1, finished=lambda run: True)
 
     assert launch() is not None and launch() is None and len(fake_train) == 1
-    assert "sha256:" in (out / "benchmark_clip.json").read_text()
+    recorded = json.loads((out / "benchmark_clip.json").read_text())
+    assert recorded == {"pretrained": str(weights), "sha256": hashlib.sha256(b"first weights").hexdigest()}
     weights.write_bytes(b"retrained weights")  # same path, other bytes
     assert launch() is not None and len(fake_train) == 2
     assert launch() is None
