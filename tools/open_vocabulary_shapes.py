@@ -238,10 +238,11 @@ class QueryDiagnosis:
 
     def add(self, out: Any, unseen_pixels: np.ndarray) -> None:
         k = len(self.names)
-        probs = out.pred_logits[0].float().softmax(-1)
+        textual = out.level_queries.shape[0] * k  # the E x K textual queries come first (instance queries after)
+        probs = out.pred_logits[0, :textual].float().softmax(-1)
         self.relevance.append(out.relevance[0].float().numpy())
         self.class_probs.append(probs[k - 1::k].numpy())
-        masks = torch.nn.functional.interpolate(out.pred_masks[:, : probs.shape[0]].float().sigmoid(),
+        masks = torch.nn.functional.interpolate(out.pred_masks[:, :textual].float().sigmoid(),
                                                 size=unseen_pixels.shape, mode="bilinear", align_corners=False)[0]
         self.mask_on_unseen.append(masks[:, torch.from_numpy(unseen_pixels)].mean(dim=1).numpy())
 
