@@ -20,6 +20,9 @@ score):
 * ``described``: the open vocabulary again, every name given the sentences of
   ``datasets/descriptions/shapes.json`` (the training names otherwise keep their training prompts and the
   unseen name gets the plain fallback prompt);
+* ``ensemble``: ``open`` and ``closed`` again with ``TEST.CLIP_ENSEMBLE`` on (each query's class
+  probabilities mixed with the pretrained tiny CLIP's classification of its mask, FC-CLIP's weights 0.4 /
+  0.8; ``hvlformer/modeling/clip_ensemble.py``); its seen cost is measured against the plain closed vocabulary;
 * ``unseen_queries``: why the unseen name wins or loses pixels: the SRE relevance of each class, the class
   distribution of the unseen name's own queries per level, and each class's queries' mask probability on
   the unseen kind's pixels.
@@ -153,10 +156,12 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--unseen must be one of {all_names[6:]} (a kind outside the 5 segmentation classes)")
     unseen_id = all_names.index(args.unseen)
     open_names = seen + [args.unseen]
-    cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=[
-        "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
-        "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size)]))
+    opts = ["MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
+            "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size)]
+    cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=opts))
     predictor = HVLFormerPredictor(cfg)
+    ensemble_predictor = HVLFormerPredictor(setup_cfg(argparse.Namespace(
+        config_file=str(CONFIG), opts=opts + ["TEST.CLIP_ENSEMBLE.ENABLED", "True"])))
     clip_model, tokenizer = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
     vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
     with torch.no_grad():
@@ -164,6 +169,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     conf_open = np.zeros((7, 7), np.int64)
     conf_described = np.zeros((7, 7), np.int64)
     conf_closed = np.zeros((6, 6), np.int64)
+    conf_ensemble_open = np.zeros((7, 7), np.int64)
+    conf_ensemble_closed = np.zeros((6, 6), np.int64)
     captured: Dict[str, Any] = {}
     predict = predictor.model.predict
 
@@ -196,6 +203,10 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         predictor.set_vocabulary(seen)
         closed_label = np.where(mapped == 6, 255, mapped)
         conf_closed += confusion_of(predictor(image, format="RGB").labels, closed_label, 6)
+        ensemble_predictor.set_vocabulary(open_names)
+        conf_ensemble_open += confusion_of(ensemble_predictor(image, format="RGB").labels, mapped, 7)
+        ensemble_predictor.set_vocabulary(seen)
+        conf_ensemble_closed += confusion_of(ensemble_predictor(image, format="RGB").labels, closed_label, 6)
         with torch.no_grad():
             _, dense, (h, w) = vlm.encode_image(torch.from_numpy(image).permute(2, 0, 1)[None])
             cos = (dense @ prompts.t()).transpose(1, 2).reshape(1, 7, h, w)
@@ -207,6 +218,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     described_iou = iou_table(conf_described, open_names)
     closed_iou = iou_table(conf_closed, seen)
     vlm_iou = iou_table(conf_vlm, open_names)
+    ensemble_open_iou = iou_table(conf_ensemble_open, open_names)
+    ensemble_closed_iou = iou_table(conf_ensemble_closed, seen)
     return {
         "unseen": args.unseen, "images": args.num_images, "images_with_unseen": images_with_unseen,
         "open_iou": open_iou, "open_seen_miou": statistics.mean(open_iou[n] for n in seen),
@@ -218,6 +231,12 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         "described_iou": described_iou,
         "described_seen_miou": statistics.mean(described_iou[n] for n in seen),
         "unseen_queries": queries.summary(),
+        # TEST.CLIP_ENSEMBLE on, open and closed vocabulary
+        "ensemble_open_iou": ensemble_open_iou,
+        "ensemble_open_seen_miou": statistics.mean(ensemble_open_iou[n] for n in seen),
+        "ensemble_closed_iou": ensemble_closed_iou,
+        "ensemble_closed_seen_miou": statistics.mean(ensemble_closed_iou.values()),
+        "ensemble_open_confusion": conf_ensemble_open.tolist(),
     }
 
 
@@ -297,10 +316,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if args.distractors > 0:
             per_seed[seed]["category_filter"] = evaluate_distractors(run_dir, args)
     summary = {}
-    for key in ("open_seen_miou", "closed_seen_miou"):
+    for key in ("open_seen_miou", "closed_seen_miou", "ensemble_open_seen_miou", "ensemble_closed_seen_miou"):
         summary[key] = [round(r[key], 2) for r in per_seed.values()]
     summary["unseen_iou"] = [round(r["open_iou"][args.unseen], 2) for r in per_seed.values()]
     summary["seen_cost"] = [round(r["closed_seen_miou"] - r["open_seen_miou"], 2) for r in per_seed.values()]
+    summary["ensemble_unseen_iou"] = [round(r["ensemble_open_iou"][args.unseen], 2) for r in per_seed.values()]
+    # against the trained model as it is (closed vocabulary, no ensemble)
+    summary["ensemble_seen_cost"] = [round(r["closed_seen_miou"] - r["ensemble_open_seen_miou"], 2)
+                                     for r in per_seed.values()]
     summary["zero_shot_vlm_unseen_iou"] = round(next(iter(per_seed.values()))["zero_shot_vlm_iou"][args.unseen], 2)
     if args.distractors > 0:
         for arm in ("no_distractors", "filter_off", "filter_on"):

@@ -409,6 +409,20 @@ def add_hvlformer_config(cfg: CN) -> None:
     # mean cosine similarity between the refined textual queries and the per-pixel embeddings, and the
     # evaluator reports it (PixelTextAlignmentEvaluator, "pixel_text_alignment" in the results).
     cfg.TEST.PIXEL_TEXT_ALIGNMENT = False
+    # Open-vocabulary inference (hvlformer/modeling/clip_ensemble.py, docs/DESIGN.md "Open vocabulary"): each
+    # query's class probabilities are mixed with the pretrained CLIP's own classification of its mask (E_I^0's
+    # dense embedding pooled under the mask, against plain prompts), FC-CLIP's geometric ensemble. Helps names
+    # outside the training vocabulary (demo --vocabulary). Needs MODEL.HVLFORMER.CLIP.PRETRAINED.
+    cfg.TEST.CLIP_ENSEMBLE = CN()
+    cfg.TEST.CLIP_ENSEMBLE.ENABLED = False
+    # CLIP's exponent for the classes of the training vocabulary (FC-CLIP's alpha; 0 = the decoder alone).
+    cfg.TEST.CLIP_ENSEMBLE.SEEN_WEIGHT = 0.4
+    # CLIP's exponent for every other name (FC-CLIP's beta; 1 = CLIP alone).
+    cfg.TEST.CLIP_ENSEMBLE.UNSEEN_WEIGHT = 0.8
+    # Prompt of CLIP's classification ({} = class name): the plain prompt CLIP is used with.
+    cfg.TEST.CLIP_ENSEMBLE.TEMPLATE = "a photo of a {}."
+    # Softmax temperature of CLIP's cosine similarities; 0 = the CLIP model's own learned logit scale.
+    cfg.TEST.CLIP_ENSEMBLE.TEMPERATURE = 0.0
     # Inference scale outside the benchmark protocols: the demo, HVLFormerPredictor and the evaluation of
     # datasets that are not built-in benchmarks (DATASETS.CUSTOM, register_sem_seg_folder, your own). The
     # image is resized so that its short side is MIN_SIZE and its long side at most MAX_SIZE; the

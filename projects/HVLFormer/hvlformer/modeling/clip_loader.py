@@ -46,7 +46,8 @@ from detectron2.config import CfgNode
 from torch import nn
 
 __all__ = ["MODEL_CONFIG_DIR", "REPO_ROOT", "register_project_model_configs", "resolve_checkpoint_path",
-           "check_activation_match", "build_clip_model", "clip_weights_from_checkpoint", "has_pretrained_reference"]
+           "check_activation_match", "build_clip_model", "clip_weights_from_checkpoint", "has_pretrained_reference",
+           "reference_needed_at_test"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,13 @@ def clip_weights_from_checkpoint(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
+def reference_needed_at_test(cfg: CfgNode) -> bool:
+    """Whether inference runs the frozen pretrained tower E_I^0: HierVL's zero-shot relevance
+    (``SRE.MODE clip_zero_shot``) or the open-vocabulary CLIP ensemble (``TEST.CLIP_ENSEMBLE.ENABLED``). Then
+    ``CLIP.PRETRAINED`` is loaded even when the weights come from a checkpoint (which never holds E_I^0)."""
+    return cfg.MODEL.HVLFORMER.SRE.MODE == "clip_zero_shot" or bool(cfg.TEST.CLIP_ENSEMBLE.ENABLED)
+
+
 def has_pretrained_reference(clip_cfg: CfgNode, zero_shot: bool = False) -> bool:
     """Whether a frozen reference encoder E_I^0 is built from ``clip_cfg`` (``MODEL.HVLFORMER.CLIP``).
 
@@ -157,7 +165,7 @@ def has_pretrained_reference(clip_cfg: CfgNode, zero_shot: bool = False) -> bool
 
     Args:
         clip_cfg: ``cfg.MODEL.HVLFORMER.CLIP``.
-        zero_shot: the model needs E_I^0 at inference too (``SRE.MODE clip_zero_shot``): then it is built
+        zero_shot: the model needs E_I^0 at inference too (:func:`reference_needed_at_test`): then it is built
             whenever ``PRETRAINED`` is set, even with ``WEIGHTS_FROM_CHECKPOINT`` (a checkpoint does not hold
             E_I^0, so evaluation of that mode loads ``PRETRAINED``). Otherwise it needs ``FROZEN_REFERENCE``
             and is skipped with ``WEIGHTS_FROM_CHECKPOINT`` (evaluation needs no L^V).

@@ -11,9 +11,12 @@ runs through the model's ``predict`` / ``extract_features`` / ``decode``; nothin
 - :func:`scores_and_alignment`: class scores of a batch at its padded resolution (with LSMSeg's category
   filter, :func:`filtered_scores_and_alignment`, when the vocabulary has more than its ``top_k`` classes).
 - :func:`sliding_window_scores`: one image through windows (:func:`window_origins`), averaged per pixel.
+- :func:`with_clip_ensemble`: the class logits of ``TEST.CLIP_ENSEMBLE`` (the frozen CLIP's classification of
+  each mask mixed in, :mod:`hvlformer.modeling.clip_ensemble`) when the model has one, on every path above.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,7 +31,7 @@ from .thesis import ecac_fuse_scores, scatter_filtered_scores
 
 __all__ = [
     "semantic_inference", "scores_and_alignment", "output_scores_and_alignment", "filtered_scores_and_alignment",
-    "sliding_window_scores", "window_origins",
+    "sliding_window_scores", "window_origins", "with_clip_ensemble",
 ]
 
 
@@ -74,8 +77,30 @@ def scores_and_alignment(model: nn.Module, images: Tensor, text_embeddings: Tens
     num_classes = text_embeddings.shape[0]
     if model.category_filter is not None and num_classes > model.category_filter.top_k:
         return filtered_scores_and_alignment(model, images, text_embeddings, valid_sizes)
-    return output_scores_and_alignment(model.predict(images, text_embeddings), images.shape[-2:], valid_sizes,
-                                       ecac_weight=model.ecac_inference_weight)
+    outputs = with_clip_ensemble(model, model.predict(images, text_embeddings), images)
+    return output_scores_and_alignment(outputs, images.shape[-2:], valid_sizes, ecac_weight=model.ecac_inference_weight)
+
+
+def with_clip_ensemble(model: nn.Module, outputs: HVLFormerOutput, images: Tensor,
+                       class_index: Optional[Tensor] = None,
+                       reference_dense: Optional[Tensor] = None) -> HVLFormerOutput:
+    """``outputs`` with the CLIP ensemble's class logits when ``model.clip_ensemble`` is set, else unchanged.
+
+    Args:
+        images: the normalised batch ``B x 3 x H x W`` of ``outputs``.
+        class_index: ``K`` indices of the decoded classes in the model's vocabulary (category filter); None = all.
+        reference_dense: E_I^0's dense embedding of ``images`` when already computed (``B x C x h x w``).
+    """
+    ensemble = model.clip_ensemble
+    if ensemble is None:
+        return outputs
+    names = model.class_names if class_index is None else [model.class_names[i] for i in class_index.tolist()]
+    if reference_dense is None:
+        reference_dense = model.backbone.reference_dense_embedding(images)
+    logits = ensemble(outputs.pred_logits, outputs.pred_masks, reference_dense,
+                      ensemble.class_embeddings(model.text_encoder, names),
+                      ensemble.class_weights(names, model.training_class_names, images.device))
+    return dataclasses.replace(outputs, pred_logits=logits)
 
 
 def output_scores_and_alignment(outputs: HVLFormerOutput, image_size: Sequence[int],
@@ -104,10 +129,13 @@ def filtered_scores_and_alignment(model: nn.Module, images: Tensor, text_embeddi
     num_classes = text_embeddings.shape[0]
     features = model.extract_features(images)
     kept = model.category_filter(features["clip_dense"], text_embeddings)["indices"]    # B x k
+    reference_dense = model.backbone.reference_dense_embedding(images) if model.clip_ensemble is not None else None
     scores, alignments = [], []
     for b in range(images.shape[0]):
         image_features = {name: value[b: b + 1] for name, value in features.items()}
         outputs = model.decode(images[b: b + 1], image_features, text_embeddings[kept[b]], class_index=kept[b])
+        outputs = with_clip_ensemble(model, outputs, images[b: b + 1], kept[b],
+                                     None if reference_dense is None else reference_dense[b: b + 1])
         image_scores, alignment = output_scores_and_alignment(
             outputs, images.shape[-2:], None if valid_sizes is None else [valid_sizes[b]],
             ecac_weight=model.ecac_inference_weight)

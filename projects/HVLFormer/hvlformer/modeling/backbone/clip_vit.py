@@ -56,7 +56,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ..clip_loader import build_clip_model, has_pretrained_reference
+from ..clip_loader import build_clip_model, has_pretrained_reference, reference_needed_at_test
 from ..frozen import FrozenModule
 
 __all__ = ["CLIPViTBackbone", "interpolate_pos_embed", "NOMINAL_STRIDE", "NATIVE_PATCH_SIZES"]
@@ -359,17 +359,17 @@ class CLIPViTBackbone(Backbone):
         if input_shape is not None and input_shape.channels not in (None, 3):
             raise ValueError(f"CLIP vision towers take 3-channel images, got input_shape {input_shape}")
         c = cfg.MODEL.HVLFORMER.CLIP
-        zero_shot = cfg.MODEL.HVLFORMER.SRE.MODE == "clip_zero_shot"  # needs E_I^0 at inference too
+        at_test = reference_needed_at_test(cfg)  # E_I^0 runs at inference too
         if visual is None:
             model, _ = build_clip_model(c.MODEL_NAME, c.PRETRAINED,
-                                        weights_from_checkpoint=c.WEIGHTS_FROM_CHECKPOINT and not zero_shot)
+                                        weights_from_checkpoint=c.WEIGHTS_FROM_CHECKPOINT and not at_test)
             visual = model.visual
         return {
             "visual": visual,
             "out_indices": list(c.OUT_INDICES),
             "pyramid_norm": c.PYRAMID_NORM,
             "gradient_checkpointing": c.GRADIENT_CHECKPOINTING,
-            "frozen_reference": has_pretrained_reference(c, zero_shot),
+            "frozen_reference": has_pretrained_reference(c, at_test),
         }
 
     # ------------------------------------------------------------------ helpers

@@ -88,10 +88,6 @@ class HierVL(HVLFormer):
         return ret
 
     @classmethod
-    def reference_needed_at_test(cls, cfg) -> bool:
-        return cfg.MODEL.HVLFORMER.SRE.MODE == "clip_zero_shot"
-
-    @classmethod
     def warn_without_reference(cls, cfg, reference: bool) -> None:
         hv, hiervl = cfg.MODEL.HVLFORMER, cfg.MODEL.HIERVL
         if hv.SRE.MODE == "clip_zero_shot" and not hv.CLIP.PRETRAINED:

@@ -37,7 +37,8 @@ from detectron2.utils.logger import log_first_n
 from torch import Tensor, nn
 
 from ..backbone import CLIPViTBackbone, build_clip_backbone
-from ..clip_loader import build_clip_model, has_pretrained_reference
+from ..clip_ensemble import CLIPEnsemble
+from ..clip_loader import build_clip_model, has_pretrained_reference, reference_needed_at_test
 from ..cmcr import CMCRLoss
 from ..criterion import HVLSetCriterion
 from ..htqg import HTQG
@@ -128,6 +129,7 @@ class HVLFormer(nn.Module):
         category_filter: Optional[CategoryFilter] = None,
         class_refinement: Optional[ClassLinearAttentionRefinement] = None,
         fusion: Optional[VisualFeatureFusion] = None,
+        clip_ensemble: Optional[CLIPEnsemble] = None,
     ) -> None:
         """
         Args:
@@ -142,6 +144,8 @@ class HVLFormer(nn.Module):
             caa, caa_level: the thesis's CAA and the pixel-decoder level it refines (0, 1, 2 = strides 32,
                 16, 8). ecac, ecac_inference_weight: ECAC and its share of the inference scores.
             category_filter, class_refinement, fusion: LSMSeg's modules. None = off (the paper's model).
+            clip_ensemble: open-vocabulary inference with the frozen CLIP's classification of each mask
+                (:mod:`hvlformer.modeling.clip_ensemble`); needs the backbone's E_I^0. None = off.
         """
         super().__init__()
         if htqg.sre_mode == "clip_zero_shot" and not self.zero_shot_relevance:
@@ -168,6 +172,10 @@ class HVLFormer(nn.Module):
         self.category_filter = category_filter
         self.class_refinement = class_refinement
         self.fusion = fusion
+        if clip_ensemble is not None and backbone.reference_tower is None:
+            raise ValueError("the CLIP ensemble pools the frozen pretrained tower E_I^0's embedding: build the "
+                             "backbone with frozen_reference=True (MODEL.HVLFORMER.CLIP.PRETRAINED set)")
+        self.clip_ensemble = clip_ensemble
         if category_filter is not None and getattr(transformer_decoder, "classifier", "text") == "linear":
             # the linear classifier's decoder expects the E*K queries of its fixed K classes
             raise ValueError("MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER decodes a subset of the vocabulary per image: "
@@ -197,10 +205,9 @@ class HVLFormer(nn.Module):
         if cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM != hidden_dim:
             raise ValueError("MODEL.SEM_SEG_HEAD.CONVS_DIM must equal MODEL.HVLFORMER.HIDDEN_DIM (PTRM mixes them)")
         # one CLIP model for both towers; E_I^0 = its pretrained vision tower (see clip_loader)
-        reference_at_test = cls.reference_needed_at_test(cfg)
         clip_model, tokenizer = build_clip_model(
             hv.CLIP.MODEL_NAME, hv.CLIP.PRETRAINED,
-            weights_from_checkpoint=hv.CLIP.WEIGHTS_FROM_CHECKPOINT and not reference_at_test)
+            weights_from_checkpoint=hv.CLIP.WEIGHTS_FROM_CHECKPOINT and not reference_needed_at_test(cfg))
         reference = has_pretrained_reference(hv.CLIP)
         cls.warn_without_reference(cfg, reference)
         backbone = build_clip_backbone(cfg, clip_model.visual)
@@ -220,7 +227,14 @@ class HVLFormer(nn.Module):
         transformer_decoder = cls.build_transformer_decoder(cfg, hidden_dim, num_classes, text_dim)
         criterion = HVLFormerLoss(cfg, cls.build_seg_criterion(cfg, num_classes), has_reference=reference)
         thesis_modules = build_thesis_modules(cfg, text_dim, num_classes, shapes)
+        clip_ensemble = None
+        if cfg.TEST.CLIP_ENSEMBLE.ENABLED:
+            if not hv.CLIP.PRETRAINED:
+                raise ValueError("TEST.CLIP_ENSEMBLE asks the pretrained CLIP to classify each mask: set "
+                                 "MODEL.HVLFORMER.CLIP.PRETRAINED (an open_clip tag or a file)")
+            clip_ensemble = CLIPEnsemble(cfg, clip_logit_scale=float(clip_model.logit_scale.detach().exp()))
         return {
+            "clip_ensemble": clip_ensemble,
             **thesis_modules,
             "backbone": backbone,
             "text_encoder": text_encoder,
@@ -246,11 +260,6 @@ class HVLFormer(nn.Module):
         }
 
     # Construction steps a variant (HierVL) changes; HVLFormer's are the plain config.
-    @classmethod
-    def reference_needed_at_test(cls, cfg) -> bool:
-        """Whether inference runs E_I^0 (then CLIP.PRETRAINED is loaded even for a checkpoint's evaluation)."""
-        return False
-
     @classmethod
     def warn_without_reference(cls, cfg, reference: bool) -> None:
         hv = cfg.MODEL.HVLFORMER
@@ -321,6 +330,8 @@ class HVLFormer(nn.Module):
     def reset_reference_text(self) -> None:
         """Forget T0 (recomputed on next use): after a new vocabulary or new text-tower weights."""
         self.reference_text_embeddings = self.pixel_mean.new_empty(0)
+        if self.clip_ensemble is not None:
+            self.clip_ensemble.reset()
 
     # ------------------------------------------------------------------ the network
     def normalize(self, images: Tensor) -> Tensor:

@@ -1,0 +1,135 @@
+"""Open-vocabulary inference with the frozen CLIP's own classification of each mask (``TEST.CLIP_ENSEMBLE``).
+
+HVLFormer's classifier (``CLASSIFIER text``) scores a query against any vocabulary, but its projection of a
+query into the text space is fitted on the training classes only: on ``shapes``, a name never labeled for
+segmentation got no pixel although its queries' masks covered its shapes and the pretrained CLIP alone
+segments it well (docs/RESULTS.md, "(e) open vocabulary"). The pretrained CLIP keeps the open vocabulary
+that segmentation training narrows, so inference can ask it too, as FC-CLIP does (Yu et al., "Convolutions
+die hard", NeurIPS 2023, Sec. 3.3 "geometric ensemble"): for every query ``q`` and class ``k``
+
+* ``v_q = normalize(sum_p sigmoid(m_q(p)) f0(p) / sum_p sigmoid(m_q(p)))``: the frozen reference tower
+  E_I^0's dense embedding ``f0`` (the pretrained CLIP, as L^V's anchor) pooled under the query's soft mask;
+* ``p_clip(k | q) = softmax_k(s * cos(v_q, u_k))`` with ``u_k`` the frozen text tower's embedding of a plain
+  prompt ("a photo of a {}.") and ``s`` the CLIP model's learned logit scale (or ``1 / TEMPERATURE``);
+* ``p(k | q) ~ p_dec(k | q)^(1 - w_k) * p_clip(k | q)^w_k``, renormalised over the K classes, with
+  ``p_dec`` the decoder's distribution over the K classes (no-object left out) and ``w_k`` =
+  ``SEEN_WEIGHT`` for a class of the training vocabulary, ``UNSEEN_WEIGHT`` for any other name;
+* the decoder's no-object probability is kept: ``[p(k | q) * (1 - p_dec(none | q)), p_dec(none | q)]``.
+
+The result replaces the query's class logits (as log-probabilities), so Mask2Former's semantic inference
+(:func:`~hvlformer.modeling.outputs.semantic_scores`) is unchanged. Off by default (the paper's model);
+needs ``MODEL.HVLFORMER.CLIP.PRETRAINED`` (E_I^0 is rebuilt from it at inference, see
+:func:`~hvlformer.modeling.clip_loader.reference_needed_at_test`). The weights 0.4 / 0.8 are FC-CLIP's, not
+tuned here. Design notes: docs/DESIGN.md, "Open vocabulary".
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from torch import Tensor, nn
+
+__all__ = ["CLIPEnsemble", "mask_pooled_embeddings", "geometric_ensemble"]
+
+
+def mask_pooled_embeddings(pred_masks: Tensor, dense: Tensor) -> Tensor:
+    """Unit embeddings ``B x Q x C`` of the dense map ``dense`` (``B x C x h x w``) averaged under each query's
+    soft mask (``pred_masks``: ``B x Q x H x W`` logits, resized to ``h x w`` first)."""
+    masks = F.interpolate(pred_masks.float(), size=dense.shape[-2:], mode="bilinear", align_corners=False).sigmoid()
+    pooled = torch.einsum("bqhw,bchw->bqc", masks, dense.float())
+    pooled = pooled / masks.sum(dim=(-2, -1)).clamp(min=1e-6).unsqueeze(-1)
+    return F.normalize(pooled, dim=-1)
+
+
+def geometric_ensemble(pred_logits: Tensor, clip_probs: Tensor, class_weights: Tensor) -> Tensor:
+    """Mix the decoder's class distribution with CLIP's (see the module docstring).
+
+    Args:
+        pred_logits: ``B x Q x (K+1)`` decoder logits (last = no object).
+        clip_probs: ``B x Q x K`` CLIP's class probabilities of each query's mask.
+        class_weights: ``K`` exponents ``w_k`` of CLIP's probability (0 = the decoder alone, 1 = CLIP alone).
+
+    Returns:
+        ``B x Q x (K+1)`` log-probabilities: the mixed K-class distribution scaled by ``1 - p_none``, then the
+        decoder's ``p_none``.
+    """
+    probs = pred_logits.float().softmax(dim=-1)
+    no_object = probs[..., -1:]
+    decoder_log = pred_logits.float()[..., :-1].log_softmax(dim=-1)
+    weights = class_weights.to(decoder_log)
+    mixed = ((1.0 - weights) * decoder_log + weights * clip_probs.float().clamp(min=1e-12).log()).softmax(dim=-1)
+    return torch.cat([mixed * (1.0 - no_object), no_object], dim=-1).clamp(min=1e-12).log()
+
+
+class CLIPEnsemble(nn.Module):
+    """The geometric ensemble of the decoder's and the frozen CLIP's class probabilities (no parameters)."""
+
+    @configurable
+    def __init__(self, *, logit_scale: float, seen_weight: float = 0.4, unseen_weight: float = 0.8,
+                 template: str = "a photo of a {}.") -> None:
+        """
+        Args:
+            logit_scale: ``s``, the scale of CLIP's cosine similarities (CLIP's learned ``exp(logit_scale)``).
+            seen_weight, unseen_weight: CLIP's exponent for classes of the training vocabulary / other names.
+            template: the prompt of CLIP's classification (``{}`` = the class name).
+        """
+        super().__init__()
+        for name, value in (("seen_weight", seen_weight), ("unseen_weight", unseen_weight)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"TEST.CLIP_ENSEMBLE: {name} must be in [0, 1], got {value}")
+        if logit_scale <= 0:
+            raise ValueError(f"TEST.CLIP_ENSEMBLE: the logit scale must be positive, got {logit_scale}")
+        if "{}" not in template:
+            raise ValueError(f"TEST.CLIP_ENSEMBLE.TEMPLATE must hold '{{}}' for the class name, got {template!r}")
+        self.logit_scale = float(logit_scale)
+        self.seen_weight = float(seen_weight)
+        self.unseen_weight = float(unseen_weight)
+        self.template = template
+        self._cache: Optional[Tuple[Any, Tensor]] = None
+
+    @classmethod
+    def from_config(cls, cfg, clip_logit_scale: float) -> Dict[str, Any]:
+        """``clip_logit_scale``: ``exp(logit_scale)`` of the loaded CLIP model, used when TEMPERATURE is 0."""
+        c = cfg.TEST.CLIP_ENSEMBLE
+        return {
+            "logit_scale": 1.0 / c.TEMPERATURE if c.TEMPERATURE > 0 else float(clip_logit_scale),
+            "seen_weight": c.SEEN_WEIGHT,
+            "unseen_weight": c.UNSEEN_WEIGHT,
+            "template": c.TEMPLATE,
+        }
+
+    def reset(self) -> None:
+        """Forget the cached class embeddings (new vocabulary or new text-tower weights)."""
+        self._cache = None
+
+    def class_embeddings(self, text_encoder: nn.Module, class_names: Sequence[str]) -> Tensor:
+        """``u``: ``K x C`` unit embeddings of the plain prompts by the frozen text tower (no learned context),
+        cached per vocabulary."""
+        weight = text_encoder.tower.token_embedding.weight
+        key = (tuple(class_names), weight.device, weight.dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, text_encoder.reference_embeddings([self.template.format(n) for n in class_names]))
+        return self._cache[1]
+
+    def class_weights(self, class_names: Sequence[str], training_class_names: Sequence[str],
+                      device: torch.device) -> Tensor:
+        """``K`` exponents: ``seen_weight`` for names of the training vocabulary, ``unseen_weight`` otherwise."""
+        seen = set(training_class_names)
+        return torch.tensor([self.seen_weight if n in seen else self.unseen_weight for n in class_names],
+                            device=device)
+
+    def forward(self, pred_logits: Tensor, pred_masks: Tensor, reference_dense: Tensor, class_embeddings: Tensor,
+                class_weights: Tensor) -> Tensor:
+        """New ``B x Q x (K+1)`` class logits (log-probabilities).
+
+        Args:
+            pred_logits: ``B x Q x (K+1)``; pred_masks: ``B x Q x H x W`` logits (the decoder's last layer).
+            reference_dense: ``B x C x h x w`` dense embedding of E_I^0 for the same images.
+            class_embeddings: ``K x C`` unit text embeddings (:meth:`class_embeddings`).
+            class_weights: ``K`` (:meth:`class_weights`).
+        """
+        pooled = mask_pooled_embeddings(pred_masks, reference_dense)
+        clip_probs = (self.logit_scale * pooled @ class_embeddings.float().t()).softmax(dim=-1)
+        return geometric_ensemble(pred_logits, clip_probs, class_weights)

@@ -1,0 +1,150 @@
+"""TEST.CLIP_ENSEMBLE: mask pooling, the geometric ensemble (hand-computed), the model wiring (E_I^0 at test,
+seen / unseen weights, the vocabulary cache) and the shipped tiny CLIP's classification of real shape masks."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_PRETRAINED_CONFIG
+from hvlformer.modeling.clip_ensemble import CLIPEnsemble, geometric_ensemble, mask_pooled_embeddings
+from hvlformer.modeling.clip_loader import reference_needed_at_test
+
+
+def test_mask_pooling_averages_under_the_soft_mask():
+    dense = torch.tensor([[[1.0, 0.0], [3.0, 0.0]],      # channel 0 of a 2 x 2 map
+                          [[0.0, 2.0], [0.0, 0.0]]])[None]  # channel 1; 1 x 2 x 2 x 2
+    big = 30.0  # sigmoid = 1 (to 1e-13)
+    masks = torch.tensor([[[big, -big], [-big, -big]],   # query 0: pixel (0, 0) only
+                          [[-big, big], [big, -big]],    # query 1: pixels (0, 1) and (1, 0)
+                          [[0.0, -big], [0.0, -big]]])[None]  # query 2: half weight on (0, 0) and (1, 0)
+    pooled = mask_pooled_embeddings(masks, dense)[0]
+    expected = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.5, 1.0], [2.0, 0.0]]), dim=-1)
+    torch.testing.assert_close(pooled, expected, atol=1e-6, rtol=0)
+    # masks at a finer resolution are resized to the dense grid first
+    fine = torch.nn.functional.interpolate(masks, scale_factor=4, mode="nearest")
+    torch.testing.assert_close(mask_pooled_embeddings(fine, dense)[0, :2], expected[:2], atol=1e-3, rtol=0)
+
+
+def test_geometric_ensemble_matches_the_formula_by_hand():
+    decoder = torch.tensor([0.6, 0.2, 0.2])  # two classes, then no object
+    clip = torch.tensor([0.1, 0.9])
+    logits = geometric_ensemble(decoder.log()[None, None], clip[None, None], torch.tensor([0.4, 0.8]))[0, 0]
+    # decoder over the 2 classes: 0.75 / 0.25; class 0 seen (w 0.4), class 1 unseen (w 0.8)
+    a, b = 0.75 ** 0.6 * 0.1 ** 0.4, 0.25 ** 0.2 * 0.9 ** 0.8
+    expected = torch.tensor([a / (a + b) * 0.8, b / (a + b) * 0.8, 0.2])
+    torch.testing.assert_close(logits.exp(), expected, atol=1e-6, rtol=0)
+    assert logits.exp()[1] > logits.exp()[0]  # CLIP outvotes the decoder on the unseen class
+
+
+def test_ensemble_weights_zero_and_one_are_the_decoder_and_clip_alone():
+    torch.manual_seed(0)
+    pred_logits = torch.randn(2, 5, 4)
+    clip = torch.randn(2, 5, 3).softmax(-1)
+    alone = geometric_ensemble(pred_logits, clip, torch.zeros(3))
+    torch.testing.assert_close(alone.softmax(-1), pred_logits.softmax(-1), atol=1e-6, rtol=0)
+    only_clip = geometric_ensemble(pred_logits, clip, torch.ones(3)).exp()
+    no_object = pred_logits.softmax(-1)[..., -1:]
+    torch.testing.assert_close(only_clip, torch.cat([clip * (1 - no_object), no_object], -1), atol=1e-6, rtol=0)
+
+
+def test_ensemble_rejects_bad_settings():
+    with pytest.raises(ValueError, match="seen_weight"):
+        CLIPEnsemble(logit_scale=10.0, seen_weight=1.5)
+    with pytest.raises(ValueError, match="TEMPLATE"):
+        CLIPEnsemble(logit_scale=10.0, template="a photo")
+    with pytest.raises(ValueError, match="logit scale"):
+        CLIPEnsemble(logit_scale=0.0)
+
+
+@pytest.fixture(scope="module")
+def ensemble_model(single_thread):
+    from conftest import make_tiny_model
+
+    return make_tiny_model("MODEL.HVLFORMER.CLASSIFIER", "text", "TEST.CLIP_ENSEMBLE.ENABLED", "True",
+                           config=TINY_PRETRAINED_CONFIG, train=False)
+
+
+def test_model_builds_the_ensemble_with_clip_scale_and_e_i0(ensemble_model, tiny_cfg):
+    ensemble = ensemble_model.clip_ensemble
+    assert ensemble_model.backbone.reference_tower is not None
+    # the shipped tiny CLIP's learned logit scale (TEMPERATURE 0), not a default
+    assert ensemble.logit_scale == pytest.approx(20.362, abs=1e-3)
+    assert (ensemble.seen_weight, ensemble.unseen_weight) == (0.4, 0.8)
+    cfg = tiny_cfg("TEST.CLIP_ENSEMBLE.ENABLED", "True", "MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT", "True",
+                   config=TINY_PRETRAINED_CONFIG)
+    assert reference_needed_at_test(cfg)  # evaluating a checkpoint still loads PRETRAINED for E_I^0
+    assert not reference_needed_at_test(tiny_cfg(config=TINY_PRETRAINED_CONFIG))
+    assert CLIPEnsemble(tiny_cfg("TEST.CLIP_ENSEMBLE.TEMPERATURE", "0.01"), clip_logit_scale=3.0).logit_scale == 100.0
+
+
+def test_ensemble_without_pretrained_clip_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match="CLIP.PRETRAINED"):
+        tiny_model("TEST.CLIP_ENSEMBLE.ENABLED", "True")
+
+
+def test_model_weights_follow_the_training_vocabulary_and_the_cache_follows_the_vocabulary(ensemble_model):
+    model, ensemble = ensemble_model, ensemble_model.clip_ensemble
+    names = list(model.class_names) + ["ring"]
+    weights = ensemble.class_weights(names, model.training_class_names, torch.device("cpu"))
+    assert weights.tolist() == pytest.approx([0.4] * 6 + [0.8])
+    first = ensemble.class_embeddings(model.text_encoder, model.class_names)
+    assert first.shape[0] == 6
+    bigger = ensemble.class_embeddings(model.text_encoder, names)
+    assert bigger.shape[0] == 7
+    torch.testing.assert_close(bigger[:6], first)
+    expected = model.text_encoder.reference_embeddings(["a photo of a ring."])[0]
+    torch.testing.assert_close(bigger[6], expected)
+
+
+def test_zero_weights_give_the_plain_model_and_weights_change_the_scores(ensemble_model):
+    model = ensemble_model
+    torch.manual_seed(1)
+    inputs = [{"image": torch.randint(0, 255, (3, 64, 64)).float(), "height": 64, "width": 64}]
+    ensemble = model.clip_ensemble
+    try:
+        model.clip_ensemble = None
+        with torch.no_grad():
+            plain = model(inputs)[0]["sem_seg"]
+        model.clip_ensemble = ensemble
+        ensemble.seen_weight = ensemble.unseen_weight = 0.0
+        with torch.no_grad():
+            zero = model(inputs)[0]["sem_seg"]
+        ensemble.seen_weight = ensemble.unseen_weight = 1.0
+        with torch.no_grad():
+            clip_only = model(inputs)[0]["sem_seg"]
+    finally:
+        model.clip_ensemble = ensemble
+        ensemble.seen_weight, ensemble.unseen_weight = 0.4, 0.8
+    torch.testing.assert_close(zero, plain, atol=1e-5, rtol=1e-5)
+    assert (clip_only - plain).abs().max() > 1e-2
+    # the ensemble moves mass between classes only: no-object probabilities are the decoder's
+    torch.testing.assert_close(clip_only.sum(0), plain.sum(0), atol=1e-4, rtol=1e-4)
+
+
+def test_shipped_tiny_clip_names_real_shape_masks(ensemble_model):
+    """E_I^0 (the shipped tiny CLIP v2) pooled under a shape's true mask is classified as that shape, for
+    a kind never labeled for segmentation ("ring") too: what makes the ensemble useful."""
+    from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
+
+    model, ensemble = ensemble_model, ensemble_model.clip_ensemble
+    names = shapes_class_names(11)
+    vocabulary = names[:6] + ["ring"]
+    text = ensemble.class_embeddings(model.text_encoder, vocabulary)
+    correct = total = 0
+    for i in range(6):
+        image, label = render_shapes_image(_image_rng(0, "ensemble-test", i), 128, 11,
+                                           guaranteed_class=names.index("ring") if i % 2 == 0 else 1)
+        x = model.normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None])
+        dense = model.backbone.reference_dense_embedding(x)
+        for kind in ("circle", "ring"):
+            region = torch.from_numpy(label == names.index(kind))
+            if region.sum() < 100:
+                continue
+            mask_logits = (region.float() * 20 - 10)[None, None]
+            pooled = mask_pooled_embeddings(mask_logits, dense)[0, 0]
+            total += 1
+            correct += int(vocabulary[int((pooled @ text.t()).argmax())] == kind)
+    assert total >= 4
+    assert correct == total
+    assert math.isfinite(ensemble.logit_scale)
