@@ -13,7 +13,14 @@ never a pixel mask:
   each patch gets a softmax over the prompts of background + 10 names; an image-level score per name is the
   global weighted rank pooling (GWRP, Kolesnikov & Lampert 2016) of its patch probabilities (weights
   ``d^rank``: a few top patches for shapes, a wide share of the image for background, which is tagged in
-  every caption), with BCE against the tags.
+  every caption), with BCE against the tags;
+* ``region`` (``--region-weight``): the ``dense`` term inside each ``--region-cell`` square of the image,
+  against the kinds visible in that square (region tags, as region captions give; never a pixel mask);
+* ``swap`` (``--swap-weight``, off in the shipped v1 / v2): image-to-text cross-entropy over the batch's
+  captions plus one hard negative per image, its caption with one visible kind renamed to its colour twin
+  (the kind of the nearest hue family, :func:`colour_twins`: square / cross, star / ellipse, ...), as
+  NegCLIP's hard negatives (Yuksekgonul et al., ICLR 2023). Only the kind's shape and texture tell the
+  two captions apart.
 
 Images are drawn on the fly (split ``pretrain``; image ``i`` of step ``t`` is ``t * batch + i``), so the
 run is deterministic for a given seed and thread count. Evaluation, with no segmentation training and the
@@ -37,6 +44,7 @@ command, time and sha256 go to ``--metrics-out`` (JSON).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -88,14 +96,50 @@ def _jpeg_roundtrip(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def colour_twins() -> Dict[int, int]:
+    """Kind id (1-10) -> the other kind whose hue family is nearest (circular distance in degrees): the kind
+    that only shape and texture tell apart from it (:file:`classes/shapes.json`)."""
+    hues = [c["color"]["hue"] for c in load_shapes_classes()["classes"]]
+
+    def distance(a: float, b: float) -> float:
+        d = abs(a - b) % 360.0
+        return min(d, 360.0 - d)
+
+    return {i + 1: 1 + min((j for j in range(len(hues)) if j != i), key=lambda j: distance(hues[i], hues[j]))
+            for i in range(len(hues))}
+
+
+def swapped_caption(record: Dict[str, Any], image_size: int, caption_rng_state: Dict[str, Any],
+                    rng: np.random.Generator, twins: Dict[int, int]) -> str:
+    """The caption of ``record`` with one visible kind (chosen by ``rng``) renamed to its colour twin, written
+    with the template, order and attribute choices of the true caption (``caption_rng_state``: the state of
+    its generator before it was captioned). An image with no visible kind keeps its caption."""
+    visible = sorted(visible_classes(record, image_size))
+    if not visible:
+        caption_rng = np.random.default_rng()
+        caption_rng.bit_generator.state = caption_rng_state
+        return caption_shapes_image(record, image_size, caption_rng)[0]
+    kind = visible[int(rng.integers(len(visible)))]
+    swapped = copy.deepcopy(record)
+    for inst in swapped["instances"]:
+        if int(inst["class"]) == kind:
+            inst["class"] = twins[kind]
+    caption_rng = np.random.default_rng()
+    caption_rng.bit_generator.state = caption_rng_state
+    return caption_shapes_image(swapped, image_size, caption_rng)[0]
+
+
 def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, num_classes: int,
-               random_hue_probability: float = 0.0) -> Tuple[Tensor, Tensor, List[str], Tensor]:
+               random_hue_probability: float = 0.0,
+               negatives: Optional[List[str]] = None) -> Tuple[Tensor, Tensor, List[str], Tensor]:
     """Images ``indices`` of a shapes split, drawn in memory exactly as the dataset files would be (with
     ``random_hue_probability`` > 0, the pretraining images: instances recoloured at random, see
     :func:`render_shapes_image`).
 
     Returns ``(images B x 3 x H x W uint8, labels B x H x W uint8, captions, tags B x ALL_KINDS float)``;
-    ``tags[:, 0]`` (background) is 1, ``tags[:, k]`` is 1 when the caption names kind ``k``.
+    ``tags[:, 0]`` (background) is 1, ``tags[:, k]`` is 1 when the caption names kind ``k``. When a list is
+    given as ``negatives``, one name-swapped caption per image (:func:`swapped_caption`) is appended to it;
+    the returned values do not depend on it.
     """
     names = vocabulary()
     images, labels, captions, tags = [], [], [], torch.zeros(len(indices), ALL_KINDS)
@@ -105,7 +149,11 @@ def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, n
                                            guaranteed_class=1 + i % (num_classes - 1), record=record,
                                            random_hue_probability=random_hue_probability)
         caption_rng = np.random.default_rng([seed, zlib.crc32(f"{split}/caption".encode()), i])
+        state = copy.deepcopy(caption_rng.bit_generator.state)
         caption, caption_tags = caption_shapes_image(record, image_size, caption_rng)
+        if negatives is not None:
+            swap_rng = np.random.default_rng([seed, zlib.crc32(f"{split}/swap".encode()), i])
+            negatives.append(swapped_caption(record, image_size, state, swap_rng, colour_twins()))
         images.append(torch.from_numpy(_jpeg_roundtrip(image)).permute(2, 0, 1))
         labels.append(torch.from_numpy(label))
         captions.append(caption)
@@ -157,7 +205,7 @@ class TinyClipPretrainer(nn.Module):
     """An open_clip model plus the few scalars of the pretraining losses (not part of the checkpoint)."""
 
     def __init__(self, clip_model: nn.Module, tokenizer, fg_decay: float = 0.9, bg_decay: float = 0.99,
-                 loss_weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.0), dense_mode: str = "softmax",
+                 loss_weights: Sequence[float] = (1.0, 1.0, 1.0, 0.0, 0.0), dense_mode: str = "softmax",
                  region_cell: int = 32, region_decay: float = 0.5) -> None:
         super().__init__()
         self.clip = clip_model
@@ -171,7 +219,9 @@ class TinyClipPretrainer(nn.Module):
         self.register_buffer("decay", torch.tensor([bg_decay] + [fg_decay] * (ALL_KINDS - 1)))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1))
-        self.loss_weights = tuple(loss_weights)  # clip, tag, dense, region
+        if len(loss_weights) != 5:
+            raise ValueError(f"loss_weights are (clip, tag, dense, region, swap), got {loss_weights}")
+        self.loss_weights = tuple(loss_weights)  # clip, tag, dense, region, swap
         self.region_cell = region_cell
         self.register_buffer("region_decay", torch.full((ALL_KINDS,), float(region_decay)))
         self.prompt_tokens = tokenizer([PLAIN_TEMPLATE.format(n) for n in vocabulary()])
@@ -202,12 +252,15 @@ class TinyClipPretrainer(nn.Module):
         return F.normalize(x, dim=-1)
 
     def losses(self, images: Tensor, captions: Sequence[str], tags: Tensor,
-               cell_tags: Optional[Tensor] = None) -> Dict[str, Tensor]:
+               cell_tags: Optional[Tensor] = None, negatives: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
         """The weighted pretraining losses of a batch (images uint8 ``B x 3 x H x W``, tags ``B x 11``,
-        ``cell_tags`` ``B x H/cell x W/cell x 11`` from :func:`region_tags`, needed when the region weight > 0)."""
+        ``cell_tags`` ``B x H/cell x W/cell x 11`` from :func:`region_tags`, needed when the region weight > 0;
+        ``negatives``: one name-swapped caption per image, needed when the swap weight > 0)."""
         image_emb, dense, grid = self.encode_image(images)
-        texts = self.encode_text(torch.cat([self.prompt_tokens, self.tokenizer(list(captions))]))
-        prompts, caption_emb = texts[:ALL_KINDS], texts[ALL_KINDS:]
+        w = self.loss_weights
+        extra = list(negatives) if w[4] > 0 else []
+        texts = self.encode_text(torch.cat([self.prompt_tokens, self.tokenizer(list(captions) + extra)]))
+        prompts, caption_emb = texts[:ALL_KINDS], texts[ALL_KINDS: ALL_KINDS + len(captions)]
         scale = self.clip.logit_scale.exp().clamp(max=100.0)
         logits = scale * image_emb @ caption_emb.t()
         target = torch.arange(len(captions))
@@ -224,8 +277,13 @@ class TinyClipPretrainer(nn.Module):
             background_target = 1.0 - kinds.detach().max(dim=-1).values  # B x N
             dense_loss = (F.binary_cross_entropy(pooled, tags[:, 1:])
                           + F.binary_cross_entropy_with_logits(dense_logits[..., 0], background_target))
-        w = self.loss_weights
         out = {"clip": w[0] * clip_loss, "tag": w[1] * tag_loss, "dense": w[2] * dense_loss}
+        if w[4] > 0:
+            # image -> text over the B captions and the B swapped ones: a caption that names the colour twin
+            # instead of the kind drawn must score below the true one
+            negative_emb = texts[ALL_KINDS + len(captions):]
+            swap_logits = scale * image_emb @ torch.cat([caption_emb, negative_emb]).t()
+            out["swap"] = w[4] * F.cross_entropy(swap_logits, target)
         if w[3] > 0:
             # the same multiple-instance term inside each cell: a kind absent from a cell must lose all of its
             # patches, which ties the patch scores to what is under the patch (image-level pooling alone
@@ -352,7 +410,8 @@ def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str
     """Pretrain from scratch; returns ``(clip model, tokenizer, history)``."""
     clip_model, tokenizer = build_model(args.seed)
     model = TinyClipPretrainer(clip_model, tokenizer, args.fg_decay, args.bg_decay,
-                               (args.clip_weight, args.tag_weight, args.dense_weight, args.region_weight),
+                               (args.clip_weight, args.tag_weight, args.dense_weight, args.region_weight,
+                                args.swap_weight),
                                args.dense_mode, args.region_cell, args.region_decay)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -372,10 +431,12 @@ def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
+        negatives: Optional[List[str]] = [] if args.swap_weight > 0 else None
         images, labels, captions, tags = draw_batch(range(step * args.batch_size, (step + 1) * args.batch_size),
-                                                    "pretrain", args.seed, args.image_size, ALL_KINDS, args.random_hue)
+                                                    "pretrain", args.seed, args.image_size, ALL_KINDS, args.random_hue,
+                                                    negatives=negatives)
         cell_tags = region_tags(labels, args.region_cell, args.region_min_fraction) if args.region_weight > 0 else None
-        losses = model.losses(images, captions, tags, cell_tags)
+        losses = model.losses(images, captions, tags, cell_tags, negatives)
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -433,6 +494,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--region-min-fraction", type=float, default=0.1,
                         help="a kind is tagged in a region when it covers at least this share of it")
     parser.add_argument("--region-decay", type=float, default=0.5, help="GWRP decay inside a region")
+    parser.add_argument("--swap-weight", type=float, default=0.0,
+                        help="weight of the hard negatives: each caption with one kind renamed to its colour twin")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="progress metrics on the dev images (never the evaluation ones) every N steps")
@@ -455,9 +518,9 @@ def _metrics_path(args: argparse.Namespace) -> Path:
 # The options that decide the trained weights (recorded with the checkpoint, replayed by --verify).
 TRAINING_OPTIONS = ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay",
                     "bg_decay", "dense_mode", "clip_weight", "tag_weight", "dense_weight", "random_hue",
-                    "region_weight", "region_cell", "region_min_fraction", "region_decay")
+                    "region_weight", "region_cell", "region_min_fraction", "region_decay", "swap_weight")
 # Options added after a record was written were off in it (their other absent options keep the defaults).
-OFF_WHEN_ABSENT = {"random_hue": 0.0, "region_weight": 0.0}
+OFF_WHEN_ABSENT = {"random_hue": 0.0, "region_weight": 0.0, "swap_weight": 0.0}
 
 
 def _training_options(args: argparse.Namespace) -> Dict[str, Any]:

@@ -42,6 +42,13 @@ def test_smoke_run(tool, tmp_path):
     for row in queries["class_probability_per_level"]:
         assert list(row) == list(run["open_iou"]) + ["no object"] and sum(row.values()) == pytest.approx(1.0, abs=0.01)
     assert all(0.0 <= v <= 1.0 for v in queries["mask_on_unseen_pixels"].values())
+    # the CLIP ensemble arm: its confusion gives its IoUs; its seen cost is against the plain closed vocabulary
+    ensemble = np.array(run["ensemble_open_confusion"])
+    assert ensemble.shape == (7, 7) and ensemble.sum() == confusion.sum()
+    assert tool.iou_table(ensemble, list(run["open_iou"])) == run["ensemble_open_iou"]
+    assert set(run["ensemble_closed_iou"]) == set(run["closed_iou"])
+    assert out["summary"]["ensemble_seen_cost"]["runs"] == [
+        round(run["closed_seen_miou"] - run["ensemble_open_seen_miou"], 2)]
 
 
 def test_distractor_names(tool):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -80,21 +81,59 @@ def test_short_text_pass_equals_open_clip_encode_text(tool, single_thread):
     torch.testing.assert_close(model.encode_text(tokens), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_pretraining_loss_decreases_on_a_tiny_batch(tool, single_thread):
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0, 0.0), (0.0, 0.0, 0.0, 0.0, 1.0)], ids=["v2-terms", "swap"])
+def test_pretraining_loss_decreases_on_a_tiny_batch(tool, single_thread, weights):
     clip_model, tokenizer = tool.build_model(0)
-    model = tool.TinyClipPretrainer(clip_model, tokenizer, loss_weights=(1.0, 1.0, 1.0, 1.0), region_cell=16)
-    images, labels, captions, tags = tool.draw_batch(range(8), "pretrain", 0, 32, 11, random_hue_probability=0.5)
+    model = tool.TinyClipPretrainer(clip_model, tokenizer, loss_weights=weights, region_cell=16)
+    negatives = []
+    images, labels, captions, tags = tool.draw_batch(range(8), "pretrain", 0, 32, 11, random_hue_probability=0.5,
+                                                     negatives=negatives)
     cell_tags = tool.region_tags(labels, 16, 0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     history = []
     for _ in range(25):
-        losses = model.losses(images, captions, tags, cell_tags)
+        losses = model.losses(images, captions, tags, cell_tags, negatives)
         history.append({k: float(v.detach()) for k, v in losses.items()})
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
-    for key in ("clip", "tag", "dense", "region"):
+    keys = ("clip", "tag", "dense", "region") if weights[4] == 0 else ("swap",)
+    assert ("swap" in history[0]) == (weights[4] > 0)
+    for key in keys:
         assert history[-1][key] < 0.75 * history[0][key], (key, history[0][key], history[-1][key])
+
+
+def test_colour_twins_pair_the_kinds_that_share_a_hue_family(tool):
+    names = tool.vocabulary()
+    twins = {names[k]: names[t] for k, t in tool.colour_twins().items()}
+    assert twins == {"circle": "triangle", "triangle": "circle", "square": "cross", "cross": "square",
+                     "star": "ellipse", "ellipse": "star", "ring": "diamond", "diamond": "ring",
+                     "hexagon": "crescent", "crescent": "hexagon"}
+
+
+def test_swapped_captions_rename_one_kind_and_keep_everything_else(tool):
+    negatives = []
+    _, _, captions, tags = tool.draw_batch(range(12), "pretrain", 0, 64, 11, negatives=negatives)
+    plain = tool.draw_batch(range(12), "pretrain", 0, 64, 11)
+    assert captions == plain[2] and torch.equal(tags, plain[3])  # asking for negatives changes nothing else
+    names = tool.vocabulary()
+    twins = {names[k]: names[t] for k, t in tool.colour_twins().items()}
+    def mentioned(text):
+        return {n for n in names[1:] if re.search(rf"\b{n}(e?s)?\b", text)}
+
+    changed = 0
+    for caption, negative, row in zip(captions, negatives, tags):
+        present = {names[k] for k in range(1, 11) if row[k]}
+        assert mentioned(caption) == present
+        if not present:
+            assert negative == caption
+            continue
+        changed += 1
+        # one kind k renamed to its twin (merged with the twin's own count when the twin is there too)
+        options = [(present - {k}) | {twins[k]} for k in present]
+        assert mentioned(negative) in options, (caption, negative)
+        assert mentioned(negative) != present
+    assert changed >= 10
 
 
 def test_tool_smoke_run_writes_checkpoint_and_metrics(tool, tmp_path, single_thread, capsys):
