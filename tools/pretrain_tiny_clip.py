@@ -20,7 +20,11 @@ never a pixel mask:
   captions plus one hard negative per image, its caption with one visible kind renamed to its colour twin
   (the kind of the nearest hue family, :func:`colour_twins`: square / cross, star / ellipse, ...), as
   NegCLIP's hard negatives (Yuksekgonul et al., ICLR 2023). Only the kind's shape and texture tell the
-  two captions apart.
+  two captions apart;
+* ``names`` (``--name-weight``, off in v1 / v2): keeps the plain prompts of the 11 names apart in the text
+  space, the mean over pairs of ``relu(cos)^2``. A real CLIP's text tower tells names apart from language
+  alone; here only the images can, and names whose images the image tower cannot yet tell apart stay tied
+  (square / cross at cosine 0.96), which leaves the image tower no signal to separate them.
 
 Images are drawn on the fly (split ``pretrain``; image ``i`` of step ``t`` is ``t * batch + i``), so the
 run is deterministic for a given seed and thread count. Evaluation, with no segmentation training and the
@@ -205,7 +209,7 @@ class TinyClipPretrainer(nn.Module):
     """An open_clip model plus the few scalars of the pretraining losses (not part of the checkpoint)."""
 
     def __init__(self, clip_model: nn.Module, tokenizer, fg_decay: float = 0.9, bg_decay: float = 0.99,
-                 loss_weights: Sequence[float] = (1.0, 1.0, 1.0, 0.0, 0.0), dense_mode: str = "softmax",
+                 loss_weights: Sequence[float] = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0), dense_mode: str = "softmax",
                  region_cell: int = 32, region_decay: float = 0.5) -> None:
         super().__init__()
         self.clip = clip_model
@@ -219,9 +223,9 @@ class TinyClipPretrainer(nn.Module):
         self.register_buffer("decay", torch.tensor([bg_decay] + [fg_decay] * (ALL_KINDS - 1)))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1))
-        if len(loss_weights) != 5:
-            raise ValueError(f"loss_weights are (clip, tag, dense, region, swap), got {loss_weights}")
-        self.loss_weights = tuple(loss_weights)  # clip, tag, dense, region, swap
+        if len(loss_weights) != 6:
+            raise ValueError(f"loss_weights are (clip, tag, dense, region, swap, names), got {loss_weights}")
+        self.loss_weights = tuple(loss_weights)  # clip, tag, dense, region, swap, names
         self.region_cell = region_cell
         self.register_buffer("region_decay", torch.full((ALL_KINDS,), float(region_decay)))
         self.prompt_tokens = tokenizer([PLAIN_TEMPLATE.format(n) for n in vocabulary()])
@@ -284,6 +288,10 @@ class TinyClipPretrainer(nn.Module):
             negative_emb = texts[ALL_KINDS + len(captions):]
             swap_logits = scale * image_emb @ torch.cat([caption_emb, negative_emb]).t()
             out["swap"] = w[4] * F.cross_entropy(swap_logits, target)
+        if w[5] > 0:
+            cosine = prompts @ prompts.t()
+            off_diagonal = ~torch.eye(ALL_KINDS, dtype=torch.bool, device=cosine.device)
+            out["names"] = w[5] * cosine[off_diagonal].clamp(min=0).pow(2).mean()
         if w[3] > 0:
             # the same multiple-instance term inside each cell: a kind absent from a cell must lose all of its
             # patches, which ties the patch scores to what is under the patch (image-level pooling alone
@@ -321,6 +329,71 @@ def _closest_names(prompts: Tensor, names: Sequence[str]) -> Dict[str, List[Any]
     cos = (prompts[1:] @ prompts[1:].t()).fill_diagonal_(-2.0)
     best = cos.max(dim=1)
     return {names[k + 1]: [names[int(j) + 1], round(float(v), 3)] for k, (v, j) in enumerate(zip(*best))}
+
+
+def _pure_patches(model: "TinyClipPretrainer", split: str, num_images: int, image_size: int,
+                  kinds: Sequence[int], batch_size: int = 50) -> Tuple[Tensor, Tensor]:
+    """Patch embeddings (``N x C``) of 11-kind images of ``split`` whose 8 px patch is at least 70 % one of
+    ``kinds``, and that kind (``N``)."""
+    features, owners = [], []
+    for start in range(0, num_images, batch_size):
+        images, labels, _, _ = draw_batch(range(start, min(start + batch_size, num_images)), split, 0, image_size,
+                                          ALL_KINDS)
+        _, dense, (h, _) = model.encode_image(images)
+        patch = image_size // h
+        fractions = F.avg_pool2d(F.one_hot(labels.long(), ALL_KINDS).permute(0, 3, 1, 2).float(), patch)
+        fractions = fractions.permute(0, 2, 3, 1).reshape(len(images), -1, ALL_KINDS)
+        majority, share = fractions.argmax(dim=-1), fractions.max(dim=-1).values
+        keep = (share >= 0.7) & torch.isin(majority, torch.tensor(list(kinds)))
+        features.append(dense[keep])
+        owners.append(majority[keep])
+    return torch.cat(features), torch.cat(owners)
+
+
+TWIN_PAIRS = (("square", "cross"), ("star", "ellipse"))  # the kinds whose names v1 / v2 tie
+
+
+def twin_patch_probe(model: "TinyClipPretrainer", split_suffix: str, num_images: int = 300,
+                     image_size: int = 128,
+                     pairs: Sequence[Tuple[str, str]] = TWIN_PAIRS) -> Dict[str, Dict[str, float]]:
+    """Can the patch embeddings tell a kind from its colour twin at all? Per pair (square / cross, star /
+    ellipse): the accuracy on held-out patches (split ``clip<suffix>``) of a logistic regression fitted on
+    patches of other images (split ``probe``), the share of the more frequent kind (what a constant guess
+    scores), and the zero-shot accuracy (the closer of the two plain prompts). A probe near the constant
+    guess means the image tower has not learned the difference, whatever the text tower does."""
+    names = vocabulary()
+    prompts = model.encode_text(model.prompt_tokens)
+    out: Dict[str, Dict[str, float]] = {}
+    for first, second in pairs:
+        pair = (names.index(first), names.index(second))
+        with torch.no_grad():
+            fit_x, fit_y = _pure_patches(model, "probe", num_images, image_size, pair)
+            test_x, test_y = _pure_patches(model, "clip" + split_suffix, num_images, image_size, pair)
+        if fit_y.unique().numel() < 2 or test_y.numel() == 0:  # too few images for this pair
+            out[f"{first}/{second}"] = {"linear_probe": float("nan"), "constant_guess": float("nan"),
+                                        "zero_shot": float("nan"), "test_patches": int(test_y.numel())}
+            continue
+        torch.manual_seed(0)
+        linear = nn.Linear(fit_x.shape[1], 1)
+        optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+        target = (fit_y == pair[1]).float()
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(linear(fit_x)[:, 0], target) + 1e-4 * linear.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():  # evaluate() runs under no_grad
+            optimizer.step(closure)
+        with torch.no_grad():
+            probe = float(((linear(test_x)[:, 0] > 0) == (test_y == pair[1])).float().mean())
+            zero_shot = float((torch.tensor(pair)[(test_x @ prompts[list(pair)].t()).argmax(dim=1)] == test_y)
+                              .float().mean())
+        constant = float(max((test_y == pair[0]).float().mean(), (test_y == pair[1]).float().mean()))
+        out[f"{first}/{second}"] = {"linear_probe": round(100 * probe, 1), "constant_guess": round(100 * constant, 1),
+                                    "zero_shot": round(100 * zero_shot, 1), "test_patches": int(test_y.numel())}
+    return out
 
 
 @torch.no_grad()
@@ -377,6 +450,7 @@ def evaluate(clip_model: nn.Module, tokenizer, split_suffix: str = "val", num_se
         "global_auroc_min": float(min(global_auroc.values())),
         "dense_pooled_auroc": dense_auroc,
         "dense_pooled_auroc_min": float(min(dense_auroc.values())),
+        "twin_patch_probe": twin_patch_probe(model, split_suffix, min(300, num_presence_images), image_size),
     }
 
 
@@ -411,7 +485,7 @@ def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str
     clip_model, tokenizer = build_model(args.seed)
     model = TinyClipPretrainer(clip_model, tokenizer, args.fg_decay, args.bg_decay,
                                (args.clip_weight, args.tag_weight, args.dense_weight, args.region_weight,
-                                args.swap_weight),
+                                args.swap_weight, args.name_weight),
                                args.dense_mode, args.region_cell, args.region_decay)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -496,6 +570,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--region-decay", type=float, default=0.5, help="GWRP decay inside a region")
     parser.add_argument("--swap-weight", type=float, default=0.0,
                         help="weight of the hard negatives: each caption with one kind renamed to its colour twin")
+    parser.add_argument("--name-weight", type=float, default=0.0,
+                        help="weight of the term that keeps the 11 names' plain prompts apart in the text space")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="progress metrics on the dev images (never the evaluation ones) every N steps")
@@ -518,9 +594,10 @@ def _metrics_path(args: argparse.Namespace) -> Path:
 # The options that decide the trained weights (recorded with the checkpoint, replayed by --verify).
 TRAINING_OPTIONS = ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay",
                     "bg_decay", "dense_mode", "clip_weight", "tag_weight", "dense_weight", "random_hue",
-                    "region_weight", "region_cell", "region_min_fraction", "region_decay", "swap_weight")
+                    "region_weight", "region_cell", "region_min_fraction", "region_decay", "swap_weight",
+                    "name_weight")
 # Options added after a record was written were off in it (their other absent options keep the defaults).
-OFF_WHEN_ABSENT = {"random_hue": 0.0, "region_weight": 0.0, "swap_weight": 0.0}
+OFF_WHEN_ABSENT = {"random_hue": 0.0, "region_weight": 0.0, "swap_weight": 0.0, "name_weight": 0.0}
 
 
 def _training_options(args: argparse.Namespace) -> Dict[str, Any]:
