@@ -455,10 +455,10 @@ def evaluate(clip_model: nn.Module, tokenizer, split_suffix: str = "val", num_se
 
 
 # ----------------------------------------------------------------------------------------- training
-def build_model(seed: int) -> Tuple[nn.Module, Any]:
-    """A randomly initialised ``HVL-Tiny-ViT-P8`` (seeded) and its tokenizer."""
+def build_model(seed: int, model_name: str = MODEL_NAME) -> Tuple[nn.Module, Any]:
+    """A randomly initialised open_clip model (seeded; ``HVL-Tiny-ViT-P8`` by default) and its tokenizer."""
     torch.manual_seed(seed)
-    return build_clip_model(MODEL_NAME, "")
+    return build_clip_model(model_name, "")
 
 
 def weights_digest(state: Dict[str, Tensor]) -> str:
@@ -482,7 +482,7 @@ def save_checkpoint(clip_model: nn.Module, path: Path) -> Tuple[str, str]:
 
 def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str, Any]]:
     """Pretrain from scratch; returns ``(clip model, tokenizer, history)``."""
-    clip_model, tokenizer = build_model(args.seed)
+    clip_model, tokenizer = build_model(args.seed, args.model)
     model = TinyClipPretrainer(clip_model, tokenizer, args.fg_decay, args.bg_decay,
                                (args.clip_weight, args.tag_weight, args.dense_weight, args.region_weight,
                                 args.swap_weight, args.name_weight),
@@ -542,6 +542,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--metrics-out", type=Path, default=None,
                         help=f"metrics JSON (default: {DEFAULT_METRICS.relative_to(ROOT)} for the default --out, "
                              "else next to --out)")
+    parser.add_argument("--model", default=MODEL_NAME,
+                        help="open_clip architecture (hvlformer/modeling/backbone/model_configs/*.json); "
+                             "HVL-Small-ViT-P8 is a wider, deeper image tower for probes")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -592,12 +595,14 @@ def _metrics_path(args: argparse.Namespace) -> Path:
 
 
 # The options that decide the trained weights (recorded with the checkpoint, replayed by --verify).
-TRAINING_OPTIONS = ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay",
+TRAINING_OPTIONS = ("model", "steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "threads", "fg_decay",
                     "bg_decay", "dense_mode", "clip_weight", "tag_weight", "dense_weight", "random_hue",
                     "region_weight", "region_cell", "region_min_fraction", "region_decay", "swap_weight",
                     "name_weight")
-# Options added after a record was written were off in it (their other absent options keep the defaults).
-OFF_WHEN_ABSENT = {"random_hue": 0.0, "region_weight": 0.0, "swap_weight": 0.0, "name_weight": 0.0}
+# Options added after a record was written had these values in it (off, or the only model there was); other
+# absent options keep the defaults.
+VALUE_WHEN_ABSENT = {"model": MODEL_NAME, "random_hue": 0.0, "region_weight": 0.0, "swap_weight": 0.0,
+                     "name_weight": 0.0}
 
 
 def _training_options(args: argparse.Namespace) -> Dict[str, Any]:
@@ -609,7 +614,7 @@ def _replay_command(recorded: Dict[str, Any]) -> List[str]:
     opts = recorded["options"]
     command: List[Any] = []
     for key in TRAINING_OPTIONS:
-        value = opts.get(key, OFF_WHEN_ABSENT.get(key))
+        value = opts.get(key, VALUE_WHEN_ABSENT.get(key))
         if value is not None:
             command += ["--" + key.replace("_", "-"), value]
     command += ["--eval-split", recorded["eval_split"],
@@ -624,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     eval_kwargs = dict(num_seg_images=args.num_seg_images, num_presence_images=args.num_presence_images,
                        image_size=args.image_size)
     if args.eval_only is not None:
-        clip_model, tokenizer = build_clip_model(MODEL_NAME, str(args.eval_only))
+        clip_model, tokenizer = build_clip_model(args.model, str(args.eval_only))
         print(json.dumps(evaluate(clip_model, tokenizer, args.eval_split, **eval_kwargs), indent=2))
         return 0
     if args.verify:
@@ -643,11 +648,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     clip_model, tokenizer, history = train(args)
     sha, digest = save_checkpoint(clip_model, args.out)
     start = time.perf_counter()
-    reloaded, tokenizer = build_clip_model(MODEL_NAME, str(args.out))  # evaluate what is shipped (fp16 weights)
+    reloaded, tokenizer = build_clip_model(args.model, str(args.out))  # evaluate what is shipped (fp16 weights)
     metrics = evaluate(reloaded, tokenizer, args.eval_split, **eval_kwargs)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     result = {
-        "model": MODEL_NAME,
+        "model": args.model,
         "checkpoint": str(args.out.resolve().relative_to(ROOT)) if args.out.resolve().is_relative_to(ROOT) else str(args.out),
         "sha256": sha,
         "weights_sha256": digest,
