@@ -148,3 +148,16 @@ def test_shipped_tiny_clip_names_real_shape_masks(ensemble_model):
     assert total >= 4
     assert correct == total
     assert math.isfinite(ensemble.logit_scale)
+
+
+def test_ema_teacher_shares_e_i0_for_its_evaluation(ensemble_model, tiny_model):
+    from hvlformer.engine.ema import EMATeacher
+
+    teacher = EMATeacher(ensemble_model).model
+    assert teacher.backbone.reference is ensemble_model.backbone.reference  # shared, not copied
+    inputs = [{"image": torch.randint(0, 255, (3, 64, 64)).float(), "height": 64, "width": 64}]
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(inputs)[0]["sem_seg"], ensemble_model(inputs)[0]["sem_seg"])
+    # without the ensemble the teacher still carries no E_I^0 at all
+    plain = tiny_model(config=TINY_PRETRAINED_CONFIG, train=False)
+    assert plain.backbone.reference is not None and EMATeacher(plain).model.backbone.reference is None

@@ -29,7 +29,11 @@ class EMATeacher:
         self.model = copy.deepcopy(student).eval().requires_grad_(False)
         backbone = getattr(self.model, "backbone", None)
         if backbone is not None and hasattr(backbone, "drop_reference"):
-            backbone.drop_reference()  # the teacher never needs the frozen E_I^0 copy
+            if getattr(self.model, "clip_ensemble", None) is not None:
+                # its evaluation runs E_I^0 (TEST.CLIP_ENSEMBLE): share the student's frozen tower, not a copy
+                backbone.reference = student.backbone.reference
+            else:
+                backbone.drop_reference()  # the teacher never needs the frozen E_I^0 copy
         self.loaded_from_checkpoint = False
 
     def decay_at(self, iteration: Optional[int]) -> float:
