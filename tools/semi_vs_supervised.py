@@ -10,6 +10,7 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
     python tools/semi_vs_supervised.py --seeds 0 --iters 300  # a quick look
     python tools/semi_vs_supervised.py --ablations            # (c) plus each CMCR term switched off
     python tools/semi_vs_supervised.py --semi-name t08 --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # another setting
+    python tools/semi_vs_supervised.py --clip-weights other.pt   # (c) from another pretrained tiny CLIP
     python tools/semi_vs_supervised.py --experiment caa      # (f) the thesis's modules: supervised vs + CAA,
     python tools/semi_vs_supervised.py --experiment ecac     #     + ECAC, + LSMSeg class refinement, + LSMSeg
     python tools/semi_vs_supervised.py --experiment class_refinement  # visual fusion (with the tiny RANDOM
@@ -96,6 +97,8 @@ def run(variant: str, seed: int, args: argparse.Namespace) -> float:
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
             "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out),
             *semi_opts, *extra]  # the ablation switch comes last, so it wins
+    if args.clip_weights and config != RANDOM:  # the random-init arm stays random
+        opts += ["MODEL.HVLFORMER.CLIP.PRETRAINED", str(args.clip_weights)]
     # a finished run (final weights and an mIoU in its log) of the same command line and CLIP weights is reused
     result = run_train_net(TRAIN_NET, config, opts, out, ROOT, args.threads, finished=_logged_miou)
     if result is None:
@@ -144,6 +147,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--semi-name", default="semi",
                         help="folder prefix of the semi-supervised runs: give each --semi-opts setting its own name "
                              "to compare settings in one --output-dir (the supervised runs are reused)")
+    parser.add_argument("--clip-weights", default="",
+                        help="MODEL.HVLFORMER.CLIP.PRETRAINED of every pretrained arm (default: the configs' own, "
+                             "the shipped tiny CLIP)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per run")
@@ -168,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     output: Dict[str, Any] = {
         "setup": {"experiment": args.experiment, "semi_name": args.semi_name, "semi_opts": args.semi_opts,
                   "labeled": args.num_labeled, "unlabeled": 400 - args.num_labeled, "image_size": args.image_size,
-                  "iterations": args.iters, "seeds": args.seeds,
+                  "iterations": args.iters, "seeds": args.seeds, "clip_weights": args.clip_weights or "config default",
                   "batch": "8 labeled (+ 8 unlabeled for semi)",
                   "arms": {arm: {"config": str(VARIANTS[arm][0].relative_to(ROOT)), "opts": VARIANTS[arm][1]}
                            for arm in arms},

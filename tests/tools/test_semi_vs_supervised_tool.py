@@ -41,7 +41,7 @@ def fake_train(tool, monkeypatch):
 
 def _args(tmp_path: Path, **overrides) -> argparse.Namespace:
     values = dict(num_labeled=25, image_size=96, iters=50, workers=0, threads=1, semi_opts=[], semi_name="semi",
-                  output_dir=tmp_path)
+                  output_dir=tmp_path, clip_weights="")
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -62,6 +62,20 @@ def test_run_command_line_and_folder(tool, fake_train, tmp_path):
     assert "SEMI.CONFIDENCE_THRESHOLD" not in supervised  # semi settings stay out of the supervised run
     assert supervised[-2:] == ["DATASETS.TRAIN", "('shapes_labeled',)"]
     assert supervised[supervised.index("OUTPUT_DIR") + 1] == str(tmp_path / "supervised_seed2")
+
+
+def test_clip_weights_go_to_every_pretrained_arm_and_not_the_random_one(tool, fake_train, tmp_path):
+    weights = tmp_path / "other_clip.pt"
+    weights.write_bytes(b"other weights")
+    args = _args(tmp_path, clip_weights=str(weights))
+    for variant in ("supervised", "semi", "supervised_learnable", "supervised_random"):
+        tool.run(variant, 0, args)
+    for command in fake_train[:3]:
+        assert command[-2:] == ["MODEL.HVLFORMER.CLIP.PRETRAINED", str(weights)]
+    assert "MODEL.HVLFORMER.CLIP.PRETRAINED" not in fake_train[3]
+    # the run records the weights it was trained from
+    recorded = json.loads((tmp_path / "supervised_seed0" / "benchmark_clip.json").read_text())
+    assert recorded == {"pretrained": str(weights), "sha256": hashlib.sha256(b"other weights").hexdigest()}
 
 
 def test_finished_run_is_reused_only_for_the_same_command_line(tool, fake_train, tmp_path):
