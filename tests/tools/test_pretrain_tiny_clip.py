@@ -16,6 +16,7 @@ from conftest import REPO_ROOT, TINY_PRETRAINED_CONFIG, load_script
 RECORD = REPO_ROOT / "docs" / "results" / "tiny_clip_pretraining.json"
 # the first shipped model (no region term), kept so that the results measured from it stay reproducible
 RECORD_V1 = REPO_ROOT / "docs" / "results" / "tiny_clip_pretraining_v1.json"
+RECORD_V3 = REPO_ROOT / "docs" / "results" / "tiny_clip_pretraining_v3.json"  # the candidate (configs load v2)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def _record(path: Path = RECORD):
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("record_path", [RECORD, RECORD_V1], ids=["v2", "v1"])
+@pytest.mark.parametrize("record_path", [RECORD, RECORD_V1, RECORD_V3], ids=["v2", "v1", "v3"])
 def test_shipped_checkpoint_hash_and_size(record_path):
     record = _record(record_path)
     path = REPO_ROOT / record["checkpoint"]
@@ -172,7 +173,7 @@ def test_shipped_checkpoint_hash_and_size(record_path):
     assert tool_digest(path) == record["weights_sha256"]
 
 
-@pytest.mark.parametrize("record_path", [RECORD, RECORD_V1], ids=["v2", "v1"])
+@pytest.mark.parametrize("record_path", [RECORD, RECORD_V1, RECORD_V3], ids=["v2", "v1", "v3"])
 def test_verify_replays_the_recorded_options(tool, record_path):
     """--verify retrains with exactly the recorded options; options newer than a record were off in it."""
     record = _record(record_path)
@@ -188,6 +189,10 @@ def test_records_name_their_training_options():
     assert _record()["options"]["region_weight"] == 1.0
     assert "region_weight" not in _record(RECORD_V1)["options"]
     assert _record()["checkpoint"] != _record(RECORD_V1)["checkpoint"]
+    # the v3 candidate: 4,000 steps with the names kept apart, its own file
+    v3 = _record(RECORD_V3)["options"]
+    assert (v3["steps"], v3["name_weight"], v3["region_weight"], v3["swap_weight"]) == (4000, 1.0, 1.0, 0.0)
+    assert _record(RECORD_V3)["checkpoint"] not in (_record()["checkpoint"], _record(RECORD_V1)["checkpoint"])
 
 
 def tool_digest(path: Path) -> str:
@@ -266,3 +271,16 @@ def test_twin_patch_probe_of_the_shipped_model(tool, single_thread):
         assert pair["test_patches"] > 500 and 50.0 <= pair["constant_guess"] <= 100.0
         # v2's patch embeddings barely tell the colour twins apart (docs/RESULTS.md): the limit of (a), (c), (d)
         assert pair["linear_probe"] <= 75.0 and pair["zero_shot"] <= 75.0
+
+
+def test_v3_candidate_tells_star_from_ellipse(tool, single_thread):
+    """Longer pretraining with the names kept apart (v3) learns what v2's patches lack for star/ellipse."""
+    from hvlformer.modeling.clip_loader import build_clip_model
+
+    clip_model, tokenizer = build_clip_model(tool.MODEL_NAME, str(REPO_ROOT / _record(RECORD_V3)["checkpoint"]))
+    model = tool.TinyClipPretrainer(clip_model, tokenizer).eval()
+    pair = tool.twin_patch_probe(model, "dev", num_images=100, pairs=[("star", "ellipse")])["star/ellipse"]
+    assert pair["linear_probe"] >= 80.0 and pair["zero_shot"] >= 80.0
+    cosine = model.encode_text(model.prompt_tokens)
+    names = tool.vocabulary()
+    assert float(cosine[names.index("square")] @ cosine[names.index("cross")]) < 0.5  # v2: 0.96
