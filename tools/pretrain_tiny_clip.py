@@ -21,10 +21,11 @@ never a pixel mask:
   (the kind of the nearest hue family, :func:`colour_twins`: square / cross, star / ellipse, ...), as
   NegCLIP's hard negatives (Yuksekgonul et al., ICLR 2023). Only the kind's shape and texture tell the
   two captions apart;
-* ``names`` (``--name-weight``, off in v1 / v2): keeps the plain prompts of the 11 names apart in the text
-  space, the mean over pairs of ``relu(cos)^2``. A real CLIP's text tower tells names apart from language
-  alone; here only the images can, and names whose images the image tower cannot yet tell apart stay tied
-  (square / cross at cosine 0.96), which leaves the image tower no signal to separate them.
+* ``names`` (``--name-weight``, off in v1 / v2, on in the v3 candidate): keeps the plain prompts of the 11
+  names apart in the text space, the mean over pairs of ``relu(cos)^2``. A real CLIP's text tower tells names
+  apart from language alone; here only the images can, and names whose images the image tower cannot yet
+  tell apart stay tied (square / cross at cosine 0.96), which leaves the image tower no signal to separate
+  them.
 
 Images are drawn on the fly (split ``pretrain``; image ``i`` of step ``t`` is ``t * batch + i``), so the
 run is deterministic for a given seed and thread count. Evaluation, with no segmentation training and the
