@@ -160,8 +160,10 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size)]
     cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=opts))
     predictor = HVLFormerPredictor(cfg)
+    seen_weight, unseen_weight = args.ensemble_weights
     ensemble_predictor = HVLFormerPredictor(setup_cfg(argparse.Namespace(
-        config_file=str(CONFIG), opts=opts + ["TEST.CLIP_ENSEMBLE.ENABLED", "True"])))
+        config_file=str(CONFIG), opts=opts + ["TEST.CLIP_ENSEMBLE.ENABLED", "True", "TEST.CLIP_ENSEMBLE.SEEN_WEIGHT",
+                                              str(seen_weight), "TEST.CLIP_ENSEMBLE.UNSEEN_WEIGHT", str(unseen_weight)])))
     clip_model, tokenizer = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
     vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
     with torch.no_grad():
@@ -304,6 +306,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "open_vocabulary")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--ensemble-weights", type=float, nargs=2, default=[0.4, 0.8], metavar=("SEEN", "UNSEEN"),
+                        help="TEST.CLIP_ENSEMBLE.SEEN_WEIGHT / UNSEEN_WEIGHT of the ensemble arm (default: the config's)")
     parser.add_argument("--distractors", type=int, default=0,
                         help="also evaluate with this many distractor names, LSMSeg's category filter off vs on")
     parser.add_argument("--filter-top-k", type=int, default=32, help="classes the category filter keeps")
@@ -336,6 +340,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         summary[key] = {"runs": values, **mean_std(values)}
     output = {"setup": {"command": "python tools/open_vocabulary_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                         "seeds": args.seeds, "iterations": args.iters, "image_size": args.image_size,
+                        "ensemble_weights": args.ensemble_weights,
                         **({"distractors": args.distractors, "filter_top_k": args.filter_top_k}
                            if args.distractors > 0 else {})},
               "summary": summary, "per_seed": {str(k): v for k, v in per_seed.items()}}

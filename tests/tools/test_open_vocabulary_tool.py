@@ -22,7 +22,7 @@ def test_confusion_and_iou(tool):
 
 def test_smoke_run(tool, tmp_path):
     out = tool.main(["--seeds", "0", "--iters", "2", "--image-size", "64", "--num-images", "4", "--workers", "0",
-                     "--output-dir", str(tmp_path), "--json-out", str(tmp_path / "e.json")])
+                     "--ensemble-weights", "0", "0", "--output-dir", str(tmp_path), "--json-out", str(tmp_path / "e.json")])
     run = out["per_seed"]["0"]
     assert set(run["open_iou"]) == {"background", "circle", "square", "triangle", "star", "cross", "ring"}
     assert set(run["closed_iou"]) == {"background", "circle", "square", "triangle", "star", "cross"}
@@ -46,6 +46,9 @@ def test_smoke_run(tool, tmp_path):
     ensemble = np.array(run["ensemble_open_confusion"])
     assert ensemble.shape == (7, 7) and ensemble.sum() == confusion.sum()
     assert tool.iou_table(ensemble, list(run["open_iou"])) == run["ensemble_open_iou"]
+    # with CLIP's exponents at 0 (--ensemble-weights 0 0) the ensemble is the decoder: the same predictions
+    assert out["setup"]["ensemble_weights"] == [0.0, 0.0]
+    assert np.abs(ensemble - confusion).sum() <= 0.002 * confusion.sum()
     assert set(run["ensemble_closed_iou"]) == set(run["closed_iou"])
     assert out["summary"]["ensemble_seen_cost"]["runs"] == [
         round(run["closed_seen_miou"] - run["ensemble_open_seen_miou"], 2)]
