@@ -415,7 +415,8 @@ def add_hvlformer_config(cfg: CN) -> None:
     # outside the training vocabulary (demo --vocabulary). Needs MODEL.HVLFORMER.CLIP.PRETRAINED.
     cfg.TEST.CLIP_ENSEMBLE = CN()
     cfg.TEST.CLIP_ENSEMBLE.ENABLED = False
-    # CLIP's exponent for the classes of the training vocabulary (FC-CLIP's alpha; 0 = the decoder alone).
+    # CLIP's exponent for the classes of the training vocabulary (FC-CLIP's alpha; 0 = the decoder alone for
+    # them, and then an unseen name rarely wins a pixel: docs/RESULTS.md, (e)).
     cfg.TEST.CLIP_ENSEMBLE.SEEN_WEIGHT = 0.4
     # CLIP's exponent for every other name (FC-CLIP's beta; 1 = CLIP alone).
     cfg.TEST.CLIP_ENSEMBLE.UNSEEN_WEIGHT = 0.8
