@@ -120,15 +120,12 @@ def swapped_caption(record: Dict[str, Any], image_size: int, caption_rng_state: 
     with the template, order and attribute choices of the true caption (``caption_rng_state``: the state of
     its generator before it was captioned). An image with no visible kind keeps its caption."""
     visible = sorted(visible_classes(record, image_size))
-    if not visible:
-        caption_rng = np.random.default_rng()
-        caption_rng.bit_generator.state = caption_rng_state
-        return caption_shapes_image(record, image_size, caption_rng)[0]
-    kind = visible[int(rng.integers(len(visible)))]
     swapped = copy.deepcopy(record)
-    for inst in swapped["instances"]:
-        if int(inst["class"]) == kind:
-            inst["class"] = twins[kind]
+    if visible:
+        kind = visible[int(rng.integers(len(visible)))]
+        for inst in swapped["instances"]:
+            if int(inst["class"]) == kind:
+                inst["class"] = twins[kind]
     caption_rng = np.random.default_rng()
     caption_rng.bit_generator.state = caption_rng_state
     return caption_shapes_image(swapped, image_size, caption_rng)[0]
@@ -147,6 +144,7 @@ def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, n
     the returned values do not depend on it.
     """
     names = vocabulary()
+    twins = colour_twins() if negatives is not None else {}
     images, labels, captions, tags = [], [], [], torch.zeros(len(indices), ALL_KINDS)
     for row, i in enumerate(indices):
         record: Dict[str, Any] = {}
@@ -158,7 +156,7 @@ def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, n
         caption, caption_tags = caption_shapes_image(record, image_size, caption_rng)
         if negatives is not None:
             swap_rng = np.random.default_rng([seed, zlib.crc32(f"{split}/swap".encode()), i])
-            negatives.append(swapped_caption(record, image_size, state, swap_rng, colour_twins()))
+            negatives.append(swapped_caption(record, image_size, state, swap_rng, twins))
         images.append(torch.from_numpy(_jpeg_roundtrip(image)).permute(2, 0, 1))
         labels.append(torch.from_numpy(label))
         captions.append(caption)
@@ -364,12 +362,15 @@ def twin_patch_probe(model: "TinyClipPretrainer", split_suffix: str, num_images:
     guess means the image tower has not learned the difference, whatever the text tower does."""
     names = vocabulary()
     prompts = model.encode_text(model.prompt_tokens)
+    kinds = sorted({names.index(n) for pair in pairs for n in pair})
+    with torch.no_grad():  # one pass over each split for all pairs; each pair takes its own patches
+        all_fit_x, all_fit_y = _pure_patches(model, "probe", num_images, image_size, kinds)
+        all_test_x, all_test_y = _pure_patches(model, "clip" + split_suffix, num_images, image_size, kinds)
     out: Dict[str, Dict[str, float]] = {}
     for first, second in pairs:
         pair = (names.index(first), names.index(second))
-        with torch.no_grad():
-            fit_x, fit_y = _pure_patches(model, "probe", num_images, image_size, pair)
-            test_x, test_y = _pure_patches(model, "clip" + split_suffix, num_images, image_size, pair)
+        in_fit, in_test = torch.isin(all_fit_y, torch.tensor(pair)), torch.isin(all_test_y, torch.tensor(pair))
+        fit_x, fit_y, test_x, test_y = all_fit_x[in_fit], all_fit_y[in_fit], all_test_x[in_test], all_test_y[in_test]
         if fit_y.unique().numel() < 2 or test_y.numel() == 0:  # too few images for this pair
             out[f"{first}/{second}"] = {"linear_probe": float("nan"), "constant_guess": float("nan"),
                                         "zero_shot": float("nan"), "test_patches": int(test_y.numel())}
