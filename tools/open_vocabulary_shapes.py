@@ -160,10 +160,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size)]
     cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=opts))
     predictor = HVLFormerPredictor(cfg)
-    seen_weight, unseen_weight = args.ensemble_weights
     ensemble_predictor = HVLFormerPredictor(setup_cfg(argparse.Namespace(
-        config_file=str(CONFIG), opts=opts + ["TEST.CLIP_ENSEMBLE.ENABLED", "True", "TEST.CLIP_ENSEMBLE.SEEN_WEIGHT",
-                                              str(seen_weight), "TEST.CLIP_ENSEMBLE.UNSEEN_WEIGHT", str(unseen_weight)])))
+        config_file=str(CONFIG), opts=opts + ["TEST.CLIP_ENSEMBLE.ENABLED", "True", *ensemble_weight_opts(args)])))
     clip_model, tokenizer = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
     vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
     with torch.no_grad():
@@ -285,6 +283,22 @@ class QueryDiagnosis:
         }
 
 
+def ensemble_weight_opts(args: argparse.Namespace) -> List[str]:
+    """The ``TEST.CLIP_ENSEMBLE`` weights of ``--ensemble-weights`` as config options (none: the config's own)."""
+    if args.ensemble_weights is None:
+        return []
+    seen_weight, unseen_weight = args.ensemble_weights
+    return ["TEST.CLIP_ENSEMBLE.SEEN_WEIGHT", str(seen_weight), "TEST.CLIP_ENSEMBLE.UNSEEN_WEIGHT", str(unseen_weight)]
+
+
+def ensemble_weights(args: argparse.Namespace) -> List[float]:
+    """``[SEEN_WEIGHT, UNSEEN_WEIGHT]`` of the ensemble arm (``--ensemble-weights`` or the config's)."""
+    from hvlformer import setup_cfg
+
+    ensemble = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=ensemble_weight_opts(args))).TEST.CLIP_ENSEMBLE
+    return [ensemble.SEEN_WEIGHT, ensemble.UNSEEN_WEIGHT]
+
+
 def importlib_tool():
     """The pretraining tool as a module (its model wrapper and prompt template)."""
     import importlib.util
@@ -306,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "open_vocabulary")
     parser.add_argument("--json-out", type=Path, default=None)
-    parser.add_argument("--ensemble-weights", type=float, nargs=2, default=[0.4, 0.8], metavar=("SEEN", "UNSEEN"),
+    parser.add_argument("--ensemble-weights", type=float, nargs=2, default=None, metavar=("SEEN", "UNSEEN"),
                         help="TEST.CLIP_ENSEMBLE.SEEN_WEIGHT / UNSEEN_WEIGHT of the ensemble arm (default: the config's)")
     parser.add_argument("--distractors", type=int, default=0,
                         help="also evaluate with this many distractor names, LSMSeg's category filter off vs on")
@@ -340,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         summary[key] = {"runs": values, **mean_std(values)}
     output = {"setup": {"command": "python tools/open_vocabulary_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                         "seeds": args.seeds, "iterations": args.iters, "image_size": args.image_size,
-                        "ensemble_weights": args.ensemble_weights,
+                        "ensemble_weights": ensemble_weights(args),
                         **({"distractors": args.distractors, "filter_top_k": args.filter_top_k}
                            if args.distractors > 0 else {})},
               "summary": summary, "per_seed": {str(k): v for k, v in per_seed.items()}}
