@@ -330,6 +330,16 @@ def _closest_names(prompts: Tensor, names: Sequence[str]) -> Dict[str, List[Any]
     return {names[k + 1]: [names[int(j) + 1], round(float(v), 3)] for k, (v, j) in enumerate(zip(*best))}
 
 
+def pure_patch_owners(labels: Tensor, patch: int, kinds: Sequence[int]) -> Tensor:
+    """Label maps ``B x H x W`` -> ``B x N`` (row-major ``patch`` px patches): the kind that covers at least
+    70 % of the patch when it is one of ``kinds``, else -1."""
+    fractions = F.avg_pool2d(F.one_hot(labels.long(), ALL_KINDS).permute(0, 3, 1, 2).float(), patch)
+    fractions = fractions.permute(0, 2, 3, 1).reshape(len(labels), -1, ALL_KINDS)
+    majority, share = fractions.argmax(dim=-1), fractions.max(dim=-1).values
+    keep = (share >= 0.7) & torch.isin(majority, torch.tensor(list(kinds)))
+    return majority.masked_fill(~keep, -1)
+
+
 def _pure_patches(model: "TinyClipPretrainer", split: str, num_images: int, image_size: int,
                   kinds: Sequence[int], batch_size: int = 50) -> Tuple[Tensor, Tensor]:
     """Patch embeddings (``N x C``) of 11-kind images of ``split`` whose 8 px patch is at least 70 % one of
@@ -339,14 +349,30 @@ def _pure_patches(model: "TinyClipPretrainer", split: str, num_images: int, imag
         images, labels, _, _ = draw_batch(range(start, min(start + batch_size, num_images)), split, 0, image_size,
                                           ALL_KINDS)
         _, dense, (h, _) = model.encode_image(images)
-        patch = image_size // h
-        fractions = F.avg_pool2d(F.one_hot(labels.long(), ALL_KINDS).permute(0, 3, 1, 2).float(), patch)
-        fractions = fractions.permute(0, 2, 3, 1).reshape(len(images), -1, ALL_KINDS)
-        majority, share = fractions.argmax(dim=-1), fractions.max(dim=-1).values
-        keep = (share >= 0.7) & torch.isin(majority, torch.tensor(list(kinds)))
-        features.append(dense[keep])
-        owners.append(majority[keep])
+        owner = pure_patch_owners(labels, image_size // h, kinds)
+        features.append(dense[owner >= 0])
+        owners.append(owner[owner >= 0])
     return torch.cat(features), torch.cat(owners)
+
+
+def linear_probe_accuracy(fit_x: Tensor, fit_target: Tensor, test_x: Tensor, test_target: Tensor) -> float:
+    """Accuracy (%) on ``test_x`` (``M x C``) of a logistic regression fitted on ``fit_x`` (``N x C``) with
+    L-BFGS (binary bool targets ``N`` / ``M``; a small L2 penalty; deterministic)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(fit_x.shape[1], 1)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+    target = fit_target.float()
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(linear(fit_x)[:, 0], target) + 1e-4 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():  # callers may run under no_grad
+        optimizer.step(closure)
+    with torch.no_grad():
+        return 100 * float(((linear(test_x)[:, 0] > 0) == test_target.bool()).float().mean())
 
 
 TWIN_PAIRS = (("square", "cross"), ("star", "ellipse"))  # the kinds whose names v1 / v2 tie
@@ -375,25 +401,12 @@ def twin_patch_probe(model: "TinyClipPretrainer", split_suffix: str, num_images:
             out[f"{first}/{second}"] = {"linear_probe": float("nan"), "constant_guess": float("nan"),
                                         "zero_shot": float("nan"), "test_patches": int(test_y.numel())}
             continue
-        torch.manual_seed(0)
-        linear = nn.Linear(fit_x.shape[1], 1)
-        optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=300, line_search_fn="strong_wolfe")
-        target = (fit_y == pair[1]).float()
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(linear(fit_x)[:, 0], target) + 1e-4 * linear.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():  # evaluate() runs under no_grad
-            optimizer.step(closure)
+        probe = linear_probe_accuracy(fit_x, fit_y == pair[1], test_x, test_y == pair[1])
         with torch.no_grad():
-            probe = float(((linear(test_x)[:, 0] > 0) == (test_y == pair[1])).float().mean())
             zero_shot = float((torch.tensor(pair)[(test_x @ prompts[list(pair)].t()).argmax(dim=1)] == test_y)
                               .float().mean())
         constant = float(max((test_y == pair[0]).float().mean(), (test_y == pair[1]).float().mean()))
-        out[f"{first}/{second}"] = {"linear_probe": round(100 * probe, 1), "constant_guess": round(100 * constant, 1),
+        out[f"{first}/{second}"] = {"linear_probe": round(probe, 1), "constant_guess": round(100 * constant, 1),
                                     "zero_shot": round(100 * zero_shot, 1), "test_patches": int(test_y.numel())}
     return out
 

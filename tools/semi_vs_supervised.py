@@ -7,6 +7,7 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
     python tools/semi_vs_supervised.py --experiment anchors  # (a) textual queries vs learnable (Mask2Former) queries
     python tools/semi_vs_supervised.py --experiment pretraining   # (b) pretrained tiny CLIP vs random init
     python tools/semi_vs_supervised.py --experiment table4 --seeds 0   # (d) the toy Table 4, one row per step
+    python tools/semi_vs_supervised.py --experiment ceiling  # (c) next to all 400 images labeled: the room (c) has
     python tools/semi_vs_supervised.py --seeds 0 --iters 300  # a quick look
     python tools/semi_vs_supervised.py --ablations            # (c) plus each CMCR term switched off
     python tools/semi_vs_supervised.py --semi-name t08 --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # another setting
@@ -45,6 +46,8 @@ PLAIN = ["MODEL.HVLFORMER.SRE.MODE", "none", "MODEL.HVLFORMER.PTRM.MODE", "none"
 ONLY_MASK = ["SEMI.CLASS_CONSISTENCY", "False", "SEMI.ALIGN_CONSISTENCY", "False"]
 VARIANTS = {
     "supervised": (SUPERVISED, LABELED_ONLY),
+    # the ceiling of (c): the same config, steps and seed with every training image labeled
+    "supervised_all_labeled": (SUPERVISED, ["DATASETS.TRAIN", "('shapes_train',)"]),
     "semi": (SEMI, []),
     "semi_no_mask": (SEMI, ["SEMI.MASK_CONSISTENCY", "False"]),
     "semi_no_class": (SEMI, ["SEMI.CLASS_CONSISTENCY", "False"]),
@@ -70,6 +73,9 @@ VARIANTS = {
 # experiment -> (arms in table order, [(difference name, arm, minus arm)])
 EXPERIMENTS = {
     "semi": (["supervised", "semi"], [("semi_minus_supervised", "semi", "supervised")]),
+    "ceiling": (["supervised", "semi", "supervised_all_labeled"],
+                [("semi_minus_supervised", "semi", "supervised"),
+                 ("all_labeled_minus_supervised", "supervised_all_labeled", "supervised")]),
     "anchors": (["supervised", "supervised_learnable"],
                 [("textual_minus_learnable", "supervised", "supervised_learnable")]),
     "pretraining": (["supervised", "supervised_random"],
@@ -81,15 +87,27 @@ EXPERIMENTS = {
        for module in ("caa", "ecac", "class_refinement", "fusion")},
 }
 MIOU = re.compile(r"copypaste: mIoU,fwIoU,mACC,pACC\n.*copypaste: ([0-9.]+),")
+# the per-class IoUs of detectron2's SemSegEvaluator, as its results dict is logged: 'IoU-square': np.float64(40.5)
+CLASS_IOU = re.compile(r"'IoU-([^']+)': (?:np\.float64\()?([-0-9.eE+]+|nan)")
+
+
+def run_dir(variant: str, seed: int, args: argparse.Namespace) -> Path:
+    """The output folder of one run. Semi runs are named by --semi-name, so several semi settings can share
+    one folder (and its supervised runs): semi_no_mask -> <semi-name>_no_mask."""
+    name = args.semi_name + variant[len("semi"):] if variant.startswith("semi") else variant
+    return args.output_dir / f"{name}_seed{seed}"
+
+
+def class_ious(log_text: str) -> Dict[str, float]:
+    """Per-class IoU (class name -> IoU, 2 decimals) of the last evaluation in a train_net log ({} if none)."""
+    results = [line for line in log_text.splitlines() if "'IoU-" in line]
+    return {name: round(float(value), 2) for name, value in CLASS_IOU.findall(results[-1])} if results else {}
 
 
 def run(variant: str, seed: int, args: argparse.Namespace) -> float:
     config, extra = VARIANTS[variant]
-    # semi runs are named by --semi-name, so several semi settings can share one folder (and its
-    # supervised runs): semi_no_mask -> <semi-name>_no_mask
     is_semi = variant.startswith("semi")
-    name = args.semi_name + variant[len("semi"):] if is_semi else variant
-    out = args.output_dir / f"{name}_seed{seed}"
+    out = run_dir(variant, seed, args)
     semi_opts = list(args.semi_opts) if is_semi else []
     opts = ["DATASETS.SHAPES.NUM_LABELED", str(args.num_labeled), "DATASETS.SHAPES.SEED", str(seed),
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "INPUT.CROP.SIZE", f"({args.image_size}, {args.image_size})",
@@ -127,7 +145,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="semi",
                         help="semi: (c) semi vs supervised; anchors: (a) textual vs learnable queries; pretraining: "
-                             "(b) pretrained vs random CLIP; table4: (d) the toy Table 4; caa, ecac, "
+                             "(b) pretrained vs random CLIP; table4: (d) the toy Table 4; ceiling: (c) next to every "
+                             "image labeled; caa, ecac, "
                              "class_refinement, fusion: (f) supervised vs supervised + that thesis module")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=1200, help="training steps of every run")
@@ -184,6 +203,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for name, arm, minus in differences:
         common = sorted(set(table[arm]) & set(table[minus]))
         output[name] = {**summarise([table[arm][s] - table[minus][s] for s in common]), "seeds": common}
+    # per-class IoU of every run (arm -> class -> IoU per seed, in the order of mIoU's "seeds"): where a
+    # difference comes from
+    output["class_IoU"] = {}
+    for arm in arms:
+        per_seed = [class_ious((run_dir(arm, seed, args) / "log.txt").read_text()) for seed in sorted(table[arm])]
+        output["class_IoU"][arm] = {name: [ious.get(name, float("nan")) for ious in per_seed]
+                                    for name in per_seed[0]}
     emit_json(output, args.json_out)
     return output
 

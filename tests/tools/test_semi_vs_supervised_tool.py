@@ -23,14 +23,18 @@ def tool(load_tool):
 @pytest.fixture()
 def fake_train(tool, monkeypatch):
     """Replace the training process: it writes the log and checkpoint a real run leaves and reports an
-    mIoU of 40 + the number of runs so far; returns the list of command lines it was called with."""
+    mIoU of 40 + the number of runs so far (square IoU: 10 + that number, in the format of detectron2's
+    SemSegEvaluator log line); returns the list of command lines it was called with."""
     calls: List[List[str]] = []
 
     def fake_run(command, cwd, env, capture_output, text):
         calls.append(command)
         out = Path(command[command.index("OUTPUT_DIR") + 1])
         miou = 40.0 + len(calls)
-        log = f"copypaste: Task: sem_seg\ncopypaste: mIoU,fwIoU,mACC,pACC\ncopypaste: {miou:.4f},1.0,2.0,3.0\n"
+        results = (f"OrderedDict([('sem_seg', {{'mIoU': np.float64({miou}), 'IoU-background': np.float64(97.5), "
+                   f"'BoundaryIoU-background': np.float64(3.0), 'min(IoU, B-Iou)-background': np.float64(3.0), "
+                   f"'IoU-square': np.float64({miou - 30}), 'mACC': np.float64(80.0)}})])\n")
+        log = results + f"copypaste: Task: sem_seg\ncopypaste: mIoU,fwIoU,mACC,pACC\ncopypaste: {miou:.4f},1.0,2.0,3.0\n"
         (out / "log.txt").write_text(log)
         (out / "model_final.pth").write_bytes(b"weights")
         return subprocess.CompletedProcess(command, 0, stdout=log, stderr="")
@@ -166,6 +170,32 @@ def test_experiments_are_one_command_each(tool, fake_train, tmp_path):
     only_mask = [c for c in fake_train if str(tmp_path / "semi_only_mask_seed0") in c][0]
     assert only_mask[only_mask.index("SEMI.CLASS_CONSISTENCY") + 1] == "False"
     assert "full_minus_baseline" in out
+
+
+def test_class_ious_reads_the_last_evaluation(tool):
+    log = ("OrderedDict([('sem_seg', {'mIoU': np.float64(50.0), 'IoU-square': np.float64(12.5), 'IoU-cross': nan})])\n"
+           "copypaste: 50.0\n"
+           "OrderedDict([('sem_seg', {'mIoU': 60.0, 'IoU-square': 40.53, 'BoundaryIoU-square': 29.3, "
+           "'IoU-a b': np.float64(7.006)})])\n")
+    assert tool.class_ious(log) == {"square": 40.53, "a b": 7.01}
+    assert tool.class_ious("no evaluation yet") == {}
+
+
+def test_ceiling_experiment_and_class_ious(tool, fake_train, tmp_path):
+    """The ceiling arm trains on every image of shapes_train (same config, seed and steps); every arm's
+    per-class IoUs come back per seed, next to the mIoU."""
+    common = ["--iters", "20", "--workers", "0", "--parallel", "1", "--output-dir", str(tmp_path)]
+    out = tool.main(["--experiment", "ceiling", "--seeds", "0", "1", *common])
+    assert list(out["mIoU"]) == ["supervised", "semi", "supervised_all_labeled"]
+    ceiling = [c for c in fake_train if "supervised_all_labeled_seed" in c[c.index("OUTPUT_DIR") + 1]]
+    assert len(ceiling) == 2
+    assert all(c[-2:] == ["DATASETS.TRAIN", "('shapes_train',)"] and c[c.index("--config-file") + 1] == str(tool.SUPERVISED)
+               for c in ceiling)
+    assert set(out) >= {"semi_minus_supervised", "all_labeled_minus_supervised", "class_IoU"}
+    for arm in out["mIoU"]:
+        runs = out["mIoU"][arm]["runs"]
+        assert out["class_IoU"][arm]["square"] == [round(r - 30, 2) for r in runs]  # same seed order as the mIoU
+        assert out["class_IoU"][arm]["background"] == [97.5, 97.5]
 
 
 @pytest.mark.parametrize("experiment,key", [("caa", "MODEL.HVLFORMER.CAA.ENABLED"),

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Where the colour twins (square / cross, star / ellipse) are lost: in the pixels, or in the tiny image tower?
+
+The tiny CLIP's patch embeddings barely tell square from cross (``twin_patch_probe`` of
+``tools/pretrain_tiny_clip.py``), and that confusion is what limits issue 13's (a), (c) and (d). This tool
+measures, on the same pure 8 px patches (at least 70 % one kind; fitted on split ``probe``, scored on the
+held-out split ``clipval``, 11-kind images at 128 px):
+
+* ``pixels``: what one patch's pixels hold. A logistic regression on the raw pixels (the information a
+  linear patch embedding starts from) and a small CNN (two 3 x 3 convolutions of 32 channels, average
+  pooled) trained on them; the CNN is a reference for what a local non-linear feature can reach;
+* ``towers``: for each checkpoint, a logistic regression on the tower's tokens after the patch embedding,
+  after each transformer block, and on the final dense (text-space) embedding;
+* ``direct`` (``--direct-steps N``): the same tower trained from random init with per-patch kind labels (an
+  upper bound on what any mask-free pretraining loss can teach it in that many steps; not a model the
+  project ships), probed as above every quarter of the run.
+
+    python tools/twin_probe_report.py --json-out docs/results/twin_probe_report.json --direct-steps 1000
+    python tools/twin_probe_report.py --checkpoints random projects/.../hvl_tiny_vit_p8_shapes_v3.pt
+
+Deterministic for a given thread count (one by default).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import pretrain_tiny_clip as tiny  # tools/pretrain_tiny_clip.py (this folder is on sys.path when the tool runs)
+from _common import emit_json
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAINED = ROOT / "projects" / "HVLFormer" / "hvlformer" / "modeling" / "backbone" / "pretrained"
+DEFAULT_CHECKPOINTS = ("random", str(PRETRAINED / "hvl_tiny_vit_p8_shapes_v2.pt"),
+                       str(PRETRAINED / "hvl_tiny_vit_p8_shapes_v3.pt"))
+IMAGE_SIZE = 128
+PATCH = 8
+
+
+def tower_tokens(model: "tiny.TinyClipPretrainer", images: Tensor) -> List[Tensor]:
+    """uint8 ``B x 3 x H x W`` -> the patch tokens ``B x N x C_l`` after the patch embedding, after each block
+    and the final unit dense embedding (``L + 2`` entries; class and register tokens dropped)."""
+    x = (images.float() - model.pixel_mean) / model.pixel_std
+    adapter, visual = model._adapter, model.clip.visual
+    x, (h, w), extra = adapter.embed(visual, x)
+    stages = [x]
+    for block in adapter.blocks(visual):
+        x = adapter.run_block(block, x, extra)
+        stages.append(x)
+    _, dense = adapter.heads(visual, x, dense=True)
+    # the adapter keeps tokens batch-first; the patch tokens are the last h * w
+    return [t[:, -h * w:] for t in stages] + [F.normalize(dense, dim=-1)]
+
+
+def pure_patch_data(split: str, num_images: int, kinds: Sequence[int],
+                    models: Sequence["tiny.TinyClipPretrainer"] = (),
+                    batch_size: int = 50) -> Tuple[Tensor, Tensor, List[List[Tensor]]]:
+    """For the pure patches of ``kinds`` in ``split``: raw pixels ``N x 3 x 8 x 8`` (0-1), owners ``N`` and,
+    per model, its :func:`tower_tokens` at those patches (``N x C_l`` each)."""
+    pixels, owners = [], []
+    tokens: List[List[List[Tensor]]] = [[] for _ in models]
+    for start in range(0, num_images, batch_size):
+        images, labels, _, _ = tiny.draw_batch(range(start, min(start + batch_size, num_images)), split, 0,
+                                               IMAGE_SIZE, tiny.ALL_KINDS)
+        owner = tiny.pure_patch_owners(labels, PATCH, kinds)
+        keep = owner >= 0
+        patches = F.unfold(images.float() / 255.0, PATCH, stride=PATCH)  # B x 3*8*8 x N, row-major patches
+        pixels.append(patches.transpose(1, 2)[keep].reshape(-1, 3, PATCH, PATCH))
+        owners.append(owner[keep])
+        with torch.no_grad():
+            for i, model in enumerate(models):
+                tokens[i].append([t[keep] for t in tower_tokens(model, images)])
+    per_model = [[torch.cat(stage) for stage in zip(*batches)] for batches in tokens]
+    return torch.cat(pixels), torch.cat(owners), per_model
+
+
+def _standardise(fit: Tensor, test: Tensor) -> Tuple[Tensor, Tensor]:
+    mean, std = fit.mean(dim=0), fit.std(dim=0) + 1e-6
+    return (fit - mean) / std, (test - mean) / std
+
+
+def layer_probes(fit_tokens: Sequence[Tensor], fit_target: Tensor, test_tokens: Sequence[Tensor],
+                 test_target: Tensor) -> List[float]:
+    """Linear-probe accuracy (%, 1 decimal) at each stage (features flattened and standardised with the fit
+    set's statistics)."""
+    accuracies = []
+    for fit, test in zip(fit_tokens, test_tokens):
+        fit, test = _standardise(fit.flatten(1), test.flatten(1))
+        accuracies.append(round(tiny.linear_probe_accuracy(fit, fit_target, test, test_target), 1))
+    return accuracies
+
+
+def cnn_probe_accuracy(fit_pixels: Tensor, fit_target: Tensor, test_pixels: Tensor, test_target: Tensor,
+                       steps: int = 1500, seed: int = 0) -> float:
+    """Accuracy (%) of a small CNN (two 3 x 3 convolutions of 32 channels, average pooled, linear) trained
+    with Adam on ``fit_pixels`` (``N x 3 x 8 x 8``) for ``steps`` batches of 128."""
+    torch.manual_seed(seed)
+    mean, std = fit_pixels.mean(dim=(0, 2, 3), keepdim=True), fit_pixels.std(dim=(0, 2, 3), keepdim=True)
+    fit_x, test_x = (fit_pixels - mean) / std, (test_pixels - mean) / std
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    target = fit_target.float()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(steps):
+            batch = torch.randint(len(target), (128,), generator=generator)
+            loss = F.binary_cross_entropy_with_logits(net(fit_x[batch])[:, 0], target[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return 100 * float(((net(test_x)[:, 0] > 0) == test_target.bool()).float().mean())
+
+
+def load_tower(checkpoint: str) -> "tiny.TinyClipPretrainer":
+    """``random`` (the pretraining tool's seed-0 initialisation) or a tiny CLIP checkpoint path."""
+    from hvlformer.modeling.clip_loader import build_clip_model
+
+    clip_model, tokenizer = tiny.build_model(0) if checkpoint == "random" else build_clip_model(tiny.MODEL_NAME, checkpoint)
+    return tiny.TinyClipPretrainer(clip_model, tokenizer).eval()
+
+
+def train_direct(steps: int, probe, lr: float = 1e-3, batch_size: int = 32, log=print) -> List[Dict[str, Any]]:
+    """Train a random-init tower plus a linear head on per-patch kind labels (patches at least 70 % one kind,
+    11 kinds; AdamW, the pretraining tool's warm-up + cosine schedule, images of split ``pretrain``);
+    ``probe(model)`` is called every quarter of the run. Returns ``[{"step", "loss", "probe"}, ...]``."""
+    model = load_tower("random").train()
+    head = nn.Linear(model.clip.visual.output_dim, tiny.ALL_KINDS)
+    params = list(model.clip.visual.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    history, start = [], time.perf_counter()
+    for step in range(steps):
+        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        images, labels, _, _ = tiny.draw_batch(range(step * batch_size, (step + 1) * batch_size), "pretrain", 0,
+                                               IMAGE_SIZE, tiny.ALL_KINDS)
+        _, dense, _ = model.encode_image(images)
+        target = tiny.pure_patch_owners(labels, PATCH, range(tiny.ALL_KINDS))
+        loss = F.cross_entropy(head(dense * 10.0).flatten(0, 1), target.flatten(), ignore_index=-1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if (step + 1) % max(1, steps // 4) == 0 or step + 1 == steps:
+            model.eval()
+            entry = {"step": step + 1, "loss": round(float(loss.detach()), 4), "time_s": round(time.perf_counter() - start, 1),
+                     "probe": probe(model)}
+            model.train()
+            history.append(entry)
+            log(json.dumps(entry))
+    return history
+
+
+def report(checkpoints: Sequence[str], num_images: int = 600, direct_steps: int = 0, cnn_steps: int = 1500,
+           pairs: Sequence[Tuple[str, str]] = tiny.TWIN_PAIRS, log=print) -> Dict[str, Any]:
+    """The JSON report (see the module docstring)."""
+    names = tiny.vocabulary()
+    kinds = sorted({names.index(n) for pair in pairs for n in pair})
+    towers = [load_tower(c) for c in checkpoints]
+    fit_pixels, fit_owner, fit_tokens = pure_patch_data("probe", num_images, kinds, towers)
+    test_pixels, test_owner, test_tokens = pure_patch_data("clipval", num_images, kinds, towers)
+
+    def per_pair(fn) -> Dict[str, Any]:
+        out = {}
+        for first, second in pairs:
+            a, b = names.index(first), names.index(second)
+            fit_in, test_in = torch.isin(fit_owner, torch.tensor([a, b])), torch.isin(test_owner, torch.tensor([a, b]))
+            out[f"{first}/{second}"] = fn(fit_in, fit_owner[fit_in] == b, test_in, test_owner[test_in] == b)
+        return out
+
+    def constant(fit_in, fit_y, test_in, test_y) -> Dict[str, Any]:
+        share = float(test_y.float().mean())
+        return {"constant_guess": round(100 * max(share, 1 - share), 1), "fit_patches": int(fit_in.sum()),
+                "test_patches": int(test_in.sum())}
+
+    result: Dict[str, Any] = {
+        "setup": {"image_size": IMAGE_SIZE, "patch": PATCH, "num_images": num_images, "fit_split": "probe",
+                  "test_split": "clipval", "pure_share": 0.7, "cnn_steps": cnn_steps, "checkpoints": list(checkpoints),
+                  "command": "python tools/twin_probe_report.py " + " ".join(sys.argv[1:])},
+        "patches": per_pair(constant),
+        "pixels": per_pair(lambda fi, fy, ti, ty: {
+            "linear": layer_probes([fit_pixels[fi]], fy, [test_pixels[ti]], ty)[0],
+            "cnn": round(cnn_probe_accuracy(fit_pixels[fi], fy, test_pixels[ti], ty, cnn_steps), 1)}),
+        "towers": {},
+    }
+    log(json.dumps({"pixels": result["pixels"]}))
+    for checkpoint, fit_t, test_t in zip(checkpoints, fit_tokens, test_tokens):
+        stages = ["patch_embedding"] + [f"block_{i + 1}" for i in range(len(fit_t) - 2)] + ["dense_embedding"]
+        probes = per_pair(lambda fi, fy, ti, ty: layer_probes([t[fi] for t in fit_t], fy, [t[ti] for t in test_t], ty))
+        result["towers"][_short(checkpoint)] = {"stages": stages, "linear_probe": probes}
+        log(json.dumps({_short(checkpoint): probes}))
+    if direct_steps > 0:
+        def probe(model):
+            with torch.no_grad():
+                _, _, fit_d = pure_patch_data("probe", num_images, kinds, [model])
+                _, _, test_d = pure_patch_data("clipval", num_images, kinds, [model])
+            return per_pair(lambda fi, fy, ti, ty: layer_probes([t[fi] for t in fit_d[0]], fy,
+                                                                [t[ti] for t in test_d[0]], ty))
+        result["direct"] = {"note": "random-init tower trained on per-patch kind labels (not shipped)",
+                            "steps": direct_steps, "history": train_direct(direct_steps, probe, log=log)}
+    return result
+
+
+def _short(checkpoint: str) -> str:
+    return Path(checkpoint).stem if checkpoint != "random" else "random"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", default=list(DEFAULT_CHECKPOINTS),
+                        help="tiny CLIP checkpoints to probe ('random': the untrained tower)")
+    parser.add_argument("--num-images", type=int, default=600, help="images per split (fit and test)")
+    parser.add_argument("--cnn-steps", type=int, default=1500)
+    parser.add_argument("--direct-steps", type=int, default=0,
+                        help="also train a random-init tower on per-patch labels for this many steps")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = report(args.checkpoints, args.num_images, args.direct_steps, args.cnn_steps,
+                    log=lambda line: print(line, file=sys.stderr, flush=True))
+    emit_json(result, args.json_out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
