@@ -17,8 +17,10 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
     python tools/semi_vs_supervised.py --experiment class_refinement  # visual fusion (with the tiny RANDOM
     python tools/semi_vs_supervised.py --experiment fusion   #     TinyConvEncoder: a control, not SAM)
 
-Each run is a separate `train_net.py` process (as a user would run it); the seed fixes the labeled
-subset, the initialisation and the data order. Runs go to --output-dir; a finished run of the same
+Each run is a separate `train_net.py` process (as a user would run it). The seed fixes the `shapes` dataset
+itself (``DATASETS.SHAPES.SEED`` draws its 400 training and 50 val images), the labeled subset, the
+initialisation and the data order. All arms of a seed share them, so the per-seed differences are paired;
+the spread across seeds also holds the dataset's. Runs go to --output-dir; a finished run of the same
 command line from the same CLIP weights (path and sha256, see ``tools/_common.run_train_net``) is not
 repeated (its mIoU is read back from its log), so an interrupted benchmark continues where it stopped, and
 experiments sharing an arm (the supervised textual run of (a), (b) and (c)) share its runs.
