@@ -1,0 +1,65 @@
+"""tools/pseudo_label_quality.py: the pixel tallies by hand, and a run's own unlabeled images with the labels
+the training never read (a 2-step semi run of the random-weight tiny config)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def tool(load_tool):
+    return load_tool("pseudo_label_quality")
+
+
+def test_tally_by_hand(tool):
+    tally = tool.PseudoLabelTally(3, threshold=0.9)
+    probs = torch.tensor([[[0.95, 0.50], [0.05, 0.00]],   # class 0
+                          [[0.05, 0.40], [0.95, 0.02]],   # class 1
+                          [[0.00, 0.10], [0.00, 0.98]]])  # class 2
+    label = np.array([[0, 1], [2, 255]])  # the last pixel is ignored
+    tally.add(probs, label)
+    out = tally.summary(["a", "b", "c"])
+    # argmax: 0 (right), 0 (wrong, truth 1), 1 (wrong, truth 2); confident: pixels 1 and 3 only
+    assert out["pixels"] == 3 and out["accuracy"] == pytest.approx(1 / 3, abs=1e-4)
+    assert out["confident_fraction"] == pytest.approx(2 / 3, abs=1e-4)
+    assert out["confident_accuracy"] == 0.5
+    assert out["precision"] == {"a": 1.0, "b": 0.0, "c": None}
+    assert out["recall"] == {"a": 1.0, "b": 0.0, "c": 0.0}
+    assert out["confident_confusion"] == {"a": {"a": 1}, "b": {}, "c": {"b": 1}}
+    assert out["label_pixels"] == {"a": 1, "b": 1, "c": 1}
+
+
+def test_run_on_its_unlabeled_images(tool, tmp_path):
+    out = tmp_path / "semi"
+    opts = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "100",
+            "DATASETS.SHAPES.IMAGE_SIZE", "64", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
+            "DATASETS.SHAPES.NUM_TRAIN", "10", "DATASETS.SHAPES.NUM_VAL", "2", "DATASETS.SHAPES.NUM_LABELED", "4",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)]
+    train = subprocess.run([sys.executable, str(REPO_ROOT / "projects" / "HVLFormer" / "train_net.py"), "--config-file",
+                            str(REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_semi_random.yaml"), *opts],
+                           cwd=REPO_ROOT, capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr[-3000:]
+    result = tool.main([str(out), "--json-out", str(tmp_path / "q.json")])
+    run = result["runs"][0]
+    assert run["images"] == 6 and run["pixels"] == 6 * 64 * 64  # the 10 - 4 unlabeled images, every pixel
+    assert set(run["precision"]) == {"background", "circle", "square", "triangle", "star", "cross"}
+    confident = sum(sum(row.values()) for row in run["confident_confusion"].values())
+    assert confident == pytest.approx(run["confident_fraction"] * run["pixels"], abs=1.0)
+    # the hidden labels are those of the unlabeled images: the ones the seeded split left out of the 4 labeled
+    import cv2
+    from hvlformer.data.datasets.register_shapes import shapes_root
+
+    labeled = set(np.random.default_rng(0).permutation(10)[:4].tolist())
+    files = sorted((shapes_root(6, 64, 0) / "labels" / "train").glob("*.png"))  # $DETECTRON2_DATASETS of the tests
+    assert len(files) == 10
+    counts = sum(np.bincount(cv2.imread(str(f), cv2.IMREAD_UNCHANGED).ravel(), minlength=6)
+                 for i, f in enumerate(files) if i not in labeled)
+    assert list(run["label_pixels"].values()) == counts.tolist()
+    with pytest.raises(FileNotFoundError, match="config.yaml not found"):
+        tool.evaluate_run(tmp_path)
