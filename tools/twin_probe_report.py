@@ -13,10 +13,14 @@ held-out split ``clipval``, 11-kind images at 128 px):
   after each transformer block, and on the final dense (text-space) embedding;
 * ``direct`` (``--direct-steps N``): the same tower trained from random init with per-patch kind labels (an
   upper bound on what any mask-free pretraining loss can teach it in that many steps; not a model the
-  project ships), probed as above every quarter of the run.
+  project ships), probed as above every quarter of the run. ``--direct-stem conv`` replaces the linear
+  8 px patch embedding with a small convolutional stem (two 3 x 3 convolutions of 32 channels before it,
+  as in Xiao et al. 2021, "Early convolutions help transformers see better"), to ask whether a tower with
+  one would learn the twins faster.
 
     python tools/twin_probe_report.py --json-out docs/results/twin_probe_report.json --direct-steps 1000
     python tools/twin_probe_report.py --checkpoints random projects/.../hvl_tiny_vit_p8_shapes_v3.pt
+    python tools/twin_probe_report.py --checkpoints random --direct-steps 1000 --direct-stem conv
 
 Deterministic for a given thread count (one by default).
 """
@@ -129,11 +133,26 @@ def load_tower(checkpoint: str) -> "tiny.TinyClipPretrainer":
     return tiny.TinyClipPretrainer(clip_model, tokenizer).eval()
 
 
-def train_direct(steps: int, probe, lr: float = 1e-3, batch_size: int = 32, log=print) -> List[Dict[str, Any]]:
+def conv_stem(width: int, patch: int = PATCH, channels: int = 32) -> nn.Sequential:
+    """``B x 3 x H x W`` -> ``B x width x H/patch x W/patch``: two 3 x 3 convolutions (ReLU) before the
+    ``patch`` px patch projection, in place of a ViT's linear patch embedding."""
+    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(channels, width, patch, stride=patch))
+
+
+def train_direct(steps: int, probe, lr: float = 1e-3, batch_size: int = 32, stem: str = "linear",
+                 log=print) -> List[Dict[str, Any]]:
     """Train a random-init tower plus a linear head on per-patch kind labels (patches at least 70 % one kind,
     11 kinds; AdamW, the pretraining tool's warm-up + cosine schedule, images of split ``pretrain``);
-    ``probe(model)`` is called every quarter of the run. Returns ``[{"step", "loss", "probe"}, ...]``."""
+    ``stem`` ``conv`` swaps the linear patch embedding for :func:`conv_stem`. ``probe(model)`` is called every
+    quarter of the run. Returns ``[{"step", "loss", "probe"}, ...]``."""
     model = load_tower("random").train()
+    if stem == "conv":
+        torch.manual_seed(0)
+        model.clip.visual.conv1 = conv_stem(model.clip.visual.conv1.out_channels)
+    elif stem != "linear":
+        raise ValueError(f"stem must be 'linear' or 'conv', got {stem!r}")
     head = nn.Linear(model.clip.visual.output_dim, tiny.ALL_KINDS)
     params = list(model.clip.visual.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
@@ -163,7 +182,8 @@ def train_direct(steps: int, probe, lr: float = 1e-3, batch_size: int = 32, log=
 
 
 def report(checkpoints: Sequence[str], num_images: int = 600, direct_steps: int = 0, cnn_steps: int = 1500,
-           pairs: Sequence[Tuple[str, str]] = tiny.TWIN_PAIRS, log=print) -> Dict[str, Any]:
+           pairs: Sequence[Tuple[str, str]] = tiny.TWIN_PAIRS, direct_stem: str = "linear",
+           log=print) -> Dict[str, Any]:
     """The JSON report (see the module docstring)."""
     names = tiny.vocabulary()
     kinds = sorted({names.index(n) for pair in pairs for n in pair})
@@ -208,7 +228,8 @@ def report(checkpoints: Sequence[str], num_images: int = 600, direct_steps: int 
             return per_pair(lambda fi, fy, ti, ty: layer_probes([t[fi] for t in fit_d[0]], fy,
                                                                 [t[ti] for t in test_d[0]], ty))
         result["direct"] = {"note": "random-init tower trained on per-patch kind labels (not shipped)",
-                            "steps": direct_steps, "history": train_direct(direct_steps, probe, log=log)}
+                            "steps": direct_steps, "stem": direct_stem,
+                            "history": train_direct(direct_steps, probe, stem=direct_stem, log=log)}
     return result
 
 
@@ -224,12 +245,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--cnn-steps", type=int, default=1500)
     parser.add_argument("--direct-steps", type=int, default=0,
                         help="also train a random-init tower on per-patch labels for this many steps")
+    parser.add_argument("--direct-stem", choices=("linear", "conv"), default="linear",
+                        help="patch embedding of the --direct-steps tower: the ViT's linear one, or a small conv stem")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = report(args.checkpoints, args.num_images, args.direct_steps, args.cnn_steps,
-                    log=lambda line: print(line, file=sys.stderr, flush=True))
+                    direct_stem=args.direct_stem, log=lambda line: print(line, file=sys.stderr, flush=True))
     emit_json(result, args.json_out)
     return result
 

@@ -84,3 +84,14 @@ def test_tool_smoke_run(report_tool, tmp_path, single_thread):
     assert [h["step"] for h in result["direct"]["history"]] == [1, 2, 3, 4]
     patches = result["patches"]["square/cross"]
     assert patches["test_patches"] > 0 and 50.0 <= patches["constant_guess"] <= 100.0
+
+
+def test_conv_stem_replaces_the_patch_embedding(report_tool, single_thread):
+    stem = report_tool.conv_stem(64)
+    assert stem(torch.zeros(2, 3, 128, 128)).shape == (2, 64, 16, 16)  # the same grid as the 8 px patches
+    seen = []
+    history = report_tool.train_direct(2, lambda model: seen.append(model.clip.visual.conv1) or {}, stem="conv")
+    assert [h["step"] for h in history] == [1, 2]
+    assert isinstance(seen[0], torch.nn.Sequential) and len(seen[0]) == 5  # two 3 x 3 convolutions, then the patch one
+    with pytest.raises(ValueError, match="stem must be"):
+        report_tool.train_direct(1, lambda model: {}, stem="resnet")
