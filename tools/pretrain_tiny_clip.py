@@ -229,13 +229,21 @@ class TinyClipPretrainer(nn.Module):
         self.register_buffer("region_decay", torch.full((ALL_KINDS,), float(region_decay)))
         self.prompt_tokens = tokenizer([PLAIN_TEMPLATE.format(n) for n in vocabulary()])
 
-    def encode_image(self, images: Tensor) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
-        """uint8 ``B x 3 x H x W`` -> (unit global ``B x C``, unit patch embeddings ``B x N x C``, grid)."""
+    def encode_image(self, images: Tensor, stages: Optional[List[Tensor]] = None
+                     ) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
+        """uint8 ``B x 3 x H x W`` -> (unit global ``B x C``, unit patch embeddings ``B x N x C``, grid).
+
+        ``stages`` (optional) receives the tower's tokens (batch-first, class token included) after the patch
+        embedding and after each block."""
         x = (images.float() - self.pixel_mean) / self.pixel_std
         ad, visual = self._adapter, self.clip.visual
         x, grid, extra = ad.embed(visual, x)
+        if stages is not None:
+            stages.append(x)
         for block in ad.blocks(visual):
             x = ad.run_block(block, x, extra)
+            if stages is not None:
+                stages.append(x)
         pooled, dense = ad.heads(visual, x, dense=True)
         return F.normalize(pooled, dim=-1), F.normalize(dense, dim=-1), grid
 
@@ -495,6 +503,15 @@ def save_checkpoint(clip_model: nn.Module, path: Path) -> Tuple[str, str]:
     return hashlib.sha256(path.read_bytes()).hexdigest(), weights_digest(state)
 
 
+def warmup_cosine_lr(step: int, steps: int, lr: float) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps``: linear warm-up over the first 5 %, then a
+    cosine decay to 0."""
+    warmup = max(1, int(0.05 * steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str, Any]]:
     """Pretrain from scratch; returns ``(clip model, tokenizer, history)``."""
     clip_model, tokenizer = build_model(args.seed, args.model)
@@ -507,19 +524,12 @@ def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    warmup = max(1, int(0.05 * args.steps))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        return 0.5 * args.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-
     history: List[Dict[str, float]] = []
     start, running = time.perf_counter(), {}
     model.train()
     for step in range(args.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine_lr(step, args.steps, args.lr)
         negatives: Optional[List[str]] = [] if args.swap_weight > 0 else None
         images, labels, captions, tags = draw_batch(range(step * args.batch_size, (step + 1) * args.batch_size),
                                                     "pretrain", args.seed, args.image_size, ALL_KINDS, args.random_hue,

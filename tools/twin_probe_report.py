@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -52,28 +51,29 @@ PATCH = 8
 def tower_tokens(model: "tiny.TinyClipPretrainer", images: Tensor) -> List[Tensor]:
     """uint8 ``B x 3 x H x W`` -> the patch tokens ``B x N x C_l`` after the patch embedding, after each block
     and the final unit dense embedding (``L + 2`` entries; class and register tokens dropped)."""
-    x = (images.float() - model.pixel_mean) / model.pixel_std
-    adapter, visual = model._adapter, model.clip.visual
-    x, (h, w), extra = adapter.embed(visual, x)
-    stages = [x]
-    for block in adapter.blocks(visual):
-        x = adapter.run_block(block, x, extra)
-        stages.append(x)
-    _, dense = adapter.heads(visual, x, dense=True)
-    # the adapter keeps tokens batch-first; the patch tokens are the last h * w
-    return [t[:, -h * w:] for t in stages] + [F.normalize(dense, dim=-1)]
+    stages: List[Tensor] = []
+    _, dense, (h, w) = model.encode_image(images, stages)
+    return [t[:, -h * w:] for t in stages] + [dense]  # batch-first tokens; the patch tokens are the last h * w
 
 
-def pure_patch_data(split: str, num_images: int, kinds: Sequence[int],
-                    models: Sequence["tiny.TinyClipPretrainer"] = (),
-                    batch_size: int = 50) -> Tuple[Tensor, Tensor, List[List[Tensor]]]:
-    """For the pure patches of ``kinds`` in ``split``: raw pixels ``N x 3 x 8 x 8`` (0-1), owners ``N`` and,
-    per model, its :func:`tower_tokens` at those patches (``N x C_l`` each)."""
-    pixels, owners = [], []
-    tokens: List[List[List[Tensor]]] = [[] for _ in models]
+def draw_split(split: str, num_images: int, batch_size: int = 50) -> List[Tuple[Tensor, Tensor]]:
+    """The first ``num_images`` 11-kind images of ``split`` (128 px), drawn once: ``[(images uint8
+    B x 3 x H x W, labels B x H x W), ...]`` in batches of ``batch_size``."""
+    batches = []
     for start in range(0, num_images, batch_size):
         images, labels, _, _ = tiny.draw_batch(range(start, min(start + batch_size, num_images)), split, 0,
                                                IMAGE_SIZE, tiny.ALL_KINDS)
+        batches.append((images, labels))
+    return batches
+
+
+def pure_patch_data(batches: Sequence[Tuple[Tensor, Tensor]], kinds: Sequence[int],
+                    models: Sequence["tiny.TinyClipPretrainer"] = ()) -> Tuple[Tensor, Tensor, List[List[Tensor]]]:
+    """For the pure patches of ``kinds`` in ``batches`` (:func:`draw_split`): raw pixels ``N x 3 x 8 x 8``
+    (0-1), owners ``N`` and, per model, its :func:`tower_tokens` at those patches (``N x C_l`` each)."""
+    pixels, owners = [], []
+    tokens: List[List[List[Tensor]]] = [[] for _ in models]
+    for images, labels in batches:
         owner = tiny.pure_patch_owners(labels, PATCH, kinds)
         keep = owner >= 0
         patches = F.unfold(images.float() / 255.0, PATCH, stride=PATCH)  # B x 3*8*8 x N, row-major patches
@@ -156,12 +156,10 @@ def train_direct(steps: int, probe, lr: float = 1e-3, batch_size: int = 32, stem
     head = nn.Linear(model.clip.visual.output_dim, tiny.ALL_KINDS)
     params = list(model.clip.visual.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
     history, start = [], time.perf_counter()
     for step in range(steps):
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for group in optimizer.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = tiny.warmup_cosine_lr(step, steps, lr)
         images, labels, _, _ = tiny.draw_batch(range(step * batch_size, (step + 1) * batch_size), "pretrain", 0,
                                                IMAGE_SIZE, tiny.ALL_KINDS)
         _, dense, _ = model.encode_image(images)
@@ -188,8 +186,9 @@ def report(checkpoints: Sequence[str], num_images: int = 600, direct_steps: int 
     names = tiny.vocabulary()
     kinds = sorted({names.index(n) for pair in pairs for n in pair})
     towers = [load_tower(c) for c in checkpoints]
-    fit_pixels, fit_owner, fit_tokens = pure_patch_data("probe", num_images, kinds, towers)
-    test_pixels, test_owner, test_tokens = pure_patch_data("clipval", num_images, kinds, towers)
+    fit_images, test_images = draw_split("probe", num_images), draw_split("clipval", num_images)  # reused below
+    fit_pixels, fit_owner, fit_tokens = pure_patch_data(fit_images, kinds, towers)
+    test_pixels, test_owner, test_tokens = pure_patch_data(test_images, kinds, towers)
 
     def per_pair(fn) -> Dict[str, Any]:
         out = {}
@@ -223,8 +222,8 @@ def report(checkpoints: Sequence[str], num_images: int = 600, direct_steps: int 
     if direct_steps > 0:
         def probe(model):
             with torch.no_grad():
-                _, _, fit_d = pure_patch_data("probe", num_images, kinds, [model])
-                _, _, test_d = pure_patch_data("clipval", num_images, kinds, [model])
+                _, _, fit_d = pure_patch_data(fit_images, kinds, [model])
+                _, _, test_d = pure_patch_data(test_images, kinds, [model])
             return per_pair(lambda fi, fy, ti, ty: layer_probes([t[fi] for t in fit_d[0]], fy,
                                                                 [t[ti] for t in test_d[0]], ty))
         result["direct"] = {"note": "random-init tower trained on per-patch kind labels (not shipped)",

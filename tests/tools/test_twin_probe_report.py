@@ -46,7 +46,7 @@ def test_tower_tokens_are_the_towers_own(report_tool, single_thread):
 def test_pure_patch_data_holds_the_pixels_of_the_pure_patches(report_tool, load_tool):
     tiny = load_tool("pretrain_tiny_clip")
     kinds = (2, 5)
-    pixels, owners, tokens = report_tool.pure_patch_data("probe", 6, kinds, batch_size=4)
+    pixels, owners, tokens = report_tool.pure_patch_data(report_tool.draw_split("probe", 6, batch_size=4), kinds)
     assert tokens == [] and pixels.shape == (owners.numel(), 3, 8, 8) and owners.numel() > 10
     images, labels, _, _ = tiny.draw_batch(range(6), "probe", 0, 128, tiny.ALL_KINDS)
     owner = tiny.pure_patch_owners(labels, 8, kinds)
@@ -61,8 +61,8 @@ def test_probes_separate_what_differs_and_not_noise(report_tool, single_thread):
     tiny = report_tool.tiny
     names = tiny.vocabulary()
     circle, square = names.index("circle"), names.index("square")
-    fit_pixels, fit_owner, _ = report_tool.pure_patch_data("probe", 40, (circle, square))
-    test_pixels, test_owner, _ = report_tool.pure_patch_data("clipval", 40, (circle, square))
+    fit_pixels, fit_owner, _ = report_tool.pure_patch_data(report_tool.draw_split("probe", 40), (circle, square))
+    test_pixels, test_owner, _ = report_tool.pure_patch_data(report_tool.draw_split("clipval", 40), (circle, square))
     fit_y, test_y = fit_owner == square, test_owner == square
     assert report_tool.cnn_probe_accuracy(fit_pixels, fit_y, test_pixels, test_y, steps=100) >= 95.0
     assert report_tool.layer_probes([fit_pixels], fit_y, [test_pixels], test_y)[0] >= 95.0
