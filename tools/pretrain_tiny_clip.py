@@ -512,6 +512,16 @@ def warmup_cosine_lr(step: int, steps: int, lr: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: ``weight_decay`` on weight matrices and kernels, none on biases, norms and embeddings
+    (open_clip's ``*_embedding``; a timm tower's ``pos_embed`` / ``cls_token`` / ``reg_token``)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_embedding = "embedding" in name or name.endswith(("pos_embed", "cls_token", "reg_token"))
+        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str, Any]]:
     """Pretrain from scratch; returns ``(clip model, tokenizer, history)``."""
     clip_model, tokenizer = build_model(args.seed, args.model)
@@ -519,11 +529,7 @@ def train(args: argparse.Namespace, log=print) -> Tuple[nn.Module, Any, Dict[str
                                (args.clip_weight, args.tag_weight, args.dense_weight, args.region_weight,
                                 args.swap_weight, args.name_weight),
                                args.dense_mode, args.region_cell, args.region_decay)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
     history: List[Dict[str, float]] = []
     start, running = time.perf_counter(), {}
     model.train()

@@ -16,7 +16,8 @@ held-out split ``clipval``, 11-kind images at 128 px):
   project ships), probed as above every quarter of the run. ``--direct-stem conv`` replaces the linear
   8 px patch embedding with a small convolutional stem (two 3 x 3 convolutions of 32 channels before it,
   as in Xiao et al. 2021, "Early convolutions help transformers see better"), to ask whether a tower with
-  one would learn the twins faster.
+  one would learn the twins faster; ``--direct-stem strided`` uses the cheaper strided stem of the
+  project's ``HVL-Tiny-ConvViT-P8`` (three 3 x 3 convolutions of stride 2, then a 1 x 1 one).
 
     python tools/twin_probe_report.py --json-out docs/results/twin_probe_report.json --direct-steps 1000
     python tools/twin_probe_report.py --checkpoints random projects/.../hvl_tiny_vit_p8_shapes_v3.pt
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import pretrain_tiny_clip as tiny  # tools/pretrain_tiny_clip.py (this folder is on sys.path when the tool runs)
+from hvlformer.modeling.backbone.conv_stem_vit import strided_conv_stem  # noqa: E402
 from _common import emit_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,11 +150,12 @@ def train_direct(steps: int, probe, lr: float = 1e-3, batch_size: int = 32, stem
     ``stem`` ``conv`` swaps the linear patch embedding for :func:`conv_stem`. ``probe(model)`` is called every
     quarter of the run. Returns ``[{"step", "loss", "probe"}, ...]``."""
     model = load_tower("random").train()
-    if stem == "conv":
+    if stem in ("conv", "strided"):
         torch.manual_seed(0)
-        model.clip.visual.conv1 = conv_stem(model.clip.visual.conv1.out_channels)
+        width = model.clip.visual.conv1.out_channels
+        model.clip.visual.conv1 = conv_stem(width) if stem == "conv" else strided_conv_stem(3, width, PATCH, bias=False)
     elif stem != "linear":
-        raise ValueError(f"stem must be 'linear' or 'conv', got {stem!r}")
+        raise ValueError(f"stem must be 'linear', 'conv' or 'strided', got {stem!r}")
     head = nn.Linear(model.clip.visual.output_dim, tiny.ALL_KINDS)
     params = list(model.clip.visual.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
@@ -244,8 +247,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--cnn-steps", type=int, default=1500)
     parser.add_argument("--direct-steps", type=int, default=0,
                         help="also train a random-init tower on per-patch labels for this many steps")
-    parser.add_argument("--direct-stem", choices=("linear", "conv"), default="linear",
-                        help="patch embedding of the --direct-steps tower: the ViT's linear one, or a small conv stem")
+    parser.add_argument("--direct-stem", choices=("linear", "conv", "strided"), default="linear",
+                        help="patch embedding of the --direct-steps tower: the ViT's linear one, a small conv stem at "
+                             "full resolution, or the strided conv stem of HVL-Tiny-ConvViT-P8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)

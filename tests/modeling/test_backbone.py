@@ -380,3 +380,57 @@ def test_eva_non_native_grid_matches_timm_dynamic_size(tiny_eva_model):
         torch.testing.assert_close(bb._adapter._rope(trunk, (20, 24)), dyn.rope.get_embed(shape=[20, 24]))
         expected = dyn.forward_head(dyn.forward_features(xr))
         torch.testing.assert_close(bb(x)["clip_global"], expected, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ conv-stem ViT (timm)
+def test_strided_conv_stem_layers_and_grid():
+    """HVL-Tiny-ConvViT-P8's stem: 3 stride-2 3 x 3 convolutions (16, 32, 64 channels, ReLU), then a 1 x 1 one;
+    the 8 px token grid; powers of two only."""
+    from hvlformer.modeling.backbone.conv_stem_vit import strided_conv_stem
+
+    stem = strided_conv_stem(3, 64, 8)
+    convs = [m for m in stem if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 16, (3, 3), (2, 2)), (16, 32, (3, 3), (2, 2)), (32, 64, (3, 3), (2, 2)), (64, 64, (1, 1), (1, 1))]
+    assert sum(isinstance(m, nn.ReLU) for m in stem) == 3
+    assert stem(torch.randn(1, 3, 96, 160)).shape == (1, 64, 12, 20)
+    assert len([m for m in strided_conv_stem(3, 64, 16) if isinstance(m, nn.Conv2d)]) == 5
+    with pytest.raises(ValueError, match="power-of-two"):
+        strided_conv_stem(3, 64, 14)
+
+
+def test_conv_stem_tower_loads_through_open_clip_and_matches_timm(tmp_path):
+    """The conv-stem tower is a plain open_clip architecture (timm tower): a checkpoint round-trips through
+    build_clip_model's PRETRAINED path, and the backbone's clip_global / clip_dense / pyramid equal timm's own
+    forward of the same trunk (a wrong stem, position or head in the adapter would differ)."""
+    from open_clip.timm_model import TimmModel
+
+    from hvlformer.modeling.backbone.conv_stem_vit import ConvStemPatchEmbed
+
+    torch.manual_seed(0)
+    model, _ = build_clip_model("HVL-Tiny-ConvViT-P8")
+    visual = model.visual.eval()
+    assert isinstance(visual, TimmModel) and isinstance(visual.trunk.patch_embed, ConvStemPatchEmbed)
+    path = tmp_path / "conv.pt"
+    torch.save(model.state_dict(), path)
+    torch.manual_seed(1)
+    loaded, _ = build_clip_model("HVL-Tiny-ConvViT-P8", str(path))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+
+    bb = make_backbone(model, out_indices=[0, 1, 2, -1]).eval()
+    assert (bb.width, bb.embed_dim, bb.patch_size, bb.token_stride) == (64, 64, 8, 8)
+    trunk = visual.trunk
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        out = bb(x)
+        check = trunk.forward_features(x)  # B x (1 + 256) x 64, after the final norm
+        torch.testing.assert_close(out["clip_global"], visual(x), atol=1e-5, rtol=0)
+        dense = trunk.head(check[:, 1:]).transpose(1, 2).reshape(2, 64, 16, 16)
+        torch.testing.assert_close(out["clip_dense"], dense, atol=1e-5, rtol=0)
+        blocks = trunk.forward_intermediates(x, indices=[2, 3], intermediates_only=True, norm=False)
+        torch.testing.assert_close(out["res4"], F.max_pool2d(blocks[0], 2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["res5"], F.max_pool2d(blocks[1], 4), atol=1e-5, rtol=0)
+        # another input size runs natively (8 px tokens, interpolated positions)
+        other = bb(torch.randn(1, 3, 96, 160))
+    assert other["clip_dense"].shape == (1, 64, 12, 20)

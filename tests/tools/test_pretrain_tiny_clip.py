@@ -105,6 +105,29 @@ def test_pretraining_loss_decreases_on_a_tiny_batch(tool, single_thread, weights
         assert history[-1][key] < 0.75 * history[0][key], (key, history[0][key], history[-1][key])
 
 
+@pytest.mark.parametrize("model_name", ["HVL-Tiny-ViT-P8", "HVL-Tiny-ConvViT-P8"])
+def test_no_weight_decay_on_embeddings_norms_and_biases(tool, model_name):
+    """Both tower kinds: decay on weight matrices and kernels only (the timm tower's pos_embed / cls_token
+    are 3-D, yet embeddings like open_clip's positional_embedding / class_embedding)."""
+    from hvlformer.modeling.clip_loader import build_clip_model
+
+    clip_model, tokenizer = build_clip_model(model_name)
+    model = tool.TinyClipPretrainer(clip_model, tokenizer)
+    decay, no_decay = tool.param_groups(model, 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert len(decayed) + len(undecayed) == len(names)
+    embeddings = ({"clip.visual.trunk.pos_embed", "clip.visual.trunk.cls_token"} if "Conv" in model_name
+                  else {"clip.visual.positional_embedding", "clip.visual.class_embedding"})
+    assert embeddings | {"clip.token_embedding.weight", "clip.positional_embedding"} <= undecayed
+    assert all(n.endswith("bias") or "norm" in n or "ln" in n or n in embeddings or "embedding" in n or "scale" in n
+               or n.endswith("tag_bias") or n.endswith("dense_bias") for n in undecayed)
+    stem = "clip.visual.trunk.patch_embed.proj.0.weight" if "Conv" in model_name else "clip.visual.conv1.weight"
+    assert {stem, "clip.text_projection"} <= decayed
+
+
 def test_colour_twins_pair_the_kinds_that_share_a_hue_family(tool):
     names = tool.vocabulary()
     twins = {names[k]: names[t] for k, t in tool.colour_twins().items()}

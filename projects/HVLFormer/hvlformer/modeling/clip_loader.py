@@ -29,7 +29,8 @@ checkpoint, which holds both CLIP towers) overwrites them; ``PRETRAINED`` is not
 works offline.
 
 The project's own architectures (``hvlformer/modeling/backbone/model_configs/*.json``, e.g. the CPU-test
-model ``HVL-Tiny-ViT`` and its timm-EVA02 twin ``HVL-Tiny-EVA``) are registered with open_clip by
+model ``HVL-Tiny-ViT``, its timm-EVA02 twin ``HVL-Tiny-EVA`` and the conv-stem ``HVL-Tiny-ConvViT-P8``, whose
+timm tower :mod:`hvlformer.modeling.backbone.conv_stem_vit` registers with timm) are registered with open_clip by
 :func:`register_project_model_configs`, which :func:`build_clip_model` calls itself.
 """
 from __future__ import annotations
@@ -61,7 +62,11 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
 def register_project_model_configs() -> None:
-    """Make the JSON architectures in :data:`MODEL_CONFIG_DIR` known to open_clip (idempotent)."""
+    """Make the JSON architectures in :data:`MODEL_CONFIG_DIR` known to open_clip (idempotent), and the
+    project's timm towers they name (``hvl_tiny_conv_vit_p8``) known to timm."""
+    # imported here, not at the top: the backbone package imports this module
+    from .backbone import conv_stem_vit  # noqa: F401  (registers the timm entry point on import)
+
     names = {p.stem for p in MODEL_CONFIG_DIR.glob("*.json")}
     if names and not names.issubset(open_clip.list_models()):
         open_clip.add_model_config(MODEL_CONFIG_DIR)

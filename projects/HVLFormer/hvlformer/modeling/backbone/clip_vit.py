@@ -16,7 +16,8 @@ Decisions:
 
 - Two tower kinds, one small adapter class each, chosen by an explicit ``isinstance`` check:
   open_clip's native ``VisionTransformer`` (CLIP ViT-B/16 ...) and open_clip's ``TimmModel`` wrapping a
-  timm ``Eva`` (EVA02-CLIP). Anything else is a clear ``TypeError``. The adapters hold no modules: they
+  timm ``Eva`` (EVA02-CLIP) or a timm ``VisionTransformer`` (the project's conv-stem tiny tower
+  ``HVL-Tiny-ConvViT-P8``, :mod:`.conv_stem_vit`). Anything else is a clear ``TypeError``. The adapters hold no modules: they
   run a given tower, so the same code runs the trained tower and the frozen reference copy.
 - Positional embeddings are interpolated (bicubic, float32, no antialias) from the pretraining grid to the
   input grid on every call (nothing size-dependent is cached); prefix (class) positions are kept. EVA02's
@@ -168,12 +169,15 @@ class _OpenCLIPViTAdapter(_TowerAdapter):
         return pooled, tokens
 
 
-class _TimmEvaAdapter(_TowerAdapter):
-    """open_clip ``TimmModel`` around a timm ``Eva`` (EVA02-CLIP): patch_embed, cls_token, pos_embed, rope,
-    norm_pre, blocks, norm, then timm's pooled head (fc_norm, head) and open_clip's ``head``."""
+class _TimmViTAdapter(_TowerAdapter):
+    """open_clip ``TimmModel`` around a timm ``Eva`` (EVA02-CLIP) or a timm ``VisionTransformer`` (e.g. the
+    project's conv-stem ``HVL-Tiny-ConvViT-P8``): patch_embed (its ``proj`` maps the image to the token map,
+    whatever it holds), cls_token / reg_token, pos_embed, rope (Eva only), norm_pre, blocks, norm, then timm's
+    pooled head (fc_norm, head) and open_clip's ``head``."""
 
     def __init__(self, visual: TimmModel) -> None:
         trunk = visual.trunk
+        self.has_rope = hasattr(trunk, "rope")  # Eva blocks take the rotary embedding, ViT blocks do not
         if trunk.attn_pool is not None or hasattr(visual.head, "pool"):
             raise TypeError("timm EVA towers with attention pooling are not supported")
         if getattr(trunk, "rope_mixed", False):
@@ -197,7 +201,7 @@ class _TimmEvaAdapter(_TowerAdapter):
         return visual.trunk.embed_dim
 
     def _rope(self, trunk, grid: Tuple[int, int]) -> Optional[Tensor]:
-        rope = trunk.rope
+        rope = getattr(trunk, "rope", None)
         if rope is None:
             return None
         feat_shape = getattr(rope, "feat_shape", None)
@@ -236,7 +240,7 @@ class _TimmEvaAdapter(_TowerAdapter):
         return visual.trunk.blocks
 
     def run_block(self, block, x, extra):
-        return block(x, rope=extra)
+        return block(x, rope=extra) if self.has_rope else block(x)
 
     def heads(self, visual, x, dense):
         trunk = visual.trunk
@@ -252,17 +256,18 @@ def _select_adapter(visual: nn.Module) -> _TowerAdapter:
     if isinstance(visual, VisionTransformer):
         return _OpenCLIPViTAdapter(visual)
     if isinstance(visual, TimmModel):
-        from timm.models.eva import Eva  # timm is only needed for EVA towers
+        from timm.models.eva import Eva  # timm is only needed for timm towers
+        from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
-        if isinstance(visual.trunk, Eva):
-            return _TimmEvaAdapter(visual)
+        if isinstance(visual.trunk, (Eva, TimmVisionTransformer)):
+            return _TimmViTAdapter(visual)
         raise TypeError(
             f"unsupported timm vision tower {type(visual.trunk).__name__}: CLIPViTBackbone supports timm Eva "
-            "(EVA02-CLIP) towers only"
+            "(EVA02-CLIP) and VisionTransformer towers only"
         )
     raise TypeError(
         f"unsupported vision tower {type(visual).__name__}: CLIPViTBackbone supports open_clip "
-        "VisionTransformer (CLIP ViT) and TimmModel around a timm Eva (EVA02-CLIP)"
+        "VisionTransformer (CLIP ViT) and TimmModel around a timm Eva (EVA02-CLIP) or VisionTransformer"
     )
 
 
