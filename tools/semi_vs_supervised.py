@@ -12,6 +12,7 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
     python tools/semi_vs_supervised.py --ablations            # (c) plus each CMCR term switched off
     python tools/semi_vs_supervised.py --semi-name t08 --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # another setting
     python tools/semi_vs_supervised.py --clip-weights other.pt   # (c) from another pretrained tiny CLIP
+    python tools/semi_vs_supervised.py --clip-model HVL-Tiny-ViT-P8 --clip-weights v3.pt   # ... of another architecture
     python tools/semi_vs_supervised.py --experiment caa      # (f) the thesis's modules: supervised vs + CAA,
     python tools/semi_vs_supervised.py --experiment ecac     #     + ECAC, + LSMSeg class refinement, + LSMSeg
     python tools/semi_vs_supervised.py --experiment class_refinement  # visual fusion (with the tiny RANDOM
@@ -117,7 +118,9 @@ def run(variant: str, seed: int, args: argparse.Namespace) -> float:
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
             "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out),
             *semi_opts, *extra]  # the ablation switch comes last, so it wins
-    if args.clip_weights and config != RANDOM:  # the random-init arm stays random
+    if args.clip_model and config != RANDOM:  # the random-init arm stays random
+        opts += ["MODEL.HVLFORMER.CLIP.MODEL_NAME", args.clip_model]
+    if args.clip_weights and config != RANDOM:
         opts += ["MODEL.HVLFORMER.CLIP.PRETRAINED", str(args.clip_weights)]
     # a finished run (final weights and an mIoU in its log) of the same command line and CLIP weights is reused
     result = run_train_net(TRAIN_NET, config, opts, out, ROOT, args.threads, finished=_logged_miou)
@@ -171,6 +174,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--clip-weights", default="",
                         help="MODEL.HVLFORMER.CLIP.PRETRAINED of every pretrained arm (default: the configs' own, "
                              "the shipped tiny CLIP)")
+    parser.add_argument("--clip-model", default="",
+                        help="MODEL.HVLFORMER.CLIP.MODEL_NAME of every pretrained arm, for --clip-weights of another "
+                             "architecture (e.g. HVL-Tiny-ViT-P8 for the v3 candidate; default: the configs' own)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per run")
@@ -196,6 +202,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "setup": {"experiment": args.experiment, "semi_name": args.semi_name, "semi_opts": args.semi_opts,
                   "labeled": args.num_labeled, "unlabeled": 400 - args.num_labeled, "image_size": args.image_size,
                   "iterations": args.iters, "seeds": args.seeds, "clip_weights": args.clip_weights or "config default",
+                  "clip_model": args.clip_model or "config default",
                   "batch": "8 labeled (+ 8 unlabeled for semi)",
                   "arms": {arm: {"config": str(VARIANTS[arm][0].relative_to(ROOT)), "opts": VARIANTS[arm][1]}
                            for arm in arms},

@@ -127,11 +127,13 @@ def cnn_probe_accuracy(fit_pixels: Tensor, fit_target: Tensor, test_pixels: Tens
         return 100 * float(((net(test_x)[:, 0] > 0) == test_target.bool()).float().mean())
 
 
-def load_tower(checkpoint: str) -> "tiny.TinyClipPretrainer":
-    """``random`` (the pretraining tool's seed-0 initialisation) or a tiny CLIP checkpoint path."""
+def load_tower(checkpoint: str, model_name: str = tiny.MODEL_NAME) -> "tiny.TinyClipPretrainer":
+    """``random`` (the pretraining tool's seed-0 initialisation) or a tiny CLIP checkpoint path, of the open_clip
+    architecture ``model_name``."""
     from hvlformer.modeling.clip_loader import build_clip_model
 
-    clip_model, tokenizer = tiny.build_model(0) if checkpoint == "random" else build_clip_model(tiny.MODEL_NAME, checkpoint)
+    clip_model, tokenizer = (tiny.build_model(0, model_name) if checkpoint == "random"
+                             else build_clip_model(model_name, checkpoint))
     return tiny.TinyClipPretrainer(clip_model, tokenizer).eval()
 
 
@@ -184,11 +186,11 @@ def train_direct(steps: int, probe, lr: float = 1e-3, batch_size: int = 32, stem
 
 def report(checkpoints: Sequence[str], num_images: int = 600, direct_steps: int = 0, cnn_steps: int = 1500,
            pairs: Sequence[Tuple[str, str]] = tiny.TWIN_PAIRS, direct_stem: str = "linear",
-           log=print) -> Dict[str, Any]:
+           model_name: str = tiny.MODEL_NAME, log=print) -> Dict[str, Any]:
     """The JSON report (see the module docstring)."""
     names = tiny.vocabulary()
     kinds = sorted({names.index(n) for pair in pairs for n in pair})
-    towers = [load_tower(c) for c in checkpoints]
+    towers = [load_tower(c, model_name) for c in checkpoints]
     fit_images, test_images = draw_split("probe", num_images), draw_split("clipval", num_images)  # reused below
     fit_pixels, fit_owner, fit_tokens = pure_patch_data(fit_images, kinds, towers)
     test_pixels, test_owner, test_tokens = pure_patch_data(test_images, kinds, towers)
@@ -209,7 +211,7 @@ def report(checkpoints: Sequence[str], num_images: int = 600, direct_steps: int 
     result: Dict[str, Any] = {
         "setup": {"image_size": IMAGE_SIZE, "patch": PATCH, "num_images": num_images, "fit_split": "probe",
                   "test_split": "clipval", "pure_share": 0.7, "cnn_steps": cnn_steps, "checkpoints": list(checkpoints),
-                  "command": "python tools/twin_probe_report.py " + " ".join(sys.argv[1:])},
+                  "model": model_name, "command": "python tools/twin_probe_report.py " + " ".join(sys.argv[1:])},
         "patches": per_pair(constant),
         "pixels": per_pair(lambda fi, fy, ti, ty: {
             "linear": layer_probes([fit_pixels[fi]], fy, [test_pixels[ti]], ty)[0],
@@ -243,6 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", default=list(DEFAULT_CHECKPOINTS),
                         help="tiny CLIP checkpoints to probe ('random': the untrained tower)")
+    parser.add_argument("--model", default=tiny.MODEL_NAME,
+                        help="open_clip architecture of --checkpoints (e.g. HVL-Tiny-ConvViT-P8)")
     parser.add_argument("--num-images", type=int, default=600, help="images per split (fit and test)")
     parser.add_argument("--cnn-steps", type=int, default=1500)
     parser.add_argument("--direct-steps", type=int, default=0,
@@ -255,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = report(args.checkpoints, args.num_images, args.direct_steps, args.cnn_steps,
-                    direct_stem=args.direct_stem, log=lambda line: print(line, file=sys.stderr, flush=True))
+                    direct_stem=args.direct_stem, model_name=args.model, log=lambda line: print(line, file=sys.stderr, flush=True))
     emit_json(result, args.json_out)
     return result
 

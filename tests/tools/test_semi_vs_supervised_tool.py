@@ -45,7 +45,7 @@ def fake_train(tool, monkeypatch):
 
 def _args(tmp_path: Path, **overrides) -> argparse.Namespace:
     values = dict(num_labeled=25, image_size=96, iters=50, workers=0, threads=1, semi_opts=[], semi_name="semi",
-                  output_dir=tmp_path, clip_weights="")
+                  output_dir=tmp_path, clip_weights="", clip_model="")
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -80,6 +80,17 @@ def test_clip_weights_go_to_every_pretrained_arm_and_not_the_random_one(tool, fa
     # the run records the weights it was trained from
     recorded = json.loads((tmp_path / "supervised_seed0" / "benchmark_clip.json").read_text())
     assert recorded == {"pretrained": str(weights), "sha256": hashlib.sha256(b"other weights").hexdigest()}
+
+
+def test_clip_model_goes_with_the_weights_to_the_pretrained_arms(tool, fake_train, tmp_path):
+    """--clip-model names the architecture of --clip-weights (the v3 candidate's linear-stem tower); the
+    random arm keeps its own."""
+    args = _args(tmp_path, clip_model="HVL-Tiny-ViT-P8", clip_weights="v3.pt")
+    tool.run("supervised", 0, args)
+    tool.run("supervised_random", 0, args)
+    assert fake_train[0][-4:] == ["MODEL.HVLFORMER.CLIP.MODEL_NAME", "HVL-Tiny-ViT-P8",
+                                  "MODEL.HVLFORMER.CLIP.PRETRAINED", "v3.pt"]
+    assert "MODEL.HVLFORMER.CLIP.MODEL_NAME" not in fake_train[1]
 
 
 def test_finished_run_is_reused_only_for_the_same_command_line(tool, fake_train, tmp_path):

@@ -43,6 +43,21 @@ def test_tower_tokens_are_the_towers_own(report_tool, single_thread):
     assert torch.allclose(stages[0][:, 0], expected, atol=1e-5)
 
 
+def test_tower_tokens_of_the_conv_stem_tower(report_tool, single_thread):
+    """--model HVL-Tiny-ConvViT-P8: the timm tower's stages; the first is its stem's token for patch 0 (its
+    receptive field at stride 8 covers pixels 0-14, so the crop is 16 px), plus position, then norm_pre."""
+    model = report_tool.load_tower("random", "HVL-Tiny-ConvViT-P8")
+    trunk = model.clip.visual.trunk
+    images = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    stages = report_tool.tower_tokens(model, images)
+    assert len(stages) == len(trunk.blocks) + 2 and all(s.shape[:2] == (2, 256) for s in stages)
+    with torch.no_grad():
+        x = (images.float() - model.pixel_mean) / model.pixel_std
+        patch0 = trunk.patch_embed.proj(x)[:, :, 0, 0]
+        expected = trunk.norm_pre(patch0 + trunk.pos_embed[0, 1])
+    assert torch.allclose(stages[0][:, 0], expected, atol=1e-5)
+
+
 def test_pure_patch_data_holds_the_pixels_of_the_pure_patches(report_tool, load_tool):
     tiny = load_tool("pretrain_tiny_clip")
     kinds = (2, 5)
@@ -93,5 +108,9 @@ def test_conv_stem_replaces_the_patch_embedding(report_tool, single_thread):
     history = report_tool.train_direct(2, lambda model: seen.append(model.clip.visual.conv1) or {}, stem="conv")
     assert [h["step"] for h in history] == [1, 2]
     assert isinstance(seen[0], torch.nn.Sequential) and len(seen[0]) == 5  # two 3 x 3 convolutions, then the patch one
+    seen.clear()
+    report_tool.train_direct(1, lambda model: seen.append(model.clip.visual.conv1) or {}, stem="strided")
+    strides = [m.stride for m in seen[0] if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(2, 2)] * 3 + [(1, 1)]  # the HVL-Tiny-ConvViT-P8 stem: three stride-2 3 x 3, then 1 x 1
     with pytest.raises(ValueError, match="stem must be"):
         report_tool.train_direct(1, lambda model: {}, stem="resnet")
