@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import pretrain_tiny_clip as tiny  # tools/pretrain_tiny_clip.py (this folder is on sys.path when the tool runs)
-from hvlformer.modeling.backbone.conv_stem_vit import strided_conv_stem  # noqa: E402
+from hvlformer.modeling.backbone.conv_stem_vit import conv_stem as project_conv_stem  # noqa: E402
+from hvlformer.modeling.backbone.conv_stem_vit import parse_stem, strided_conv_stem  # noqa: E402
 from _common import emit_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,19 +147,26 @@ def conv_stem(width: int, patch: int = PATCH, channels: int = 32) -> nn.Sequenti
 
 
 def train_direct(steps: int, probe, lr: float = 1e-3, batch_size: int = 32, stem: str = "linear",
-                 log=print) -> List[Dict[str, Any]]:
+                 model_name: str = tiny.MODEL_NAME, log=print) -> List[Dict[str, Any]]:
     """Train a random-init tower plus a linear head on per-patch kind labels (patches at least 70 % one kind,
     11 kinds; AdamW, the pretraining tool's warm-up + cosine schedule, images of split ``pretrain``);
     ``stem`` ``conv`` swaps the linear patch embedding for :func:`conv_stem`. ``probe(model)`` is called every
     quarter of the run. Returns ``[{"step", "loss", "probe"}, ...]``."""
-    model = load_tower("random").train()
-    if stem in ("conv", "strided"):
+    model = load_tower("random", model_name).train()
+    if stem != "linear":
         torch.manual_seed(0)
         width = model.clip.visual.conv1.out_channels
-        model.clip.visual.conv1 = conv_stem(width) if stem == "conv" else strided_conv_stem(3, width, PATCH, bias=False)
-    elif stem != "linear":
-        raise ValueError(f"stem must be 'linear', 'conv' or 'strided', got {stem!r}")
-    head = nn.Linear(model.clip.visual.output_dim, tiny.ALL_KINDS)
+        if stem == "conv":
+            model.clip.visual.conv1 = conv_stem(width)
+        elif stem == "strided":
+            model.clip.visual.conv1 = strided_conv_stem(3, width, PATCH, bias=False)
+        else:
+            try:
+                layers = parse_stem(stem)
+            except ValueError:
+                raise ValueError(f"stem must be 'linear', 'conv', 'strided' or a spec like '16,32/2', got {stem!r}") from None
+            model.clip.visual.conv1 = project_conv_stem(3, width, PATCH, layers, bias=False)
+    head = nn.Linear(model._adapter.embed_dim, tiny.ALL_KINDS)
     params = list(model.clip.visual.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     history, start = [], time.perf_counter()
@@ -233,7 +241,8 @@ def report(checkpoints: Sequence[str], num_images: int = 600, direct_steps: int 
                                                                 [t[ti] for t in test_d[0]], ty))
         result["direct"] = {"note": "random-init tower trained on per-patch kind labels (not shipped)",
                             "steps": direct_steps, "stem": direct_stem,
-                            "history": train_direct(direct_steps, probe, stem=direct_stem, log=log)}
+                            "history": train_direct(direct_steps, probe, stem=direct_stem,
+                                                         model_name=model_name, log=log)}
     return result
 
 
@@ -251,9 +260,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--cnn-steps", type=int, default=1500)
     parser.add_argument("--direct-steps", type=int, default=0,
                         help="also train a random-init tower on per-patch labels for this many steps")
-    parser.add_argument("--direct-stem", choices=("linear", "conv", "strided"), default="linear",
-                        help="patch embedding of the --direct-steps tower: the ViT's linear one, a small conv stem at "
-                             "full resolution, or the strided conv stem of HVL-Tiny-ConvViT-P8")
+    parser.add_argument("--direct-stem", default="linear",
+                        help="patch embedding of the --direct-steps tower: 'linear' (the ViT's), 'conv' (two 3 x 3 "
+                             "convolutions of 32 channels at full resolution), 'strided' (three of stride 2), or a "
+                             "spec of 3 x 3 convolutions 'channels[/stride],...' before the patch projection")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)

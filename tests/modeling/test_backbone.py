@@ -6,6 +6,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never wait for a model hub
 import copy
 import logging
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -397,6 +399,30 @@ def test_strided_conv_stem_layers_and_grid():
     assert len([m for m in strided_conv_stem(3, 64, 16) if isinstance(m, nn.Conv2d)]) == 5
     with pytest.raises(ValueError, match="power-of-two"):
         strided_conv_stem(3, 64, 14)
+
+
+def test_conv_stem_spec_and_layers():
+    """conv_stem: one 3 x 3 convolution per (channels, stride), ReLU after each, then the patch projection
+    whose kernel = stride = patch / prod(strides); parse_stem reads 'channels[/stride],...'."""
+    from hvlformer.modeling.backbone.conv_stem_vit import TINY_STEM_LAYERS, conv_stem, parse_stem
+
+    assert parse_stem("16, 32/2") == [(16, 1), (32, 2)]
+    for bad in ("", "16,x", "16/0"):
+        with pytest.raises(ValueError, match="bad stem spec"):
+            parse_stem(bad)
+    stem = conv_stem(3, 64, 8, [(16, 1), (32, 2)], bias=False)
+    convs = [m for m in stem if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (3, 16, (3, 3), (1, 1), (1, 1)), (16, 32, (3, 3), (2, 2), (1, 1)), (32, 64, (4, 4), (4, 4), (0, 0))]
+    assert convs[-1].bias is None and sum(isinstance(m, nn.ReLU) for m in stem) == 2
+    assert stem(torch.randn(1, 3, 96, 160)).shape == (1, 64, 12, 20)
+    with pytest.raises(ValueError, match="must divide the patch size"):
+        conv_stem(3, 64, 8, [(16, 3)])
+    # the tiny tower's stem is the one the constant names, in front of an 8 x 8 projection
+    model, _ = build_clip_model("HVL-Tiny-ConvViT-P8")
+    tower_convs = [m for m in model.visual.trunk.patch_embed.proj if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in tower_convs[:-1]] == list(TINY_STEM_LAYERS)
+    assert tower_convs[-1].kernel_size == (8 // np.prod([st for _, st in TINY_STEM_LAYERS]),) * 2
 
 
 def test_conv_stem_tower_loads_through_open_clip_and_matches_timm(tmp_path):

@@ -44,8 +44,8 @@ def test_tower_tokens_are_the_towers_own(report_tool, single_thread):
 
 
 def test_tower_tokens_of_the_conv_stem_tower(report_tool, single_thread):
-    """--model HVL-Tiny-ConvViT-P8: the timm tower's stages; the first is its stem's token for patch 0 (its
-    receptive field at stride 8 covers pixels 0-14, so the crop is 16 px), plus position, then norm_pre."""
+    """--model HVL-Tiny-ConvViT-P8: the timm tower's stages; the first is its stem's token for patch 0 plus
+    its position, then norm_pre."""
     model = report_tool.load_tower("random", "HVL-Tiny-ConvViT-P8")
     trunk = model.clip.visual.trunk
     images = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
