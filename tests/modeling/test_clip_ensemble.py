@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_PRETRAINED_CONFIG
+from conftest import REPO_ROOT, TINY_PRETRAINED_CONFIG
 from hvlformer.modeling.clip_ensemble import CLIPEnsemble, geometric_ensemble, mask_pooled_embeddings
 from hvlformer.modeling.clip_loader import reference_needed_at_test
 
@@ -69,7 +69,10 @@ def test_model_builds_the_ensemble_with_clip_scale_and_e_i0(ensemble_model, tiny
     ensemble = ensemble_model.clip_ensemble
     assert ensemble_model.backbone.reference_tower is not None
     # the shipped tiny CLIP's learned logit scale (TEMPERATURE 0), not a default
-    assert ensemble.logit_scale == pytest.approx(20.362, abs=1e-3)
+    pretrained = tiny_cfg(config=TINY_PRETRAINED_CONFIG).MODEL.HVLFORMER.CLIP.PRETRAINED
+    learned = torch.load(REPO_ROOT / pretrained, weights_only=True)["logit_scale"].float().exp()
+    assert ensemble.logit_scale == pytest.approx(float(learned), rel=1e-3)
+    assert abs(ensemble.logit_scale - 100.0) > 1.0 and abs(ensemble.logit_scale - 1 / 0.07) > 1.0
     assert (ensemble.seen_weight, ensemble.unseen_weight) == (0.4, 0.8)
     cfg = tiny_cfg("TEST.CLIP_ENSEMBLE.ENABLED", "True", "MODEL.HVLFORMER.CLIP.WEIGHTS_FROM_CHECKPOINT", "True",
                    config=TINY_PRETRAINED_CONFIG)
