@@ -1,0 +1,40 @@
+"""tools/anchor_diagnostics.py: the cosine summary by hand, and the fine-tuned tower put back into the
+pretrained CLIP (the run's image weights, the pretrained text tower)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_PRETRAINED_CONFIG, make_tiny_cfg, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tool(load_tool):
+    return load_tool("anchor_diagnostics")
+
+
+def test_cosine_summary_by_hand(tool):
+    names = ["background", "square", "cross"]
+    embeddings = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])  # unit: (1, 0), (0, 1), (0.707, 0.707)
+    out = tool.cosine_summary(embeddings, names)
+    assert out["square_cross"] == pytest.approx(0.707, abs=1e-3)
+    # between different classes: 0, 0.707, 0.707 (each pair twice)
+    assert out["mean_between_classes"] == pytest.approx((0 + 0.7071 + 0.7071) / 3, abs=1e-3)
+    assert out["max_between_classes"] == pytest.approx(0.707, abs=1e-3)
+    assert out["cosine"][1][1] == pytest.approx(1.0)
+
+
+def test_finetuned_tower_replaces_only_the_image_tower(tool, single_thread):
+    cfg = make_tiny_cfg(config=TINY_PRETRAINED_CONFIG)
+    model = make_tiny_model(config=TINY_PRETRAINED_CONFIG, train=False)
+    with torch.no_grad():  # stands in for fine-tuning
+        for p in model.backbone.visual.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    clip = tool.finetuned_clip(cfg, model).clip
+    for key, value in model.backbone.visual.state_dict().items():
+        torch.testing.assert_close(clip.visual.state_dict()[key], value, msg=key)
+    pristine, _ = tool._pretrained_clip(cfg)
+    torch.testing.assert_close(clip.token_embedding.weight, pristine.token_embedding.weight)
+    assert not torch.equal(clip.visual.trunk.pos_embed, pristine.visual.trunk.pos_embed)
+    with pytest.raises(ValueError, match="random CLIP weights"):
+        tool.finetuned_clip(make_tiny_cfg(), model)
