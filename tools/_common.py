@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-__all__ = ["emit_json", "mean_std", "clip_weights_id", "run_train_net"]
+__all__ = ["emit_json", "mean_std", "clip_weights_id", "finished_run_cfg", "run_train_net"]
 
 
 def emit_json(report: Any, path: Optional[Union[str, os.PathLike]] = None) -> str:
@@ -48,6 +48,20 @@ def clip_weights_id(config: Path, opts: Sequence[str], root: Path) -> Dict[str, 
     path = Path(weights) if Path(weights).is_absolute() else root / weights
     digest = hashlib.sha256(path.read_bytes()).hexdigest() if weights and path.is_file() else None
     return {"pretrained": weights, "sha256": digest}
+
+
+def finished_run_cfg(run_dir: Path):
+    """The frozen config of a finished ``train_net.py`` run (its dumped ``config.yaml``) with ``MODEL.WEIGHTS``
+    set to its ``model_final.pth``; ``FileNotFoundError`` naming the file when either is missing."""
+    import argparse
+
+    from hvlformer import setup_cfg
+
+    for needed in ("config.yaml", "model_final.pth"):
+        if not (run_dir / needed).exists():
+            raise FileNotFoundError(f"{run_dir / needed} not found: pass the OUTPUT_DIR of a finished train_net.py run")
+    return setup_cfg(argparse.Namespace(config_file=str(run_dir / "config.yaml"),
+                                        opts=["MODEL.WEIGHTS", str(run_dir / "model_final.pth")]))
 
 
 def _dumped_clip_weights(out: Path) -> Optional[str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from argparse import Namespace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import pretrain_tiny_clip as tiny  # tools/pretrain_tiny_clip.py (this folder is on sys.path when the tool runs)
-from _common import emit_json
+from _common import emit_json, finished_run_cfg
 
 
 def cosine_summary(embeddings: Tensor, names: Sequence[str]) -> Dict[str, Any]:
@@ -45,19 +44,15 @@ def cosine_summary(embeddings: Tensor, names: Sequence[str]) -> Dict[str, Any]:
 
 def load_run(run_dir: Path):
     """(cfg, trained HVLFormer model in eval mode) of a finished run."""
-    from hvlformer import setup_cfg
     from hvlformer.predictor import HVLFormerPredictor
 
-    for needed in ("config.yaml", "model_final.pth"):
-        if not (run_dir / needed).exists():
-            raise FileNotFoundError(f"{run_dir / needed} not found: pass the OUTPUT_DIR of a finished train_net.py run")
-    cfg = setup_cfg(Namespace(config_file=str(run_dir / "config.yaml"),
-                              opts=["MODEL.WEIGHTS", str(run_dir / "model_final.pth")]))
+    cfg = finished_run_cfg(run_dir)
     return cfg, HVLFormerPredictor(cfg).model.eval()
 
 
 def finetuned_clip(cfg, model) -> "tiny.TinyClipPretrainer":
-    """The run's pretrained CLIP with its image tower replaced by the run's fine-tuned one."""
+    """The run's pretrained CLIP with its image tower replaced by the run's fine-tuned one (its text tower is
+    the pretrained one)."""
     from hvlformer.modeling.clip_loader import build_clip_model
 
     c = cfg.MODEL.HVLFORMER.CLIP
@@ -73,10 +68,8 @@ def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
     names = list(model.class_names)
     finetuned = finetuned_clip(cfg, model)
     with torch.no_grad():
-        pretrained_text = tiny.TinyClipPretrainer(*_pretrained_clip(cfg)).eval()
-
-        def embed(texts: List[str]) -> Tensor:
-            return pretrained_text.encode_text(pretrained_text.tokenizer(texts))
+        def embed(texts: List[str]) -> Tensor:  # the pretrained text tower
+            return finetuned.encode_text(finetuned.tokenizer(texts))
 
         plain = embed([tiny.PLAIN_TEMPLATE.format(n) for n in names])
         described = torch.stack([F.normalize(embed(list(p)).mean(0), dim=-1) for p in model.class_prompts])
@@ -97,12 +90,6 @@ def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
                             "square_row_percent": metrics["dense_confusion_percent"]["square"],
                             "twin_patch_probe": metrics["twin_patch_probe"]},
     }
-
-
-def _pretrained_clip(cfg):
-    from hvlformer.modeling.clip_loader import build_clip_model
-
-    return build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from argparse import Namespace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _common import emit_json  # tools/_common.py (this folder is on sys.path when the tool runs)
+from _common import emit_json, finished_run_cfg  # tools/_common.py (this folder is on sys.path when the tool runs)
 
 
 class PseudoLabelTally:
@@ -83,15 +82,10 @@ def evaluate_run(run_dir: Path, num_images: Optional[int] = None) -> Dict[str, A
     """Pseudo-label statistics of one run on its own unlabeled `shapes` images."""
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
-    from hvlformer import setup_cfg
     from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
     from hvlformer.predictor import HVLFormerPredictor
 
-    for needed in ("config.yaml", "model_final.pth"):
-        if not (run_dir / needed).exists():
-            raise FileNotFoundError(f"{run_dir / needed} not found: pass the OUTPUT_DIR of a finished train_net.py run")
-    cfg = setup_cfg(Namespace(config_file=str(run_dir / "config.yaml"),
-                              opts=["MODEL.WEIGHTS", str(run_dir / "model_final.pth")]))
+    cfg = finished_run_cfg(run_dir)
     if cfg.DATASETS.SHAPES.NUM_LABELED <= 0:
         raise ValueError(f"{run_dir}: DATASETS.SHAPES.NUM_LABELED is 0, so the run has no unlabeled `shapes` images")
     register_shapes_semi_split(cfg)

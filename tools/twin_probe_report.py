@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 import pretrain_tiny_clip as tiny  # tools/pretrain_tiny_clip.py (this folder is on sys.path when the tool runs)
 from hvlformer.modeling.backbone.conv_stem_vit import conv_stem as project_conv_stem  # noqa: E402
-from hvlformer.modeling.backbone.conv_stem_vit import parse_stem, strided_conv_stem  # noqa: E402
+from hvlformer.modeling.backbone.conv_stem_vit import TINY_STEM_LAYERS, parse_stem, strided_conv_stem  # noqa: E402
 from _common import emit_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,26 +138,20 @@ def load_tower(checkpoint: str, model_name: str = tiny.MODEL_NAME) -> "tiny.Tiny
     return tiny.TinyClipPretrainer(clip_model, tokenizer).eval()
 
 
-def conv_stem(width: int, patch: int = PATCH, channels: int = 32) -> nn.Sequential:
-    """``B x 3 x H x W`` -> ``B x width x H/patch x W/patch``: two 3 x 3 convolutions (ReLU) before the
-    ``patch`` px patch projection, in place of a ViT's linear patch embedding."""
-    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(channels, width, patch, stride=patch))
-
-
 def train_direct(steps: int, probe, lr: float = 1e-3, batch_size: int = 32, stem: str = "linear",
                  model_name: str = tiny.MODEL_NAME, log=print) -> List[Dict[str, Any]]:
     """Train a random-init tower plus a linear head on per-patch kind labels (patches at least 70 % one kind,
     11 kinds; AdamW, the pretraining tool's warm-up + cosine schedule, images of split ``pretrain``);
-    ``stem`` ``conv`` swaps the linear patch embedding for :func:`conv_stem`. ``probe(model)`` is called every
+    ``stem`` ``conv`` swaps the linear patch embedding for the conv stem of ``HVL-Tiny-ConvViT-P8`` (two 3 x 3
+    convolutions of 32 channels, then the biased patch projection), ``strided`` for the strided one, and a spec
+    (:func:`parse_stem`) for that stack of 3 x 3 convolutions. ``probe(model)`` is called every
     quarter of the run. Returns ``[{"step", "loss", "probe"}, ...]``."""
     model = load_tower("random", model_name).train()
     if stem != "linear":
         torch.manual_seed(0)
         width = model.clip.visual.conv1.out_channels
-        if stem == "conv":
-            model.clip.visual.conv1 = conv_stem(width)
+        if stem == "conv":  # the stem HVL-Tiny-ConvViT-P8 adopted (it was measured here first)
+            model.clip.visual.conv1 = project_conv_stem(3, width, PATCH, TINY_STEM_LAYERS)
         elif stem == "strided":
             model.clip.visual.conv1 = strided_conv_stem(3, width, PATCH, bias=False)
         else:

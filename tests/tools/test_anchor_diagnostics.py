@@ -33,7 +33,9 @@ def test_finetuned_tower_replaces_only_the_image_tower(tool, single_thread):
     clip = tool.finetuned_clip(cfg, model).clip
     for key, value in model.backbone.visual.state_dict().items():
         torch.testing.assert_close(clip.visual.state_dict()[key], value, msg=key)
-    pristine, _ = tool._pretrained_clip(cfg)
+    from hvlformer.modeling.clip_loader import build_clip_model
+
+    pristine, _ = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
     torch.testing.assert_close(clip.token_embedding.weight, pristine.token_embedding.weight)
     assert not torch.equal(clip.visual.trunk.pos_embed, pristine.visual.trunk.pos_embed)
     with pytest.raises(ValueError, match="random CLIP weights"):

@@ -102,7 +102,7 @@ def test_tool_smoke_run(report_tool, tmp_path, single_thread):
 
 
 def test_conv_stem_replaces_the_patch_embedding(report_tool, single_thread):
-    stem = report_tool.conv_stem(64)
+    stem = report_tool.project_conv_stem(3, 64, report_tool.PATCH, report_tool.TINY_STEM_LAYERS)
     assert stem(torch.zeros(2, 3, 128, 128)).shape == (2, 64, 16, 16)  # the same grid as the 8 px patches
     seen = []
     history = report_tool.train_direct(2, lambda model: seen.append(model.clip.visual.conv1) or {}, stem="conv")
