@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-__all__ = ["emit_json", "mean_std", "clip_weights_id", "finished_run_cfg", "run_train_net"]
+__all__ = ["emit_json", "mean_std", "clip_weights_id", "config_id", "finished_run_cfg", "run_train_net"]
 
 
 def emit_json(report: Any, path: Optional[Union[str, os.PathLike]] = None) -> str:
@@ -50,6 +50,18 @@ def clip_weights_id(config: Path, opts: Sequence[str], root: Path) -> Dict[str, 
     return {"pretrained": weights, "sha256": digest}
 
 
+def config_id(config: Path, opts: Sequence[str]) -> str:
+    """sha256 of the full config that ``config`` + ``opts`` resolve to (``_BASE_`` files and the project's
+    defaults included), so that editing a config file, or a default, is noticed though the command line is the
+    same."""
+    import argparse
+
+    from hvlformer import setup_cfg
+
+    dumped = setup_cfg(argparse.Namespace(config_file=str(config), opts=list(opts))).dump()
+    return hashlib.sha256(dumped.encode("utf-8")).hexdigest()
+
+
 def finished_run_cfg(run_dir: Path):
     """The frozen config of a finished ``train_net.py`` run (its dumped ``config.yaml``) with ``MODEL.WEIGHTS``
     set to its ``model_final.pth``; ``FileNotFoundError`` naming the file when either is missing."""
@@ -81,21 +93,26 @@ def run_train_net(train_net: Path, config: Path, opts: Sequence[str], out: Path,
     unless ``out`` already holds a run that ``finished(out)`` accepts, made with the same command line
     (``benchmark_opts.json``) from the same CLIP weights (``benchmark_clip.json``: path and sha256, so a
     checkpoint retrained in place is noticed; for runs from before that file, the weights path of the run's
-    dumped ``config.yaml``). Returns the finished process, or None when the run is reused; the caller checks
-    its return code."""
+    dumped ``config.yaml``) and the same resolved config (``benchmark_config.json``: :func:`config_id`, so an
+    edited config file is noticed; runs from before that file are judged without it). Returns the finished
+    process, or None when the run is reused; the caller checks its return code."""
     opts = [str(o) for o in opts]
-    command, weights = out / "benchmark_opts.json", out / "benchmark_clip.json"
+    command, weights, resolved = out / "benchmark_opts.json", out / "benchmark_clip.json", out / "benchmark_config.json"
     current = clip_weights_id(config, opts, root)
+    current_config = {"config_sha256": config_id(config, opts)}
     if command.exists() and json.loads(command.read_text()) == opts and finished(out):
         if weights.exists():
             same = json.loads(weights.read_text()) == current
         else:
             same = _dumped_clip_weights(out) == current["pretrained"]
+        if resolved.exists():
+            same = same and json.loads(resolved.read_text()) == current_config
         if same:
             return None
     out.mkdir(parents=True, exist_ok=True)
     command.write_text(json.dumps(opts))
     weights.write_text(json.dumps(current))
+    resolved.write_text(json.dumps(current_config))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     return subprocess.run([sys.executable, str(train_net), "--config-file", str(config), *opts], cwd=root,
                           env=env, capture_output=True, text=True)

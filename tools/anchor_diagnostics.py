@@ -63,26 +63,36 @@ def finetuned_clip(cfg, model) -> "tiny.TinyClipPretrainer":
     return tiny.TinyClipPretrainer(clip_model.eval(), tokenizer).eval()
 
 
+def prompt_cosines(clip_model, tokenizer, names: Sequence[str], class_prompts: Sequence[Sequence[str]],
+                   reference_prompts: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """:func:`cosine_summary` of the plain prompts, of the class prompts (``K`` lists, each class's
+    embeddings averaged and renormalised, as the CoOp text encoder's start) and of the reference prompts T0,
+    all embedded by ``clip_model``'s (frozen) text tower."""
+    with torch.no_grad():
+        def embed(texts: List[str]) -> Tensor:
+            return F.normalize(clip_model.encode_text(tokenizer(texts)).float(), dim=-1)
+
+        plain = embed([tiny.PLAIN_TEMPLATE.format(n) for n in names])
+        described = torch.stack([F.normalize(embed(list(p)).mean(0), dim=-1) for p in class_prompts])
+        reference = embed(list(reference_prompts))
+    return {"plain_prompts": cosine_summary(plain, names), "class_prompts": cosine_summary(described, names),
+            "reference_prompts_T0": cosine_summary(reference, names)}
+
+
 def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
     cfg, model = load_run(run_dir)
     names = list(model.class_names)
     finetuned = finetuned_clip(cfg, model)
+    text = prompt_cosines(finetuned.clip, finetuned.tokenizer, names, model.class_prompts,
+                          model.reference_class_prompts)
     with torch.no_grad():
-        def embed(texts: List[str]) -> Tensor:  # the pretrained text tower
-            return finetuned.encode_text(finetuned.tokenizer(texts))
-
-        plain = embed([tiny.PLAIN_TEMPLATE.format(n) for n in names])
-        described = torch.stack([F.normalize(embed(list(p)).mean(0), dim=-1) for p in model.class_prompts])
-        reference = embed(list(model.reference_class_prompts))
         trained = model.encode_text()
     size = int(cfg.DATASETS.SHAPES.IMAGE_SIZE)
     metrics = tiny.evaluate(finetuned.clip, finetuned.tokenizer, "dev", num_seg_images=num_images,
                             num_presence_images=num_images, image_size=size)
     return {
         "run": str(run_dir), "classes": names,
-        "text": {"plain_prompts": cosine_summary(plain, names), "class_prompts": cosine_summary(described, names),
-                 "reference_prompts_T0": cosine_summary(reference, names),
-                 "trained_class_embeddings": cosine_summary(trained, names),
+        "text": {**text, "trained_class_embeddings": cosine_summary(trained, names),
                  "reference_template": cfg.MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE},
         "finetuned_tower": {"image_size": size, "images": num_images,
                             "dense_miou": round(metrics["dense_miou"], 1),

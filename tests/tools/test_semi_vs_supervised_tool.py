@@ -134,6 +134,29 @@ def test_run_is_repeated_when_the_clip_weights_change(tool, fake_train, tmp_path
     assert launch() is not None and len(fake_train) == 3
 
 
+def test_run_is_repeated_when_the_config_file_changes(tool, fake_train, tmp_path):
+    """Same command line and weights, but the config file (or a _BASE_ of it) was edited: not reused. Runs
+    from before ``benchmark_config.json`` are judged without it."""
+    from _common import run_train_net
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"_BASE_: {tool.SUPERVISED}\n")
+    out = tmp_path / "run"
+    opts = ["SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)]
+
+    def launch():
+        return run_train_net(tool.TRAIN_NET, config, opts, out, tmp_path, 1, finished=lambda run: True)
+
+    assert launch() is not None and launch() is None and len(fake_train) == 1
+    config.write_text(f"_BASE_: {tool.SUPERVISED}\nMODEL:\n  HVLFORMER:\n    TEXT:\n"
+                      "      REFERENCE_TEMPLATE: 'a picture of a {}.'\n")
+    assert launch() is not None and len(fake_train) == 2
+    assert launch() is None
+    (out / "benchmark_config.json").unlink()  # a run from before the config record
+    config.write_text(f"_BASE_: {tool.SUPERVISED}\n")
+    assert launch() is None and len(fake_train) == 2
+
+
 def test_failed_run_raises_with_its_stderr(tool, monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
         command, 1, stdout="", stderr="KeyError: 'Non-existent config key: SEMI.TYPO'"))
