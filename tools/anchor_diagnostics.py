@@ -13,6 +13,11 @@ For each run (the OUTPUT_DIR of a finished ``train_net.py`` run from the project
   with plain prompts, and the twin patch probe) on its ``dev`` images at the run's image size. A high twin
   probe here next to a low square IoU in the run's own evaluation says the segmentation head, not the
   encoder, loses the class.
+* ``head``: the segmentation head on the val images and on the run's labeled training images
+  (:func:`head_diagnostics`): where the square pixels go and which query (level, class) takes them when they
+  are called cross; the class probabilities of the cross queries on images with a square and no cross
+  (their fixed-matching target there is "no object") and of the square queries; linear probes square vs cross
+  on ``clip_dense`` and ``mask_features``, which say whether the pixel features still tell them apart.
 
     python tools/anchor_diagnostics.py output/c_conv/supervised_seed0 --json-out d.json
 """
@@ -22,7 +27,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +84,106 @@ def prompt_cosines(clip_model, tokenizer, names: Sequence[str], class_prompts: S
             "reference_prompts_T0": cosine_summary(reference, names)}
 
 
+def query_attribution(pred_logits: Tensor, mask_probs: Tensor, labels: Tensor, names: Sequence[str],
+                      num_levels: int, pair: Tuple[str, str] = ("square", "cross")) -> Dict[str, Dict[str, int]]:
+    """Where the pixels of ``pair[0]`` go in one image's mask-classification prediction.
+
+    Args:
+        pred_logits: ``Q x (K+1)`` class logits (query ``e*K + k`` is the textual query of class ``k`` at level
+            ``e``; queries after ``E*K`` are instance queries, named ``"instance<i>"``).
+        mask_probs: ``Q x H x W`` mask probabilities (sigmoid), at the size of ``labels``.
+        labels: ``H x W`` class ids (255 ignored).
+    Returns ``{"predicted_as": {class: pixels of pair[0] predicted as it}, "top_query_when_wrong": {query:
+    pixels}}``: for each ``pair[0]`` pixel predicted as ``pair[1]``, the query with the largest share
+    ``p_q(pair[1]) * m_q(pixel)`` of the winning score (Mask2Former's semantic inference
+    ``sum_q p_q(c) m_q``), named ``"L<e>:<class of the query>"``.
+    """
+    num_classes = len(names)
+    first, second = names.index(pair[0]), names.index(pair[1])
+    probs = pred_logits.softmax(-1)[:, :num_classes]
+    semantic = torch.einsum("qc,qhw->chw", probs, mask_probs)
+    predicted = semantic.argmax(0)
+    on_first = labels == first
+    counts = torch.bincount(predicted[on_first], minlength=num_classes)
+    wrong = on_first & (predicted == second)
+    top: Dict[str, int] = {}
+    if wrong.any():
+        winners = (probs[:, second, None] * mask_probs[:, wrong]).argmax(0)
+        for q, n in zip(*torch.unique(winners, return_counts=True)):
+            q = int(q)
+            key = (f"L{q // num_classes}:{names[q % num_classes]}" if q < num_levels * num_classes
+                   else f"instance{q - num_levels * num_classes}")
+            top[key] = top.get(key, 0) + int(n)
+    return {"predicted_as": {n: int(c) for n, c in zip(names, counts)}, "top_query_when_wrong": top}
+
+
+def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square", "cross")) -> Dict[str, Any]:
+    """The segmentation head of a finished run on the images of ``dataset`` (``shapes_val``, or the run's
+    ``shapes_labeled`` training images): :func:`query_attribution` summed over the images; the mean class
+    probabilities of each level's ``pair[1]`` query on images with ``pair[0]`` and without ``pair[1]`` (its
+    fixed-matching target there is "no object") and of each level's ``pair[0]`` query on images with
+    ``pair[0]``; and linear probes ``pair[0]`` vs ``pair[1]`` pixels on the backbone's ``clip_dense`` and on
+    the pixel decoder's ``mask_features`` (fitted on the even images, scored on the odd ones), which say
+    whether the pixel features still separate the pair."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
+
+    register_shapes_semi_split(cfg)
+    names = list(model.class_names)
+    num_classes, levels = len(names), model.num_query_levels
+    first, second = names.index(pair[0]), names.index(pair[1])
+    totals: Dict[str, Dict[str, int]] = {"predicted_as": {}, "top_query_when_wrong": {}}
+    second_on_first_only, first_on_first = [], []
+    features: Dict[str, List[List[Tensor]]] = {"clip_dense": [[], []], "mask_features": [[], []]}
+    targets: Dict[str, List[List[Tensor]]] = {"clip_dense": [[], []], "mask_features": [[], []]}
+    with torch.no_grad():
+        text = model.encode_text()
+        for i, record in enumerate(DatasetCatalog.get(dataset)):
+            image = torch.from_numpy(read_image(record["file_name"], format=cfg.INPUT.FORMAT).copy()).permute(2, 0, 1)
+            labels = torch.from_numpy(read_image(record["sem_seg_file_name"]).astype("int64"))
+            out = model.predict(model.normalize(image[None].to(model.device).float()), text)
+            masks = F.interpolate(out.pred_masks, size=labels.shape, mode="bilinear", align_corners=False)[0].sigmoid()
+            one = query_attribution(out.pred_logits[0].cpu(), masks.cpu(), labels, names, levels, pair)
+            for part in totals:
+                for key, n in one[part].items():
+                    totals[part][key] = totals[part].get(key, 0) + n
+            probs = out.pred_logits[0].softmax(-1).cpu()
+            present = set(labels.unique().tolist())
+            if first in present:
+                first_on_first.append(probs[[e * num_classes + first for e in range(levels)]])
+                if second not in present:
+                    second_on_first_only.append(probs[[e * num_classes + second for e in range(levels)]])
+            for key, fmap in (("clip_dense", out.features["clip_dense"]), ("mask_features", out.mask_features)):
+                grid = F.interpolate(labels[None, None].float(), size=fmap.shape[-2:], mode="nearest")[0, 0].long()
+                keep = (grid == first) | (grid == second)
+                features[key][i % 2].append(fmap[0][:, keep].T.cpu())
+                targets[key][i % 2].append(grid[keep] == second)
+
+    def mean_probs(rows: List[Tensor]) -> Optional[Dict[str, Dict[str, float]]]:
+        if not rows:
+            return None
+        mean = torch.stack(rows).mean(0)
+        return {f"L{e}": {n: round(float(v), 3) for n, v in zip(names + ["no object"], mean[e])} for e in range(levels)}
+
+    probes = {}
+    for key in features:
+        fit_x, test_x = torch.cat(features[key][0]), torch.cat(features[key][1])
+        fit_y, test_y = torch.cat(targets[key][0]), torch.cat(targets[key][1])
+        if fit_y.unique().numel() < 2 or test_y.numel() == 0:
+            probes[key] = None
+            continue
+        mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
+        accuracy = tiny.linear_probe_accuracy((fit_x - mean) / std, fit_y, (test_x - mean) / std, test_y)
+        probes[key] = {"accuracy": round(accuracy, 1), "test_pixels": int(test_y.numel()),
+                       "constant_guess": round(100 * float(max(test_y.float().mean(), 1 - test_y.float().mean())), 1)}
+    return {"dataset": dataset, "pair": list(pair), f"{pair[0]}_pixels": totals,
+            f"{pair[1]}_queries_on_images_with_{pair[0]}_without_{pair[1]}": mean_probs(second_on_first_only),
+            f"images_with_{pair[0]}_without_{pair[1]}": len(second_on_first_only),
+            f"{pair[0]}_queries_on_images_with_{pair[0]}": mean_probs(first_on_first),
+            "linear_probe": probes}
+
+
 def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
     cfg, model = load_run(run_dir)
     names = list(model.class_names)
@@ -99,6 +204,8 @@ def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
                             "dense_iou": {k: round(v, 1) for k, v in metrics["dense_iou"].items()},
                             "square_row_percent": metrics["dense_confusion_percent"]["square"],
                             "twin_patch_probe": metrics["twin_patch_probe"]},
+        "head": {dataset: head_diagnostics(cfg, model, dataset) for dataset in ("shapes_val", "shapes_labeled")
+                 if dataset != "shapes_labeled" or cfg.DATASETS.SHAPES.NUM_LABELED > 0},
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_PRETRAINED_CONFIG, make_tiny_cfg, make_tiny_model
+from conftest import SEMI_SMALL, TINY_PRETRAINED_CONFIG, TINY_SEMI_CONFIG, make_tiny_cfg, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,48 @@ def test_tiny_config_prompts_are_apart_in_the_tiny_clip_text_space(tool, single_
     assert ours["class_prompts"]["max_between_classes"] < 0.4 and ours["reference_prompts_T0"]["mean_between_classes"] < 0.1
     assert ours["class_prompts"]["square_cross"] < 0.1
     assert paper["class_prompts"]["square_cross"] > 0.6 and paper["reference_prompts_T0"]["mean_between_classes"] > 0.7
+
+
+def test_query_attribution_by_hand(tool):
+    """Mask2Former's semantic inference sum_q p_q(c) m_q on five pixels, worked out by hand: which class each
+    square pixel gets, and which query carries the wrong "cross" score."""
+    names = ["background", "square", "cross"]
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1],   # L0:background
+                          [0.1, 0.5, 0.1, 0.3],   # L0:square
+                          [0.1, 0.1, 0.7, 0.1],   # L0:cross
+                          [0.1, 0.1, 0.6, 0.2]])  # instance0
+    masks = torch.tensor([[0, 0, 0, 1, 0],
+                          [1, 1, 0, 0, 1],
+                          [1, 0, 1, 0, 0],
+                          [0, 1, 0, 0, 0]], dtype=torch.float32)[:, None]  # Q x 1 x 5
+    labels = torch.tensor([[1, 1, 2, 0, 1]])
+    # pixel 0: square 0.5 < cross 0.1 + 0.7 (L0:cross carries 0.7); pixel 1: square 0.5 + 0.1 < cross 0.1 + 0.6
+    # (instance0 carries 0.6); pixel 4: square alone
+    out = tool.query_attribution(probs.log(), masks, labels, names, num_levels=1)
+    assert out["predicted_as"] == {"background": 0, "square": 1, "cross": 2}
+    assert out["top_query_when_wrong"] == {"L0:cross": 1, "instance0": 1}
+
+
+def test_head_diagnostics_accounts_for_every_square_pixel(tool, single_thread):
+    """On the 8 labeled images of a small semi config (random weights): every square pixel of the labels is
+    counted once in ``predicted_as``; the probes and query probabilities have their documented form."""
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+
+    from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
+
+    cfg = make_tiny_cfg(config=TINY_SEMI_CONFIG, small=SEMI_SMALL)
+    register_shapes_semi_split(cfg)
+    model = make_tiny_model(config=TINY_SEMI_CONFIG, small=SEMI_SMALL, train=False)
+    out = tool.head_diagnostics(cfg, model, "shapes_labeled")
+    square = model.class_names.index("square")
+    expected = sum(int((read_image(r["sem_seg_file_name"]).astype(np.int64) == square).sum())
+                   for r in DatasetCatalog.get("shapes_labeled"))
+    assert expected > 0 and sum(out["square_pixels"]["predicted_as"].values()) == expected
+    assert sum(out["square_pixels"]["top_query_when_wrong"].values()) == out["square_pixels"]["predicted_as"]["cross"]
+    levels = out["square_queries_on_images_with_square"]
+    assert set(levels) == {"L0", "L1", "L2"}
+    assert all(abs(sum(row.values()) - 1) < 0.01 for row in levels.values())
+    for probe in out["linear_probe"].values():
+        assert probe is None or 0 <= probe["accuracy"] <= 100
