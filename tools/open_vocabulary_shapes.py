@@ -17,9 +17,10 @@ score):
   ``closed - open`` on the seen classes is what naming one more class costs them;
 * ``zero_shot_vlm``: the pretrained tiny CLIP alone (dense argmax of the plain prompts, as
   ``tools/pretrain_tiny_clip.py`` measures it) on the same images and vocabulary;
-* ``described``: the open vocabulary again, every name given the sentences of
-  ``datasets/descriptions/shapes.json`` (the training names otherwise keep their training prompts and the
-  unseen name gets the plain fallback prompt);
+* ``described``: the open vocabulary again, every name given the sentences of the config's descriptions
+  file (``MODEL.HVLFORMER.TEXT.DESCRIPTIONS``; the tiny configs' ``shapes_tiny_clip.json``, or
+  ``datasets/descriptions/shapes.json`` when the key is empty), where otherwise the training names keep their
+  training prompts and the unseen name gets the plain fallback prompt;
 * ``ensemble``: ``open`` and ``closed`` again with ``TEST.CLIP_ENSEMBLE`` on (each query's class
   probabilities mixed with the pretrained tiny CLIP's classification of its mask, FC-CLIP's weights 0.4 /
   0.8; ``hvlformer/modeling/clip_ensemble.py``); its seen cost is measured against the plain closed vocabulary;
@@ -147,6 +148,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     from hvlformer import setup_cfg
     from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
     from hvlformer.modeling.clip_loader import build_clip_model
+    from hvlformer.modeling.text.descriptions import resolve_descriptions_path
     from hvlformer.predictor import HVLFormerPredictor
 
     spec = importlib_tool()
@@ -166,6 +168,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
     with torch.no_grad():
         prompts = vlm.encode_text(tokenizer([spec.PLAIN_TEMPLATE.format(n) for n in open_names]))
+    described_file = resolve_descriptions_path(cfg.MODEL.HVLFORMER.TEXT.DESCRIPTIONS, "shapes")
     conf_open = np.zeros((7, 7), np.int64)
     conf_described = np.zeros((7, 7), np.int64)
     conf_closed = np.zeros((6, 6), np.int64)
@@ -198,7 +201,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         if (mapped == 6).any():
             queries.add(captured["out"], mapped == 6)
         # every name described alike (the descriptions file), instead of training prompts + one plain prompt
-        predictor.set_vocabulary(open_names, descriptions_file=str(DESCRIPTIONS / "shapes.json"))
+        predictor.set_vocabulary(open_names, descriptions_file=described_file)
         conf_described += confusion_of(predictor(image, format="RGB").labels, mapped, 7)
         predictor.set_vocabulary(seen)
         closed_label = np.where(mapped == 6, 255, mapped)
@@ -229,6 +232,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         "zero_shot_vlm_iou": vlm_iou,
         # the same images with the descriptions file's sentences for all 7 names
         "described_iou": described_iou,
+        "descriptions_file": str(Path(described_file).relative_to(ROOT)) if described_file and Path(described_file).is_relative_to(ROOT) else described_file,
         "described_seen_miou": statistics.mean(described_iou[n] for n in seen),
         "unseen_queries": queries.summary(),
         # TEST.CLIP_ENSEMBLE on, open and closed vocabulary

@@ -35,6 +35,7 @@ def test_smoke_run(tool, tmp_path):
     assert tool.iou_table(confusion, list(run["open_iou"]))["ring"] == run["open_iou"]["ring"]
     # the same images with every name described by the descriptions file
     assert set(run["described_iou"]) == set(run["open_iou"])
+    assert run["descriptions_file"] == "datasets/descriptions/shapes_tiny_clip.json"  # the config's own file
     # the unseen name's own queries: one class distribution per query level (K + no object, summing to 1)
     queries = run["unseen_queries"]
     assert queries["images"] == run["images_with_unseen"]
