@@ -135,6 +135,7 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
     first, second = names.index(pair[0]), names.index(pair[1])
     totals: Dict[str, Dict[str, int]] = {"predicted_as": {}, "top_query_when_wrong": {}}
     second_on_first_only, first_on_first = [], []
+    relevance, own_class, presence = [], [], []
     features: Dict[str, List[List[Tensor]]] = {"clip_dense": [[], []], "mask_features": [[], []]}
     targets: Dict[str, List[List[Tensor]]] = {"clip_dense": [[], []], "mask_features": [[], []]}
     with torch.no_grad():
@@ -150,6 +151,10 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
                     totals[part][key] = totals[part].get(key, 0) + n
             probs = out.pred_logits[0].softmax(-1).cpu()
             present = set(labels.unique().tolist())
+            relevance.append(out.relevance[0].float().cpu())
+            own = torch.stack([probs[e * num_classes:(e + 1) * num_classes].diagonal() for e in range(levels)])
+            own_class.append(own.mean(0))
+            presence.append(torch.tensor([k in present for k in range(num_classes)]))
             if first in present:
                 first_on_first.append(probs[[e * num_classes + first for e in range(levels)]])
                 if second not in present:
@@ -177,7 +182,18 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
         accuracy = tiny.linear_probe_accuracy((fit_x - mean) / std, fit_y, (test_x - mean) / std, test_y)
         probes[key] = {"accuracy": round(accuracy, 1), "test_pixels": int(test_y.numel()),
                        "constant_guess": round(100 * float(max(test_y.float().mean(), 1 - test_y.float().mean())), 1)}
+    def per_class_auroc(scores: List[Tensor]) -> Dict[str, Optional[float]]:
+        s, y = torch.stack(scores).numpy(), torch.stack(presence).numpy()
+        out_auroc: Dict[str, Optional[float]] = {}
+        for k, name in enumerate(names):
+            value = tiny.auroc(s[:, k], y[:, k]) if 0 < y[:, k].sum() < len(y) else float("nan")
+            out_auroc[name] = None if value != value else round(float(value), 3)
+        return out_auroc
+
     return {"dataset": dataset, "pair": list(pair), f"{pair[0]}_pixels": totals,
+            # how well each class's presence in an image is ranked by the SRE relevance s_k and by the mean
+            # probability of class k of its own E textual queries (None: present in every image or none)
+            "presence_auroc": {"sre_relevance": per_class_auroc(relevance), "own_queries": per_class_auroc(own_class)},
             f"{pair[1]}_queries_on_images_with_{pair[0]}_without_{pair[1]}": mean_probs(second_on_first_only),
             f"images_with_{pair[0]}_without_{pair[1]}": len(second_on_first_only),
             f"{pair[0]}_queries_on_images_with_{pair[0]}": mean_probs(first_on_first),

@@ -113,5 +113,8 @@ def test_head_diagnostics_accounts_for_every_square_pixel(tool, single_thread):
     levels = out["square_queries_on_images_with_square"]
     assert set(levels) == {"L0", "L1", "L2"}
     assert all(abs(sum(row.values()) - 1) < 0.01 for row in levels.values())
+    for scores in out["presence_auroc"].values():
+        assert list(scores) == list(model.class_names) and scores["background"] is None  # background: every image
+        assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
     for probe in out["linear_probe"].values():
         assert probe is None or 0 <= probe["accuracy"] <= 100
