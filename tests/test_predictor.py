@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from hvlformer.modeling.text.descriptions import DEFAULT_REFERENCE_TEMPLATE
 from hvlformer.predictor import HVLFormerPredictor, SemanticPrediction, normalize_scores, parse_vocabulary
 
 SHAPES = ["background", "circle", "square", "triangle", "star", "cross"]
@@ -27,10 +26,7 @@ def make_predictor(tiny_cfg):
 
 @pytest.fixture(scope="module")
 def text_predictor(single_thread, make_predictor):
-    # the paper's reference template (the tiny configs use the tiny CLIP's "a photo of a {}."), so that the
-    # dataset attributes reach T0
-    return make_predictor("MODEL.HVLFORMER.CLASSIFIER", "text",
-                          "MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE", DEFAULT_REFERENCE_TEMPLATE)
+    return make_predictor("MODEL.HVLFORMER.CLASSIFIER", "text")
 
 
 @pytest.fixture(scope="module")

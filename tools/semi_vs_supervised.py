@@ -107,6 +107,17 @@ def class_ious(log_text: str) -> Dict[str, float]:
     return {name: round(float(value), 2) for name, value in CLASS_IOU.findall(results[-1])} if results else {}
 
 
+def same_prompts_as(config: Path) -> List[str]:
+    """``MODEL.HVLFORMER.TEXT`` prompt options (descriptions file, prompt style, fallback and reference
+    templates) of ``config``, as command-line opts."""
+    from hvlformer import setup_cfg
+
+    text = setup_cfg(argparse.Namespace(config_file=str(config), opts=[])).MODEL.HVLFORMER.TEXT
+    return ["MODEL.HVLFORMER.TEXT.DESCRIPTIONS", text.DESCRIPTIONS, "MODEL.HVLFORMER.TEXT.PROMPT_STYLE",
+            text.PROMPT_STYLE, "MODEL.HVLFORMER.TEXT.FALLBACK_TEMPLATE", text.FALLBACK_TEMPLATE,
+            "MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE", text.REFERENCE_TEMPLATE]
+
+
 def run(variant: str, seed: int, args: argparse.Namespace) -> float:
     config, extra = VARIANTS[variant]
     is_semi = variant.startswith("semi")
@@ -118,6 +129,8 @@ def run(variant: str, seed: int, args: argparse.Namespace) -> float:
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
             "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out),
             *semi_opts, *extra]  # the ablation switch comes last, so it wins
+    if config == RANDOM:  # the random-init arm differs from the pretrained one in the weights only
+        opts += same_prompts_as(SUPERVISED)
     if args.clip_model and config != RANDOM:  # the random-init arm stays random
         opts += ["MODEL.HVLFORMER.CLIP.MODEL_NAME", args.clip_model]
     if args.clip_weights and config != RANDOM:

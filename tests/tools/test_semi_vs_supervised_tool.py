@@ -77,6 +77,11 @@ def test_clip_weights_go_to_every_pretrained_arm_and_not_the_random_one(tool, fa
     for command in fake_train[:3]:
         assert command[-2:] == ["MODEL.HVLFORMER.CLIP.PRETRAINED", str(weights)]
     assert "MODEL.HVLFORMER.CLIP.PRETRAINED" not in fake_train[3]
+    # ... but it gets the pretrained config's prompts (the random config keeps the paper's)
+    random_arm = fake_train[3]
+    assert random_arm[random_arm.index("MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE") + 1] == "a photo of a {}."
+    assert random_arm[random_arm.index("MODEL.HVLFORMER.TEXT.DESCRIPTIONS") + 1] == \
+        "datasets/descriptions/shapes_tiny_clip.json"
     # the run records the weights it was trained from
     recorded = json.loads((tmp_path / "supervised_seed0" / "benchmark_clip.json").read_text())
     assert recorded == {"pretrained": str(weights), "sha256": hashlib.sha256(b"other weights").hexdigest()}
