@@ -110,21 +110,23 @@ def test_finished_run_is_reused_only_for_the_same_command_line(tool, fake_train,
     assert len(fake_train) == 3
 
 
+def _launcher(tool, config, out, root):
+    """``run_train_net`` of ``config`` for 3 steps into ``out``, every run counted as finished."""
+    from _common import run_train_net
+
+    opts = ["SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)]
+    return lambda: run_train_net(tool.TRAIN_NET, config, opts, out, root, 1, finished=lambda run: True)
+
+
 def test_run_is_repeated_when_the_clip_weights_change(tool, fake_train, tmp_path):
     """Same command line, other CLIP weights (a checkpoint retrained in place, or another file): not reused.
     Runs from before ``benchmark_clip.json`` are judged by the weights path of their dumped config."""
-    from _common import run_train_net
-
     weights = tmp_path / "clip.pt"
     weights.write_bytes(b"first weights")
     config = tmp_path / "config.yaml"
     config.write_text(f"_BASE_: {tool.SUPERVISED}\nMODEL:\n  HVLFORMER:\n    CLIP:\n      PRETRAINED: '{weights}'\n")
     out = tmp_path / "run"
-    opts = ["SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)]
-
-    def launch():
-        return run_train_net(tool.TRAIN_NET, config, opts, out, tmp_path, 1, finished=lambda run: True)
-
+    launch = _launcher(tool, config, out, tmp_path)
     assert launch() is not None and launch() is None and len(fake_train) == 1
     recorded = json.loads((out / "benchmark_clip.json").read_text())
     assert recorded == {"pretrained": str(weights), "sha256": hashlib.sha256(b"first weights").hexdigest()}
@@ -142,16 +144,10 @@ def test_run_is_repeated_when_the_clip_weights_change(tool, fake_train, tmp_path
 def test_run_is_repeated_when_the_config_file_changes(tool, fake_train, tmp_path):
     """Same command line and weights, but the config file (or a _BASE_ of it) was edited: not reused. Runs
     from before ``benchmark_config.json`` are judged without it."""
-    from _common import run_train_net
-
     config = tmp_path / "config.yaml"
     config.write_text(f"_BASE_: {tool.SUPERVISED}\n")
     out = tmp_path / "run"
-    opts = ["SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)]
-
-    def launch():
-        return run_train_net(tool.TRAIN_NET, config, opts, out, tmp_path, 1, finished=lambda run: True)
-
+    launch = _launcher(tool, config, out, tmp_path)
     assert launch() is not None and launch() is None and len(fake_train) == 1
     config.write_text(f"_BASE_: {tool.SUPERVISED}\nMODEL:\n  HVLFORMER:\n    TEXT:\n"
                       "      REFERENCE_TEMPLATE: 'a picture of a {}.'\n")
