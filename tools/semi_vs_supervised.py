@@ -11,6 +11,7 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
     python tools/semi_vs_supervised.py --seeds 0 --iters 300  # a quick look
     python tools/semi_vs_supervised.py --ablations            # (c) plus each CMCR term switched off
     python tools/semi_vs_supervised.py --semi-name t08 --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # another setting
+    python tools/semi_vs_supervised.py --opts MODEL.HVLFORMER.NO_OBJECT_WEIGHT 1.0 --output-dir output/c_noobj  # every arm
     python tools/semi_vs_supervised.py --clip-weights other.pt   # (c) from another pretrained tiny CLIP
     python tools/semi_vs_supervised.py --clip-model HVL-Tiny-ViT-P8 --clip-weights v3.pt   # ... of another architecture
     python tools/semi_vs_supervised.py --experiment caa      # (f) the thesis's modules: supervised vs + CAA,
@@ -128,9 +129,9 @@ def run(variant: str, seed: int, args: argparse.Namespace) -> float:
             "INPUT.RESIZE_BASE", str(args.image_size), "SEED", str(seed), "SOLVER.MAX_ITER", str(args.iters),
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
             "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out),
-            *semi_opts, *extra]  # the ablation switch comes last, so it wins
-    if config == RANDOM:  # the random-init arm differs from the pretrained one in the weights only
-        opts += same_prompts_as(SUPERVISED)
+            # the random-init arm differs from the pretrained one in the weights only
+            *(same_prompts_as(SUPERVISED) if config == RANDOM else []),
+            *args.opts, *semi_opts, *extra]  # the ablation switch comes last, so it wins
     if args.clip_model and config != RANDOM:  # the random-init arm stays random
         opts += ["MODEL.HVLFORMER.CLIP.MODEL_NAME", args.clip_model]
     if args.clip_weights and config != RANDOM:
@@ -179,6 +180,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--row-seeds", type=int, nargs="+", default=None,
                         help="table4: seeds of the middle rows (default: the same as --seeds; the first and last "
                              "rows always use --seeds)")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides of every run (e.g. the paper's prompts: MODEL.HVLFORMER.TEXT.DESCRIPTIONS "
+                             "datasets/descriptions/shapes.json); give the runs their own --output-dir")
     parser.add_argument("--semi-opts", nargs="+", default=[], metavar="KEY VALUE",
                         help="config overrides of the semi-supervised runs (e.g. SEMI.CONFIDENCE_THRESHOLD 0.8)")
     parser.add_argument("--semi-name", default="semi",
@@ -212,7 +216,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for (variant, seed), miou in results:
         table.setdefault(variant, {})[seed] = miou
     output: Dict[str, Any] = {
-        "setup": {"experiment": args.experiment, "semi_name": args.semi_name, "semi_opts": args.semi_opts,
+        "setup": {"experiment": args.experiment, "opts": args.opts, "semi_name": args.semi_name,
+                  "semi_opts": args.semi_opts,
                   "labeled": args.num_labeled, "unlabeled": 400 - args.num_labeled, "image_size": args.image_size,
                   "iterations": args.iters, "seeds": args.seeds, "clip_weights": args.clip_weights or "config default",
                   "clip_model": args.clip_model or "config default",

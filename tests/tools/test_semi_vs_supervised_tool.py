@@ -44,7 +44,7 @@ def fake_train(tool, monkeypatch):
 
 
 def _args(tmp_path: Path, **overrides) -> argparse.Namespace:
-    values = dict(num_labeled=25, image_size=96, iters=50, workers=0, threads=1, semi_opts=[], semi_name="semi",
+    values = dict(num_labeled=25, image_size=96, iters=50, workers=0, threads=1, opts=[], semi_opts=[], semi_name="semi",
                   output_dir=tmp_path, clip_weights="", clip_model="")
     values.update(overrides)
     return argparse.Namespace(**values)
@@ -85,6 +85,20 @@ def test_clip_weights_go_to_every_pretrained_arm_and_not_the_random_one(tool, fa
     # the run records the weights it was trained from
     recorded = json.loads((tmp_path / "supervised_seed0" / "benchmark_clip.json").read_text())
     assert recorded == {"pretrained": str(weights), "sha256": hashlib.sha256(b"other weights").hexdigest()}
+
+
+def test_opts_reach_every_arm_and_win_over_the_random_arms_prompts(tool, fake_train, tmp_path):
+    """--opts (the paper's prompts here) reach every arm; the random arm's copy of the pretrained config's
+    prompts comes before them, and a semi setting or an arm's own switch after them."""
+    paper = ["MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE", "a clean origami of a {} with attributes: {}"]
+    args = _args(tmp_path, opts=paper, semi_opts=["SEMI.CONFIDENCE_THRESHOLD", "0.8"])
+    for variant in ("supervised", "semi_no_mask", "supervised_learnable", "supervised_random"):
+        tool.run(variant, 0, args)
+    for command in fake_train:
+        at = len(command) - 1 - command[::-1].index("MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE")  # the last one wins
+        assert command[at + 1] == paper[1]
+    semi = fake_train[1]
+    assert semi.index(paper[0]) < semi.index("SEMI.CONFIDENCE_THRESHOLD") < semi.index("SEMI.MASK_CONSISTENCY")
 
 
 def test_clip_model_goes_with_the_weights_to_the_pretrained_arms(tool, fake_train, tmp_path):
