@@ -18,6 +18,9 @@ For each run (the OUTPUT_DIR of a finished ``train_net.py`` run from the project
   are called cross; the class probabilities of the cross queries on images with a square and no cross
   (their fixed-matching target there is "no object") and of the square queries; linear probes square vs cross
   on ``clip_dense`` and ``mask_features``, which say whether the pixel features still tell them apart.
+* ``query_probe``: whether the decoder's final embeddings of the cross queries know if a cross is in the image
+  (:func:`query_presence_probe`: a linear probe fitted on the training images, scored on val, next to the class
+  head's own decision).
 
     python tools/anchor_diagnostics.py output/c_conv/supervised_seed0 --json-out d.json
 """
@@ -200,6 +203,58 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
             "linear_probe": probes}
 
 
+def query_presence_probe(cfg, model, pair: Tuple[str, str] = ("square", "cross"), fit: str = "shapes_train",
+                         test: str = "shapes_val") -> Dict[str, Any]:
+    """Do the decoder's final embeddings of the ``pair[1]`` queries know whether ``pair[1]`` is in the image?
+
+    On the images holding ``pair[0]`` or ``pair[1]``: the last decoder layer's normalised query embeddings
+    (``decoder_norm``'s output, the class head's input) of the ``E`` textual queries of ``pair[1]``, averaged
+    over the levels (``D``); a logistic regression for "``pair[1]`` present", fitted on ``fit`` and scored on
+    ``test``, next to the constant guess and to the class head's own decision (``p(pair[1]) > 0.5``, levels
+    averaged) on the same test images. A probe far above the class head says the embeddings carry the answer
+    and the head does not read it."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
+
+    register_shapes_semi_split(cfg)
+    names = list(model.class_names)
+    num_classes, levels = len(names), model.num_query_levels
+    first, second = names.index(pair[0]), names.index(pair[1])
+    queries = [e * num_classes + second for e in range(levels)]
+    captured: Dict[str, Tensor] = {}
+    hook = model.transformer_decoder.decoder_norm.register_forward_hook(
+        lambda module, inputs, output: captured.__setitem__("last", output))  # the last call = the last layer
+
+    def collect(dataset: str) -> Tuple[Tensor, Tensor, Tensor]:
+        rows, present, head = [], [], []
+        with torch.no_grad():
+            text = model.encode_text()
+            for record in DatasetCatalog.get(dataset):
+                labels = read_image(record["sem_seg_file_name"]).astype("int64")
+                kinds = set(torch.from_numpy(labels).unique().tolist())
+                if first not in kinds and second not in kinds:
+                    continue
+                image = torch.from_numpy(read_image(record["file_name"], format=cfg.INPUT.FORMAT).copy()).permute(2, 0, 1)
+                out = model.predict(model.normalize(image[None].to(model.device).float()), text)
+                rows.append(captured["last"][0, queries].float().mean(0).cpu())
+                present.append(second in kinds)
+                head.append(float(out.pred_logits[0, queries].softmax(-1)[:, second].mean()))
+        return torch.stack(rows), torch.tensor(present), torch.tensor(head)
+
+    try:
+        fit_x, fit_y, _ = collect(fit)
+        test_x, test_y, head_p = collect(test)
+    finally:
+        hook.remove()
+    mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
+    accuracy = tiny.linear_probe_accuracy((fit_x - mean) / std, fit_y, (test_x - mean) / std, test_y)
+    return {"pair": list(pair), "fit": fit, "test": test, "fit_images": int(fit_y.numel()),
+            "test_images": int(test_y.numel()), "probe_accuracy": round(accuracy, 1),
+            "head_accuracy": round(100 * float(((head_p > 0.5) == test_y).float().mean()), 1),
+            "constant_guess": round(100 * float(max(test_y.float().mean(), 1 - test_y.float().mean())), 1)}
+
+
 def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
     cfg, model = load_run(run_dir)
     names = list(model.class_names)
@@ -222,6 +277,7 @@ def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
                             "twin_patch_probe": metrics["twin_patch_probe"]},
         "head": {dataset: head_diagnostics(cfg, model, dataset) for dataset in ("shapes_val", "shapes_labeled")
                  if dataset != "shapes_labeled" or cfg.DATASETS.SHAPES.NUM_LABELED > 0},
+        "query_probe": query_presence_probe(cfg, model),
     }
 
 

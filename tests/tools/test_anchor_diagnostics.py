@@ -118,3 +118,11 @@ def test_head_diagnostics_accounts_for_every_square_pixel(tool, single_thread):
         assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
     for probe in out["linear_probe"].values():
         assert probe is None or 0 <= probe["accuracy"] <= 100
+    # the query probe: one row per image holding square or cross; the hook is gone afterwards
+    cross = model.class_names.index("cross")
+    holding = sum(1 for r in DatasetCatalog.get("shapes_labeled")
+                  if np.isin(read_image(r["sem_seg_file_name"]).astype(np.int64), [square, cross]).any())
+    probe = tool.query_presence_probe(cfg, model, fit="shapes_labeled", test="shapes_labeled")
+    assert probe["fit_images"] == probe["test_images"] == holding
+    assert all(0 <= probe[k] <= 100 for k in ("probe_accuracy", "head_accuracy", "constant_guess"))
+    assert probe["constant_guess"] >= 50 and not model.transformer_decoder.decoder_norm._forward_hooks
