@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-__all__ = ["emit_json", "mean_std", "clip_weights_id", "config_id", "finished_run_cfg", "run_train_net"]
+__all__ = ["emit_json", "mean_std", "resolved_cfg", "clip_weights_id", "config_id", "finished_run_cfg", "run_train_net"]
 
 
 def emit_json(report: Any, path: Optional[Union[str, os.PathLike]] = None) -> str:
@@ -36,44 +36,38 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
             "std": round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0}
 
 
-def clip_weights_id(config: Path, opts: Sequence[str], root: Path) -> Dict[str, Optional[str]]:
-    """What ``MODEL.HVLFORMER.CLIP.PRETRAINED`` of ``config`` + ``opts`` loads: ``{"pretrained": value,
-    "sha256": hex}``, the hash of the file for a local path (a relative one taken from ``root``, where the
-    tools run ``train_net.py``), None for an open_clip tag or ``""`` (random weights)."""
+def resolved_cfg(config: Path, opts: Sequence[str]):
+    """The full (frozen) config that ``config`` + ``opts`` resolve to, ``_BASE_`` files and defaults included."""
     import argparse
 
     from hvlformer import setup_cfg
 
-    weights = setup_cfg(argparse.Namespace(config_file=str(config), opts=list(opts))).MODEL.HVLFORMER.CLIP.PRETRAINED
+    return setup_cfg(argparse.Namespace(config_file=str(config), opts=list(opts)))
+
+
+def clip_weights_id(cfg, root: Path) -> Dict[str, Optional[str]]:
+    """What ``MODEL.HVLFORMER.CLIP.PRETRAINED`` of ``cfg`` loads: ``{"pretrained": value, "sha256": hex}``, the
+    hash of the file for a local path (a relative one taken from ``root``, where the tools run
+    ``train_net.py``), None for an open_clip tag or ``""`` (random weights)."""
+    weights = cfg.MODEL.HVLFORMER.CLIP.PRETRAINED
     path = Path(weights) if Path(weights).is_absolute() else root / weights
     digest = hashlib.sha256(path.read_bytes()).hexdigest() if weights and path.is_file() else None
     return {"pretrained": weights, "sha256": digest}
 
 
-def config_id(config: Path, opts: Sequence[str]) -> str:
-    """sha256 of the full config that ``config`` + ``opts`` resolve to (``_BASE_`` files and the project's
-    defaults included), so that editing a config file, or a default, is noticed though the command line is the
-    same."""
-    import argparse
-
-    from hvlformer import setup_cfg
-
-    dumped = setup_cfg(argparse.Namespace(config_file=str(config), opts=list(opts))).dump()
-    return hashlib.sha256(dumped.encode("utf-8")).hexdigest()
+def config_id(cfg) -> str:
+    """sha256 of the dump of a resolved config, so that editing a config file, or a default, is noticed though
+    the command line is the same."""
+    return hashlib.sha256(cfg.dump().encode("utf-8")).hexdigest()
 
 
 def finished_run_cfg(run_dir: Path):
     """The frozen config of a finished ``train_net.py`` run (its dumped ``config.yaml``) with ``MODEL.WEIGHTS``
     set to its ``model_final.pth``; ``FileNotFoundError`` naming the file when either is missing."""
-    import argparse
-
-    from hvlformer import setup_cfg
-
     for needed in ("config.yaml", "model_final.pth"):
         if not (run_dir / needed).exists():
             raise FileNotFoundError(f"{run_dir / needed} not found: pass the OUTPUT_DIR of a finished train_net.py run")
-    return setup_cfg(argparse.Namespace(config_file=str(run_dir / "config.yaml"),
-                                        opts=["MODEL.WEIGHTS", str(run_dir / "model_final.pth")]))
+    return resolved_cfg(run_dir / "config.yaml", ["MODEL.WEIGHTS", str(run_dir / "model_final.pth")])
 
 
 def _dumped_clip_weights(out: Path) -> Optional[str]:
@@ -98,8 +92,8 @@ def run_train_net(train_net: Path, config: Path, opts: Sequence[str], out: Path,
     process, or None when the run is reused; the caller checks its return code."""
     opts = [str(o) for o in opts]
     command, weights, resolved = out / "benchmark_opts.json", out / "benchmark_clip.json", out / "benchmark_config.json"
-    current = clip_weights_id(config, opts, root)
-    current_config = {"config_sha256": config_id(config, opts)}
+    cfg = resolved_cfg(config, opts)
+    current, current_config = clip_weights_id(cfg, root), {"config_sha256": config_id(cfg)}
     if command.exists() and json.loads(command.read_text()) == opts and finished(out):
         if weights.exists():
             same = json.loads(weights.read_text()) == current

@@ -27,11 +27,11 @@ For each run (the OUTPUT_DIR of a finished ``train_net.py`` run from the project
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -120,6 +120,28 @@ def query_attribution(pred_logits: Tensor, mask_probs: Tensor, labels: Tensor, n
     return {"predicted_as": {n: int(c) for n, c in zip(names, counts)}, "top_query_when_wrong": top}
 
 
+def _images(cfg, dataset: str) -> Iterator[Tuple[Tensor, Tensor]]:
+    """``(3 x H x W`` image as the model reads it, ``H x W`` int64 labels)`` of each record of a registered
+    `shapes` dataset (the run's semi split registered first)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
+
+    register_shapes_semi_split(cfg)
+    for record in DatasetCatalog.get(dataset):
+        image = torch.from_numpy(read_image(record["file_name"], format=cfg.INPUT.FORMAT).copy()).permute(2, 0, 1)
+        yield image, torch.from_numpy(read_image(record["sem_seg_file_name"]).astype("int64"))
+
+
+def _standardized_probe(fit_x: Tensor, fit_y: Tensor, test_x: Tensor, test_y: Tensor) -> Dict[str, float]:
+    """:func:`tiny.linear_probe_accuracy` on features standardised with the fit set's mean and std, and the
+    constant guess (the more frequent answer) of the test set, both in %."""
+    mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
+    accuracy = tiny.linear_probe_accuracy((fit_x - mean) / std, fit_y, (test_x - mean) / std, test_y)
+    share = float(test_y.float().mean())
+    return {"accuracy": round(accuracy, 1), "constant_guess": round(100 * max(share, 1 - share), 1)}
+
+
 def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square", "cross")) -> Dict[str, Any]:
     """The segmentation head of a finished run on the images of ``dataset`` (``shapes_val``, or the run's
     ``shapes_labeled`` training images): :func:`query_attribution` summed over the images; the mean class
@@ -128,11 +150,6 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
     ``pair[0]``; and linear probes ``pair[0]`` vs ``pair[1]`` pixels on the backbone's ``clip_dense`` and on
     the pixel decoder's ``mask_features`` (fitted on the even images, scored on the odd ones), which say
     whether the pixel features still separate the pair."""
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
-    from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
-
-    register_shapes_semi_split(cfg)
     names = list(model.class_names)
     num_classes, levels = len(names), model.num_query_levels
     first, second = names.index(pair[0]), names.index(pair[1])
@@ -143,9 +160,7 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
     targets: Dict[str, List[List[Tensor]]] = {"clip_dense": [[], []], "mask_features": [[], []]}
     with torch.no_grad():
         text = model.encode_text()
-        for i, record in enumerate(DatasetCatalog.get(dataset)):
-            image = torch.from_numpy(read_image(record["file_name"], format=cfg.INPUT.FORMAT).copy()).permute(2, 0, 1)
-            labels = torch.from_numpy(read_image(record["sem_seg_file_name"]).astype("int64"))
+        for i, (image, labels) in enumerate(_images(cfg, dataset)):
             out = model.predict(model.normalize(image[None].to(model.device).float()), text)
             masks = F.interpolate(out.pred_masks, size=labels.shape, mode="bilinear", align_corners=False)[0].sigmoid()
             one = query_attribution(out.pred_logits[0].cpu(), masks.cpu(), labels, names, levels, pair)
@@ -181,17 +196,14 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
         if fit_y.unique().numel() < 2 or test_y.numel() == 0:
             probes[key] = None
             continue
-        mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
-        accuracy = tiny.linear_probe_accuracy((fit_x - mean) / std, fit_y, (test_x - mean) / std, test_y)
-        probes[key] = {"accuracy": round(accuracy, 1), "test_pixels": int(test_y.numel()),
-                       "constant_guess": round(100 * float(max(test_y.float().mean(), 1 - test_y.float().mean())), 1)}
+        probe = _standardized_probe(fit_x, fit_y, test_x, test_y)
+        probes[key] = {"accuracy": probe["accuracy"], "test_pixels": int(test_y.numel()),
+                       "constant_guess": probe["constant_guess"]}
+
     def per_class_auroc(scores: List[Tensor]) -> Dict[str, Optional[float]]:
         s, y = torch.stack(scores).numpy(), torch.stack(presence).numpy()
-        out_auroc: Dict[str, Optional[float]] = {}
-        for k, name in enumerate(names):
-            value = tiny.auroc(s[:, k], y[:, k]) if 0 < y[:, k].sum() < len(y) else float("nan")
-            out_auroc[name] = None if value != value else round(float(value), 3)
-        return out_auroc
+        aurocs = {name: tiny.auroc(s[:, k], y[:, k]) for k, name in enumerate(names)}  # NaN: one answer only
+        return {name: None if np.isnan(v) else round(float(v), 3) for name, v in aurocs.items()}
 
     return {"dataset": dataset, "pair": list(pair), f"{pair[0]}_pixels": totals,
             # how well each class's presence in an image is ranked by the SRE relevance s_k and by the mean
@@ -213,11 +225,6 @@ def query_presence_probe(cfg, model, pair: Tuple[str, str] = ("square", "cross")
     ``test``, next to the constant guess and to the class head's own decision (``p(pair[1]) > 0.5``, levels
     averaged) on the same test images. A probe far above the class head says the embeddings carry the answer
     and the head does not read it."""
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
-    from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
-
-    register_shapes_semi_split(cfg)
     names = list(model.class_names)
     num_classes, levels = len(names), model.num_query_levels
     first, second = names.index(pair[0]), names.index(pair[1])
@@ -230,12 +237,10 @@ def query_presence_probe(cfg, model, pair: Tuple[str, str] = ("square", "cross")
         rows, present, head = [], [], []
         with torch.no_grad():
             text = model.encode_text()
-            for record in DatasetCatalog.get(dataset):
-                labels = read_image(record["sem_seg_file_name"]).astype("int64")
-                kinds = set(torch.from_numpy(labels).unique().tolist())
+            for image, labels in _images(cfg, dataset):
+                kinds = set(labels.unique().tolist())
                 if first not in kinds and second not in kinds:
                     continue
-                image = torch.from_numpy(read_image(record["file_name"], format=cfg.INPUT.FORMAT).copy()).permute(2, 0, 1)
                 out = model.predict(model.normalize(image[None].to(model.device).float()), text)
                 rows.append(captured["last"][0, queries].float().mean(0).cpu())
                 present.append(second in kinds)
@@ -247,12 +252,11 @@ def query_presence_probe(cfg, model, pair: Tuple[str, str] = ("square", "cross")
         test_x, test_y, head_p = collect(test)
     finally:
         hook.remove()
-    mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
-    accuracy = tiny.linear_probe_accuracy((fit_x - mean) / std, fit_y, (test_x - mean) / std, test_y)
+    probe = _standardized_probe(fit_x, fit_y, test_x, test_y)
     return {"pair": list(pair), "fit": fit, "test": test, "fit_images": int(fit_y.numel()),
-            "test_images": int(test_y.numel()), "probe_accuracy": round(accuracy, 1),
+            "test_images": int(test_y.numel()), "probe_accuracy": probe["accuracy"],
             "head_accuracy": round(100 * float(((head_p > 0.5) == test_y).float().mean()), 1),
-            "constant_guess": round(100 * float(max(test_y.float().mean(), 1 - test_y.float().mean())), 1)}
+            "constant_guess": probe["constant_guess"]}
 
 
 def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:

@@ -169,6 +169,9 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     with torch.no_grad():
         prompts = vlm.encode_text(tokenizer([spec.PLAIN_TEMPLATE.format(n) for n in open_names]))
     described_file = resolve_descriptions_path(cfg.MODEL.HVLFORMER.TEXT.DESCRIPTIONS, "shapes")
+    # recorded relative to the repository when it lies in it
+    shown_file = (str(Path(described_file).relative_to(ROOT))
+                  if described_file and Path(described_file).is_relative_to(ROOT) else described_file)
     conf_open = np.zeros((7, 7), np.int64)
     conf_described = np.zeros((7, 7), np.int64)
     conf_closed = np.zeros((6, 6), np.int64)
@@ -232,7 +235,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         "zero_shot_vlm_iou": vlm_iou,
         # the same images with the descriptions file's sentences for all 7 names
         "described_iou": described_iou,
-        "descriptions_file": str(Path(described_file).relative_to(ROOT)) if described_file and Path(described_file).is_relative_to(ROOT) else described_file,
+        "descriptions_file": shown_file,
         "described_seen_miou": statistics.mean(described_iou[n] for n in seen),
         "unseen_queries": queries.summary(),
         # TEST.CLIP_ENSEMBLE on, open and closed vocabulary

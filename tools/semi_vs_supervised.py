@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from _common import emit_json, mean_std, run_train_net  # tools/_common.py (this folder is on sys.path when the tool runs)
+from _common import emit_json, mean_std, resolved_cfg, run_train_net  # tools/_common.py (this folder is on sys.path when the tool runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
@@ -111,9 +111,7 @@ def class_ious(log_text: str) -> Dict[str, float]:
 def same_prompts_as(config: Path) -> List[str]:
     """``MODEL.HVLFORMER.TEXT`` prompt options (descriptions file, prompt style, fallback and reference
     templates) of ``config``, as command-line opts."""
-    from hvlformer import setup_cfg
-
-    text = setup_cfg(argparse.Namespace(config_file=str(config), opts=[])).MODEL.HVLFORMER.TEXT
+    text = resolved_cfg(config, []).MODEL.HVLFORMER.TEXT
     return ["MODEL.HVLFORMER.TEXT.DESCRIPTIONS", text.DESCRIPTIONS, "MODEL.HVLFORMER.TEXT.PROMPT_STYLE",
             text.PROMPT_STYLE, "MODEL.HVLFORMER.TEXT.FALLBACK_TEMPLATE", text.FALLBACK_TEMPLATE,
             "MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE", text.REFERENCE_TEMPLATE]
