@@ -5,6 +5,8 @@ segmentation, named only at inference (the predictor's ``set_vocabulary``, as ``
 
     python tools/open_vocabulary_shapes.py                    # unseen kind "ring", 3 seeds
     python tools/open_vocabulary_shapes.py --seeds 0 --iters 300 --unseen hexagon
+    python tools/open_vocabulary_shapes.py --seeds 0 --output-dir output/e_paper \
+        --opts MODEL.HVLFORMER.TEXT.DESCRIPTIONS datasets/descriptions/shapes.json   # other prompts
 
 Per seed, one ``train_net.py`` run (the tiny config, ``MODEL.HVLFORMER.CLASSIFIER text``, all 400 images
 labeled with the 5 classes, 96 px). Evaluation on the first ``--num-images`` images of the ``val`` split of
@@ -112,7 +114,7 @@ def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, A
     for arm, names, on in (("no_distractors", seen, False), ("filter_off", vocabulary, False),
                            ("filter_on", vocabulary, True)):
         cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=[
-            "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
+            *args.opts, "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER", str(on),
             "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", str(args.filter_top_k)]))
         predictor = HVLFormerPredictor(cfg)
@@ -131,7 +133,8 @@ def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, A
 def train(seed: int, args: argparse.Namespace) -> Path:
     """Train (or reuse) the text-classifier model of one seed; returns its output folder."""
     out = args.output_dir / f"text_classifier_seed{seed}"
-    opts = ["MODEL.HVLFORMER.CLASSIFIER", "text", "DATASETS.SHAPES.SEED", str(seed), "SEED", str(seed),
+    # --opts first: the tool's own options (text classifier, seed, size, steps, folder) win
+    opts = [*args.opts, "MODEL.HVLFORMER.CLASSIFIER", "text", "DATASETS.SHAPES.SEED", str(seed), "SEED", str(seed),
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "INPUT.CROP.SIZE", f"({args.image_size}, {args.image_size})",
             "INPUT.RESIZE_BASE", str(args.image_size), "SOLVER.MAX_ITER", str(args.iters),
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
@@ -158,7 +161,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--unseen must be one of {all_names[6:]} (a kind outside the 5 segmentation classes)")
     unseen_id = all_names.index(args.unseen)
     open_names = seen + [args.unseen]
-    opts = ["MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
+    # the run's --opts again, so that inference reads the prompts (and any other key) it was trained with
+    opts = [*args.opts, "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size)]
     cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=opts))
     predictor = HVLFormerPredictor(cfg)
@@ -302,7 +306,8 @@ def ensemble_weights(args: argparse.Namespace) -> List[float]:
     """``[SEEN_WEIGHT, UNSEEN_WEIGHT]`` of the ensemble arm (``--ensemble-weights`` or the config's)."""
     from hvlformer import setup_cfg
 
-    ensemble = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=ensemble_weight_opts(args))).TEST.CLIP_ENSEMBLE
+    ensemble = setup_cfg(argparse.Namespace(config_file=str(CONFIG),
+                                            opts=[*args.opts, *ensemble_weight_opts(args)])).TEST.CLIP_ENSEMBLE
     return [ensemble.SEEN_WEIGHT, ensemble.UNSEEN_WEIGHT]
 
 
@@ -332,6 +337,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--distractors", type=int, default=0,
                         help="also evaluate with this many distractor names, LSMSeg's category filter off vs on")
     parser.add_argument("--filter-top-k", type=int, default=32, help="classes the category filter keeps")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides of training and evaluation (e.g. the paper's prompts: "
+                             "MODEL.HVLFORMER.TEXT.DESCRIPTIONS datasets/descriptions/shapes.json); the tool's own "
+                             "options win; give the runs their own --output-dir")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     per_seed = {}
@@ -360,7 +369,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         values = summary[key]
         summary[key] = {"runs": values, **mean_std(values)}
     output = {"setup": {"command": "python tools/open_vocabulary_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "seeds": args.seeds, "iterations": args.iters, "image_size": args.image_size,
+                        "seeds": args.seeds, "iterations": args.iters, "image_size": args.image_size, "opts": args.opts,
                         "ensemble_weights": ensemble_weights(args),
                         **({"distractors": args.distractors, "filter_top_k": args.filter_top_k}
                            if args.distractors > 0 else {})},

@@ -64,9 +64,16 @@ def test_distractor_names(tool):
 
 
 def test_smoke_run_with_distractors(tool, tmp_path):
-    """--distractors: the same trained run evaluated with 6 + 30 names, the category filter (top 8) off / on."""
+    """--distractors: the same trained run evaluated with 6 + 30 names, the category filter (top 8) off / on;
+    --opts (here the paper's prompts) reach the training run and the evaluation."""
+    paper_prompts = ["MODEL.HVLFORMER.TEXT.DESCRIPTIONS", "datasets/descriptions/shapes.json"]
     out = tool.main(["--seeds", "0", "--iters", "2", "--image-size", "64", "--num-images", "3", "--workers", "0",
-                     "--distractors", "30", "--filter-top-k", "8", "--output-dir", str(tmp_path)])
+                     "--distractors", "30", "--filter-top-k", "8", "--output-dir", str(tmp_path),
+                     "--opts", *paper_prompts])
+    assert out["setup"]["opts"] == paper_prompts
+    trained = (tmp_path / "text_classifier_seed0" / "config.yaml").read_text()
+    assert "DESCRIPTIONS: datasets/descriptions/shapes.json" in trained
+    assert out["per_seed"]["0"]["descriptions_file"] == "datasets/descriptions/shapes.json"  # not the config's own
     result = out["per_seed"]["0"]["category_filter"]
     assert result["vocabulary"] == 36 and result["top_k"] == 8
     for arm in ("no_distractors", "filter_off", "filter_on"):
