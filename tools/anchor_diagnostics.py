@@ -17,7 +17,9 @@ For each run (the OUTPUT_DIR of a finished ``train_net.py`` run from the project
   (:func:`head_diagnostics`): where the square pixels go and which query (level, class) takes them when they
   are called cross; the class probabilities of the cross queries on images with a square and no cross
   (their fixed-matching target there is "no object") and of the square queries; linear probes square vs cross
-  on ``clip_dense`` and ``mask_features``, which say whether the pixel features still tell them apart.
+  on ``clip_dense`` and ``mask_features``, which say whether the pixel features still tell them apart; and the
+  per-class IoU of the model's output next to its own L^VL pixel classifier (``clip_dense`` against the trained
+  class embeddings t, :func:`vision_language_scores`) on the same images.
 * ``query_probe``: whether the decoder's final embeddings of the cross queries know if a cross is in the image
   (:func:`query_presence_probe`: a linear probe fitted on the training images, scored on val, next to the class
   head's own decision).
@@ -142,6 +144,33 @@ def _standardized_probe(fit_x: Tensor, fit_y: Tensor, test_x: Tensor, test_y: Te
     return {"accuracy": round(accuracy, 1), "constant_guess": round(100 * max(share, 1 - share), 1)}
 
 
+def vision_language_scores(clip_dense: Tensor, text_embeddings: Tensor) -> Tensor:
+    """The L^VL pixel classifier's scores (supplement A.4.2.2; ``vision_language_regularization`` without its
+    1/0.07): ``normalize(clip_dense) @ normalize(t)^T``, ``B x C x h x w`` and ``K x C`` -> ``B x K x h x w``."""
+    dense = F.normalize(clip_dense.float(), dim=1)
+    return torch.einsum("bchw,kc->bkhw", dense, F.normalize(text_embeddings.float(), dim=-1))
+
+
+def pixel_confusion(scores: Tensor, labels: Tensor, ignore_value: int = 255) -> np.ndarray:
+    """``K x K`` confusion (rows: ground truth) of the argmax of ``K x h x w`` scores, upsampled bilinearly to
+    the ``H x W`` labels; pixels labeled ``ignore_value`` are left out."""
+    k = scores.shape[0]
+    pred = F.interpolate(scores[None].float(), size=labels.shape, mode="bilinear", align_corners=False)[0].argmax(0)
+    keep = labels != ignore_value
+    return np.bincount((labels[keep] * k + pred[keep].cpu()).numpy(), minlength=k * k).reshape(k, k)
+
+
+def iou_summary(confusion: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
+    """Per-class IoU (%) of a confusion matrix, their mean, and where ``square`` pixels go (% of its row)."""
+    inter = np.diag(confusion).astype(np.float64)
+    iou = 100.0 * inter / np.maximum(confusion.sum(0) + confusion.sum(1) - inter, 1)
+    out: Dict[str, Any] = {"miou": round(float(iou.mean()), 1), "iou": {n: round(float(v), 1) for n, v in zip(names, iou)}}
+    if "square" in names:
+        row = confusion[list(names).index("square")]
+        out["square_row_percent"] = {n: round(100.0 * float(v) / max(int(row.sum()), 1), 1) for n, v in zip(names, row)}
+    return out
+
+
 def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square", "cross")) -> Dict[str, Any]:
     """The segmentation head of a finished run on the images of ``dataset`` (``shapes_val``, or the run's
     ``shapes_labeled`` training images): :func:`query_attribution` summed over the images; the mean class
@@ -149,7 +178,8 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
     fixed-matching target there is "no object") and of each level's ``pair[0]`` query on images with
     ``pair[0]``; and linear probes ``pair[0]`` vs ``pair[1]`` pixels on the backbone's ``clip_dense`` and on
     the pixel decoder's ``mask_features`` (fitted on the even images, scored on the odd ones), which say
-    whether the pixel features still separate the pair."""
+    whether the pixel features still separate the pair; and ``pixel_classifiers``: per-class IoU of the model's
+    output (``semantic_scores``) and of its L^VL pixel classifier (:func:`vision_language_scores`)."""
     names = list(model.class_names)
     num_classes, levels = len(names), model.num_query_levels
     first, second = names.index(pair[0]), names.index(pair[1])
@@ -157,6 +187,9 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
     second_on_first_only, first_on_first = [], []
     relevance, own_class, presence = [], [], []
     features: Dict[str, List[List[Tensor]]] = {"clip_dense": [[], []], "mask_features": [[], []]}
+    # the two pixel classifiers the model holds: its output (mask classification) and the L^VL one
+    confusions = {"mask_classification": np.zeros((num_classes, num_classes), np.int64),
+                  "vision_language": np.zeros((num_classes, num_classes), np.int64)}
     targets: Dict[str, List[List[Tensor]]] = {"clip_dense": [[], []], "mask_features": [[], []]}
     with torch.no_grad():
         text = model.encode_text()
@@ -167,6 +200,9 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
             for part in totals:
                 for key, n in one[part].items():
                     totals[part][key] = totals[part].get(key, 0) + n
+            confusions["mask_classification"] += pixel_confusion(out.semantic_scores()[0], labels)
+            confusions["vision_language"] += pixel_confusion(
+                vision_language_scores(out.features["clip_dense"], text)[0], labels)
             probs = out.pred_logits[0].softmax(-1).cpu()
             present = set(labels.unique().tolist())
             relevance.append(out.relevance[0].float().cpu())
@@ -212,7 +248,10 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
             f"{pair[1]}_queries_on_images_with_{pair[0]}_without_{pair[1]}": mean_probs(second_on_first_only),
             f"images_with_{pair[0]}_without_{pair[1]}": len(second_on_first_only),
             f"{pair[0]}_queries_on_images_with_{pair[0]}": mean_probs(first_on_first),
-            "linear_probe": probes}
+            "linear_probe": probes,
+            # the model's output against its own L^VL pixel classifier (the run's class embeddings t on its
+            # clip_dense), on the same images
+            "pixel_classifiers": {key: iou_summary(c, names) for key, c in confusions.items()}}
 
 
 def query_presence_probe(cfg, model, pair: Tuple[str, str] = ("square", "cross"), fit: str = "shapes_train",

@@ -92,6 +92,34 @@ def test_query_attribution_by_hand(tool):
     assert out["top_query_when_wrong"] == {"L0:cross": 1, "instance0": 1}
 
 
+def test_pixel_confusion_and_iou_by_hand(tool):
+    import numpy as np
+
+    # 2 classes on a 2 x 2 grid, labels at 2 x 2 (no upsampling): class 1 wins where its score is higher
+    scores = torch.tensor([[[0.9, 0.1], [0.2, 0.8]], [[0.1, 0.9], [0.7, 0.3]]])
+    labels = torch.tensor([[0, 1], [0, 255]])
+    confusion = tool.pixel_confusion(scores, labels)
+    assert confusion.tolist() == [[1, 1], [0, 1]]  # the ignored pixel is not counted
+    summary = tool.iou_summary(confusion, ["background", "square"])
+    assert summary["iou"] == {"background": 50.0, "square": 50.0} and summary["miou"] == 50.0
+    assert summary["square_row_percent"] == {"background": 0.0, "square": 100.0}
+    assert tool.iou_summary(np.array([[3, 1], [0, 0]]), ["a", "b"])["iou"] == {"a": 75.0, "b": 0.0}
+
+
+def test_vision_language_scores_are_the_l_vl_logits(tool):
+    """Cross-entropy of the scores / 0.07 against the labels is L^VL itself (the regularisation loss)."""
+    from hvlformer.modeling.regularization import vision_language_regularization
+
+    torch.manual_seed(0)
+    dense, text = torch.randn(2, 8, 3, 3), torch.randn(4, 8)
+    labels = torch.randint(0, 4, (2, 6, 6))
+    scores = tool.vision_language_scores(dense, text)
+    assert scores.shape == (2, 4, 3, 3) and scores.abs().max() <= 1.0 + 1e-6  # cosines
+    upsampled = torch.nn.functional.interpolate(scores / 0.07, size=(6, 6), mode="bilinear", align_corners=False)
+    expected = torch.nn.functional.cross_entropy(upsampled, labels)
+    assert torch.allclose(vision_language_regularization(dense, text, labels), expected, atol=1e-5)
+
+
 def test_head_diagnostics_accounts_for_every_square_pixel(tool, single_thread):
     """On the 8 labeled images of a small semi config (random weights): every square pixel of the labels is
     counted once in ``predicted_as``; the probes and query probabilities have their documented form."""
@@ -118,6 +146,11 @@ def test_head_diagnostics_accounts_for_every_square_pixel(tool, single_thread):
         assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
     for probe in out["linear_probe"].values():
         assert probe is None or 0 <= probe["accuracy"] <= 100
+    # the model's output as a pixel classifier sends square pixels where the attribution counted them
+    output = out["pixel_classifiers"]["mask_classification"]["square_row_percent"]
+    for name, n in out["square_pixels"]["predicted_as"].items():
+        assert abs(output[name] - 100.0 * n / expected) <= 2.0
+    assert set(out["pixel_classifiers"]["vision_language"]["iou"]) == set(model.class_names)
     # the query probe: one row per image holding square or cross; the hook is gone afterwards
     cross = model.class_names.index("cross")
     holding = sum(1 for r in DatasetCatalog.get("shapes_labeled")
