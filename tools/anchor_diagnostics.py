@@ -20,6 +20,8 @@ For each run (the OUTPUT_DIR of a finished ``train_net.py`` run from the project
   on ``clip_dense`` and ``mask_features``, which say whether the pixel features still tell them apart; and the
   per-class IoU of the model's output next to its own L^VL pixel classifier (``clip_dense`` against the trained
   class embeddings t, :func:`vision_language_scores`) on the same images.
+* ``vision_language_before_training``: the L^VL pixel classifier of an untrained build of the run's config
+  on the val images (:func:`initial_vision_language`), next to the trained one in ``head``.
 * ``query_probe``: whether the decoder's final embeddings of the cross queries know if a cross is in the image
   (:func:`query_presence_probe`: a linear probe fitted on the training images, scored on val, next to the class
   head's own decision).
@@ -254,6 +256,25 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
             "pixel_classifiers": {key: iou_summary(c, names) for key, c in confusions.items()}}
 
 
+def initial_vision_language(cfg, dataset: str = "shapes_val", seed: int = 0) -> Dict[str, Any]:
+    """The L^VL pixel classifier of an untrained build of the run's config (``torch.manual_seed(seed)``, then
+    ``build_model``: the config's pretrained CLIP, the prompts' initial state with a context drawn from
+    ``seed``) on ``dataset``, summarised as :func:`iou_summary`: what training did to it is the difference to
+    ``pixel_classifiers["vision_language"]`` of :func:`head_diagnostics`."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    names = list(model.class_names)
+    confusion = np.zeros((len(names), len(names)), np.int64)
+    with torch.no_grad():
+        text = model.encode_text()
+        for image, labels in _images(cfg, dataset):
+            features = model.extract_features(model.normalize(image[None].to(model.device).float()))
+            confusion += pixel_confusion(vision_language_scores(features["clip_dense"], text)[0], labels)
+    return {"dataset": dataset, "seed": seed, **iou_summary(confusion, names)}
+
+
 def query_presence_probe(cfg, model, pair: Tuple[str, str] = ("square", "cross"), fit: str = "shapes_train",
                          test: str = "shapes_val") -> Dict[str, Any]:
     """Do the decoder's final embeddings of the ``pair[1]`` queries know whether ``pair[1]`` is in the image?
@@ -321,6 +342,7 @@ def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
         "head": {dataset: head_diagnostics(cfg, model, dataset) for dataset in ("shapes_val", "shapes_labeled")
                  if dataset != "shapes_labeled" or cfg.DATASETS.SHAPES.NUM_LABELED > 0},
         "query_probe": query_presence_probe(cfg, model),
+        "vision_language_before_training": initial_vision_language(cfg),
     }
 
 

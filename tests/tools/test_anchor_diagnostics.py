@@ -151,6 +151,9 @@ def test_head_diagnostics_accounts_for_every_square_pixel(tool, single_thread):
     for name, n in out["square_pixels"]["predicted_as"].items():
         assert abs(output[name] - 100.0 * n / expected) <= 2.0
     assert set(out["pixel_classifiers"]["vision_language"]["iou"]) == set(model.class_names)
+    # an untrained build of the same config (seed 0, as make_tiny_model) has the same L^VL classifier
+    assert tool.initial_vision_language(cfg, "shapes_labeled") == {
+        "dataset": "shapes_labeled", "seed": 0, **out["pixel_classifiers"]["vision_language"]}
     # the query probe: one row per image holding square or cross; the hook is gone afterwards
     cross = model.class_names.index("cross")
     holding = sum(1 for r in DatasetCatalog.get("shapes_labeled")
