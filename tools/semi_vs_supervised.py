@@ -5,6 +5,7 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
 
     python tools/semi_vs_supervised.py                       # (c) 25 labeled + 375 unlabeled vs the 25 alone, 3 seeds
     python tools/semi_vs_supervised.py --experiment anchors  # (a) textual queries vs learnable (Mask2Former) queries
+    python tools/semi_vs_supervised.py --experiment semi_and_anchors --parallel 3  # (c) and (a) at once
     python tools/semi_vs_supervised.py --experiment pretraining   # (b) pretrained tiny CLIP vs random init
     python tools/semi_vs_supervised.py --experiment table4 --seeds 0   # (d) the toy Table 4, one row per step
     python tools/semi_vs_supervised.py --experiment ceiling  # (c) next to all 400 images labeled: the room (c) has
@@ -82,6 +83,10 @@ EXPERIMENTS = {
                  ("all_labeled_minus_supervised", "supervised_all_labeled", "supervised")]),
     "anchors": (["supervised", "supervised_learnable"],
                 [("textual_minus_learnable", "supervised", "supervised_learnable")]),
+    # (c) and (a) in one command (their runs at once, sharing the supervised arm)
+    "semi_and_anchors": (["supervised", "semi", "supervised_learnable"],
+                         [("semi_minus_supervised", "semi", "supervised"),
+                          ("textual_minus_learnable", "supervised", "supervised_learnable")]),
     "pretraining": (["supervised", "supervised_random"],
                     [("pretrained_minus_random", "supervised", "supervised_random")]),
     "table4": (["t4_baseline", "t4_htqg", "t4_hqg_levels", "t4_sre", "supervised", "semi_only_mask",
@@ -161,7 +166,8 @@ def summarise(values: List[float]) -> Dict[str, float]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="semi",
-                        help="semi: (c) semi vs supervised; anchors: (a) textual vs learnable queries; pretraining: "
+                        help="semi: (c) semi vs supervised; anchors: (a) textual vs learnable queries; semi_and_anchors: "
+                             "(c) and (a) together; pretraining: "
                              "(b) pretrained vs random CLIP; table4: (d) the toy Table 4; ceiling: (c) next to every "
                              "image labeled; caa, ecac, "
                              "class_refinement, fusion: (f) supervised vs supervised + that thesis module")
