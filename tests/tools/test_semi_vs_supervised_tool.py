@@ -220,6 +220,15 @@ def test_experiments_are_one_command_each(tool, fake_train, tmp_path):
     assert only_mask[only_mask.index("SEMI.CLASS_CONSISTENCY") + 1] == "False"
     assert "full_minus_baseline" in out
 
+    # (c) and (a) in one command: every run above is reused (supervised, semi, learnable of seeds 0, 1)
+    launched = len(fake_train)
+    out = tool.main(["--experiment", "semi_and_anchors", "--seeds", "0", "1", *common])
+    assert len(fake_train) == launched and list(out["mIoU"]) == ["supervised", "semi", "supervised_learnable"]
+    for name, arm, minus in (("semi_minus_supervised", "semi", "supervised"),
+                             ("textual_minus_learnable", "supervised", "supervised_learnable")):
+        assert out[name]["runs"] == [round(out["mIoU"][arm]["runs"][i] - out["mIoU"][minus]["runs"][i], 2)
+                                     for i in range(2)]
+
 
 def test_class_ious_reads_the_last_evaluation(tool):
     log = ("OrderedDict([('sem_seg', {'mIoU': np.float64(50.0), 'IoU-square': np.float64(12.5), 'IoU-cross': nan})])\n"
