@@ -93,15 +93,18 @@ def _model_input_sizes(predictor, image, **kwargs):
 
 def test_inference_scale_defaults_to_the_training_scale(linear_predictor, make_predictor):
     """A large photo is segmented at the training crop's short side (128 for the tiny config), long side
-    capped at RESIZE_BASE * 2 = 256, and the result mapped back to the input size."""
+    capped at RESIZE_BASE * max(RESIZE_RATIO_RANGE) (128 * 1.0 for the tiny config, which trains without
+    scale jitter; 128 * 2 with the base config's 0.5-2.0x), and the result mapped back to the input size."""
     size, result = _model_input_sizes(linear_predictor, np.zeros((300, 400, 3), np.uint8))
-    assert size == (128, 171)
+    assert size == (96, 128)  # long side capped at the training size
     check_prediction(result, 300, 400, 6)
-    size, _ = _model_input_sizes(linear_predictor, np.zeros((100, 1000, 3), np.uint8))
+    jitter = make_predictor("INPUT.RESIZE_RATIO_RANGE", "(0.5, 2.0)")
+    assert _model_input_sizes(jitter, np.zeros((300, 400, 3), np.uint8))[0] == (128, 171)
+    size, _ = _model_input_sizes(jitter, np.zeros((100, 1000, 3), np.uint8))
     assert size == (26, 256)  # long side capped
     # the benchmark protocol keys do not change the predictor's scale
     predictor = make_predictor("INPUT.MIN_SIZE_TEST", "0")
-    assert _model_input_sizes(predictor, np.zeros((300, 400, 3), np.uint8))[0] == (128, 171)
+    assert _model_input_sizes(predictor, np.zeros((300, 400, 3), np.uint8))[0] == (96, 128)
 
 
 def test_inference_scale_can_be_set_or_switched_off(single_thread, make_predictor):
