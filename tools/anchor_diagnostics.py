@@ -182,6 +182,8 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
     the pixel decoder's ``mask_features`` (fitted on the even images, scored on the odd ones), which say
     whether the pixel features still separate the pair; and ``pixel_classifiers``: per-class IoU of the model's
     output (``semantic_scores``) and of its L^VL pixel classifier (:func:`vision_language_scores`)."""
+    from hvlformer.modeling.outputs import semantic_scores
+
     names = list(model.class_names)
     num_classes, levels = len(names), model.num_query_levels
     first, second = names.index(pair[0]), names.index(pair[1])
@@ -197,12 +199,15 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
         text = model.encode_text()
         for i, (image, labels) in enumerate(_images(cfg, dataset)):
             out = model.predict(model.normalize(image[None].to(model.device).float()), text)
-            masks = F.interpolate(out.pred_masks, size=labels.shape, mode="bilinear", align_corners=False)[0].sigmoid()
+            mask_logits = F.interpolate(out.pred_masks, size=labels.shape, mode="bilinear", align_corners=False)
+            masks = mask_logits[0].sigmoid()
             one = query_attribution(out.pred_logits[0].cpu(), masks.cpu(), labels, names, levels, pair)
             for part in totals:
                 for key, n in one[part].items():
                     totals[part][key] = totals[part].get(key, 0) + n
-            confusions["mask_classification"] += pixel_confusion(out.semantic_scores()[0], labels)
+            # as the model's inference: mask logits upsampled to the image first (modeling/inference.py)
+            confusions["mask_classification"] += pixel_confusion(semantic_scores(out.pred_logits, mask_logits)[0],
+                                                                 labels)
             confusions["vision_language"] += pixel_confusion(
                 vision_language_scores(out.features["clip_dense"], text)[0], labels)
             probs = out.pred_logits[0].softmax(-1).cpu()
