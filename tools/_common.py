@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-__all__ = ["emit_json", "mean_std", "resolved_cfg", "clip_weights_id", "config_id", "finished_run_cfg", "run_train_net"]
+import numpy as np
+
+__all__ = ["emit_json", "mean_std", "confusion_of", "iou_table", "resolved_cfg", "clip_weights_id", "config_id",
+           "finished_run_cfg", "run_train_net"]
 
 
 def emit_json(report: Any, path: Optional[Union[str, os.PathLike]] = None) -> str:
@@ -34,6 +37,21 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     a single value."""
     return {"mean": round(statistics.mean(values), 2),
             "std": round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0}
+
+
+def iou_table(confusion: np.ndarray, names: Sequence[str], ignore: Sequence[int] = ()) -> Dict[str, float]:
+    """Per-class IoU (%) from a ``K x K`` confusion matrix (rows: ground truth), skipping ``ignore`` rows."""
+    keep = [k for k in range(len(names)) if k not in ignore]
+    inter = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    return {names[k]: float(100.0 * inter[k] / max(union[k], 1)) for k in keep}
+
+
+def confusion_of(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_label: int = 255) -> np.ndarray:
+    """``K x K`` counts of (label, prediction) over the pixels whose label is not ``ignore_label``."""
+    valid = label != ignore_label
+    return np.bincount(label[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64),
+                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def resolved_cfg(config: Path, opts: Sequence[str]):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import pretrain_tiny_clip as tiny  # tools/pretrain_tiny_clip.py (this folder is on sys.path when the tool runs)
-from _common import emit_json, finished_run_cfg
+from _common import confusion_of, emit_json, finished_run_cfg, iou_table
 
 
 def cosine_summary(embeddings: Tensor, names: Sequence[str]) -> Dict[str, Any]:
@@ -156,17 +156,15 @@ def vision_language_scores(clip_dense: Tensor, text_embeddings: Tensor) -> Tenso
 def pixel_confusion(scores: Tensor, labels: Tensor, ignore_value: int = 255) -> np.ndarray:
     """``K x K`` confusion (rows: ground truth) of the argmax of ``K x h x w`` scores, upsampled bilinearly to
     the ``H x W`` labels; pixels labeled ``ignore_value`` are left out."""
-    k = scores.shape[0]
     pred = F.interpolate(scores[None].float(), size=labels.shape, mode="bilinear", align_corners=False)[0].argmax(0)
-    keep = labels != ignore_value
-    return np.bincount((labels[keep] * k + pred[keep].cpu()).numpy(), minlength=k * k).reshape(k, k)
+    return confusion_of(pred.cpu().numpy(), labels.numpy(), scores.shape[0], ignore_value)
 
 
 def iou_summary(confusion: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
     """Per-class IoU (%) of a confusion matrix, their mean, and where ``square`` pixels go (% of its row)."""
-    inter = np.diag(confusion).astype(np.float64)
-    iou = 100.0 * inter / np.maximum(confusion.sum(0) + confusion.sum(1) - inter, 1)
-    out: Dict[str, Any] = {"miou": round(float(iou.mean()), 1), "iou": {n: round(float(v), 1) for n, v in zip(names, iou)}}
+    iou = iou_table(confusion, names)
+    out: Dict[str, Any] = {"miou": round(float(np.mean(list(iou.values()))), 1),
+                           "iou": {n: round(v, 1) for n, v in iou.items()}}
     if "square" in names:
         row = confusion[list(names).index("square")]
         out["square_row_percent"] = {n: round(100.0 * float(v) / max(int(row.sum()), 1), 1) for n, v in zip(names, row)}

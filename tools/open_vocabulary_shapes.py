@@ -53,27 +53,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from _common import emit_json, mean_std, run_train_net  # tools/_common.py (this folder is on sys.path when the tool runs)
+# tools/_common.py (this folder is on sys.path when the tool runs)
+from _common import confusion_of, emit_json, iou_table, mean_std, resolved_cfg, run_train_net
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
 TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
 CONFIG = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
-
-
-def iou_table(confusion: np.ndarray, names: Sequence[str], ignore: Sequence[int] = ()) -> Dict[str, float]:
-    """Per-class IoU (%) from a ``K x K`` confusion matrix (rows: ground truth), skipping ``ignore`` rows."""
-    keep = [k for k in range(len(names)) if k not in ignore]
-    inter = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - inter
-    return {names[k]: float(100.0 * inter[k] / max(union[k], 1)) for k in keep}
-
-
-def confusion_of(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_label: int = 255) -> np.ndarray:
-    """``K x K`` counts of (label, prediction) over the pixels whose label is not ``ignore_label``."""
-    valid = label != ignore_label
-    return np.bincount(label[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64),
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 DESCRIPTIONS = ROOT / "datasets" / "descriptions"
@@ -96,7 +82,6 @@ def distractor_names(count: int, exclude: Sequence[str]) -> List[str]:
 def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Seen-class IoUs and seconds per image with background + 5 classes + ``args.distractors`` names, the
     category filter off and on (the same checkpoint: the filter has no parameters)."""
-    from hvlformer import setup_cfg
     from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
     from hvlformer.predictor import HVLFormerPredictor
 
@@ -113,10 +98,9 @@ def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, A
     # reference: the same images with the training vocabulary only (what the distractors cost)
     for arm, names, on in (("no_distractors", seen, False), ("filter_off", vocabulary, False),
                            ("filter_on", vocabulary, True)):
-        cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=[
-            *args.opts, "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
-            "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER", str(on),
-            "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", str(args.filter_top_k)]))
+        cfg = eval_cfg(args, "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
+                       "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER",
+                       str(on), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", str(args.filter_top_k))
         predictor = HVLFormerPredictor(cfg)
         predictor.set_vocabulary(names)
         predictor(images[0][0], format="RGB")  # warm-up (text embeddings, allocations), not timed
@@ -148,7 +132,6 @@ def train(seed: int, args: argparse.Namespace) -> Path:
 
 def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Open- and closed-vocabulary IoUs of a trained run, and the tiny CLIP alone, on the same images."""
-    from hvlformer import setup_cfg
     from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
     from hvlformer.modeling.clip_loader import build_clip_model
     from hvlformer.modeling.text.descriptions import resolve_descriptions_path
@@ -161,13 +144,14 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--unseen must be one of {all_names[6:]} (a kind outside the 5 segmentation classes)")
     unseen_id = all_names.index(args.unseen)
     open_names = seen + [args.unseen]
-    # the run's --opts again, so that inference reads the prompts (and any other key) it was trained with
-    opts = [*args.opts, "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
+    # eval_cfg applies the run's --opts again, so that inference reads the prompts (and any other key) it was
+    # trained with
+    opts = ["MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
             "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size)]
-    cfg = setup_cfg(argparse.Namespace(config_file=str(CONFIG), opts=opts))
+    cfg = eval_cfg(args, *opts)
     predictor = HVLFormerPredictor(cfg)
-    ensemble_predictor = HVLFormerPredictor(setup_cfg(argparse.Namespace(
-        config_file=str(CONFIG), opts=opts + ["TEST.CLIP_ENSEMBLE.ENABLED", "True", *ensemble_weight_opts(args)])))
+    ensemble_predictor = HVLFormerPredictor(eval_cfg(args, *opts, "TEST.CLIP_ENSEMBLE.ENABLED", "True",
+                                                     *ensemble_weight_opts(args)))
     clip_model, tokenizer = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
     vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
     with torch.no_grad():
@@ -294,6 +278,11 @@ class QueryDiagnosis:
         }
 
 
+def eval_cfg(args: argparse.Namespace, *opts: str):
+    """The tiny config resolved with ``--opts`` and then ``opts`` (the tool's own, which win)."""
+    return resolved_cfg(CONFIG, [*args.opts, *opts])
+
+
 def ensemble_weight_opts(args: argparse.Namespace) -> List[str]:
     """The ``TEST.CLIP_ENSEMBLE`` weights of ``--ensemble-weights`` as config options (none: the config's own)."""
     if args.ensemble_weights is None:
@@ -304,10 +293,7 @@ def ensemble_weight_opts(args: argparse.Namespace) -> List[str]:
 
 def ensemble_weights(args: argparse.Namespace) -> List[float]:
     """``[SEEN_WEIGHT, UNSEEN_WEIGHT]`` of the ensemble arm (``--ensemble-weights`` or the config's)."""
-    from hvlformer import setup_cfg
-
-    ensemble = setup_cfg(argparse.Namespace(config_file=str(CONFIG),
-                                            opts=[*args.opts, *ensemble_weight_opts(args)])).TEST.CLIP_ENSEMBLE
+    ensemble = eval_cfg(args, *ensemble_weight_opts(args)).TEST.CLIP_ENSEMBLE
     return [ensemble.SEEN_WEIGHT, ensemble.UNSEEN_WEIGHT]
 
 
