@@ -28,6 +28,7 @@ def test_tally_by_hand(tool):
     # argmax: 0 (right), 0 (wrong, truth 1), 1 (wrong, truth 2); confident: pixels 1 and 3 only
     assert out["pixels"] == 3 and out["accuracy"] == pytest.approx(1 / 3, abs=1e-4)
     assert out["confident_fraction"] == pytest.approx(2 / 3, abs=1e-4)
+    assert out["mean_confidence"] == pytest.approx((0.95 + 0.50 + 0.95) / 3, abs=1e-6)  # the ignored 0.98 left out
     assert out["confident_accuracy"] == 0.5
     assert out["precision"] == {"a": 1.0, "b": 0.0, "c": None}
     assert out["recall"] == {"a": 1.0, "b": 0.0, "c": 0.0}
@@ -37,7 +38,7 @@ def test_tally_by_hand(tool):
 
 def test_run_on_its_unlabeled_images(tool, tmp_path):
     out = tmp_path / "semi"
-    opts = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "100",
+    opts = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "1",
             "DATASETS.SHAPES.IMAGE_SIZE", "64", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
             "DATASETS.SHAPES.NUM_TRAIN", "10", "DATASETS.SHAPES.NUM_VAL", "2", "DATASETS.SHAPES.NUM_LABELED", "4",
             "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)]
@@ -63,3 +64,25 @@ def test_run_on_its_unlabeled_images(tool, tmp_path):
     assert list(run["label_pixels"].values()) == counts.tolist()
     with pytest.raises(FileNotFoundError, match="config.yaml not found"):
         tool.evaluate_run(tmp_path)
+
+    # over training: the checkpoints after 1 and 2 steps, in order; the last one is model_final's twin, and the
+    # first one's pseudo-labels are its own. Two steps at the warm-up's LR hardly move the weights, so the first
+    # checkpoint is zeroed here to see that its weights really are the ones evaluated (not model_final's twice)
+    first = torch.load(out / "model_0000000.pth", map_location="cpu", weights_only=False)
+    first["model"] = {k: v * 0 if v.is_floating_point() else v for k, v in first["model"].items()}
+    torch.save(first, out / "model_0000000.pth")
+    over = tool.main([str(out), "--over-training"])["runs"][0]["over_training"]
+    assert [(o["iteration"], o["weights"]) for o in over] == [(1, "model_0000000.pth"), (2, "model_0000001.pth")]
+    assert run["weights"] == "model_final.pth"
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("iteration", "weights")}
+    assert strip(over[1]) == strip(run)
+    assert strip(over[0]) != strip(run)
+    assert over[0]["label_pixels"] == run["label_pixels"]
+    assert [i for i, _ in tool.run_checkpoints(out)] == [1, 2]
+    (out / "model_0000000.pth").rename(out / "model_0000010.pth")  # numeric order, not the order found
+    (out / "model_0000001.pth").rename(out / "model_0000009.pth")
+    assert [i for i, _ in tool.run_checkpoints(out)] == [10, 11]
+    with pytest.raises(FileNotFoundError, match="no model_NNNNNNN.pth checkpoints"):
+        for path in out.glob("model_0*.pth"):
+            path.unlink()
+        tool.evaluate_over_training(out)
