@@ -71,6 +71,20 @@ def test_predictor_refuses_a_checkpoint_of_another_config(text_checkpoint, singl
         HVLFormerPredictor(pretrained_cfg("MODEL.WEIGHTS", str(text_checkpoint)))
 
 
+def test_query_norm_mismatch_names_the_switch(tmp_path, single_thread, build):
+    """A checkpoint from before the HQG output LayerNorm (MODEL.HVLFORMER.QUERY_NORM) is refused with the
+    switch that loads it; the opposite (LayerNorm weights the model lacks) is refused too, not dropped."""
+    plain = build("MODEL.HVLFORMER.QUERY_NORM", "False")
+    HVLFormerCheckpointer(plain, str(tmp_path)).save("plain")
+    with pytest.raises(CheckpointMismatchError, match="MODEL.HVLFORMER.QUERY_NORM False") as info:
+        HVLFormerCheckpointer(build(), strict=True).load(str(tmp_path / "plain.pth"))
+    assert "htqg.hqg.heads.0.3 (bias, weight)" in str(info.value)
+    HVLFormerCheckpointer(build("MODEL.HVLFORMER.QUERY_NORM", "False"), strict=True).load(str(tmp_path / "plain.pth"))
+    HVLFormerCheckpointer(build(), str(tmp_path)).save("normed")
+    with pytest.raises(CheckpointMismatchError, match="trained with MODEL.HVLFORMER.QUERY_NORM True"):
+        HVLFormerCheckpointer(plain, strict=True).load(str(tmp_path / "normed.pth"))
+
+
 def test_shape_mismatch_is_an_error_in_strict_mode(tmp_path):
     torch.save({"model": {"body.weight": torch.zeros(5, 3), "body.bias": torch.zeros(4),
                           "head.weight": torch.zeros(2, 4), "head.bias": torch.zeros(2)}}, tmp_path / "m.pth")

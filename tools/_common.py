@@ -13,12 +13,12 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 __all__ = ["emit_json", "mean_std", "confusion_of", "iou_table", "resolved_cfg", "clip_weights_id", "config_id",
-           "finished_run_cfg", "run_train_net"]
+           "finished_run_cfg", "settings_of_older_runs", "run_train_net"]
 
 
 def emit_json(report: Any, path: Optional[Union[str, os.PathLike]] = None) -> str:
@@ -79,13 +79,36 @@ def config_id(cfg) -> str:
     return hashlib.sha256(cfg.dump().encode("utf-8")).hexdigest()
 
 
+#: Config keys added after runs were made, with the value that gives the behaviour of the code those runs were
+#: trained with: a dumped config.yaml without the key gets this value back (:func:`settings_of_older_runs`).
+KEYS_ADDED_LATER = {("MODEL", "HVLFORMER", "QUERY_NORM"): "False"}  # HQG output LayerNorm, docs/DESIGN.md
+
+
+def settings_of_older_runs(config_yaml: Path) -> List[str]:
+    """``KEY VALUE`` options restoring, for a run's dumped ``config.yaml``, each :data:`KEYS_ADDED_LATER` key it
+    lacks (a run trained before the key existed), so its checkpoint loads into the model it was trained as."""
+    import yaml
+
+    dumped = yaml.safe_load(config_yaml.read_text()) or {}
+    opts: List[str] = []
+    for path, value in KEYS_ADDED_LATER.items():
+        node = dumped
+        for part in path[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if not isinstance(node, dict) or path[-1] not in node:
+            opts += [".".join(path), value]
+    return opts
+
+
 def finished_run_cfg(run_dir: Path):
-    """The frozen config of a finished ``train_net.py`` run (its dumped ``config.yaml``) with ``MODEL.WEIGHTS``
-    set to its ``model_final.pth``; ``FileNotFoundError`` naming the file when either is missing."""
+    """The frozen config of a finished ``train_net.py`` run (its dumped ``config.yaml``, with
+    :func:`settings_of_older_runs`) with ``MODEL.WEIGHTS`` set to its ``model_final.pth``;
+    ``FileNotFoundError`` naming the file when either is missing."""
     for needed in ("config.yaml", "model_final.pth"):
         if not (run_dir / needed).exists():
             raise FileNotFoundError(f"{run_dir / needed} not found: pass the OUTPUT_DIR of a finished train_net.py run")
-    return resolved_cfg(run_dir / "config.yaml", ["MODEL.WEIGHTS", str(run_dir / "model_final.pth")])
+    return resolved_cfg(run_dir / "config.yaml", [*settings_of_older_runs(run_dir / "config.yaml"),
+                                                  "MODEL.WEIGHTS", str(run_dir / "model_final.pth")])
 
 
 def _dumped_clip_weights(out: Path) -> Optional[str]:

@@ -18,7 +18,34 @@ def test_hqg_shapes_and_independent_heads():
     # level e is exactly MLP_e(t)
     for e in range(3):
         torch.testing.assert_close(q[e], hqg.heads[e](t))
+        torch.testing.assert_close(q[e], F.layer_norm(hqg.heads[e][:3](t), (8,), hqg.heads[e][3].weight,
+                                                      hqg.heads[e][3].bias))
     assert not torch.allclose(q[0], q[1])
+    # with the output LayerNorm (default): every query has per-element zero mean and unit variance
+    # (norm sqrt(D)), whatever the scale of t; without it the plain MLP_e(t)
+    torch.testing.assert_close(q.mean(-1), torch.zeros(3, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q.norm(dim=-1), torch.full((3, 5), math.sqrt(8)), atol=1e-3, rtol=0)
+    plain = HierarchicalQueryGenerator(text_dim=12, hidden_dim=8, num_levels=3, output_norm=False)
+    assert all(len(head) == 3 for head in plain.heads)
+    plain.load_state_dict({k: v for k, v in hqg.state_dict().items() if not k.endswith(("3.weight", "3.bias"))})
+    torch.testing.assert_close(torch.nn.functional.layer_norm(plain(t), (8,)), q)
+
+
+def test_textual_queries_on_the_positional_scale():
+    """The decoder adds a N(0, 1) level embedding (norm ~sqrt(D)) to each query: with the LayerNorm the
+    textual queries are as long as that (a class's direction survives in q + pos); without it they are
+    ~10x shorter and q + pos is nearly the same for every class (the defect the LayerNorm mends)."""
+    torch.manual_seed(0)
+    dim, t = 64, F.normalize(torch.randn(6, 32), dim=-1)  # unit-norm class embeddings, as the text encoder's
+    pos = torch.randn(dim)
+    # at init the MLP's shared biases already make the classes' queries alike (cosine ~0.85 here); the
+    # positional embedding on top makes them the same vector without the LayerNorm
+    for output_norm, low, high in ((True, 7.9, 8.1), (False, 0.0, 1.0)):
+        q = HierarchicalQueryGenerator(32, dim, 1, output_norm=output_norm)(t)[0]
+        assert low < q.norm(dim=-1).mean().item() < high, (output_norm, q.norm(dim=-1))
+        attended = F.normalize(q + pos, dim=-1)
+        off = (attended @ attended.T)[~torch.eye(6, dtype=torch.bool)].mean().item()
+        assert (off < 0.95) if output_norm else (off > 0.99), (output_norm, off)
 
 
 def test_diversity_loss_orthogonal_identical_and_value():

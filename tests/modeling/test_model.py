@@ -169,6 +169,27 @@ def test_learnable_query_switch_builds_and_trains(tiny_model):
     assert not torch.equal(before, model.htqg.learned_queries.detach())
 
 
+def test_query_norm_switch(tiny_model):
+    """MODEL.HVLFORMER.QUERY_NORM: the decoder's textual content queries are ~sqrt(D) long with the HQG's
+    output LayerNorm (default) and much shorter without it (the plain MLP_e of the paper's equation)."""
+    captured = {}
+
+    def lengths(model):
+        hook = model.transformer_decoder.register_forward_pre_hook(
+            lambda module, args, kwargs: captured.update(q=kwargs.get("text_queries", args[2] if len(args) > 2 else None)),
+            with_kwargs=True)
+        with torch.no_grad():
+            model(batch())
+        hook.remove()
+        return captured["q"].norm(dim=-1).mean().item()
+
+    normed = tiny_model(*POINTS)
+    plain = tiny_model(*POINTS, "MODEL.HVLFORMER.QUERY_NORM", "False")
+    assert len(normed.htqg.hqg.heads[0]) == 4 and len(plain.htqg.hqg.heads[0]) == 3
+    # D = 64: LayerNorm output ~8 long, scaled by the SRE's s_k (~0.5 untrained) and moved by PTRM
+    assert lengths(normed) > 2.0 > 1.0 > lengths(plain)
+
+
 def test_reference_text_buffer_follows_copies_and_resets(tiny_model):
     """T0 is a non-persistent buffer: empty until first use, then cached; deepcopy keeps it, .to(dtype) casts it,
     it is never saved, and a new vocabulary or loaded weights reset it (recomputed on next use)."""

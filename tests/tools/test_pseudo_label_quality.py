@@ -86,3 +86,18 @@ def test_run_on_its_unlabeled_images(tool, tmp_path):
         for path in out.glob("model_0*.pth"):
             path.unlink()
         tool.evaluate_over_training(out)
+
+
+def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
+    """A run's config.yaml from before MODEL.HVLFORMER.QUERY_NORM existed is read back with QUERY_NORM False
+    (the plain HQG it was trained with); a config that has the key keeps its own value."""
+    common = load_tool("_common")
+    old = tmp_path / "old.yaml"
+    old.write_text("MODEL:\n  HVLFORMER:\n    QUERY_SOURCE: text\n")
+    assert common.settings_of_older_runs(old) == ["MODEL.HVLFORMER.QUERY_NORM", "False"]
+    new = tmp_path / "new.yaml"
+    new.write_text("MODEL:\n  HVLFORMER:\n    QUERY_NORM: true\n")
+    assert common.settings_of_older_runs(new) == []
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert common.settings_of_older_runs(empty) == ["MODEL.HVLFORMER.QUERY_NORM", "False"]

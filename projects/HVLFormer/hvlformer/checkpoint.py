@@ -38,6 +38,10 @@ DAMAGED_CHECKPOINT_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zip
                              OSError, KeyError, AttributeError)
 
 
+#: State-dict keys of the LayerNorm that ends each HQG head (``MODEL.HVLFORMER.QUERY_NORM``).
+HQG_NORM_KEY = re.compile(r"(^|\.)htqg\.hqg\.heads\.\d+\.3\.(weight|bias)$")
+
+
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint does not initialise every tensor of the model (strict loading)."""
 
@@ -190,7 +194,8 @@ class HVLFormerCheckpointer(DetectionCheckpointer):
         missing = _filter_reused_missing_keys(self.model, list(incompatible.missing_keys))
         reshaped = {k for k, _, _ in incompatible.incorrect_shapes}
         missing = [k for k in missing if k not in reshaped]
-        if not missing and not reshaped:
+        query_norm_keys = [k for k in incompatible.unexpected_keys if HQG_NORM_KEY.search(k)]
+        if not missing and not reshaped and not query_norm_keys:
             return incompatible
         lines = [f"checkpoint {self._loading or '(MODEL.WEIGHTS)'} does not match the model built from the config: "]
         if missing:
@@ -205,6 +210,12 @@ class HVLFormerCheckpointer(DetectionCheckpointer):
         if incompatible.unexpected_keys:
             lines.append(f" The checkpoint has {len(incompatible.unexpected_keys)} tensor(s) the model lacks: "
                          f"{group_layers(incompatible.unexpected_keys, limit=6)}.")
+        if missing and all(HQG_NORM_KEY.search(k) for k in missing):
+            lines.append(" The checkpoint is from before the HQG output LayerNorm (docs/DESIGN.md): load it with "
+                         "MODEL.HVLFORMER.QUERY_NORM False.")
+        elif query_norm_keys and not missing:
+            lines.append(" The checkpoint's HQG heads end in a LayerNorm the model lacks: it was trained with "
+                         "MODEL.HVLFORMER.QUERY_NORM True.")
         lines.append(" The checkpoint was trained with another config (e.g. MODEL.HVLFORMER.CLASSIFIER, the class "
                      "list, the model size or MODEL.HVLFORMER.CLIP.MODEL_NAME). " + self._config_hint() + ".")
         raise CheckpointMismatchError("".join(lines))

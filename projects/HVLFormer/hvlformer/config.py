@@ -237,6 +237,10 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Where the E x K queries come from: "text" (HQG on the class text embeddings, the paper) or
     # "learnable" (Mask2Former-style learned queries, the paper's Table 4 baseline row).
     cfg.MODEL.HVLFORMER.QUERY_SOURCE = "text"
+    # LayerNorm after each HQG head, so the textual queries have the scale of Mask2Former's N(0, 1) query
+    # embeddings (norm ~sqrt(D)); without it they are ~0.5 long next to the level positional embedding
+    # (~sqrt(D)) and all K classes of a level attend alike (docs/DESIGN.md). False: the plain MLP_e.
+    cfg.MODEL.HVLFORMER.QUERY_NORM = True
     # Decoder width D.
     cfg.MODEL.HVLFORMER.HIDDEN_DIM = 256
     cfg.MODEL.HVLFORMER.SRE = CN()

@@ -19,15 +19,26 @@ QUERY_SOURCES = ("text", "learnable")
 
 
 class HierarchicalQueryGenerator(nn.Module):
-    """HQG: ``E`` heads ``MLP_e = Linear(C, D) -> ReLU -> Linear(D, D)`` turn class embeddings into queries."""
+    """HQG: ``E`` heads ``MLP_e = Linear(C, D) -> ReLU -> Linear(D, D)`` turn class embeddings into queries,
+    each followed (``output_norm``, the default) by a ``LayerNorm(D)``.
 
-    def __init__(self, text_dim: int, hidden_dim: int, num_levels: int) -> None:
+    Why the LayerNorm: the decoder adds a per-level positional query embedding, initialised N(0, 1) as in
+    Mask2Former (norm ~sqrt(D)), to every content query before attending. ``MLP_e`` of a unit-norm t_k with
+    PyTorch's default init gives queries of norm ~0.5 instead, so ``q + pos`` is the same vector for all K
+    classes of a level up to ~0.5 % (measured on the tiny `shapes` runs: cosine 0.995 between every pair of
+    classes, against ~0.55 for learnable N(0, 1) queries) and every class attends to the same pixels; the
+    class identity survives only in the small residual. The LayerNorm puts the textual queries on the scale
+    of learnable ones (per-element unit variance, norm ~sqrt(D)), keeping their direction (docs/DESIGN.md).
+    """
+
+    def __init__(self, text_dim: int, hidden_dim: int, num_levels: int, output_norm: bool = True) -> None:
         super().__init__()
         if num_levels < 1:
             raise ValueError(f"NUM_QUERY_LEVELS must be >= 1, got {num_levels}")
         self.num_levels = num_levels
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, hidden_dim))
+            nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, hidden_dim),
+                          *([nn.LayerNorm(hidden_dim)] if output_norm else []))
             for _ in range(num_levels)
         )
 
@@ -122,13 +133,14 @@ class HTQG(nn.Module):
     @configurable
     def __init__(self, text_dim: int, hidden_dim: int, num_levels: int, feature_channels: List[int],
                  sre_mode: str = "soft", sre_threshold: float = 0.5, sre_temperature: float = 0.05,
-                 query_source: str = "text", num_classes: int = 0) -> None:
+                 query_source: str = "text", num_classes: int = 0, query_norm: bool = True) -> None:
         """
         Args:
             text_dim: C, width of the class embeddings t_k. hidden_dim: D. num_levels: E.
             feature_channels: channels of res3, res4, res5 (the SRE's image context).
             sre_mode, sre_threshold, sre_temperature: see the class docstring.
             query_source: ``text`` or ``learnable``; num_classes: K (``learnable`` only).
+            query_norm: the LayerNorm after each HQG head (``text`` only; see :class:`HierarchicalQueryGenerator`).
         """
         super().__init__()
         if sre_mode not in SRE_MODES:
@@ -138,7 +150,8 @@ class HTQG(nn.Module):
         self.hidden_dim = hidden_dim
         self.query_source = query_source
         if query_source == "text":
-            self.hqg: Optional[HierarchicalQueryGenerator] = HierarchicalQueryGenerator(text_dim, hidden_dim, num_levels)
+            self.hqg: Optional[HierarchicalQueryGenerator] = HierarchicalQueryGenerator(text_dim, hidden_dim, num_levels,
+                                                                                        output_norm=query_norm)
             self.learned_queries: Optional[nn.Parameter] = None
         else:
             if num_levels < 1 or num_classes < 1:
@@ -166,6 +179,7 @@ class HTQG(nn.Module):
             "sre_temperature": hv.SRE.TEMPERATURE,
             "query_source": hv.QUERY_SOURCE,
             "num_classes": num_classes,
+            "query_norm": hv.QUERY_NORM,
         }
 
     def forward(self, class_embeddings: Tensor, features: List[Tensor], global_embedding: Optional[Tensor] = None,
