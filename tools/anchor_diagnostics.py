@@ -22,6 +22,10 @@ For each run (the OUTPUT_DIR of a finished ``train_net.py`` run from the project
   class embeddings t, :func:`vision_language_scores`) on the same images.
 * ``vision_language_before_training``: the L^VL pixel classifier of an untrained build of the run's config
   on the val images (:func:`initial_vision_language`), next to the trained one in ``head``.
+* ``decoder_queries``: how far apart the decoder's first attention puts the classes (:func:`query_geometry`
+  of the content queries it receives, after SRE and PTRM, and its level positional embeddings, on val images):
+  the content queries' length next to the positional embedding's, and the cosine of ``content + position``
+  between classes of a level (near 1: every class of the level attends to the same pixels).
 * ``query_probe``: whether the decoder's final embeddings of the cross queries know if a cross is in the image
   (:func:`query_presence_probe`: a linear probe fitted on the training images, scored on val, next to the class
   head's own decision).
@@ -278,6 +282,52 @@ def initial_vision_language(cfg, dataset: str = "shapes_val", seed: int = 0) -> 
     return {"dataset": dataset, "seed": seed, **iou_summary(confusion, names)}
 
 
+def query_geometry(text_queries: Tensor, level_pos: Tensor, names: Sequence[str],
+                   pair: Tuple[str, str] = ("square", "cross")) -> Dict[str, Dict[str, float]]:
+    """Per query level ``L{e}``: the mean length of the content queries and of the level's positional embedding,
+    and the cosine of ``content + position`` (what the first masked cross-attention compares with the pixels)
+    for ``pair`` and averaged over every pair of different classes; means over the batch.
+
+    text_queries: ``B x E*K x D`` (level-major, the decoder's ``text_queries``); level_pos: ``E x D``."""
+    num_classes = len(names)
+    first, second = names.index(pair[0]), names.index(pair[1])
+    others = ~torch.eye(num_classes, dtype=torch.bool)
+    out = {}
+    for e in range(level_pos.shape[0]):
+        content = text_queries[:, e * num_classes:(e + 1) * num_classes].float()  # B x K x D
+        attended = F.normalize(content + level_pos[e].float(), dim=-1)
+        cos = attended @ attended.transpose(1, 2)  # B x K x K
+        out[f"L{e}"] = {"content_length": round(float(content.norm(dim=-1).mean()), 3),
+                        "position_length": round(float(level_pos[e].norm()), 3),
+                        f"cos_{pair[0]}_{pair[1]}": round(float(cos[:, first, second].mean()), 4),
+                        "cos_between_classes": round(float(cos[:, others].mean()), 4)}
+    return out
+
+
+def decoder_query_geometry(cfg, model, dataset: str = "shapes_val", num_images: int = 20) -> Dict[str, Any]:
+    """:func:`query_geometry` of the content queries the decoder receives on the first ``num_images`` images
+    of ``dataset``."""
+    captured: List[Tensor] = []
+    decoder = model.transformer_decoder
+
+    def keep(module, args, kwargs):
+        captured.append((kwargs["text_queries"] if "text_queries" in kwargs else args[2]).detach().cpu())
+
+    hook = decoder.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            text = model.encode_text()
+            for i, (image, _) in enumerate(_images(cfg, dataset)):
+                if i >= num_images:
+                    break
+                model.predict(model.normalize(image[None].to(model.device).float()), text)
+    finally:
+        hook.remove()
+    queries = torch.cat([q if q.dim() == 3 else q[None] for q in captured])
+    return {"dataset": dataset, "images": len(captured),
+            **query_geometry(queries, decoder.query_level_pos.weight.detach().cpu(), list(model.class_names))}
+
+
 def query_presence_probe(cfg, model, pair: Tuple[str, str] = ("square", "cross"), fit: str = "shapes_train",
                          test: str = "shapes_val") -> Dict[str, Any]:
     """Do the decoder's final embeddings of the ``pair[1]`` queries know whether ``pair[1]`` is in the image?
@@ -344,6 +394,7 @@ def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
                             "twin_patch_probe": metrics["twin_patch_probe"]},
         "head": {dataset: head_diagnostics(cfg, model, dataset) for dataset in ("shapes_val", "shapes_labeled")
                  if dataset != "shapes_labeled" or cfg.DATASETS.SHAPES.NUM_LABELED > 0},
+        "decoder_queries": decoder_query_geometry(cfg, model),
         "query_probe": query_presence_probe(cfg, model),
         "vision_language_before_training": initial_vision_language(cfg),
     }

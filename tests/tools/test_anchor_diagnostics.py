@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SEMI_SMALL, TINY_PRETRAINED_CONFIG, TINY_SEMI_CONFIG, make_tiny_cfg, make_tiny_model
+from conftest import (SEMI_SMALL, TINY_PRETRAINED_CONFIG, TINY_SEMI_CONFIG, TINY_SEMI_PRETRAINED_CONFIG,
+                      make_tiny_cfg, make_tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,44 @@ def test_vision_language_scores_are_the_l_vl_logits(tool):
     upsampled = torch.nn.functional.interpolate(scores / 0.07, size=(6, 6), mode="bilinear", align_corners=False)
     expected = torch.nn.functional.cross_entropy(upsampled, labels)
     assert torch.allclose(vision_language_regularization(dense, text, labels), expected, atol=1e-5)
+
+
+def test_query_geometry_by_hand(tool):
+    names = ["background", "square", "cross"]
+    # one image, E = 2 levels, K = 3, D = 2; level 0's position (10, 0) swamps its short contents, level 1's is 0
+    queries = torch.tensor([[[0.0, 1.0], [0.0, -1.0], [1.0, 0.0],
+                             [3.0, 0.0], [0.0, 4.0], [0.0, -4.0]]])
+    pos = torch.tensor([[10.0, 0.0], [0.0, 0.0]])
+    out = tool.query_geometry(queries, pos, names)
+    assert out["L0"]["content_length"] == pytest.approx(1.0) and out["L0"]["position_length"] == 10.0
+    # (10, -1) vs (11, 0): cos = 110 / (sqrt(101) * 11)
+    assert out["L0"]["cos_square_cross"] == pytest.approx(110 / (101 ** 0.5 * 11), abs=1e-4)
+    pairs0 = [99 / 101, 110 / (101 ** 0.5 * 11), 110 / (101 ** 0.5 * 11)]
+    assert out["L0"]["cos_between_classes"] == pytest.approx(sum(pairs0) / 3, abs=1e-4)
+    assert out["L1"]["content_length"] == pytest.approx(11 / 3, abs=1e-3) and out["L1"]["cos_square_cross"] == -1.0
+    assert out["L1"]["cos_between_classes"] == pytest.approx((0 + 0 - 1) / 3, abs=1e-4)
+
+
+def test_decoder_query_geometry_sees_the_query_norm(tool, single_thread):
+    """On the untrained tiny model from the shipped pretrained tiny CLIP (its class embeddings differ): the
+    content queries the decoder receives are long with the HQG LayerNorm and short without it, and without it
+    every class of a level attends alike; the hook is removed afterwards."""
+    from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
+
+    results = {}
+    for norm in ("True", "False"):
+        opts = ("MODEL.HVLFORMER.QUERY_NORM", norm)
+        cfg = make_tiny_cfg(*opts, config=TINY_SEMI_PRETRAINED_CONFIG, small=SEMI_SMALL)
+        register_shapes_semi_split(cfg)
+        model = make_tiny_model(*opts, config=TINY_SEMI_PRETRAINED_CONFIG, small=SEMI_SMALL, train=False)
+        results[norm] = tool.decoder_query_geometry(cfg, model, "shapes_labeled", num_images=3)
+        assert results[norm]["images"] == 3 and not model.transformer_decoder._forward_pre_hooks
+    for level in ("L0", "L1", "L2"):
+        normed, plain = results["True"][level], results["False"][level]
+        assert normed["content_length"] > 4 * plain["content_length"]
+        # untrained, the HQG maps the classes to similar queries either way (cosine ~0.98 with the LayerNorm);
+        # without it the position makes them one vector (1 - cosine ~1e-4, 100x less)
+        assert plain["cos_between_classes"] > 0.999 > 0.995 > normed["cos_between_classes"]
 
 
 def test_head_diagnostics_accounts_for_every_square_pixel(tool, single_thread):
