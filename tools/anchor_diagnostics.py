@@ -31,6 +31,7 @@ For each run (the OUTPUT_DIR of a finished ``train_net.py`` run from the project
   head's own decision).
 
     python tools/anchor_diagnostics.py output/c_conv/supervised_seed0 --json-out d.json
+    python tools/anchor_diagnostics.py output/c_scale1/supervised_seed0 --parts decoder_queries  # one section
 """
 from __future__ import annotations
 
@@ -372,44 +373,60 @@ def query_presence_probe(cfg, model, pair: Tuple[str, str] = ("square", "cross")
             "constant_guess": probe["constant_guess"]}
 
 
-def diagnose(run_dir: Path, num_images: int = 100) -> Dict[str, Any]:
+#: The sections of a run's report, in order (``--parts`` picks some).
+PARTS = ("text", "finetuned_tower", "head", "decoder_queries", "query_probe", "vision_language_before_training")
+
+
+def diagnose(run_dir: Path, num_images: int = 100, parts: Sequence[str] = PARTS) -> Dict[str, Any]:
+    """The report of one run: the sections named in ``parts`` (see the module docstring)."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     cfg, model = load_run(run_dir)
     names = list(model.class_names)
-    finetuned = finetuned_clip(cfg, model)
-    text = prompt_cosines(finetuned.clip, finetuned.tokenizer, names, model.class_prompts,
-                          model.reference_class_prompts)
-    with torch.no_grad():
-        trained = model.encode_text()
-    size = int(cfg.DATASETS.SHAPES.IMAGE_SIZE)
-    metrics = tiny.evaluate(finetuned.clip, finetuned.tokenizer, "dev", num_seg_images=num_images,
-                            num_presence_images=num_images, image_size=size)
-    return {
-        "run": str(run_dir), "classes": names,
-        "text": {**text, "trained_class_embeddings": cosine_summary(trained, names),
-                 "reference_template": cfg.MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE},
-        "finetuned_tower": {"image_size": size, "images": num_images,
-                            "dense_miou": round(metrics["dense_miou"], 1),
-                            "dense_iou": {k: round(v, 1) for k, v in metrics["dense_iou"].items()},
-                            "square_row_percent": metrics["dense_confusion_percent"]["square"],
-                            "twin_patch_probe": metrics["twin_patch_probe"]},
-        "head": {dataset: head_diagnostics(cfg, model, dataset) for dataset in ("shapes_val", "shapes_labeled")
-                 if dataset != "shapes_labeled" or cfg.DATASETS.SHAPES.NUM_LABELED > 0},
-        "decoder_queries": decoder_query_geometry(cfg, model),
-        "query_probe": query_presence_probe(cfg, model),
-        "vision_language_before_training": initial_vision_language(cfg),
-    }
+    report: Dict[str, Any] = {"run": str(run_dir), "classes": names}
+    if "text" in parts or "finetuned_tower" in parts:
+        finetuned = finetuned_clip(cfg, model)
+    if "text" in parts:
+        text = prompt_cosines(finetuned.clip, finetuned.tokenizer, names, model.class_prompts,
+                              model.reference_class_prompts)
+        with torch.no_grad():
+            trained = model.encode_text()
+        report["text"] = {**text, "trained_class_embeddings": cosine_summary(trained, names),
+                          "reference_template": cfg.MODEL.HVLFORMER.TEXT.REFERENCE_TEMPLATE}
+    if "finetuned_tower" in parts:
+        size = int(cfg.DATASETS.SHAPES.IMAGE_SIZE)
+        metrics = tiny.evaluate(finetuned.clip, finetuned.tokenizer, "dev", num_seg_images=num_images,
+                                num_presence_images=num_images, image_size=size)
+        report["finetuned_tower"] = {"image_size": size, "images": num_images,
+                                     "dense_miou": round(metrics["dense_miou"], 1),
+                                     "dense_iou": {k: round(v, 1) for k, v in metrics["dense_iou"].items()},
+                                     "square_row_percent": metrics["dense_confusion_percent"]["square"],
+                                     "twin_patch_probe": metrics["twin_patch_probe"]}
+    if "head" in parts:
+        report["head"] = {dataset: head_diagnostics(cfg, model, dataset) for dataset in ("shapes_val", "shapes_labeled")
+                          if dataset != "shapes_labeled" or cfg.DATASETS.SHAPES.NUM_LABELED > 0}
+    if "decoder_queries" in parts:
+        report["decoder_queries"] = decoder_query_geometry(cfg, model)
+    if "query_probe" in parts:
+        report["query_probe"] = query_presence_probe(cfg, model)
+    if "vision_language_before_training" in parts:
+        report["vision_language_before_training"] = initial_vision_language(cfg)
+    return report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="OUTPUT_DIR of finished train_net.py runs on shapes")
     parser.add_argument("--num-images", type=int, default=100, help="dev images for the zero-shot scores")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="sections of the report (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"command": "python tools/anchor_diagnostics.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "runs": [diagnose(run, args.num_images) for run in args.runs]}
+              "runs": [diagnose(run, args.num_images, args.parts) for run in args.runs]}
     emit_json(result, args.json_out)
     return result
 

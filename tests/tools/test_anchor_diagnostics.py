@@ -201,3 +201,24 @@ def test_head_diagnostics_accounts_for_every_square_pixel(tool, single_thread):
     assert probe["fit_images"] == probe["test_images"] == holding
     assert all(0 <= probe[k] <= 100 for k in ("probe_accuracy", "head_accuracy", "constant_guess"))
     assert probe["constant_guess"] >= 50 and not model.transformer_decoder.decoder_norm._forward_hooks
+
+
+def test_diagnose_reports_only_the_parts_asked_for(tool, single_thread, tmp_path):
+    """``--parts decoder_queries`` on a run folder (config.yaml + model_final.pth): only that section, equal to
+    :func:`decoder_query_geometry` of the model it holds; an unknown part is an error."""
+    from hvlformer.checkpoint import HVLFormerCheckpointer
+    from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
+
+    cfg = make_tiny_cfg(config=TINY_SEMI_PRETRAINED_CONFIG, small=SEMI_SMALL)
+    register_shapes_semi_split(cfg)
+    model = make_tiny_model(config=TINY_SEMI_PRETRAINED_CONFIG, small=SEMI_SMALL, train=False)
+    with torch.no_grad():  # not the weights a fresh build would have
+        model.transformer_decoder.query_level_pos.weight.mul_(0.5)
+    HVLFormerCheckpointer(model, str(tmp_path)).save("model_final")
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    expected = tool.decoder_query_geometry(cfg, model)
+    out = tool.main([str(tmp_path), "--parts", "decoder_queries"])["runs"][0]
+    assert set(out) == {"run", "classes", "decoder_queries"} and out["decoder_queries"] == expected
+    assert out["decoder_queries"]["images"] == 4  # SEMI_SMALL's val images
+    with pytest.raises(ValueError, match="unknown parts"):
+        tool.diagnose(tmp_path, parts=["decoder_queries", "everything"])
