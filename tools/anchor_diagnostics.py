@@ -142,6 +142,12 @@ def _images(cfg, dataset: str) -> Iterator[Tuple[Tensor, Tensor]]:
         yield image, torch.from_numpy(read_image(record["sem_seg_file_name"]).astype("int64"))
 
 
+def _predict(model, image: Tensor, text: Tensor):
+    """The model's raw outputs (``model.predict``) for one ``3 x H x W`` image (0-255, as :func:`_images` gives
+    it) and the class embeddings ``text`` (``K x C``)."""
+    return model.predict(model.normalize(image[None].to(model.device).float()), text)
+
+
 def _standardized_probe(fit_x: Tensor, fit_y: Tensor, test_x: Tensor, test_y: Tensor) -> Dict[str, float]:
     """:func:`tiny.linear_probe_accuracy` on features standardised with the fit set's mean and std, and the
     constant guess (the more frequent answer) of the test set, both in %."""
@@ -201,7 +207,7 @@ def head_diagnostics(cfg, model, dataset: str, pair: Tuple[str, str] = ("square"
     with torch.no_grad():
         text = model.encode_text()
         for i, (image, labels) in enumerate(_images(cfg, dataset)):
-            out = model.predict(model.normalize(image[None].to(model.device).float()), text)
+            out = _predict(model, image, text)
             mask_logits = F.interpolate(out.pred_masks, size=labels.shape, mode="bilinear", align_corners=False)
             masks = mask_logits[0].sigmoid()
             one = query_attribution(out.pred_logits[0].cpu(), masks.cpu(), labels, names, levels, pair)
@@ -321,7 +327,7 @@ def decoder_query_geometry(cfg, model, dataset: str = "shapes_val", num_images: 
             for i, (image, _) in enumerate(_images(cfg, dataset)):
                 if i >= num_images:
                     break
-                model.predict(model.normalize(image[None].to(model.device).float()), text)
+                _predict(model, image, text)
     finally:
         hook.remove()
     queries = torch.cat([q if q.dim() == 3 else q[None] for q in captured])
@@ -355,7 +361,7 @@ def query_presence_probe(cfg, model, pair: Tuple[str, str] = ("square", "cross")
                 kinds = set(labels.unique().tolist())
                 if first not in kinds and second not in kinds:
                     continue
-                out = model.predict(model.normalize(image[None].to(model.device).float()), text)
+                out = _predict(model, image, text)
                 rows.append(captured["last"][0, queries].float().mean(0).cpu())
                 present.append(second in kinds)
                 head.append(float(out.pred_logits[0, queries].softmax(-1)[:, second].mean()))

@@ -109,11 +109,7 @@ def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optio
     from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
     from hvlformer.predictor import HVLFormerPredictor
 
-    cfg = finished_run_cfg(run_dir)
-    if weights is not None:
-        cfg.defrost()
-        cfg.MODEL.WEIGHTS = str(weights)
-        cfg.freeze()
+    cfg = finished_run_cfg(run_dir, weights)
     if cfg.DATASETS.SHAPES.NUM_LABELED <= 0:
         raise ValueError(f"{run_dir}: DATASETS.SHAPES.NUM_LABELED is 0, so the run has no unlabeled `shapes` images")
     register_shapes_semi_split(cfg)
