@@ -150,6 +150,48 @@ def test_cmcr_terms_match_hand_computation():
     assert bce.item() == pytest.approx(-2 * math.log(0.8), rel=1e-5)
 
 
+def test_class_consistency_leaves_mixed_images_out_of_the_strong_term_when_asked():
+    # two images, one decoder layer pair; only the strong view's class logits differ from the original's
+    torch.manual_seed(0)
+    batch, queries, classes = 2, 3, 2
+    target_logits = torch.randn(batch, queries, classes + 1)
+    strong_logits = target_logits.clone()
+    strong_logits[0] += torch.tensor([3.0, -2.0, 0.0])  # image 0 (the mixed one) drifts
+    strong_logits[1, :, 0] += 1.5                        # image 1 (unmixed) drifts too
+    masks = torch.randn(batch, queries, 4, 4)
+    attns = [torch.softmax(torch.randn(batch, queries, n), -1) for n in (2, 8)]
+    original = _outputs(target_logits, masks, attns)
+    strong = _outputs(strong_logits, masks, attns)
+    padding = torch.zeros(batch, 32, 64, dtype=torch.bool)
+    box = torch.zeros_like(padding)
+    box[0, 4:12, 8:30] = True  # image 0 holds a CutMix box
+    order = torch.tensor([1, 0])
+    per_image = C.js_divergence(target_logits.softmax(-1), strong_logits.softmax(-1)).mean(dim=1)
+    layers = 2  # aux_outputs[1:] + the final
+
+    def class_term(class_on_mixed):
+        loss = C.CMCRLoss(use_mask=False, use_align=False, class_on_mixed=class_on_mixed)
+        return loss(loss.targets(original), original, strong, padding, box, order)["loss_cmcr_class"].item()
+
+    # eq. 3 as written: both images, mean over the batch; mixed images left out: image 1's JS alone
+    assert class_term(True) == pytest.approx(layers * per_image.mean().item(), rel=1e-5)
+    assert class_term(False) == pytest.approx(layers * per_image[1].item(), rel=1e-5)
+    assert per_image[0] > 2 * per_image[1]  # so the two settings really differ
+    # no image mixed: both settings agree; every image mixed: the strong term is 0
+    assert C.CMCRLoss(use_mask=False, use_align=False, class_on_mixed=False)(
+        C.CMCRLoss().targets(original), original, strong, padding, torch.zeros_like(box), order
+    )["loss_cmcr_class"].item() == pytest.approx(class_term(True), rel=1e-5)
+    full_box = torch.ones_like(box)
+    assert C.CMCRLoss(use_mask=False, use_align=False, class_on_mixed=False)(
+        C.CMCRLoss().targets(original), original, strong, padding, full_box, order
+    )["loss_cmcr_class"].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_class_consistency_mixed_comes_from_the_config():
+    assert C.CMCRLoss(_views_cfg("SEMI.CLASS_CONSISTENCY_MIXED", "False"), num_classes=5).class_on_mixed is False
+    assert C.CMCRLoss(_views_cfg(), num_classes=5).class_on_mixed is True  # the paper's eq. 3 as written
+
+
 def test_confidence_mask_drops_low_confidence_pixels():
     target = torch.tensor([[[[0.99, 0.6]], [[0.01, 0.4]]]])  # 1 x 2 classes x 1 x 2 pixels
     confidence, pseudo = target.max(1)

@@ -145,6 +145,10 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.SEMI.MASK_CONSISTENCY = True
     cfg.SEMI.CLASS_CONSISTENCY = True
     cfg.SEMI.ALIGN_CONSISTENCY = True
+    # l_class's strong term on images whose strong view holds a CutMix box: True compares them with the
+    # original view like the others (eq. 3 as written); False leaves them out (the box changes which
+    # objects the image holds; docs/DESIGN.md "l_class and CutMix").
+    cfg.SEMI.CLASS_CONSISTENCY_MIXED = True
     # Weak view: brightness / contrast jitter, Gaussian blur probability and sigma range.
     cfg.SEMI.WEAK = CN()
     cfg.SEMI.WEAK.BRIGHTNESS = 0.1

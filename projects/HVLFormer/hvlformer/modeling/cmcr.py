@@ -13,7 +13,11 @@ target of the weak view ``I_w`` and of the strong (CutMix-ed) view ``I_s``:
   counts in neither sum. Weak view x 1/2, strong view x 1/10. The paper writes a leading minus sign; it is
   a typo, the loss is positive.
 - ``l_class``: mean over queries of ``JS(C_i, C_w,i) + JS(C_i, C_s,i)`` of the softmax class
-  distributions (K + 1 with no-object).
+  distributions (K + 1 with no-object). With ``class_on_mixed=False`` (``SEMI.CLASS_CONSISTENCY_MIXED``)
+  the strong term leaves out the images whose strong view holds a CutMix box, and averages over the
+  others: the box adds the other image's objects and hides part of this one's, so the original view's
+  per-query class distributions (a query's "which class, or none, is in this image") no longer describe
+  the strong view; the paper's eq. 3 is silent on CutMix (decision in docs/DESIGN.md).
 - ``l_align``: mean over queries of ``(1 - cos(A_i, A_w,i)) + (1 - cos(A_i, A_s,i))`` of the flattened
   cross-attention maps; pixels inside the CutMix box (whose content comes from another image) are
   excluded from both maps of the strong pair.
@@ -101,6 +105,12 @@ def class_consistency(target_logits: Tensor, view_logits: Tensor) -> Tensor:
 
 
 @fp32_loss
+def class_consistency_per_image(target_logits: Tensor, view_logits: Tensor) -> Tensor:
+    """``B``: the mean over queries of JS(softmax(target), softmax(view)) of each image (``B x Q x (K+1)``)."""
+    return js_divergence(target_logits.float().softmax(-1), view_logits.float().softmax(-1)).mean(dim=1)
+
+
+@fp32_loss
 def align_consistency(target_attn: Tensor, view_attn: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """Mean over queries of ``1 - cos`` of ``B x Q x L`` attention maps; ``valid``: ``B x L`` bool pixels kept."""
     target_attn, view_attn = target_attn.float(), view_attn.float()
@@ -139,9 +149,11 @@ class CMCRLoss(nn.Module):
     @configurable
     def __init__(self, confidence_threshold: float = 0.95, weak_weight: float = 0.5, strong_weight: float = 0.1,
                  use_mask: bool = True, use_class: bool = True, use_align: bool = True, mode: str = "cmcr",
-                 distribution_alignment_classes: int = 0, distribution_alignment_momentum: float = 0.99) -> None:
+                 distribution_alignment_classes: int = 0, distribution_alignment_momentum: float = 0.99,
+                 class_on_mixed: bool = True) -> None:
         """``distribution_alignment_classes``: K to switch distribution alignment on (0 = off, the paper);
-        see :meth:`align_distribution`."""
+        see :meth:`align_distribution`. ``class_on_mixed``: False leaves the CutMix-ed images out of
+        l_class's strong term (see the module docstring)."""
         super().__init__()
         if mode not in ("cmcr", "entropy"):
             raise ValueError(f"MODEL.HIERVL.UNLABELED_LOSS must be 'cmcr' or 'entropy', got {mode!r}")
@@ -161,6 +173,7 @@ class CMCRLoss(nn.Module):
         self.use_mask = use_mask
         self.use_class = use_class
         self.use_align = use_align
+        self.class_on_mixed = class_on_mixed
         self.mode = mode
 
     @classmethod
@@ -178,6 +191,7 @@ class CMCRLoss(nn.Module):
             "mode": mode,
             "distribution_alignment_classes": num_classes if semi.DISTRIBUTION_ALIGNMENT else 0,
             "distribution_alignment_momentum": semi.DISTRIBUTION_ALIGNMENT_MOMENTUM,
+            "class_on_mixed": semi.CLASS_CONSISTENCY_MIXED,
         }
 
     @torch.no_grad()
@@ -244,6 +258,8 @@ class CMCRLoss(nn.Module):
                                             ("loss_cmcr_align", self.use_align)) if on}
         confident_fraction = []
         image_size = padding.shape[-2:]
+        # images whose strong view holds no CutMix box: the only ones in l_class's strong term unless class_on_mixed
+        unmixed = ~cutmix_box.flatten(1).any(dim=1)
         for layer, (target, weak, strong) in enumerate(zip(targets, weak_layers, strong_layers)):
             mask_size = target.probs.shape[-2:]
             if self.use_mask:
@@ -263,9 +279,15 @@ class CMCRLoss(nn.Module):
                                                             mixed_valid))
                 confident_fraction.append(confident.float().sum() / valid.float().sum().clamp_min(1.0))
             if self.use_class:
+                if self.class_on_mixed:
+                    strong_term = class_consistency(target.pred_logits, strong["pred_logits"])
+                else:
+                    strong_js = class_consistency_per_image(target.pred_logits, strong["pred_logits"])
+                    kept = unmixed.to(strong_js.device)
+                    strong_term = (torch.where(kept, strong_js, torch.zeros_like(strong_js)).sum()
+                                   / kept.sum().clamp_min(1))
                 losses["loss_cmcr_class"] = losses["loss_cmcr_class"] + (
-                    class_consistency(target.pred_logits, weak["pred_logits"])
-                    + class_consistency(target.pred_logits, strong["pred_logits"]))
+                    class_consistency(target.pred_logits, weak["pred_logits"]) + strong_term)
             if self.use_align:
                 stride = LEVEL_STRIDES[layer % len(LEVEL_STRIDES)]
                 level_size = (image_size[0] // stride, image_size[1] // stride)
