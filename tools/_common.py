@@ -73,15 +73,28 @@ def clip_weights_id(cfg, root: Path) -> Dict[str, Optional[str]]:
     return {"pretrained": weights, "sha256": digest}
 
 
+#: Config keys added after runs were made, with the value that gives the behaviour of the code those runs were
+#: trained with: a dumped config.yaml without the key gets this value back (:func:`settings_of_older_runs`),
+#: and :func:`config_id` leaves the key out at that value.
+KEYS_ADDED_LATER = {
+    ("MODEL", "HVLFORMER", "QUERY_NORM"): "False",          # HQG output LayerNorm, docs/DESIGN.md
+    ("SEMI", "CLASS_CONSISTENCY_MIXED"): "True",             # l_class and CutMix, docs/DESIGN.md
+}
+
+
 def config_id(cfg) -> str:
     """sha256 of the dump of a resolved config, so that editing a config file, or a default, is noticed though
-    the command line is the same."""
+    the command line is the same. A :data:`KEYS_ADDED_LATER` key at its old-behaviour value is left out: the
+    run trains exactly as one made before the key existed, so that run is still the same run."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    for path, old_value in KEYS_ADDED_LATER.items():
+        node = cfg
+        for part in path[:-1]:
+            node = node.get(part) if node is not None else None
+        if node is not None and path[-1] in node and str(node[path[-1]]) == old_value:
+            del node[path[-1]]
     return hashlib.sha256(cfg.dump().encode("utf-8")).hexdigest()
-
-
-#: Config keys added after runs were made, with the value that gives the behaviour of the code those runs were
-#: trained with: a dumped config.yaml without the key gets this value back (:func:`settings_of_older_runs`).
-KEYS_ADDED_LATER = {("MODEL", "HVLFORMER", "QUERY_NORM"): "False"}  # HQG output LayerNorm, docs/DESIGN.md
 
 
 def settings_of_older_runs(config_yaml: Path) -> List[str]:

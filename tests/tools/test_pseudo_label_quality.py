@@ -94,10 +94,31 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
     common = load_tool("_common")
     old = tmp_path / "old.yaml"
     old.write_text("MODEL:\n  HVLFORMER:\n    QUERY_SOURCE: text\n")
-    assert common.settings_of_older_runs(old) == ["MODEL.HVLFORMER.QUERY_NORM", "False"]
+    both_older = ["MODEL.HVLFORMER.QUERY_NORM", "False", "SEMI.CLASS_CONSISTENCY_MIXED", "True"]
+    assert common.settings_of_older_runs(old) == both_older
     new = tmp_path / "new.yaml"
-    new.write_text("MODEL:\n  HVLFORMER:\n    QUERY_NORM: true\n")
+    new.write_text("MODEL:\n  HVLFORMER:\n    QUERY_NORM: true\nSEMI:\n  CLASS_CONSISTENCY_MIXED: false\n")
     assert common.settings_of_older_runs(new) == []
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert common.settings_of_older_runs(empty) == ["MODEL.HVLFORMER.QUERY_NORM", "False"]
+    assert common.settings_of_older_runs(empty) == both_older
+
+
+def test_config_id_ignores_a_later_key_at_its_old_behaviour(load_tool):
+    """A run made before a KEYS_ADDED_LATER key existed is still the same run when the key holds the value of
+    the old behaviour (so it is reused), and another run when it does not."""
+    common = load_tool("_common")
+    config = REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_semi.yaml"
+    current = common.resolved_cfg(config, [])
+    before_the_key = current.clone()
+    before_the_key.defrost()
+    del before_the_key.SEMI["CLASS_CONSISTENCY_MIXED"]
+    assert common.config_id(current) == common.config_id(before_the_key)
+    assert common.config_id(common.resolved_cfg(config, ["SEMI.CLASS_CONSISTENCY_MIXED", "False"])) != common.config_id(current)
+    # QUERY_NORM's old behaviour is False, not the default True: the default is hashed, False is not
+    assert common.config_id(common.resolved_cfg(config, ["MODEL.HVLFORMER.QUERY_NORM", "False"])) != common.config_id(current)
+    plain = common.resolved_cfg(config, ["MODEL.HVLFORMER.QUERY_NORM", "False"]).clone()
+    plain.defrost()
+    del plain.MODEL.HVLFORMER["QUERY_NORM"]
+    assert common.config_id(common.resolved_cfg(config, ["MODEL.HVLFORMER.QUERY_NORM", "False"])) == common.config_id(plain)
+    assert current.SEMI.CLASS_CONSISTENCY_MIXED is True  # config_id did not edit the config it was given
