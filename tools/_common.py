@@ -79,6 +79,7 @@ def clip_weights_id(cfg, root: Path) -> Dict[str, Optional[str]]:
 KEYS_ADDED_LATER = {
     ("MODEL", "HVLFORMER", "QUERY_NORM"): "False",          # HQG output LayerNorm, docs/DESIGN.md
     ("SEMI", "CLASS_CONSISTENCY_MIXED"): "True",             # l_class and CutMix, docs/DESIGN.md
+    ("MODEL", "HVLFORMER", "QUERY_ZERO_BIAS"): "False",      # HQG biases start at zero, docs/DESIGN.md
 }
 
 

@@ -48,6 +48,33 @@ def test_textual_queries_on_the_positional_scale():
         assert (off < 0.95) if output_norm else (off > 0.99), (output_norm, off)
 
 
+def test_zero_bias_keeps_the_text_geometry_at_init():
+    """QUERY_ZERO_BIAS: the same weights (the RNG stream is untouched), zero biases; the classes' queries then
+    start as far apart as their text embeddings allow, where the default biases make them nearly one vector."""
+    dim, t = 64, F.normalize(torch.randn(6, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+
+    def off_diagonal_cosine(q):
+        q = F.normalize(q, dim=-1)
+        return (q @ q.T)[~torch.eye(6, dtype=torch.bool)].mean().item()
+
+    torch.manual_seed(0)
+    default = HierarchicalQueryGenerator(32, dim, 2)
+    torch.manual_seed(0)
+    zeroed = HierarchicalQueryGenerator(32, dim, 2, zero_bias=True)
+    for head_default, head_zeroed in zip(default.heads, zeroed.heads):
+        for layer in (0, 2):
+            torch.testing.assert_close(head_zeroed[layer].weight, head_default[layer].weight)
+            assert head_zeroed[layer].bias.abs().max() == 0 and head_default[layer].bias.abs().max() > 0
+    text_cosine = off_diagonal_cosine(t)
+    for e in range(2):
+        assert off_diagonal_cosine(default(t)[e]) > 0.75  # the shared biases dominate
+        assert off_diagonal_cosine(zeroed(t)[e]) < text_cosine + 0.45 < 0.75
+    # with zero biases, ReLU MLP_e is positively homogeneous: a longer t gives the same direction (up to the
+    # LayerNorm's eps); with the default biases it does not
+    assert F.cosine_similarity(zeroed(3.0 * t), zeroed(t), dim=-1).min() > 0.999
+    assert F.cosine_similarity(default(3.0 * t), default(t), dim=-1).min() < 0.99
+
+
 def test_diversity_loss_orthogonal_identical_and_value():
     eye = torch.eye(4)
     orthogonal = torch.stack([eye[:2], eye[2:]])  # E=2, K=2, D=4: levels orthogonal per class

@@ -190,6 +190,23 @@ def test_query_norm_switch(tiny_model):
     assert lengths(normed) > 2.0 > 1.0 > lengths(plain)
 
 
+def test_query_zero_bias_from_the_config(tiny_model):
+    """MODEL.HVLFORMER.QUERY_ZERO_BIAS starts every HQG head's biases at zero and leaves the rest of the model
+    as the default init builds it (the same seed gives the same weights everywhere else)."""
+    torch.manual_seed(0)
+    default = tiny_model(*POINTS)
+    torch.manual_seed(0)
+    zeroed = tiny_model(*POINTS, "MODEL.HVLFORMER.QUERY_ZERO_BIAS", "True")
+    zeroed_state, default_state = zeroed.state_dict(), default.state_dict()
+    hqg_biases = {k for k in zeroed_state if k.startswith("htqg.hqg.heads.") and k.endswith(("0.bias", "2.bias"))}
+    assert len(hqg_biases) == 2 * zeroed.htqg.hqg.num_levels
+    for key, value in zeroed_state.items():
+        if key in hqg_biases:
+            assert value.abs().max() == 0 and default_state[key].abs().max() > 0, key
+        else:
+            torch.testing.assert_close(value, default_state[key], msg=key)
+
+
 def test_reference_text_buffer_follows_copies_and_resets(tiny_model):
     """T0 is a non-persistent buffer: empty until first use, then cached; deepcopy keeps it, .to(dtype) casts it,
     it is never saved, and a new vocabulary or loaded weights reset it (recomputed on next use)."""

@@ -245,6 +245,10 @@ def add_hvlformer_config(cfg: CN) -> None:
     # embeddings (norm ~sqrt(D)); without it they are ~0.5 long next to the level positional embedding
     # (~sqrt(D)) and all K classes of a level attend alike (docs/DESIGN.md). False: the plain MLP_e.
     cfg.MODEL.HVLFORMER.QUERY_NORM = True
+    # Start HQG's biases at zero: PyTorch's default bias is as large as the signal of a unit-norm text
+    # embedding, so every class's query would start as nearly the same vector (docs/DESIGN.md). False: the
+    # default init of the paper's plain MLP_e.
+    cfg.MODEL.HVLFORMER.QUERY_ZERO_BIAS = False
     # Decoder width D.
     cfg.MODEL.HVLFORMER.HIDDEN_DIM = 256
     cfg.MODEL.HVLFORMER.SRE = CN()
