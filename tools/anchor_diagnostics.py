@@ -292,8 +292,10 @@ def initial_vision_language(cfg, dataset: str = "shapes_val", seed: int = 0) -> 
 def query_geometry(text_queries: Tensor, level_pos: Tensor, names: Sequence[str],
                    pair: Tuple[str, str] = ("square", "cross")) -> Dict[str, Dict[str, float]]:
     """Per query level ``L{e}``: the mean length of the content queries and of the level's positional embedding,
-    and the cosine of ``content + position`` (what the first masked cross-attention compares with the pixels)
-    for ``pair`` and averaged over every pair of different classes; means over the batch.
+    the cosine of ``content + position`` (what the first masked cross-attention compares with the pixels)
+    for ``pair`` and averaged over every pair of different classes, and that average for the content alone
+    (``content_cos_between_classes``: how alike the HQG makes the classes before the position is added);
+    means over the batch.
 
     text_queries: ``B x E*K x D`` (level-major, the decoder's ``text_queries``); level_pos: ``E x D``."""
     num_classes = len(names)
@@ -304,10 +306,13 @@ def query_geometry(text_queries: Tensor, level_pos: Tensor, names: Sequence[str]
         content = text_queries[:, e * num_classes:(e + 1) * num_classes].float()  # B x K x D
         attended = F.normalize(content + level_pos[e].float(), dim=-1)
         cos = attended @ attended.transpose(1, 2)  # B x K x K
+        direction = F.normalize(content, dim=-1)
+        content_cos = direction @ direction.transpose(1, 2)
         out[f"L{e}"] = {"content_length": round(float(content.norm(dim=-1).mean()), 3),
                         "position_length": round(float(level_pos[e].norm()), 3),
                         f"cos_{pair[0]}_{pair[1]}": round(float(cos[:, first, second].mean()), 4),
-                        "cos_between_classes": round(float(cos[:, others].mean()), 4)}
+                        "cos_between_classes": round(float(cos[:, others].mean()), 4),
+                        "content_cos_between_classes": round(float(content_cos[:, others].mean()), 4)}
     return out
 
 

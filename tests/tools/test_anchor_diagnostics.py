@@ -135,6 +135,9 @@ def test_query_geometry_by_hand(tool):
     assert out["L0"]["cos_between_classes"] == pytest.approx(sum(pairs0) / 3, abs=1e-4)
     assert out["L1"]["content_length"] == pytest.approx(11 / 3, abs=1e-3) and out["L1"]["cos_square_cross"] == -1.0
     assert out["L1"]["cos_between_classes"] == pytest.approx((0 + 0 - 1) / 3, abs=1e-4)
+    # the content alone: level 0 (0, 1), (0, -1), (1, 0) -> cosines -1, 0, 0; level 1 (1, 0), (0, 1), (0, -1) -> 0, 0, -1
+    assert out["L0"]["content_cos_between_classes"] == pytest.approx(-1 / 3, abs=1e-4)
+    assert out["L1"]["content_cos_between_classes"] == pytest.approx(-1 / 3, abs=1e-4)
 
 
 def test_decoder_query_geometry_sees_the_query_norm(tool, single_thread):
@@ -144,19 +147,22 @@ def test_decoder_query_geometry_sees_the_query_norm(tool, single_thread):
     from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
 
     results = {}
-    for norm in ("True", "False"):
-        opts = ("MODEL.HVLFORMER.QUERY_NORM", norm)
+    settings = {"True": ("MODEL.HVLFORMER.QUERY_NORM", "True"), "False": ("MODEL.HVLFORMER.QUERY_NORM", "False"),
+                "zero_bias": ("MODEL.HVLFORMER.QUERY_ZERO_BIAS", "True")}
+    for name, opts in settings.items():
         cfg = make_tiny_cfg(*opts, config=TINY_SEMI_PRETRAINED_CONFIG, small=SEMI_SMALL)
         register_shapes_semi_split(cfg)
         model = make_tiny_model(*opts, config=TINY_SEMI_PRETRAINED_CONFIG, small=SEMI_SMALL, train=False)
-        results[norm] = tool.decoder_query_geometry(cfg, model, "shapes_labeled", num_images=3)
-        assert results[norm]["images"] == 3 and not model.transformer_decoder._forward_pre_hooks
+        results[name] = tool.decoder_query_geometry(cfg, model, "shapes_labeled", num_images=3)
+        assert results[name]["images"] == 3 and not model.transformer_decoder._forward_pre_hooks
     for level in ("L0", "L1", "L2"):
         normed, plain = results["True"][level], results["False"][level]
         assert normed["content_length"] > 4 * plain["content_length"]
         # untrained, the HQG maps the classes to similar queries either way (cosine ~0.98 with the LayerNorm);
         # without it the position makes them one vector (1 - cosine ~1e-4, 100x less)
         assert plain["cos_between_classes"] > 0.999 > 0.995 > normed["cos_between_classes"]
+        # HQG's biases at zero: the classes' contents start far apart (the default biases make them alike)
+        assert results["zero_bias"][level]["content_cos_between_classes"] < normed["content_cos_between_classes"] - 0.2
 
 
 def test_head_diagnostics_accounts_for_every_square_pixel(tool, single_thread):
