@@ -24,7 +24,8 @@ def test_hqg_shapes_and_independent_heads():
     # with the output LayerNorm (default): every query has per-element zero mean and unit variance
     # (norm sqrt(D)), whatever the scale of t; without it the plain MLP_e(t)
     torch.testing.assert_close(q.mean(-1), torch.zeros(3, 5), atol=1e-5, rtol=0)
-    torch.testing.assert_close(q.norm(dim=-1), torch.full((3, 5), math.sqrt(8)), atol=1e-3, rtol=0)
+    # (up to the LayerNorm's eps, which the small pre-norm output of zero-initialised biases feels at D = 8)
+    torch.testing.assert_close(q.norm(dim=-1), torch.full((3, 5), math.sqrt(8)), atol=3e-2, rtol=0)
     plain = HierarchicalQueryGenerator(text_dim=12, hidden_dim=8, num_levels=3, output_norm=False)
     assert all(len(head) == 3 for head in plain.heads)
     plain.load_state_dict({k: v for k, v in hqg.state_dict().items() if not k.endswith(("3.weight", "3.bias"))})
@@ -58,9 +59,9 @@ def test_zero_bias_keeps_the_text_geometry_at_init():
         return (q @ q.T)[~torch.eye(6, dtype=torch.bool)].mean().item()
 
     torch.manual_seed(0)
-    default = HierarchicalQueryGenerator(32, dim, 2)
+    default = HierarchicalQueryGenerator(32, dim, 2, zero_bias=False)
     torch.manual_seed(0)
-    zeroed = HierarchicalQueryGenerator(32, dim, 2, zero_bias=True)
+    zeroed = HierarchicalQueryGenerator(32, dim, 2)  # zero biases are the default
     for head_default, head_zeroed in zip(default.heads, zeroed.heads):
         for layer in (0, 2):
             torch.testing.assert_close(head_zeroed[layer].weight, head_default[layer].weight)

@@ -194,9 +194,9 @@ def test_query_zero_bias_from_the_config(tiny_model):
     """MODEL.HVLFORMER.QUERY_ZERO_BIAS starts every HQG head's biases at zero and leaves the rest of the model
     as the default init builds it (the same seed gives the same weights everywhere else)."""
     torch.manual_seed(0)
-    default = tiny_model(*POINTS)
+    default = tiny_model(*POINTS, "MODEL.HVLFORMER.QUERY_ZERO_BIAS", "False")
     torch.manual_seed(0)
-    zeroed = tiny_model(*POINTS, "MODEL.HVLFORMER.QUERY_ZERO_BIAS", "True")
+    zeroed = tiny_model(*POINTS)  # the default
     zeroed_state, default_state = zeroed.state_dict(), default.state_dict()
     hqg_biases = {k for k in zeroed_state if k.startswith("htqg.hqg.heads.") and k.endswith(("0.bias", "2.bias"))}
     assert len(hqg_biases) == 2 * zeroed.htqg.hqg.num_levels

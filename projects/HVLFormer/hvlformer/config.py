@@ -247,8 +247,8 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.HVLFORMER.QUERY_NORM = True
     # Start HQG's biases at zero: PyTorch's default bias is as large as the signal of a unit-norm text
     # embedding, so every class's query would start as nearly the same vector (docs/DESIGN.md). False: the
-    # default init of the paper's plain MLP_e.
-    cfg.MODEL.HVLFORMER.QUERY_ZERO_BIAS = False
+    # PyTorch default init (the runs before this key).
+    cfg.MODEL.HVLFORMER.QUERY_ZERO_BIAS = True
     # Decoder width D.
     cfg.MODEL.HVLFORMER.HIDDEN_DIM = 256
     cfg.MODEL.HVLFORMER.SRE = CN()

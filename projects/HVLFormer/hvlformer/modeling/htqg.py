@@ -38,7 +38,7 @@ class HierarchicalQueryGenerator(nn.Module):
     """
 
     def __init__(self, text_dim: int, hidden_dim: int, num_levels: int, output_norm: bool = True,
-                 zero_bias: bool = False) -> None:
+                 zero_bias: bool = True) -> None:
         super().__init__()
         if num_levels < 1:
             raise ValueError(f"NUM_QUERY_LEVELS must be >= 1, got {num_levels}")
@@ -145,7 +145,7 @@ class HTQG(nn.Module):
     def __init__(self, text_dim: int, hidden_dim: int, num_levels: int, feature_channels: List[int],
                  sre_mode: str = "soft", sre_threshold: float = 0.5, sre_temperature: float = 0.05,
                  query_source: str = "text", num_classes: int = 0, query_norm: bool = True,
-                 query_zero_bias: bool = False) -> None:
+                 query_zero_bias: bool = True) -> None:
         """
         Args:
             text_dim: C, width of the class embeddings t_k. hidden_dim: D. num_levels: E.
