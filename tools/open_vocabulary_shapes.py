@@ -99,7 +99,7 @@ def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, A
     for arm, names, on in (("no_distractors", seen, False), ("filter_off", vocabulary, False),
                            ("filter_on", vocabulary, True)):
         cfg = eval_cfg(args, "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
-                       "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER",
+                       *size_opts(args), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER",
                        str(on), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", str(args.filter_top_k))
         predictor = HVLFormerPredictor(cfg)
         predictor.set_vocabulary(names)
@@ -119,8 +119,7 @@ def train(seed: int, args: argparse.Namespace) -> Path:
     out = args.output_dir / f"text_classifier_seed{seed}"
     # --opts first: the tool's own options (text classifier, seed, size, steps, folder) win
     opts = [*args.opts, "MODEL.HVLFORMER.CLASSIFIER", "text", "DATASETS.SHAPES.SEED", str(seed), "SEED", str(seed),
-            "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size), "INPUT.CROP.SIZE", f"({args.image_size}, {args.image_size})",
-            "INPUT.RESIZE_BASE", str(args.image_size), "SOLVER.MAX_ITER", str(args.iters),
+            *size_opts(args), "SOLVER.MAX_ITER", str(args.iters),
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
             "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out)]
     result = run_train_net(TRAIN_NET, CONFIG, opts, out, ROOT, args.threads,
@@ -146,8 +145,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     open_names = seen + [args.unseen]
     # eval_cfg applies the run's --opts again, so that inference reads the prompts (and any other key) it was
     # trained with
-    opts = ["MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
-            "DATASETS.SHAPES.IMAGE_SIZE", str(args.image_size)]
+    opts = ["MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"), *size_opts(args)]
     cfg = eval_cfg(args, *opts)
     predictor = HVLFormerPredictor(cfg)
     ensemble_predictor = HVLFormerPredictor(eval_cfg(args, *opts, "TEST.CLIP_ENSEMBLE.ENABLED", "True",
@@ -276,6 +274,14 @@ class QueryDiagnosis:
             # mean mask probability on the unseen kind's pixels, over each class's queries
             "mask_on_unseen_pixels": per_class_mask,
         }
+
+
+def size_opts(args: argparse.Namespace) -> List[str]:
+    """The image-size options of training AND inference: the predictor resizes a test image's long side to
+    ``INPUT.RESIZE_BASE`` (times the largest jitter ratio), so inference with the tiny config's 128 would show
+    a model trained at 96 px every shape 1.33x larger."""
+    size = str(args.image_size)
+    return ["DATASETS.SHAPES.IMAGE_SIZE", size, "INPUT.CROP.SIZE", f"({size}, {size})", "INPUT.RESIZE_BASE", size]
 
 
 def eval_cfg(args: argparse.Namespace, *opts: str):
