@@ -83,6 +83,15 @@ KEYS_ADDED_LATER = {
 }
 
 
+def _parent_of(tree: Dict, path: Sequence[str]) -> Optional[Dict]:
+    """The mapping that holds ``path[-1]`` in a nested config (a CfgNode or a loaded YAML dict), or None when a
+    level on the way is missing."""
+    node = tree
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
 def config_id(cfg) -> str:
     """sha256 of the dump of a resolved config, so that editing a config file, or a default, is noticed though
     the command line is the same. A :data:`KEYS_ADDED_LATER` key at its old-behaviour value is left out: the
@@ -90,9 +99,7 @@ def config_id(cfg) -> str:
     cfg = cfg.clone()
     cfg.defrost()
     for path, old_value in KEYS_ADDED_LATER.items():
-        node = cfg
-        for part in path[:-1]:
-            node = node.get(part) if node is not None else None
+        node = _parent_of(cfg, path)
         if node is not None and path[-1] in node and str(node[path[-1]]) == old_value:
             del node[path[-1]]
     return hashlib.sha256(cfg.dump().encode("utf-8")).hexdigest()
@@ -106,10 +113,8 @@ def settings_of_older_runs(config_yaml: Path) -> List[str]:
     dumped = yaml.safe_load(config_yaml.read_text()) or {}
     opts: List[str] = []
     for path, value in KEYS_ADDED_LATER.items():
-        node = dumped
-        for part in path[:-1]:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if not isinstance(node, dict) or path[-1] not in node:
+        node = _parent_of(dumped, path)
+        if node is None or path[-1] not in node:
             opts += [".".join(path), value]
     return opts
 
