@@ -119,15 +119,16 @@ def settings_of_older_runs(config_yaml: Path) -> List[str]:
     return opts
 
 
-def finished_run_cfg(run_dir: Path, weights: Optional[Path] = None):
+def finished_run_cfg(run_dir: Path, weights: Optional[Path] = None, opts: Sequence[str] = ()):
     """The frozen config of a finished ``train_net.py`` run (its dumped ``config.yaml``, with
     :func:`settings_of_older_runs`) with ``MODEL.WEIGHTS`` set to its ``model_final.pth``, or to ``weights``
-    (another checkpoint of the run); ``FileNotFoundError`` naming the file when either is missing."""
+    (another checkpoint of the run), then ``opts`` (inference switches, which win); ``FileNotFoundError``
+    naming the file when either is missing."""
     for needed in ("config.yaml", "model_final.pth"):
         if not (run_dir / needed).exists():
             raise FileNotFoundError(f"{run_dir / needed} not found: pass the OUTPUT_DIR of a finished train_net.py run")
     return resolved_cfg(run_dir / "config.yaml", [*settings_of_older_runs(run_dir / "config.yaml"),
-                                                  "MODEL.WEIGHTS", str(weights or run_dir / "model_final.pth")])
+                                                  "MODEL.WEIGHTS", str(weights or run_dir / "model_final.pth"), *opts])
 
 
 def _dumped_clip_weights(out: Path) -> Optional[str]:

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 # tools/_common.py (this folder is on sys.path when the tool runs)
-from _common import confusion_of, emit_json, iou_table, mean_std, resolved_cfg, run_train_net
+from _common import confusion_of, emit_json, finished_run_cfg, iou_table, mean_std, resolved_cfg, run_train_net
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
@@ -98,9 +98,8 @@ def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, A
     # reference: the same images with the training vocabulary only (what the distractors cost)
     for arm, names, on in (("no_distractors", seen, False), ("filter_off", vocabulary, False),
                            ("filter_on", vocabulary, True)):
-        cfg = eval_cfg(args, "MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
-                       *size_opts(args), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER",
-                       str(on), "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", str(args.filter_top_k))
+        cfg = finished_run_cfg(run_dir, opts=["MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER", str(on),
+                                              "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", str(args.filter_top_k)])
         predictor = HVLFormerPredictor(cfg)
         predictor.set_vocabulary(names)
         predictor(images[0][0], format="RGB")  # warm-up (text embeddings, allocations), not timed
@@ -143,13 +142,11 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--unseen must be one of {all_names[6:]} (a kind outside the 5 segmentation classes)")
     unseen_id = all_names.index(args.unseen)
     open_names = seen + [args.unseen]
-    # eval_cfg applies the run's --opts again, so that inference reads the prompts (and any other key) it was
-    # trained with
-    opts = ["MODEL.HVLFORMER.CLASSIFIER", "text", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"), *size_opts(args)]
-    cfg = eval_cfg(args, *opts)
+    # the run's own config: inference reads the prompts, image size and every other key it was trained with
+    cfg = finished_run_cfg(run_dir)
     predictor = HVLFormerPredictor(cfg)
-    ensemble_predictor = HVLFormerPredictor(eval_cfg(args, *opts, "TEST.CLIP_ENSEMBLE.ENABLED", "True",
-                                                     *ensemble_weight_opts(args)))
+    ensemble_predictor = HVLFormerPredictor(finished_run_cfg(
+        run_dir, opts=["TEST.CLIP_ENSEMBLE.ENABLED", "True", *ensemble_weight_opts(args)]))
     clip_model, tokenizer = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
     vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
     with torch.no_grad():
@@ -277,9 +274,9 @@ class QueryDiagnosis:
 
 
 def size_opts(args: argparse.Namespace) -> List[str]:
-    """The image-size options of training AND inference: the predictor resizes a test image's long side to
-    ``INPUT.RESIZE_BASE`` (times the largest jitter ratio), so inference with the tiny config's 128 would show
-    a model trained at 96 px every shape 1.33x larger."""
+    """The image-size options of training (inference reads them from the run's config): the predictor resizes
+    a test image's long side to ``INPUT.RESIZE_BASE`` (times the largest jitter ratio), so inference with the
+    tiny config's 128 would show a model trained at 96 px every shape 1.33x larger."""
     size = str(args.image_size)
     return ["DATASETS.SHAPES.IMAGE_SIZE", size, "INPUT.CROP.SIZE", f"({size}, {size})", "INPUT.RESIZE_BASE", size]
 

@@ -83,13 +83,34 @@ def test_smoke_run_with_distractors(tool, tmp_path):
     assert out["setup"]["distractors"] == 30
 
 
-def test_inference_sees_the_training_image_size(tool):
-    """The evaluation config resizes test images to the size the model trained at (--image-size), not the tiny
-    config's 128 px: at 128 a model trained at 96 px without scale jitter saw every shape 1.33x larger and
-    called 81-87 % of the crosses square (docs/RESULTS.md, "(e) in the current setting")."""
+def test_inference_sees_the_training_image_size(tool, tmp_path, monkeypatch):
+    """Inference reads the run's own config.yaml, so test images are resized to the size the model trained at
+    (here 96 px), not the tiny config's 128 px: at 128 a model trained at 96 px without scale jitter saw every
+    shape 1.33x larger and called 81-87 % of the crosses square (docs/RESULTS.md, "(e) in the current
+    setting"). Both predictors (plain and CLIP ensemble) are built from it, the ensemble one with the switch on."""
     import argparse
 
-    args = argparse.Namespace(image_size=96, opts=[])
-    cfg = tool.eval_cfg(args, *tool.size_opts(args))
-    assert cfg.INPUT.RESIZE_BASE == 96 and tuple(cfg.INPUT.CROP.SIZE) == (96, 96) and cfg.DATASETS.SHAPES.IMAGE_SIZE == 96
+    import hvlformer.predictor
+
+    args = argparse.Namespace(image_size=96, opts=[], unseen="ring", ensemble_weights=[0.3, 0.9])
+    trained = tool.resolved_cfg(tool.CONFIG, ["MODEL.HVLFORMER.CLASSIFIER", "text", *tool.size_opts(args)])
+    (tmp_path / "config.yaml").write_text(trained.dump())
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    built = []
+
+    class Recorder:
+        def __init__(self, cfg):
+            built.append(cfg)
+            if len(built) == 2:
+                raise KeyboardInterrupt  # both predictors seen: stop before any weights are read
+
+    monkeypatch.setattr(hvlformer.predictor, "HVLFormerPredictor", Recorder)
+    with pytest.raises(KeyboardInterrupt):
+        tool.evaluate(tmp_path, args)
+    plain, ensemble = built
+    for cfg in built:
+        assert cfg.INPUT.RESIZE_BASE == 96 and tuple(cfg.INPUT.CROP.SIZE) == (96, 96)
+        assert cfg.MODEL.WEIGHTS == str(tmp_path / "model_final.pth") and cfg.MODEL.HVLFORMER.CLASSIFIER == "text"
+    assert not plain.TEST.CLIP_ENSEMBLE.ENABLED and ensemble.TEST.CLIP_ENSEMBLE.ENABLED
+    assert (ensemble.TEST.CLIP_ENSEMBLE.SEEN_WEIGHT, ensemble.TEST.CLIP_ENSEMBLE.UNSEEN_WEIGHT) == (0.3, 0.9)
     assert tool.eval_cfg(args).INPUT.RESIZE_BASE == 128  # the tiny config's own, which the tool used to evaluate at

@@ -124,3 +124,24 @@ def test_config_id_ignores_a_later_key_at_its_old_behaviour(load_tool):
     del plain.MODEL.HVLFORMER["QUERY_NORM"]
     assert common.config_id(common.resolved_cfg(config, ["MODEL.HVLFORMER.QUERY_NORM", "False"])) == common.config_id(plain)
     assert current.SEMI.CLASS_CONSISTENCY_MIXED is True  # config_id did not edit the config it was given
+
+
+def test_finished_run_cfg_reads_the_run_and_lets_inference_switches_win(tmp_path, load_tool):
+    """A finished run's config comes from its own config.yaml (not from the config file it started from),
+    MODEL.WEIGHTS points at its model_final.pth (or the checkpoint given), and ``opts`` override both."""
+    common = load_tool("_common")
+    config = REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
+    run = tmp_path / "run"
+    run.mkdir()
+    trained = common.resolved_cfg(config, ["INPUT.RESIZE_BASE", "96", "MODEL.HVLFORMER.CLASSIFIER", "text"])
+    (run / "config.yaml").write_text(trained.dump())
+    with pytest.raises(FileNotFoundError, match="model_final.pth not found"):
+        common.finished_run_cfg(run)
+    (run / "model_final.pth").write_bytes(b"")
+    cfg = common.finished_run_cfg(run)
+    assert cfg.INPUT.RESIZE_BASE == 96 and cfg.MODEL.HVLFORMER.CLASSIFIER == "text"  # the run's, not the file's 128
+    assert cfg.MODEL.WEIGHTS == str(run / "model_final.pth")
+    assert common.finished_run_cfg(run, run / "model_0000099.pth").MODEL.WEIGHTS == str(run / "model_0000099.pth")
+    switched = common.finished_run_cfg(run, opts=["TEST.CLIP_ENSEMBLE.ENABLED", "True", "INPUT.RESIZE_BASE", "64"])
+    assert switched.TEST.CLIP_ENSEMBLE.ENABLED is True and switched.INPUT.RESIZE_BASE == 64
+    assert common.resolved_cfg(config, []).INPUT.RESIZE_BASE == 128  # the test's premise: the file says 128
