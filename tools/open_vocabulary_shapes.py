@@ -281,11 +281,6 @@ def size_opts(args: argparse.Namespace) -> List[str]:
     return ["DATASETS.SHAPES.IMAGE_SIZE", size, "INPUT.CROP.SIZE", f"({size}, {size})", "INPUT.RESIZE_BASE", size]
 
 
-def eval_cfg(args: argparse.Namespace, *opts: str):
-    """The tiny config resolved with ``--opts`` and then ``opts`` (the tool's own, which win)."""
-    return resolved_cfg(CONFIG, [*args.opts, *opts])
-
-
 def ensemble_weight_opts(args: argparse.Namespace) -> List[str]:
     """The ``TEST.CLIP_ENSEMBLE`` weights of ``--ensemble-weights`` as config options (none: the config's own)."""
     if args.ensemble_weights is None:
@@ -295,8 +290,9 @@ def ensemble_weight_opts(args: argparse.Namespace) -> List[str]:
 
 
 def ensemble_weights(args: argparse.Namespace) -> List[float]:
-    """``[SEEN_WEIGHT, UNSEEN_WEIGHT]`` of the ensemble arm (``--ensemble-weights`` or the config's)."""
-    ensemble = eval_cfg(args, *ensemble_weight_opts(args)).TEST.CLIP_ENSEMBLE
+    """``[SEEN_WEIGHT, UNSEEN_WEIGHT]`` of the ensemble arm (``--ensemble-weights`` or the config's: the tiny
+    config with ``--opts``, which the runs were trained from and dumped)."""
+    ensemble = resolved_cfg(CONFIG, [*args.opts, *ensemble_weight_opts(args)]).TEST.CLIP_ENSEMBLE
     return [ensemble.SEEN_WEIGHT, ensemble.UNSEEN_WEIGHT]
 
 

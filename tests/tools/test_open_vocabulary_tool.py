@@ -113,4 +113,4 @@ def test_inference_sees_the_training_image_size(tool, tmp_path, monkeypatch):
         assert cfg.MODEL.WEIGHTS == str(tmp_path / "model_final.pth") and cfg.MODEL.HVLFORMER.CLASSIFIER == "text"
     assert not plain.TEST.CLIP_ENSEMBLE.ENABLED and ensemble.TEST.CLIP_ENSEMBLE.ENABLED
     assert (ensemble.TEST.CLIP_ENSEMBLE.SEEN_WEIGHT, ensemble.TEST.CLIP_ENSEMBLE.UNSEEN_WEIGHT) == (0.3, 0.9)
-    assert tool.eval_cfg(args).INPUT.RESIZE_BASE == 128  # the tiny config's own, which the tool used to evaluate at
+    assert tool.resolved_cfg(tool.CONFIG, []).INPUT.RESIZE_BASE == 128  # the tiny config's own, which the tool used to evaluate at
