@@ -12,7 +12,12 @@ labels the training never read (the `shapes` label files of those images):
 * per class: ``precision`` of the confident pseudo-labels that name it and ``recall`` (the share of its
   pixels that get a confident, right pseudo-label);
 * ``confident_confusion``: ground truth (rows) -> confident pseudo-label (columns), pixel counts;
-  ``label_pixels``: each class's pixels in the hidden labels.
+  ``label_pixels``: each class's pixels in the hidden labels;
+* ``objects``: per class, its objects (8-connected regions of the hidden label map) by verdict, the class
+  most of an object's confident pixels name, or ``none`` when none of its pixels is confident; whether a
+  class is lost object by object (whole objects named another class) or pixel by pixel;
+* ``recall_edge`` / ``recall_inside``: recall on the class's pixels within ``EDGE_WIDTH`` pixels of its
+  border and on the others; where in an object the confident, right pseudo-labels are.
 
     python tools/pseudo_label_quality.py output/c_v3/supervised_seed0 output/c_v3/semi_seed0 --json-out q.json
 
@@ -28,7 +33,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,14 +42,58 @@ import torch.nn.functional as F
 from _common import emit_json, finished_run_cfg  # tools/_common.py (this folder is on sys.path when the tool runs)
 
 
+EDGE_WIDTH = 2  # pixels of an object's border that count as its edge (recall_edge / recall_inside)
+
+
+def label_objects(label: np.ndarray, class_id: int) -> Tuple[int, np.ndarray]:
+    """The objects of one class in an ``H x W`` label map: ``(count, H x W int32 map)`` of its 8-connected
+    regions (0 = not this class, 1..count = one object each)."""
+    import cv2
+
+    count, objects = cv2.connectedComponents((label == class_id).astype(np.uint8), connectivity=8)
+    return count - 1, objects
+
+
+def object_edges(label: np.ndarray, width: int = EDGE_WIDTH) -> np.ndarray:
+    """``H x W`` bool: the pixels within ``width`` pixels (chessboard distance) of a pixel of another label,
+    i.e. the edge band of every region; the image border is not an edge."""
+    import cv2
+
+    padded = np.pad(label, width, mode="edge").astype(np.int32)
+    kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
+    # a pixel is inside when the window around it holds one label only (its min equals its max)
+    low = -cv2.dilate((-padded).astype(np.float32), kernel)
+    high = cv2.dilate(padded.astype(np.float32), kernel)
+    return (low != high)[width:-width, width:-width]
+
+
+def confident_names(probs: torch.Tensor, threshold: float) -> np.ndarray:
+    """``K x H x W`` distributions -> ``H x W`` int: the confident pseudo-label of each pixel, or ``K`` where
+    the top probability is below ``threshold``."""
+    confidence, pseudo = probs.max(dim=0)
+    return np.where(confidence.numpy() >= threshold, pseudo.numpy(), probs.shape[0])
+
+
+def object_verdict(named: np.ndarray, num_classes: int) -> int:
+    """The class most of an object's confident pixels name (``named``: :func:`confident_names` inside the
+    object), or ``num_classes`` when none of them is confident."""
+    votes = np.bincount(named, minlength=num_classes + 1)[:num_classes]
+    return int(votes.argmax()) if votes.any() else num_classes
+
+
 class PseudoLabelTally:
-    """Accumulates pixel counts of pseudo-labels against hidden labels (``K`` classes, ``ignore_label``)."""
+    """Accumulates pixel counts of pseudo-labels against hidden labels (``K`` classes, ``ignore_label``),
+    and object verdicts (see the module docstring)."""
 
     def __init__(self, num_classes: int, threshold: float, ignore_label: int = 255) -> None:
         self.num_classes, self.threshold, self.ignore_label = num_classes, threshold, ignore_label
         self.confusion = np.zeros((num_classes, num_classes), np.int64)  # all pixels, argmax
         self.confident_confusion = np.zeros((num_classes, num_classes), np.int64)
         self.confidence_sum = 0.0  # of the top probability over the labeled pixels
+        # class -> verdict (a class id, or num_classes for "no confident pixel") -> objects
+        self.object_verdicts = np.zeros((num_classes, num_classes + 1), np.int64)
+        # class -> [edge pixels, right edge pixels, inside pixels, right inside pixels]
+        self.edge_counts = np.zeros((num_classes, 4), np.int64)
 
     def add(self, probs: torch.Tensor, label: np.ndarray) -> None:
         """``probs``: ``K x H x W`` per-pixel distributions; ``label``: ``H x W`` class ids."""
@@ -57,6 +106,20 @@ class PseudoLabelTally:
         k = self.num_classes
         self.confusion += np.bincount(truth * k + pseudo, minlength=k * k).reshape(k, k)
         self.confident_confusion += np.bincount(truth[confident] * k + pseudo[confident], minlength=k * k).reshape(k, k)
+        self._add_objects(probs, label, valid)
+
+    def _add_objects(self, probs: torch.Tensor, label: np.ndarray, valid: np.ndarray) -> None:
+        named = confident_names(probs, self.threshold)
+        right = (named == label) & valid
+        edge = object_edges(label) & valid
+        inside = ~edge & valid
+        for class_id in range(self.num_classes):
+            of_class = label == class_id
+            self.edge_counts[class_id] += [(edge & of_class).sum(), (edge & of_class & right).sum(),
+                                           (inside & of_class).sum(), (inside & of_class & right).sum()]
+            count, objects = label_objects(label, class_id)
+            for index in range(1, count + 1):
+                self.object_verdicts[class_id, object_verdict(named[objects == index], self.num_classes)] += 1
 
     def summary(self, names: Sequence[str]) -> Dict[str, Any]:
         total, confident = self.confusion.sum(), self.confident_confusion.sum()
@@ -74,19 +137,28 @@ class PseudoLabelTally:
             "recall": {n: (round(float(right[i] / pixels[i]), 4) if pixels[i] else None) for i, n in enumerate(names)},
             "confident_confusion": {n: {m: int(self.confident_confusion[i, j]) for j, m in enumerate(names)
                                         if self.confident_confusion[i, j]} for i, n in enumerate(names)},
+            "objects": {n: {v: int(self.object_verdicts[i, j]) for j, v in enumerate([*names, "none"])
+                            if self.object_verdicts[i, j]} for i, n in enumerate(names)},
+            "recall_edge": {n: (round(float(e[1] / e[0]), 4) if e[0] else None) for n, e in zip(names, self.edge_counts)},
+            "recall_inside": {n: (round(float(e[3] / e[2]), 4) if e[2] else None) for n, e in zip(names, self.edge_counts)},
         }
 
 
 def teacher_probabilities(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
     """``3 x H x W`` image (0-255, the model's input format) -> ``K x H x W`` class distributions of the last
     decoder layer, as CMCR's teacher computes them (upsampled bilinearly to the image)."""
-    from hvlformer.modeling.cmcr import class_probability_maps
-
     with torch.no_grad():
         images = model.normalize(image[None].to(model.device).float())
-        decoder = model.predict(images, model.encode_text()).decoder_outputs()
-        probs = class_probability_maps(decoder["pred_logits"], decoder["pred_masks"])
-        return F.interpolate(probs, size=image.shape[-2:], mode="bilinear", align_corners=False)[0].cpu()
+        return probabilities_of(model.predict(images, model.encode_text()).decoder_outputs(), image.shape[-2:])
+
+
+def probabilities_of(decoder: Dict[str, torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+    """The last decoder layer's outputs of one image (``pred_logits`` ``1 x Q x (K+1)``, ``pred_masks``
+    ``1 x Q x h x w``) -> ``K x H x W`` class distributions at ``size`` (``H, W``), on the CPU."""
+    from hvlformer.modeling.cmcr import class_probability_maps
+
+    probs = class_probability_maps(decoder["pred_logits"], decoder["pred_masks"])
+    return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)[0].cpu()
 
 
 def run_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:
@@ -101,9 +173,11 @@ def run_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
-def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None) -> Dict[str, Any]:
-    """Pseudo-label statistics of one run on its own unlabeled `shapes` images, from its ``model_final.pth``
-    or from ``weights`` (another checkpoint of the run)."""
+def unlabeled_shapes(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None
+                     ) -> Tuple[Any, torch.nn.Module, Iterator[Tuple[torch.Tensor, np.ndarray]]]:
+    """A finished `shapes` run's config, its model (``model_final.pth`` or ``weights``) and its unlabeled
+    images: ``(cfg, model, iterator of (3 x H x W image 0-255 as the model reads it, H x W hidden label))``;
+    the labels are the `shapes` label files the training never read."""
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
     from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
@@ -115,14 +189,26 @@ def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optio
     register_shapes_semi_split(cfg)
     hidden = {r["file_name"]: r["sem_seg_file_name"] for r in DatasetCatalog.get("shapes_train")}
     unlabeled = DatasetCatalog.get("shapes_unlabeled")[:num_images]
-    model = HVLFormerPredictor(cfg).model
+
+    def images() -> Iterator[Tuple[torch.Tensor, np.ndarray]]:
+        for record in unlabeled:
+            image = torch.from_numpy(read_image(record["file_name"], format=cfg.INPUT.FORMAT).copy())
+            yield image.permute(2, 0, 1), read_image(hidden[record["file_name"]]).astype(np.int64)
+
+    return cfg, HVLFormerPredictor(cfg).model, images()
+
+
+def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None) -> Dict[str, Any]:
+    """Pseudo-label statistics of one run on its own unlabeled `shapes` images, from its ``model_final.pth``
+    or from ``weights`` (another checkpoint of the run)."""
+    cfg, model, images = unlabeled_shapes(run_dir, num_images, weights)
     names = list(model.class_names)
     tally = PseudoLabelTally(len(names), cfg.SEMI.CONFIDENCE_THRESHOLD)
-    for record in unlabeled:
-        image = torch.from_numpy(read_image(record["file_name"], format=cfg.INPUT.FORMAT).copy())
-        label = read_image(hidden[record["file_name"]]).astype(np.int64)
-        tally.add(teacher_probabilities(model, image.permute(2, 0, 1)), label)
-    return {"run": str(run_dir), "weights": Path(cfg.MODEL.WEIGHTS).name, "images": len(unlabeled),
+    count = 0
+    for image, label in images:
+        tally.add(teacher_probabilities(model, image), label)
+        count += 1
+    return {"run": str(run_dir), "weights": Path(cfg.MODEL.WEIGHTS).name, "images": count,
             "threshold": cfg.SEMI.CONFIDENCE_THRESHOLD, **tally.summary(names)}
 
 

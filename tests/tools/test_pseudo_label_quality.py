@@ -36,8 +36,51 @@ def test_tally_by_hand(tool):
     assert out["label_pixels"] == {"a": 1, "b": 1, "c": 1}
 
 
-def test_run_on_its_unlabeled_images(tool, tmp_path):
-    out = tmp_path / "semi"
+def test_object_verdicts_by_hand(tool):
+    """Two objects of class 1 (one named right, one whose only confident pixel is named 2), one unconfident
+    object of class 2."""
+    label = np.zeros((8, 8), np.int64)
+    label[1:3, 1:3] = 1  # object A
+    label[5:7, 5:7] = 1  # object B (not 8-connected to A)
+    label[1:3, 5:7] = 2
+    probs = torch.zeros(3, 8, 8)
+    probs[0] = 1.0
+    probs[:, 1:3, 1:3] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
+    probs[:, 5:7, 5:7] = torch.tensor([0.2, 0.4, 0.4])[:, None, None]
+    probs[:, 5, 5] = torch.tensor([0.0, 0.0, 1.0])  # B: one pixel named 2, three unconfident ones
+    probs[:, 1:3, 5:7] = torch.tensor([0.3, 0.3, 0.4])[:, None, None]
+    tally = tool.PseudoLabelTally(3, threshold=0.9)
+    tally.add(probs, label)
+    out = tally.summary(["bg", "one", "two"])
+    assert out["objects"] == {"bg": {"bg": 1}, "one": {"one": 1, "two": 1}, "two": {"none": 1}}
+    # every pixel of a 2 x 2 object is within 2 pixels of its border: no inside pixels
+    assert out["recall_edge"]["one"] == pytest.approx(4 / 8) and out["recall_inside"]["one"] is None
+
+
+def test_object_edges(tool):
+    label = np.zeros((12, 12), np.int64)
+    label[2:9, 2:9] = 1
+    edges = tool.object_edges(label, width=2)
+    # the 7 x 7 block: its 3 x 3 centre is more than 2 pixels from the background
+    assert not edges[4:7, 4:7].any() and edges[2:9, 2:9].sum() == 49 - 9
+    # the background: the band up to 2 pixels around the block; the image border is not an edge
+    assert edges[0:11, 0:11].sum() - 40 == 11 * 11 - 49 and not edges[11, :].any() and not edges[:, 11].any()
+    assert edges.sum() == 40 + 72
+    # recall on the edge and inside: the block's edge named right, its centre named background
+    probs = torch.zeros(2, 12, 12)
+    probs[0] = 1.0
+    probs[:, 2:9, 2:9] = torch.tensor([0.0, 1.0])[:, None, None]
+    probs[:, 4:7, 4:7] = torch.tensor([1.0, 0.0])[:, None, None]
+    tally = tool.PseudoLabelTally(2, threshold=0.9)
+    tally.add(probs, label)
+    out = tally.summary(["bg", "block"])
+    assert out["recall_edge"] == {"bg": 1.0, "block": 1.0} and out["recall_inside"] == {"bg": 1.0, "block": 0.0}
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """A 2-step semi run of the random-weight tiny config on 10 images (4 labeled), checkpoints after each step."""
+    out = tmp_path_factory.mktemp("runs") / "semi"
     opts = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "1",
             "DATASETS.SHAPES.IMAGE_SIZE", "64", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
             "DATASETS.SHAPES.NUM_TRAIN", "10", "DATASETS.SHAPES.NUM_VAL", "2", "DATASETS.SHAPES.NUM_LABELED", "4",
@@ -46,6 +89,11 @@ def test_run_on_its_unlabeled_images(tool, tmp_path):
                             str(REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_semi_random.yaml"), *opts],
                            cwd=REPO_ROOT, capture_output=True, text=True)
     assert train.returncode == 0, train.stderr[-3000:]
+    return out
+
+
+def test_run_on_its_unlabeled_images(tool, two_step_run, tmp_path):
+    out = two_step_run
     result = tool.main([str(out), "--json-out", str(tmp_path / "q.json")])
     run = result["runs"][0]
     assert run["images"] == 6 and run["pixels"] == 6 * 64 * 64  # the 10 - 4 unlabeled images, every pixel
@@ -68,13 +116,17 @@ def test_run_on_its_unlabeled_images(tool, tmp_path):
     # over training: the checkpoints after 1 and 2 steps, in order; the last one is model_final's twin, and the
     # first one's pseudo-labels are its own. Two steps at the warm-up's LR hardly move the weights, so the first
     # checkpoint is zeroed here to see that its weights really are the ones evaluated (not model_final's twice)
+    first_path = tmp_path / "first" / "model_0000000.pth"  # a copy: the module's run stays as trained
+    (tmp_path / "first").mkdir()
+    for name in ("config.yaml", "model_0000001.pth", "model_final.pth"):
+        (tmp_path / "first" / name).symlink_to(out / name)
     first = torch.load(out / "model_0000000.pth", map_location="cpu", weights_only=False)
     first["model"] = {k: v * 0 if v.is_floating_point() else v for k, v in first["model"].items()}
-    torch.save(first, out / "model_0000000.pth")
-    over = tool.main([str(out), "--over-training"])["runs"][0]["over_training"]
+    torch.save(first, first_path)
+    over = tool.main([str(tmp_path / "first"), "--over-training"])["runs"][0]["over_training"]
     assert [(o["iteration"], o["weights"]) for o in over] == [(1, "model_0000000.pth"), (2, "model_0000001.pth")]
     assert run["weights"] == "model_final.pth"
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("iteration", "weights")}
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("iteration", "weights", "run")}
     assert strip(over[1]) == strip(run)
     assert strip(over[0]) != strip(run)
     assert over[0]["label_pixels"] == run["label_pixels"]
@@ -145,3 +197,77 @@ def test_finished_run_cfg_reads_the_run_and_lets_inference_switches_win(tmp_path
     switched = common.finished_run_cfg(run, opts=["TEST.CLIP_ENSEMBLE.ENABLED", "True", "INPUT.RESIZE_BASE", "64"])
     assert switched.TEST.CLIP_ENSEMBLE.ENABLED is True and switched.INPUT.RESIZE_BASE == 64
     assert common.resolved_cfg(config, []).INPUT.RESIZE_BASE == 128  # the test's premise: the file says 128
+
+
+# tools/object_attribution.py: which queries name the objects of a class (it reuses the tally's verdicts)
+
+@pytest.fixture(scope="module")
+def attribution(load_tool):
+    return load_tool("object_attribution")
+
+
+def test_class_owners_and_query_stats(attribution):
+    owners = attribution.class_owners(8, num_levels=2, num_classes=3)
+    assert owners.tolist() == [0, 1, 2, 0, 1, 2, -1, -1]  # level-major textual queries, then 2 instance queries
+    class_probs = torch.tensor([[0.9, 0.0, 0.0, 0.1], [0.0, 0.2, 0.0, 0.8], [0.0, 0.0, 1.0, 0.0],
+                                [0.5, 0.0, 0.0, 0.5], [0.0, 0.6, 0.0, 0.4], [0.0, 0.0, 0.8, 0.2],
+                                [0.0, 0.9, 0.0, 0.1], [0.0, 0.9, 0.0, 0.1]])
+    masks = torch.zeros(8, 2, 2)
+    masks[1] = 1.0
+    masks[4, 0, 0] = 1.0
+    pixels = torch.tensor([[True, True], [False, False]])
+    # class 1's queries are 1 and 4 (the instance queries 6 and 7 are nobody's)
+    stats = attribution.query_stats(class_probs, masks, owners, 1, pixels)
+    assert stats == pytest.approx({"p_class": 0.4, "p_no_object": 0.6, "mask_on_object": (1.0 + 0.5) / 2})
+
+
+class _FakeModel:
+    """One query per class (background, a, b) on an 8 x 8 image with an object of class a at [2:6, 2:6]: a's
+    query says "no a here", b's query covers the object with its mask."""
+
+    num_query_levels = 1
+    device = torch.device("cpu")
+
+    def normalize(self, images):
+        return images
+
+    def encode_text(self):
+        return torch.zeros(3, 4)
+
+    def predict(self, images, text):
+        from types import SimpleNamespace
+
+        logits = torch.log(torch.tensor([[[0.97, 0.01, 0.01, 0.01],      # background's query
+                                          [0.01, 0.10, 0.01, 0.88],      # a's: mostly no-object
+                                          [0.01, 0.01, 0.97, 0.01]]]))   # b's
+        masks = torch.full((1, 3, 8, 8), -8.0)
+        masks[0, 0] = 8.0
+        masks[0, 0, 2:6, 2:6] = -8.0
+        masks[0, 2, 2:6, 2:6] = 8.0
+        decoder = {"pred_logits": logits, "pred_masks": masks}
+        return SimpleNamespace(decoder_outputs=lambda: decoder, relevance=torch.tensor([[0.9, 0.3, 0.7]]))
+
+
+def test_object_named_by_another_class_queries(attribution):
+    label = np.zeros((8, 8), np.int64)
+    label[2:6, 2:6] = 1
+    (row,) = attribution.image_objects(_FakeModel(), torch.zeros(3, 8, 8), label, class_id=1, threshold=0.9)
+    assert row["verdict"] == 2
+    assert row["own"] == pytest.approx({"p_class": 0.10, "p_no_object": 0.88, "mask_on_object": torch.sigmoid(
+        torch.tensor(-8.0)).item()}, abs=1e-4)
+    assert row["verdict_queries"]["mask_on_object"] == pytest.approx(torch.sigmoid(torch.tensor(8.0)).item())
+    assert row["verdict_score"]["from_own_queries"] == pytest.approx(1.0, abs=1e-3)
+    assert row["relevance_own"] == pytest.approx(0.3) and row["relevance_verdict"] == pytest.approx(0.7)
+
+
+def test_attribution_of_a_run_matches_its_object_verdicts(tool, attribution, two_step_run):
+    tally = tool.main([str(two_step_run)])["runs"][0]["objects"]
+    result = attribution.main([str(two_step_run), "--class", "square"])["runs"][0]
+    groups = result["by_verdict"]
+    assert {v: g["objects"] for v, g in groups.items()} == tally["square"]  # the same verdicts, object by object
+    assert result["objects"] == sum(tally["square"].values()) > 0
+    for verdict, group in groups.items():
+        assert 0.0 <= group["own"]["mask_on_object"] <= 1.0
+        assert ("verdict_queries" in group) == (verdict not in ("square", "none"))
+    with pytest.raises(ValueError, match="not one of the run's classes"):
+        attribution.attribute_run(two_step_run, "ring")
