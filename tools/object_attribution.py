@@ -13,7 +13,9 @@ name, or ``none``); per verdict, the mean over the objects of:
   mask (sigmoid) over the object's pixels;
 * ``verdict_score`` (for a verdict other than ``none``): the verdict class's score on the object, and the share
   of it that the verdict class's own queries give;
-* ``relevance``: the SRE relevance (the ``B x K`` query weights) of both classes.
+* ``relevance``: the SRE relevance (the ``B x K`` query weights) of both classes;
+* ``verdict_in_image``: the share of the objects whose image holds an object of the verdict class (is the
+  verdict class's query there for an object of its own, or for nothing else?).
 
     python tools/object_attribution.py output/a13/supervised_seed0 output/a13/semi_seed0 --class square --num-images 100
 """
@@ -73,6 +75,7 @@ def image_objects(model: torch.nn.Module, image: torch.Tensor, label: np.ndarray
         if verdict < num_classes and verdict != class_id:
             row["verdict_queries"] = query_stats(class_probs, masks, owners, verdict, pixels)
             row["relevance_verdict"] = float(relevance[verdict])
+            row["verdict_in_image"] = float((label == verdict).any())
         if verdict < num_classes:
             contributions = class_probs[:, verdict, None] * masks[:, pixels]  # Q x pixels
             score = contributions.sum(0).mean()

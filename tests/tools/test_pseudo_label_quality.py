@@ -258,6 +258,10 @@ def test_object_named_by_another_class_queries(attribution):
     assert row["verdict_queries"]["mask_on_object"] == pytest.approx(torch.sigmoid(torch.tensor(8.0)).item())
     assert row["verdict_score"]["from_own_queries"] == pytest.approx(1.0, abs=1e-3)
     assert row["relevance_own"] == pytest.approx(0.3) and row["relevance_verdict"] == pytest.approx(0.7)
+    assert row["verdict_in_image"] == 0.0  # the image holds no object of class b
+    label[7, 0] = 2
+    (row,) = attribution.image_objects(_FakeModel(), torch.zeros(3, 8, 8), label, class_id=1, threshold=0.9)
+    assert row["verdict_in_image"] == 1.0
 
 
 def test_attribution_of_a_run_matches_its_object_verdicts(tool, attribution, two_step_run):
