@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from _common import emit_json  # tools/_common.py (this folder is on sys.path when the tool runs)
-from pseudo_label_quality import confident_names, label_objects, object_verdict, probabilities_of, unlabeled_shapes
+from pseudo_label_quality import (confident_names, label_objects, object_verdict, predict_image, probabilities_of,
+                                  unlabeled_shapes)
 
 
 def class_owners(num_queries: int, num_levels: int, num_classes: int) -> torch.Tensor:
@@ -54,8 +55,7 @@ def query_stats(class_probs: torch.Tensor, masks: torch.Tensor, owners: torch.Te
 def image_objects(model: torch.nn.Module, image: torch.Tensor, label: np.ndarray, class_id: int,
                   threshold: float) -> List[Dict[str, Any]]:
     """One row per object of ``class_id`` in one image (``3 x H x W``, 0-255; ``label``: ``H x W``)."""
-    with torch.no_grad():
-        outputs = model.predict(model.normalize(image[None].to(model.device).float()), model.encode_text())
+    outputs = predict_image(model, image)
     decoder = outputs.decoder_outputs()
     class_probs = decoder["pred_logits"][0].float().softmax(-1).cpu()  # Q x (K+1)
     num_classes = class_probs.shape[1] - 1
@@ -86,7 +86,8 @@ def image_objects(model: torch.nn.Module, image: torch.Tensor, label: np.ndarray
 
 
 def mean_rows(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The mean of every number (nested one level) over ``rows`` that hold it, 4 decimals."""
+    """The mean of every number (nested one level) over ``rows``, 4 decimals; the rows of one verdict group,
+    which all hold the same keys."""
     out: Dict[str, Any] = {"objects": len(rows)}
     for key in rows[0]:
         if key == "verdict":

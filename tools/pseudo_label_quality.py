@@ -62,7 +62,7 @@ def object_edges(label: np.ndarray, width: int = EDGE_WIDTH) -> np.ndarray:
     padded = np.pad(label, width, mode="edge").astype(np.int32)
     kernel = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
     # a pixel is inside when the window around it holds one label only (its min equals its max)
-    low = -cv2.dilate((-padded).astype(np.float32), kernel)
+    low = cv2.erode(padded.astype(np.float32), kernel)
     high = cv2.dilate(padded.astype(np.float32), kernel)
     return (low != high)[width:-width, width:-width]
 
@@ -147,9 +147,14 @@ class PseudoLabelTally:
 def teacher_probabilities(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
     """``3 x H x W`` image (0-255, the model's input format) -> ``K x H x W`` class distributions of the last
     decoder layer, as CMCR's teacher computes them (upsampled bilinearly to the image)."""
+    return probabilities_of(predict_image(model, image).decoder_outputs(), image.shape[-2:])
+
+
+def predict_image(model: torch.nn.Module, image: torch.Tensor) -> Any:
+    """The model's outputs (``HVLFormerOutput``, without gradient) for one ``3 x H x W`` image (0-255, the
+    model's input format) and the model's own class embeddings."""
     with torch.no_grad():
-        images = model.normalize(image[None].to(model.device).float())
-        return probabilities_of(model.predict(images, model.encode_text()).decoder_outputs(), image.shape[-2:])
+        return model.predict(model.normalize(image[None].to(model.device).float()), model.encode_text())
 
 
 def probabilities_of(decoder: Dict[str, torch.Tensor], size: Sequence[int]) -> torch.Tensor:
