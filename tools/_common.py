@@ -80,6 +80,7 @@ KEYS_ADDED_LATER = {
     ("MODEL", "HVLFORMER", "QUERY_NORM"): "False",          # HQG output LayerNorm, docs/DESIGN.md
     ("SEMI", "CLASS_CONSISTENCY_MIXED"): "True",             # l_class and CutMix, docs/DESIGN.md
     ("MODEL", "HVLFORMER", "QUERY_ZERO_BIAS"): "False",      # HQG biases start at zero, docs/DESIGN.md
+    ("SEMI", "MASK_CONSISTENCY_CLASS_GRADIENT"): "True",     # l_mask and the class decision, docs/DESIGN.md
 }
 
 

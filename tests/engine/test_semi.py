@@ -192,6 +192,54 @@ def test_class_consistency_mixed_comes_from_the_config():
     assert C.CMCRLoss(_views_cfg(), num_classes=5).class_on_mixed is True  # the paper's eq. 3 as written
 
 
+def _mask_term_gradients(mask_class_gradient):
+    """l_mask of a weak view where query 0 (class 0) covers pixels whose pseudo-label is class 1: the loss and
+    its gradients with respect to the view's class logits and mask logits."""
+    torch.manual_seed(0)
+    batch, classes, size = 1, 2, 4
+    logits = torch.full((batch, 3, classes + 1), -4.0)
+    logits[:, 0, 0] = logits[:, 1, 1] = logits[:, 2, classes] = 4.0      # query 0: class 0, query 1: class 1
+    masks = torch.full((batch, 3, size, size), -4.0)
+    masks[:, 0] = 3.0                                                     # query 0 covers the whole image
+    masks[:, 1, :, :2] = 1.0                                              # query 1 the left half, weakly
+    original = _outputs(logits, masks, [torch.full((batch, 3, 2), 0.5)])
+    pseudo_class_1 = logits.clone()
+    pseudo_class_1[:, 0, 0], pseudo_class_1[:, 0, classes] = -4.0, 4.0   # teacher: query 0 says no-object
+    teacher = _outputs(pseudo_class_1, masks, [torch.full((batch, 3, 2), 0.5)])
+    weak_logits, weak_masks = logits.clone().requires_grad_(), masks.clone().requires_grad_()
+    weak = _outputs(weak_logits, weak_masks, [torch.full((batch, 3, 2), 0.5)])
+    loss = C.CMCRLoss(use_class=False, use_align=False, confidence_threshold=0.5, strong_weight=0.0,
+                      mask_class_gradient=mask_class_gradient)
+    padding = torch.zeros(batch, 32, 32, dtype=torch.bool)
+    value = loss(loss.targets(teacher), weak, original, padding, torch.zeros_like(padding),
+                 torch.zeros(batch, dtype=torch.long))["loss_cmcr_mask"]
+    class_grad, mask_grad = torch.autograd.grad(value, [weak_logits, weak_masks], allow_unused=True)
+    return value.item(), class_grad, mask_grad
+
+
+def test_mask_consistency_class_gradient_switch():
+    # paper eq. 2 as written: pixels pseudo-labeled class 1 under query 0's mask push query 0 towards
+    # "no class 0 in this image" (its no-object logit gets a negative gradient: raising it lowers l_mask)
+    value, class_grad, mask_grad = _mask_term_gradients(True)
+    assert value > 0.1
+    assert class_grad[0, 0, 2] < -1e-4 and class_grad[0, 0, 0] > 1e-4
+    # detached: the same loss and the same mask gradients, and no gradient into any query's class decision
+    detached_value, detached_class_grad, detached_mask_grad = _mask_term_gradients(False)
+    assert detached_value == pytest.approx(value, rel=1e-6)
+    assert detached_class_grad is None or detached_class_grad.abs().max() == 0
+    assert torch.allclose(detached_mask_grad, mask_grad, atol=1e-7)
+    assert mask_grad[0, 0].sum() > 1e-4                               # query 0's mask still shrinks there
+    # the maps themselves do not depend on the switch
+    layer = {"pred_logits": torch.randn(2, 4, 4), "pred_masks": torch.randn(2, 4, 3, 3)}
+    assert torch.equal(C.view_probability_maps(layer, False), C.class_probability_maps(**layer))
+
+
+def test_mask_consistency_class_gradient_comes_from_the_config():
+    assert C.CMCRLoss(_views_cfg("SEMI.MASK_CONSISTENCY_CLASS_GRADIENT", "False"),
+                      num_classes=5).mask_class_gradient is False
+    assert C.CMCRLoss(_views_cfg(), num_classes=5).mask_class_gradient is True  # the paper's eq. 2 as written
+
+
 def test_confidence_mask_drops_low_confidence_pixels():
     target = torch.tensor([[[[0.99, 0.6]], [[0.01, 0.4]]]])  # 1 x 2 classes x 1 x 2 pixels
     confidence, pseudo = target.max(1)

@@ -149,6 +149,11 @@ def add_hvlformer_config(cfg: CN) -> None:
     # original view like the others (eq. 3 as written); False leaves them out (the box changes which
     # objects the image holds; docs/DESIGN.md "l_class and CutMix").
     cfg.SEMI.CLASS_CONSISTENCY_MIXED = True
+    # l_mask's gradient into the class probabilities of the weak and strong views' queries: True (eq. 2 as
+    # written) lets pixel pseudo-labels change each query's per-image class decision; False detaches them in
+    # l_mask, so l_mask moves only the masks (a diagnostic of how mask classification loses a class to a
+    # confusable one; docs/DESIGN.md "l_mask and the class decision").
+    cfg.SEMI.MASK_CONSISTENCY_CLASS_GRADIENT = True
     # Weak view: brightness / contrast jitter, Gaussian blur probability and sigma range.
     cfg.SEMI.WEAK = CN()
     cfg.SEMI.WEAK.BRIGHTNESS = 0.1

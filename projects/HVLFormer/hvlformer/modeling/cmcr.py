@@ -11,7 +11,9 @@ target of the weak view ``I_w`` and of the strong (CutMix-ed) view ``I_s``:
   UniMatch (``(loss * conf_mask).sum() / (ignore != 255).sum()``). Dividing by the confident pixels only
   would inflate the loss by 1 / confident-fraction early in training. Padding is not an image pixel and
   counts in neither sum. Weak view x 1/2, strong view x 1/10. The paper writes a leading minus sign; it is
-  a typo, the loss is positive.
+  a typo, the loss is positive. Its gradient reaches the views' class logits and mask logits (eq. 2 as
+  written); ``SEMI.MASK_CONSISTENCY_CLASS_GRADIENT False`` lets it reach the masks only
+  (:func:`view_probability_maps`).
 - ``l_class``: mean over queries of ``JS(C_i, C_w,i) + JS(C_i, C_s,i)`` of the softmax class
   distributions (K + 1 with no-object). With ``class_on_mixed=False`` (``SEMI.CLASS_CONSISTENCY_MIXED``)
   the strong term leaves out the images whose strong view holds a CutMix box, and averages over the
@@ -55,6 +57,19 @@ def class_probability_maps(pred_logits: Tensor, pred_masks: Tensor, eps: float =
     """``B x Q x (K+1)`` logits and ``B x Q x h x w`` mask logits -> ``B x K x h x w`` per-pixel distributions."""
     scores = semantic_scores(pred_logits, pred_masks)
     return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+def view_probability_maps(layer: Dict[str, Tensor], class_gradient: bool = True) -> Tensor:
+    """``B x K x h x w`` per-class probability maps of one decoder layer of a view (``pred_logits``
+    ``B x Q x (K+1)``, ``pred_masks`` ``B x Q x h x w``), as l_mask reads them.
+
+    ``class_gradient=False`` detaches the class logits: the maps' values are unchanged, but l_mask's gradient
+    reaches only the mask logits. A query's class distribution is one decision per image, so with the
+    gradient a pixel pseudo-label of class ``j`` inside an object of class ``k`` also pushes the ``k``
+    queries towards "no ``k`` in this image" (``SEMI.MASK_CONSISTENCY_CLASS_GRADIENT``; paper eq. 2 as
+    written is ``True``)."""
+    logits = layer["pred_logits"] if class_gradient else layer["pred_logits"].detach()
+    return class_probability_maps(logits, layer["pred_masks"])
 
 
 def layer_outputs(outputs: Dict) -> List[Dict[str, Tensor]]:
@@ -150,10 +165,11 @@ class CMCRLoss(nn.Module):
     def __init__(self, confidence_threshold: float = 0.95, weak_weight: float = 0.5, strong_weight: float = 0.1,
                  use_mask: bool = True, use_class: bool = True, use_align: bool = True, mode: str = "cmcr",
                  distribution_alignment_classes: int = 0, distribution_alignment_momentum: float = 0.99,
-                 class_on_mixed: bool = True) -> None:
+                 class_on_mixed: bool = True, mask_class_gradient: bool = True) -> None:
         """``distribution_alignment_classes``: K to switch distribution alignment on (0 = off, the paper);
         see :meth:`align_distribution`. ``class_on_mixed``: False leaves the CutMix-ed images out of
-        l_class's strong term (see the module docstring)."""
+        l_class's strong term (see the module docstring). ``mask_class_gradient``: False detaches the views'
+        class probabilities inside l_mask (see :func:`view_probability_maps`)."""
         super().__init__()
         if mode not in ("cmcr", "entropy"):
             raise ValueError(f"MODEL.HIERVL.UNLABELED_LOSS must be 'cmcr' or 'entropy', got {mode!r}")
@@ -174,6 +190,7 @@ class CMCRLoss(nn.Module):
         self.use_class = use_class
         self.use_align = use_align
         self.class_on_mixed = class_on_mixed
+        self.mask_class_gradient = mask_class_gradient
         self.mode = mode
 
     @classmethod
@@ -192,6 +209,7 @@ class CMCRLoss(nn.Module):
             "distribution_alignment_classes": num_classes if semi.DISTRIBUTION_ALIGNMENT else 0,
             "distribution_alignment_momentum": semi.DISTRIBUTION_ALIGNMENT_MOMENTUM,
             "class_on_mixed": semi.CLASS_CONSISTENCY_MIXED,
+            "mask_class_gradient": semi.MASK_CONSISTENCY_CLASS_GRADIENT,
         }
 
     @torch.no_grad()
@@ -271,8 +289,8 @@ class CMCRLoss(nn.Module):
                 mixed_pseudo = mix_spatial(pseudo[:, None], box, mix_order)[:, 0]
                 mixed_confident = mix_spatial(confident[:, None], box, mix_order)[:, 0]
                 mixed_valid = mix_spatial(valid[:, None], box, mix_order)[:, 0]
-                weak_probs = class_probability_maps(weak["pred_logits"], weak["pred_masks"])
-                strong_probs = class_probability_maps(strong["pred_logits"], strong["pred_masks"])
+                weak_probs = view_probability_maps(weak, self.mask_class_gradient)
+                strong_probs = view_probability_maps(strong, self.mask_class_gradient)
                 losses["loss_cmcr_mask"] = losses["loss_cmcr_mask"] + (
                     self.weak_weight * mask_consistency(weak_probs, pseudo, confident, valid)
                     + self.strong_weight * mask_consistency(strong_probs, mixed_pseudo, mixed_confident,
