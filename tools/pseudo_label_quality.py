@@ -12,6 +12,8 @@ labels the training never read (the `shapes` label files of those images):
 * per class: ``precision`` of the confident pseudo-labels that name it and ``recall`` (the share of its
   pixels that get a confident, right pseudo-label);
 * ``confident_confusion``: ground truth (rows) -> confident pseudo-label (columns), pixel counts;
+  ``unconfident_confusion``: the same for the argmax of the pixels below the threshold (the teacher's leaning
+  where ``l_mask`` does not train yet);
   ``label_pixels``: each class's pixels in the hidden labels;
 * ``objects``: per class, its objects (8-connected regions of the hidden label map) by verdict, the class
   most of an object's confident pixels name, or ``none`` when none of its pixels is confident; whether a
@@ -81,6 +83,11 @@ def object_verdict(named: np.ndarray, num_classes: int) -> int:
     return int(votes.argmax()) if votes.any() else num_classes
 
 
+def sparse_rows(matrix: np.ndarray, names: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """``K x K`` counts -> ``{row name: {column name: count}}`` without the zero counts."""
+    return {n: {m: int(matrix[i, j]) for j, m in enumerate(names) if matrix[i, j]} for i, n in enumerate(names)}
+
+
 class PseudoLabelTally:
     """Accumulates pixel counts of pseudo-labels against hidden labels (``K`` classes, ``ignore_label``),
     and object verdicts (see the module docstring)."""
@@ -135,8 +142,8 @@ class PseudoLabelTally:
             "label_pixels": {n: int(pixels[i]) for i, n in enumerate(names)},
             "precision": {n: (round(float(right[i] / named[i]), 4) if named[i] else None) for i, n in enumerate(names)},
             "recall": {n: (round(float(right[i] / pixels[i]), 4) if pixels[i] else None) for i, n in enumerate(names)},
-            "confident_confusion": {n: {m: int(self.confident_confusion[i, j]) for j, m in enumerate(names)
-                                        if self.confident_confusion[i, j]} for i, n in enumerate(names)},
+            "confident_confusion": sparse_rows(self.confident_confusion, names),
+            "unconfident_confusion": sparse_rows(self.confusion - self.confident_confusion, names),
             "objects": {n: {v: int(self.object_verdicts[i, j]) for j, v in enumerate([*names, "none"])
                             if self.object_verdicts[i, j]} for i, n in enumerate(names)},
             "recall_edge": {n: (round(float(e[1] / e[0]), 4) if e[0] else None) for n, e in zip(names, self.edge_counts)},

@@ -33,6 +33,7 @@ def test_tally_by_hand(tool):
     assert out["precision"] == {"a": 1.0, "b": 0.0, "c": None}
     assert out["recall"] == {"a": 1.0, "b": 0.0, "c": 0.0}
     assert out["confident_confusion"] == {"a": {"a": 1}, "b": {}, "c": {"b": 1}}
+    assert out["unconfident_confusion"] == {"a": {}, "b": {"a": 1}, "c": {}}  # the 0.50 pixel, truth b, argmax a
     assert out["label_pixels"] == {"a": 1, "b": 1, "c": 1}
 
 
