@@ -83,9 +83,12 @@ def object_verdict(named: np.ndarray, num_classes: int) -> int:
     return int(votes.argmax()) if votes.any() else num_classes
 
 
-def sparse_rows(matrix: np.ndarray, names: Sequence[str]) -> Dict[str, Dict[str, int]]:
-    """``K x K`` counts -> ``{row name: {column name: count}}`` without the zero counts."""
-    return {n: {m: int(matrix[i, j]) for j, m in enumerate(names) if matrix[i, j]} for i, n in enumerate(names)}
+def sparse_rows(matrix: np.ndarray, names: Sequence[str], columns: Optional[Sequence[str]] = None
+                ) -> Dict[str, Dict[str, int]]:
+    """``R x C`` counts -> ``{row name: {column name: count}}`` without the zero counts; the columns are named
+    ``columns``, or ``names`` like the rows."""
+    columns = names if columns is None else columns
+    return {n: {m: int(matrix[i, j]) for j, m in enumerate(columns) if matrix[i, j]} for i, n in enumerate(names)}
 
 
 class PseudoLabelTally:
@@ -144,8 +147,7 @@ class PseudoLabelTally:
             "recall": {n: (round(float(right[i] / pixels[i]), 4) if pixels[i] else None) for i, n in enumerate(names)},
             "confident_confusion": sparse_rows(self.confident_confusion, names),
             "unconfident_confusion": sparse_rows(self.confusion - self.confident_confusion, names),
-            "objects": {n: {v: int(self.object_verdicts[i, j]) for j, v in enumerate([*names, "none"])
-                            if self.object_verdicts[i, j]} for i, n in enumerate(names)},
+            "objects": sparse_rows(self.object_verdicts, names, [*names, "none"]),
             "recall_edge": {n: (round(float(e[1] / e[0]), 4) if e[0] else None) for n, e in zip(names, self.edge_counts)},
             "recall_inside": {n: (round(float(e[3] / e[2]), 4) if e[2] else None) for n, e in zip(names, self.edge_counts)},
         }

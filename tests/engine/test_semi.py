@@ -195,7 +195,6 @@ def test_class_consistency_mixed_comes_from_the_config():
 def _mask_term_gradients(mask_class_gradient):
     """l_mask of a weak view where query 0 (class 0) covers pixels whose pseudo-label is class 1: the loss and
     its gradients with respect to the view's class logits and mask logits."""
-    torch.manual_seed(0)
     batch, classes, size = 1, 2, 4
     logits = torch.full((batch, 3, classes + 1), -4.0)
     logits[:, 0, 0] = logits[:, 1, 1] = logits[:, 2, classes] = 4.0      # query 0: class 0, query 1: class 1
