@@ -81,6 +81,7 @@ KEYS_ADDED_LATER = {
     ("SEMI", "CLASS_CONSISTENCY_MIXED"): "True",             # l_class and CutMix, docs/DESIGN.md
     ("MODEL", "HVLFORMER", "QUERY_ZERO_BIAS"): "False",      # HQG biases start at zero, docs/DESIGN.md
     ("SEMI", "MASK_CONSISTENCY_CLASS_GRADIENT"): "True",     # l_mask and the class decision, docs/DESIGN.md
+    ("SEMI", "UNLABELED_START_ITER"): "0",                   # supervised burn-in, docs/DESIGN.md
 }
 
 

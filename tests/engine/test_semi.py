@@ -435,6 +435,24 @@ def test_unlabeled_rampup(tmp_path):
     assert has_cmcr[2] is True
 
 
+def test_supervised_burn_in_delays_the_unlabeled_losses(tmp_path):
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "4", "SEMI.UNLABELED_START_ITER", "2")
+    step = trainer._trainer
+    assert [step.unlabeled_ramp(i) for i in (0, 1, 2, 3, 9)] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    has_cmcr = {}
+    _train(trainer, lambda storage: has_cmcr.setdefault(storage.iter, "loss_cmcr_mask" in storage.histories()))
+    # the burn-in steps train on the labeled batch alone; the unlabeled terms appear at the start iteration
+    assert has_cmcr == {0: False, 1: False, 2: True, 3: True}
+
+
+def test_the_ramp_up_counts_from_the_end_of_the_burn_in(tmp_path):
+    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "1", "SEMI.UNLABELED_START_ITER", "10",
+                       "SEMI.UNLABELED_RAMPUP_ITERS", "4")
+    assert [trainer._trainer.unlabeled_ramp(i) for i in (9, 10, 11, 12, 14, 20)] == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="UNLABELED_START_ITER"):
+        _trainer(tmp_path / "negative", "SOLVER.MAX_ITER", "1", "SEMI.UNLABELED_START_ITER", "-1")
+
+
 def test_self_teacher_targets_come_from_the_original_view_inside_the_forward():
     # the model is its own teacher: with weak = strong = original and no CutMix box, the class and
     # attention terms vanish, and l_mask is the BCE of the prediction against its own argmax

@@ -148,11 +148,13 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
     old = tmp_path / "old.yaml"
     old.write_text("MODEL:\n  HVLFORMER:\n    QUERY_SOURCE: text\n")
     both_older = ["MODEL.HVLFORMER.QUERY_NORM", "False", "SEMI.CLASS_CONSISTENCY_MIXED", "True",
-                  "MODEL.HVLFORMER.QUERY_ZERO_BIAS", "False", "SEMI.MASK_CONSISTENCY_CLASS_GRADIENT", "True"]
+                  "MODEL.HVLFORMER.QUERY_ZERO_BIAS", "False", "SEMI.MASK_CONSISTENCY_CLASS_GRADIENT", "True",
+                  "SEMI.UNLABELED_START_ITER", "0"]
     assert common.settings_of_older_runs(old) == both_older
     new = tmp_path / "new.yaml"
     new.write_text("MODEL:\n  HVLFORMER:\n    QUERY_NORM: true\n    QUERY_ZERO_BIAS: true\n"
-                   "SEMI:\n  CLASS_CONSISTENCY_MIXED: false\n  MASK_CONSISTENCY_CLASS_GRADIENT: false\n")
+                   "SEMI:\n  CLASS_CONSISTENCY_MIXED: false\n  MASK_CONSISTENCY_CLASS_GRADIENT: false\n"
+                   "  UNLABELED_START_ITER: 600\n")
     assert common.settings_of_older_runs(new) == []
     empty = tmp_path / "empty.yaml"
     empty.write_text("")

@@ -130,6 +130,11 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Linear ramp-up of the unlabeled loss weight from 0 over the first N iterations (0 = full weight from
     # the start, as in the paper); during the ramp's first iteration the unlabeled views are skipped.
     cfg.SEMI.UNLABELED_RAMPUP_ITERS = 0
+    # Supervised burn-in (Unbiased Teacher's BURN_UP_STEP; not in the paper): the unlabeled losses start at
+    # this iteration (0 = from the start, as in the paper); the ramp-up, if any, counts from here. Before it
+    # the unlabeled views are not computed, so the first pseudo-labels come from a model past the early
+    # steps in which it confuses a pair of classes one way (docs/DESIGN.md "Supervised burn-in").
+    cfg.SEMI.UNLABELED_START_ITER = 0
     # Pseudo-label confidence threshold of l_mask (max class probability of the original view).
     cfg.SEMI.CONFIDENCE_THRESHOLD = 0.95
     # Distribution alignment of the pseudo-labels (ReMixMatch; not in the paper): the original view's class

@@ -108,7 +108,8 @@ class SemiSupervisedTrainer(Trainer):
         """The semi-supervised step over the labeled and the unlabeled loaders (:meth:`build_semi_loaders`)."""
         labeled_loader, unlabeled_loader = self.build_semi_loaders(cfg)
         return SemiSupervisedStep(model, labeled_loader, unlabeled_loader, optimizer, self.teacher, amp_of(cfg),
-                                  rampup_iters=cfg.SEMI.UNLABELED_RAMPUP_ITERS)
+                                  rampup_iters=cfg.SEMI.UNLABELED_RAMPUP_ITERS,
+                                  start_iter=cfg.SEMI.UNLABELED_START_ITER)
 
     @classmethod
     def build_semi_loaders(cls, cfg: CfgNode):

@@ -117,16 +117,25 @@ class SemiSupervisedStep(TrainStep):
     """
 
     def __init__(self, model, labeled_loader, unlabeled_loader, optimizer, teacher: Optional[EMATeacher] = None,
-                 amp: Optional[torch.dtype] = None, rampup_iters: int = 0) -> None:
+                 amp: Optional[torch.dtype] = None, rampup_iters: int = 0, start_iter: int = 0) -> None:
         super().__init__(model, labeled_loader, optimizer, amp=amp)
+        if rampup_iters < 0 or start_iter < 0:
+            raise ValueError(f"SEMI.UNLABELED_RAMPUP_ITERS and SEMI.UNLABELED_START_ITER must be >= 0, "
+                             f"got {rampup_iters} and {start_iter}")
         self.rampup_iters = rampup_iters
+        self.start_iter = start_iter
         self.unlabeled_loader = unlabeled_loader
         self._unlabeled_iter = iter(unlabeled_loader)
         self.teacher = teacher
 
     def unlabeled_ramp(self, iteration: int) -> float:
-        """Factor of the unlabeled losses: ``min(1, iteration / rampup_iters)`` (1 without a ramp-up)."""
-        return 1.0 if self.rampup_iters <= 0 else min(1.0, iteration / self.rampup_iters)
+        """Factor of the unlabeled losses: 0 before ``start_iter`` (the supervised burn-in), then
+        ``min(1, (iteration - start_iter) / rampup_iters)`` (1 without a ramp-up)."""
+        if iteration < self.start_iter:
+            return 0.0
+        if self.rampup_iters <= 0:
+            return 1.0
+        return min(1.0, (iteration - self.start_iter) / self.rampup_iters)
 
     @torch.no_grad()
     def unlabeled_batch(self, unlabeled: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -158,7 +167,7 @@ class SemiSupervisedStep(TrainStep):
 
     def forward(self, data: Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]) -> Dict[str, Tensor]:
         labeled, unlabeled = data
-        # before the ramp-up starts the unlabeled views are not even prepared
+        # during the burn-in and the ramp-up's first step the unlabeled views are not even prepared
         batch = self.unlabeled_batch(unlabeled) if self.unlabeled_ramp(self.iter) > 0 else None
         return self.model(labeled, unlabeled=batch)
 
