@@ -132,8 +132,9 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.SEMI.UNLABELED_RAMPUP_ITERS = 0
     # Supervised burn-in (Unbiased Teacher's BURN_UP_STEP; not in the paper): the unlabeled losses start at
     # this iteration (0 = from the start, as in the paper); the ramp-up, if any, counts from here. Before it
-    # the unlabeled views are not computed, so the first pseudo-labels come from a model past the early
-    # steps in which it confuses a pair of classes one way (docs/DESIGN.md "Supervised burn-in").
+    # the unlabeled views are not computed, so the first pseudo-labels come from a model trained this long on
+    # the labeled images (on shapes the semi runs' one-way square/cross confusion is set in their first
+    # 100-300 steps; docs/DESIGN.md "Supervised burn-in").
     cfg.SEMI.UNLABELED_START_ITER = 0
     # Pseudo-label confidence threshold of l_mask (max class probability of the original view).
     cfg.SEMI.CONFIDENCE_THRESHOLD = 0.95
