@@ -425,24 +425,24 @@ def test_resume_restores_student_teacher_and_optimizer(tmp_path):
         torch.testing.assert_close(restored["state"][index]["exp_avg"], state["exp_avg"])
 
 
-def test_unlabeled_rampup(tmp_path):
-    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "3", "SEMI.UNLABELED_RAMPUP_ITERS", "4")
-    step = trainer._trainer
-    assert [step.unlabeled_ramp(i) for i in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
-    has_cmcr = {}
-    _train(trainer, lambda storage: has_cmcr.setdefault(storage.iter, "loss_cmcr_class" in storage.histories()))
-    assert has_cmcr[0] is False  # ramp 0: the unlabeled views are skipped
-    assert has_cmcr[2] is True
+CMCR_TERMS = ("loss_cmcr_align", "loss_cmcr_class", "loss_cmcr_mask")
 
 
-def test_supervised_burn_in_delays_the_unlabeled_losses(tmp_path):
-    trainer = _trainer(tmp_path, "SOLVER.MAX_ITER", "4", "SEMI.UNLABELED_START_ITER", "2")
-    step = trainer._trainer
-    assert [step.unlabeled_ramp(i) for i in (0, 1, 2, 3, 9)] == [0.0, 0.0, 1.0, 1.0, 1.0]
-    has_cmcr = {}
-    _train(trainer, lambda storage: has_cmcr.setdefault(storage.iter, "loss_cmcr_mask" in storage.histories()))
-    # the burn-in steps train on the labeled batch alone; the unlabeled terms appear at the start iteration
-    assert has_cmcr == {0: False, 1: False, 2: True, 3: True}
+@pytest.mark.parametrize("opts, factors, unlabeled_steps", [
+    # ramp-up: factor 0 at step 0, where the unlabeled views are skipped; the terms from step 1 on
+    (("SOLVER.MAX_ITER", "3", "SEMI.UNLABELED_RAMPUP_ITERS", "4"),
+     {0: 0.0, 1: 0.25, 2: 0.5, 4: 1.0, 9: 1.0}, {0: False, 1: True, 2: True}),
+    # burn-in: the labeled batch alone until the start iteration, then the full unlabeled terms
+    (("SOLVER.MAX_ITER", "4", "SEMI.UNLABELED_START_ITER", "2"),
+     {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0, 9: 1.0}, {0: False, 1: False, 2: True, 3: True}),
+], ids=["ramp_up", "burn_in"])
+def test_the_unlabeled_losses_follow_the_ramp_up_and_the_burn_in(tmp_path, opts, factors, unlabeled_steps):
+    trainer = _trainer(tmp_path, *opts)
+    assert {i: trainer._trainer.unlabeled_ramp(i) for i in factors} == factors
+    logged = {}
+    _train(trainer, lambda storage: logged.setdefault(
+        storage.iter, tuple(k for k in CMCR_TERMS if k in storage.histories())))
+    assert logged == {i: CMCR_TERMS if on else () for i, on in unlabeled_steps.items()}
 
 
 def test_the_ramp_up_counts_from_the_end_of_the_burn_in(tmp_path):
