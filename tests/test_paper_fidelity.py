@@ -243,7 +243,7 @@ def test_paper_configs_keep_the_global_batch_on_any_gpu_count(world_size):
     assert scaled.SOLVER.BASE_LR == cfg.SOLVER.BASE_LR and scaled.SOLVER.MAX_ITER == cfg.SOLVER.MAX_ITER
     text = describe_batch_recipe(scaled, world_size)
     per_gpu = 8 // world_size
-    assert f"global batch: 8 labeled + 8 unlabeled" in text
+    assert "global batch: 8 labeled + 8 unlabeled" in text
     assert f"per GPU: {per_gpu} labeled + {per_gpu} unlabeled" in text
     assert f"max iterations: {cfg.SOLVER.MAX_ITER}" in text and "base LR: 0.0001" in text
 

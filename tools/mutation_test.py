@@ -240,7 +240,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--indices", type=int, nargs="+", help="run only these mutant numbers (one --target)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.list:
         import detectron2.config  # noqa: F401 - imported once in the parent, shared by every forked run

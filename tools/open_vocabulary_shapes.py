@@ -57,7 +57,6 @@ import torch
 from _common import confusion_of, emit_json, finished_run_cfg, iou_table, mean_std, resolved_cfg, run_train_net
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
 TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
 CONFIG = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
 

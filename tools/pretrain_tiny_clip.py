@@ -67,13 +67,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "projects" / "HVLFormer"))
+from hvlformer.data.captions import caption_shapes_image, visible_classes
+from hvlformer.data.shapes import _image_rng, load_shapes_classes, render_shapes_image
+from hvlformer.modeling.backbone.clip_vit import _select_adapter
+from hvlformer.modeling.clip_loader import build_clip_model
 
-from hvlformer.data.captions import caption_shapes_image, visible_classes  # noqa: E402
-from hvlformer.data.shapes import _image_rng, load_shapes_classes, render_shapes_image  # noqa: E402
-from hvlformer.modeling.backbone.clip_vit import _select_adapter  # noqa: E402
-from hvlformer.modeling.clip_loader import build_clip_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL_NAME = "HVL-Tiny-ViT-P8"
 DEFAULT_OUT = ROOT / "projects" / "HVLFormer" / "hvlformer" / "modeling" / "backbone" / "pretrained" / "hvl_tiny_vit_p8_shapes_v2.pt"

@@ -79,7 +79,7 @@ def test_train_label_image_alignment_under_resize_crop_flip(tmp_path):
     d = _write(tmp_path, PALETTE[label], label)
     cfg = _cfg(crop=96, base=160, ratio=(0.5, 2.0))
     mapper = HVLFormerSemanticDatasetMapper(cfg, is_train=True)
-    sizes, flipped_layouts = set(), set()
+    sizes = set()
     for seed in range(12):
         np.random.seed(seed)
         out = mapper(d)

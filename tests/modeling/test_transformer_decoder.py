@@ -1,5 +1,4 @@
 """Tests of the HVLFormer masked-attention transformer decoder (textual queries)."""
-import math
 
 import pytest
 import torch
