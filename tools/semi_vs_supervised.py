@@ -31,6 +31,7 @@ experiments sharing an arm (the supervised textual run of (a), (b) and (c)) shar
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -111,6 +112,28 @@ def class_ious(log_text: str) -> Dict[str, float]:
     """Per-class IoU (class name -> IoU, 2 decimals) of the last evaluation in a train_net log ({} if none)."""
     results = [line for line in log_text.splitlines() if "'IoU-" in line]
     return {name: round(float(value), 2) for name, value in CLASS_IOU.findall(results[-1])} if results else {}
+
+
+def evaluations(run: Path, max_iter: int) -> Dict[str, List[float]]:
+    """Every evaluation of a run of ``max_iter`` steps over training, from its ``metrics.json``: ``iteration``
+    (the steps done, as ``TEST.EVAL_PERIOD`` counts them), ``mIoU`` (the model's) and, for a run with an EMA
+    teacher, ``teacher_mIoU`` (2 decimals); {} for a run without that file. detectron2 logs a periodic
+    evaluation at the 0-based index of the step it follows (399 for 400 steps) and the final one at
+    ``max_iter``."""
+    path = run / "metrics.json"
+    if not path.exists():
+        return {}
+    curve: Dict[str, List[float]] = {"iteration": [], "mIoU": [], "teacher_mIoU": []}
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "sem_seg/mIoU" in row:
+            curve["iteration"].append(min(int(row["iteration"]) + 1, max_iter))
+            curve["mIoU"].append(round(float(row["sem_seg/mIoU"]), 2))
+            if "teacher/sem_seg/mIoU" in row:
+                curve["teacher_mIoU"].append(round(float(row["teacher/sem_seg/mIoU"]), 2))
+    if len(curve["teacher_mIoU"]) != len(curve["mIoU"]):
+        del curve["teacher_mIoU"]
+    return curve
 
 
 def same_prompts_as(config: Path) -> List[str]:
@@ -241,6 +264,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         per_seed = [class_ious((run_dir(arm, seed, args) / "log.txt").read_text()) for seed in sorted(table[arm])]
         output["class_IoU"][arm] = {name: [ious.get(name, float("nan")) for ious in per_seed]
                                     for name in per_seed[0]}
+    # every evaluation over training (TEST.EVAL_PERIOD in --opts): arm -> seed -> iteration, mIoU (and the EMA
+    # teacher's); the summary above reads the last one
+    output["evaluations"] = {arm: {str(seed): evaluations(run_dir(arm, seed, args), args.iters) for seed in sorted(table[arm])}
+                             for arm in arms}
     emit_json(output, args.json_out)
     return output
 

@@ -254,6 +254,7 @@ def test_ceiling_experiment_and_class_ious(tool, fake_train, tmp_path):
         runs = out["mIoU"][arm]["runs"]
         assert out["class_IoU"][arm]["square"] == [round(r - 30, 2) for r in runs]  # same seed order as the mIoU
         assert out["class_IoU"][arm]["background"] == [97.5, 97.5]
+        assert out["evaluations"][arm] == {"0": {}, "1": {}}  # the fake runs write no metrics.json
 
 
 @pytest.mark.parametrize("experiment,key", [("caa", "MODEL.HVLFORMER.CAA.ENABLED"),
@@ -278,3 +279,19 @@ def test_thesis_module_experiments(tool, fake_train, tmp_path, experiment, key):
     # the supervised runs are shared with the other experiments: (a) finds them and adds only its own arm
     tool.main(["--experiment", "anchors", "--seeds", "0", "1", *common])
     assert len(fake_train) == 6
+
+
+def test_evaluations_over_training_count_steps_and_keep_the_teacher(tool, tmp_path):
+    """The curve of a run's evaluations from its metrics.json: detectron2 logs a periodic evaluation at the
+    index of the step it follows (399 after 400 steps) and the final one at MAX_ITER; training rows are
+    skipped; the EMA teacher's curve is kept beside the model's, and left out when not every evaluation
+    has one."""
+    rows = [{"iteration": 19, "total_loss": 3.0}, {"iteration": 399, "sem_seg/mIoU": 70.004, "teacher/sem_seg/mIoU": 71.5},
+            {"iteration": 419, "total_loss": 2.0}, {"iteration": 800, "sem_seg/mIoU": 80.126, "teacher/sem_seg/mIoU": 82.0}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert tool.evaluations(tmp_path, 800) == {"iteration": [400, 800], "mIoU": [70.0, 80.13],
+                                               "teacher_mIoU": [71.5, 82.0]}
+    rows[1].pop("teacher/sem_seg/mIoU")
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows))
+    assert tool.evaluations(tmp_path, 800) == {"iteration": [400, 800], "mIoU": [70.0, 80.13]}
+    assert tool.evaluations(tmp_path / "no_run", 800) == {}
