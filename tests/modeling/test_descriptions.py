@@ -111,3 +111,18 @@ def test_generate_descriptions_against_a_local_endpoint(tmp_path, monkeypatch, c
     # --resume keeps the classes already there (no endpoint needed)
     assert _tool().main(["--dataset", "mine", "--classes", "crack", "rust", "--attributes", "x", "--out", str(out),
                          "--resume"], ask=lambda m: pytest.fail("asked")) == 0
+
+
+def test_names_style_is_the_class_name_prompt_whatever_the_file(monkeypatch):
+    """PROMPT_STYLE "names" (the paper's Table 5 "fixed prompt, class name only", its Table 4 baseline's
+    prompt): the fallback template with each class name, no attributes, although a descriptions file with
+    sentences and attributes is given."""
+    path = REPO_ROOT / "datasets" / "descriptions" / "shapes.json"
+    names = ["background", "circle", "square"]
+    described = load_class_descriptions(str(path), names)
+    assert described.prompts[1] != ["a photo of a circle."] and described.attributes  # the file has both
+    plain = load_class_descriptions(str(path), names, style="names")
+    assert plain.prompts == [["a photo of a background."], ["a photo of a circle."], ["a photo of a square."]]
+    assert plain.attributes == [] and plain.source == "class names: a photo of a {}."
+    custom = load_class_descriptions(str(path), names, fallback_template="{}", style="names")
+    assert custom.prompts == [["background"], ["circle"], ["square"]]

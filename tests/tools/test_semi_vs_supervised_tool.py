@@ -209,13 +209,21 @@ def test_experiments_are_one_command_each(tool, fake_train, tmp_path):
     # (d) the toy Table 4: first and last rows on --seeds, the middle rows on --row-seeds
     out = tool.main(["--experiment", "table4", "--seeds", "0", "1", "--row-seeds", "0", *common])
     rows = list(out["mIoU"])
-    assert rows == ["t4_baseline", "t4_htqg", "t4_hqg_levels", "t4_sre", "supervised", "semi_only_mask",
+    assert rows == ["t4_baseline", "t4_tqdm", "t4_htqg", "t4_hqg_levels", "t4_sre", "supervised", "semi_only_mask",
                     "semi_no_align", "semi"]
     assert out["mIoU"]["t4_baseline"]["seeds"] == [0, 1] and out["mIoU"]["t4_sre"]["seeds"] == [0]
     baseline = [c for c in fake_train if str(tmp_path / "t4_baseline_seed0") in c][0]
     for key, value in (("MODEL.HVLFORMER.QUERY_SOURCE", "learnable"), ("MODEL.HVLFORMER.SRE.MODE", "none"),
                        ("MODEL.HVLFORMER.PTRM.MODE", "none"), ("MODEL.HVLFORMER.NUM_QUERY_LEVELS", "1")):
         assert baseline[baseline.index(key) + 1] == value
+    # the paper's baseline (TQDM): textual queries from the class names, otherwise the learnable row's setting
+    tqdm_row = [c for c in fake_train if str(tmp_path / "t4_tqdm_seed0") in c][0]
+    assert "MODEL.HVLFORMER.QUERY_SOURCE" not in tqdm_row
+    for key, value in (("MODEL.HVLFORMER.TEXT.PROMPT_STYLE", "names"), ("MODEL.HVLFORMER.SRE.MODE", "none"),
+                       ("MODEL.HVLFORMER.PTRM.MODE", "none"), ("MODEL.HVLFORMER.NUM_QUERY_LEVELS", "1")):
+        assert tqdm_row[tqdm_row.index(key) + 1] == value
+    htqg_row = [c for c in fake_train if str(tmp_path / "t4_htqg_seed0") in c][0]
+    assert "MODEL.HVLFORMER.TEXT.PROMPT_STYLE" not in htqg_row  # + HTQG: the config's descriptions
     only_mask = [c for c in fake_train if str(tmp_path / "semi_only_mask_seed0") in c][0]
     assert only_mask[only_mask.index("SEMI.CLASS_CONSISTENCY") + 1] == "False"
     assert "full_minus_baseline" in out

@@ -419,7 +419,8 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Class prompts: "descriptions" (the dataset-aware descriptions, paper) or "attributes" (the thesis's
     # size, shape, texture, colour sentences joined in that order into one prompt per class, Sec. 5.2.3; the
     # table comes from the descriptions file's "attribute_descriptions" or from attributes/<file name> next to
-    # it, shipped for shapes and voc).
+    # it, shipped for shapes and voc), or "names" (FALLBACK_TEMPLATE with the class name only, whatever the
+    # descriptions file: the paper's Table 5 "fixed prompt, class name only" and its Table 4 baseline, TQDM).
     cfg.MODEL.HVLFORMER.TEXT.PROMPT_STYLE = "descriptions"
 
     # ------------------------------------------------------------------ test

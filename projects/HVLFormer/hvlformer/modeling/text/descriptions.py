@@ -22,6 +22,9 @@ class order). Decisions:
 Prompt styles (``style``, config ``MODEL.HVLFORMER.TEXT.PROMPT_STYLE``):
 
 - ``"descriptions"`` (default, the paper): up to ``R`` description sentences per class from ``"classes"``;
+- ``"names"`` (the paper's Table 5 first row, "Fixed prompt - Class name only", which is also the prompt of
+  its Table 4 baseline, TQDM): one fallback prompt per class (``"a photo of a {}."``), no attributes,
+  whatever the descriptions file;
 - ``"attributes"`` (the thesis, chapter 5, Sec. 5.2.3 "Attribute Combination", Table 5.4): ONE prompt per
   class, its attribute sentences joined in the order size, shape, texture, colour (``ATTRIBUTE_ORDER``),
   from a table ``{class: {"size": ..., "shape": ..., "texture": ..., "colour": ...}}`` ("color" is accepted
@@ -53,7 +56,7 @@ __all__ = [
 DEFAULT_FALLBACK_TEMPLATE = "a photo of a {}."
 DEFAULT_REFERENCE_TEMPLATE = "a clean origami of a {} with attributes: {}"
 #: Prompt styles of :func:`load_class_descriptions`.
-PROMPT_STYLES = ("descriptions", "attributes")
+PROMPT_STYLES = ("descriptions", "attributes", "names")
 #: The thesis's attribute combination, in its order (size + shape + texture + colour).
 ATTRIBUTE_ORDER = ("size", "shape", "texture", "colour")
 #: Filled into the attribute slot of the reference template when a dataset has no attributes.
@@ -96,11 +99,11 @@ def load_class_descriptions(
         raise ValueError(f"num_descriptions must be >= 1, got {num_descriptions}")
     if not class_names:
         raise ValueError("class_names is empty")
-    if not path:
+    if not path or style == "names":
         return ClassDescriptions(
             prompts=[[fallback_template.format(name)] for name in class_names],
             attributes=[],
-            source=f"fallback: {fallback_template}",
+            source=f"{'class names' if style == 'names' else 'fallback'}: {fallback_template}",
         )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"descriptions file not found: {path}")
