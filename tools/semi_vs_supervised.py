@@ -8,6 +8,8 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
     python tools/semi_vs_supervised.py --experiment semi_and_anchors --parallel 3  # (c) and (a) at once
     python tools/semi_vs_supervised.py --experiment pretraining   # (b) pretrained tiny CLIP vs random init
     python tools/semi_vs_supervised.py --experiment table4 --seeds 0   # (d) the toy Table 4, one row per step
+    python tools/semi_vs_supervised.py --experiment tqdm     # the paper's baseline (TQDM: class-name textual
+                                                             # queries) vs learnable queries, Table 4's first rows
     python tools/semi_vs_supervised.py --experiment ceiling  # (c) next to all 400 images labeled: the room (c) has
     python tools/semi_vs_supervised.py --seeds 0 --iters 300  # a quick look
     python tools/semi_vs_supervised.py --ablations            # (c) plus each CMCR term switched off
@@ -93,6 +95,9 @@ EXPERIMENTS = {
     "semi_and_anchors": (["supervised", "semi", "supervised_learnable"],
                          [("semi_minus_supervised", "semi", "supervised"),
                           ("textual_minus_learnable", "supervised", "supervised_learnable")]),
+    # (a) against the paper's own baseline: TQDM's textual queries from the class names vs learnable queries,
+    # both as the toy Table 4's first rows (one level, no SRE, no PTRM)
+    "tqdm": (["t4_baseline", "t4_tqdm"], [("tqdm_minus_learnable", "t4_tqdm", "t4_baseline")]),
     "pretraining": (["supervised", "supervised_random"],
                     [("pretrained_minus_random", "supervised", "supervised_random")]),
     "table4": (["t4_baseline", "t4_tqdm", "t4_htqg", "t4_hqg_levels", "t4_sre", "supervised", "semi_only_mask",
@@ -196,7 +201,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="semi",
                         help="semi: (c) semi vs supervised; anchors: (a) textual vs learnable queries; semi_and_anchors: "
                              "(c) and (a) together; pretraining: "
-                             "(b) pretrained vs random CLIP; table4: (d) the toy Table 4; ceiling: (c) next to every "
+                             "(b) pretrained vs random CLIP; table4: (d) the toy Table 4; tqdm: the paper's baseline (class-name "
+                             "textual queries) vs learnable queries; ceiling: (c) next to every "
                              "image labeled; caa, ecac, "
                              "class_refinement, fusion: (f) supervised vs supervised + that thesis module")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -224,6 +224,12 @@ def test_experiments_are_one_command_each(tool, fake_train, tmp_path):
         assert tqdm_row[tqdm_row.index(key) + 1] == value
     htqg_row = [c for c in fake_train if str(tmp_path / "t4_htqg_seed0") in c][0]
     assert "MODEL.HVLFORMER.TEXT.PROMPT_STYLE" not in htqg_row  # + HTQG: the config's descriptions
+    # the paper's baseline against learnable queries: both rows of seeds 0 and 1; seed 0's are reused
+    launched = len(fake_train)
+    tqdm = tool.main(["--experiment", "tqdm", "--seeds", "0", "1", *common])
+    assert list(tqdm["mIoU"]) == ["t4_baseline", "t4_tqdm"] and len(fake_train) == launched + 1  # t4_tqdm seed 1
+    assert tqdm["tqdm_minus_learnable"]["runs"] == [round(tqdm["mIoU"]["t4_tqdm"]["runs"][i]
+                                                          - tqdm["mIoU"]["t4_baseline"]["runs"][i], 2) for i in range(2)]
     only_mask = [c for c in fake_train if str(tmp_path / "semi_only_mask_seed0") in c][0]
     assert only_mask[only_mask.index("SEMI.CLASS_CONSISTENCY") + 1] == "False"
     assert "full_minus_baseline" in out
