@@ -33,7 +33,6 @@ experiments sharing an arm (the supervised textual run of (a), (b) and (c)) shar
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from _common import emit_json, mean_std, resolved_cfg, run_train_net  # tools/_common.py (this folder is on sys.path when the tool runs)
+from plot_metrics import load_metrics  # tools/plot_metrics.py
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
@@ -125,24 +125,21 @@ def class_ious(log_text: str) -> Dict[str, float]:
 
 
 def evaluations(run: Path, max_iter: int) -> Dict[str, List[float]]:
-    """Every evaluation of a run of ``max_iter`` steps over training, from its ``metrics.json``: ``iteration``
-    (the steps done, as ``TEST.EVAL_PERIOD`` counts them), ``mIoU`` (the model's) and, for a run with an EMA
-    teacher, ``teacher_mIoU`` (2 decimals); {} for a run without that file. detectron2 logs a periodic
-    evaluation at the 0-based index of the step it follows (399 for 400 steps) and the final one at
-    ``max_iter``."""
-    path = run / "metrics.json"
-    if not path.exists():
+    """Every evaluation of a run of ``max_iter`` steps over training, from its ``metrics.json`` (read by
+    ``tools/plot_metrics.load_metrics``: a resumed run's repeated steps keep their last value, a line cut by an
+    interruption is skipped): ``iteration`` (the steps done, as ``TEST.EVAL_PERIOD`` counts them), ``mIoU`` (the
+    model's) and, for a run with an EMA teacher evaluated at the same steps, ``teacher_mIoU`` (2 decimals); {}
+    for a run without that file. detectron2 logs a periodic evaluation at the 0-based index of the step it
+    follows (399 for 400 steps) and the final one at ``max_iter``."""
+    if not (run / "metrics.json").exists():
         return {}
-    curve: Dict[str, List[float]] = {"iteration": [], "mIoU": [], "teacher_mIoU": []}
-    for line in path.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if "sem_seg/mIoU" in row:
-            curve["iteration"].append(min(int(row["iteration"]) + 1, max_iter))
-            curve["mIoU"].append(round(float(row["sem_seg/mIoU"]), 2))
-            if "teacher/sem_seg/mIoU" in row:
-                curve["teacher_mIoU"].append(round(float(row["teacher/sem_seg/mIoU"]), 2))
-    if len(curve["teacher_mIoU"]) != len(curve["mIoU"]):
-        del curve["teacher_mIoU"]
+    series = load_metrics(str(run))
+    steps, miou = series.get("sem_seg/mIoU", ((), ()))
+    curve: Dict[str, List[float]] = {"iteration": [min(int(step) + 1, max_iter) for step in steps],
+                                     "mIoU": [round(float(value), 2) for value in miou]}
+    teacher_steps, teacher = series.get("teacher/sem_seg/mIoU", ((), ()))
+    if len(teacher) and list(teacher_steps) == list(steps):
+        curve["teacher_mIoU"] = [round(float(value), 2) for value in teacher]
     return curve
 
 
