@@ -38,6 +38,13 @@ the seen classes' mIoU (a pixel given a distractor name counts as wrong) and the
 
     python tools/open_vocabulary_shapes.py --distractors 200  # filter on vs off with 206 names
 
+With ``--seen-classes N`` the runs are trained on the first N of the 10 shape kinds (``DATASETS.SHAPES.NUM_CLASSES``
+N + 1; their own folders ``text_classifier_{N}seen_seed*``) and ``--unseen`` must be one of the kinds after them:
+does a name never labeled transfer better when the decoder has seen more names than 5?
+
+    python tools/open_vocabulary_shapes.py --seen-classes 9 --unseen crescent
+    python tools/open_vocabulary_shapes.py --unseen crescent   # the same unseen kind after the 5 classes
+
 The trained runs are reused from ``--output-dir`` when their command line and CLIP weights match.
 """
 from __future__ import annotations
@@ -85,12 +92,12 @@ def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, A
     from hvlformer.predictor import HVLFormerPredictor
 
     spec = importlib_tool()
-    seen = shapes_class_names(6)
+    seen = shapes_class_names(args.seen_classes + 1)
     vocabulary = seen + distractor_names(args.distractors, shapes_class_names(11))
     images = []
     for i in range(args.num_images):
-        image, label = render_shapes_image(_image_rng(0, "openvocab", i), args.image_size, 6,
-                                           guaranteed_class=1 + i % 5)
+        image, label = render_shapes_image(_image_rng(0, "openvocab", i), args.image_size, len(seen),
+                                           guaranteed_class=1 + i % args.seen_classes)
         images.append((spec._jpeg_roundtrip(image), label.astype(np.int64)))
     result: Dict[str, Any] = {"distractors": args.distractors, "vocabulary": len(vocabulary),
                               "top_k": args.filter_top_k}
@@ -114,10 +121,10 @@ def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, A
 
 def train(seed: int, args: argparse.Namespace) -> Path:
     """Train (or reuse) the text-classifier model of one seed; returns its output folder."""
-    out = args.output_dir / f"text_classifier_seed{seed}"
-    # --opts first: the tool's own options (text classifier, seed, size, steps, folder) win
-    opts = [*args.opts, "MODEL.HVLFORMER.CLASSIFIER", "text", "DATASETS.SHAPES.SEED", str(seed), "SEED", str(seed),
-            *size_opts(args), "SOLVER.MAX_ITER", str(args.iters),
+    out = args.output_dir / run_name(seed, args.seen_classes)
+    # --opts first: the tool's own options (text classifier, classes, seed, size, steps, folder) win
+    opts = [*args.opts, "MODEL.HVLFORMER.CLASSIFIER", "text", *class_opts(args.seen_classes),
+            "DATASETS.SHAPES.SEED", str(seed), "SEED", str(seed), *size_opts(args), "SOLVER.MAX_ITER", str(args.iters),
             "TEST.EVAL_PERIOD", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters),
             "DATALOADER.NUM_WORKERS", str(args.workers), "OUTPUT_DIR", str(out)]
     result = run_train_net(TRAIN_NET, CONFIG, opts, out, ROOT, args.threads,
@@ -135,12 +142,14 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     from hvlformer.predictor import HVLFormerPredictor
 
     spec = importlib_tool()
-    seen = shapes_class_names(6)
+    seen = shapes_class_names(args.seen_classes + 1)
     all_names = shapes_class_names(11)
-    if args.unseen not in all_names[6:]:
-        raise ValueError(f"--unseen must be one of {all_names[6:]} (a kind outside the 5 segmentation classes)")
+    if args.unseen not in all_names[len(seen):]:
+        raise ValueError(f"--unseen must be one of {all_names[len(seen):]} (a kind outside the "
+                         f"{args.seen_classes} segmentation classes)")
     unseen_id = all_names.index(args.unseen)
     open_names = seen + [args.unseen]
+    n_open, n_seen, unseen_label = len(open_names), len(seen), len(seen)  # the unseen name is the last class
     # the run's own config: inference reads the prompts, image size and every other key it was trained with
     cfg = finished_run_cfg(run_dir)
     predictor = HVLFormerPredictor(cfg)
@@ -154,11 +163,11 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     # recorded relative to the repository when it lies in it
     shown_file = (str(Path(described_file).relative_to(ROOT))
                   if described_file and Path(described_file).is_relative_to(ROOT) else described_file)
-    conf_open = np.zeros((7, 7), np.int64)
-    conf_described = np.zeros((7, 7), np.int64)
-    conf_closed = np.zeros((6, 6), np.int64)
-    conf_ensemble_open = np.zeros((7, 7), np.int64)
-    conf_ensemble_closed = np.zeros((6, 6), np.int64)
+    conf_open = np.zeros((n_open, n_open), np.int64)
+    conf_described = np.zeros((n_open, n_open), np.int64)
+    conf_closed = np.zeros((n_seen, n_seen), np.int64)
+    conf_ensemble_open = np.zeros((n_open, n_open), np.int64)
+    conf_ensemble_closed = np.zeros((n_seen, n_seen), np.int64)
     captured: Dict[str, Any] = {}
     predict = predictor.model.predict
 
@@ -168,39 +177,39 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
 
     predictor.model.predict = recording_predict
     queries = QueryDiagnosis(open_names)
-    conf_vlm = np.zeros((7, 7), np.int64)
+    conf_vlm = np.zeros((n_open, n_open), np.int64)
     images_with_unseen = 0
     for i in range(args.num_images):
-        # images of all 10 kinds; pixels of kinds other than the 6 + unseen are ignored
+        # images of all 10 kinds; pixels of kinds other than the seen + unseen are ignored
         image, label = render_shapes_image(_image_rng(0, "openvocab", i), args.image_size, 11,
-                                           guaranteed_class=unseen_id if i % 2 == 0 else 1 + i % 5)
+                                           guaranteed_class=unseen_id if i % 2 == 0 else 1 + i % args.seen_classes)
         label = label.astype(np.int64)
         mapped = np.full_like(label, 255)
-        for k in range(6):
+        for k in range(n_seen):
             mapped[label == k] = k
-        mapped[label == unseen_id] = 6
-        images_with_unseen += int((mapped == 6).any())
+        mapped[label == unseen_id] = unseen_label
+        images_with_unseen += int((mapped == unseen_label).any())
         image = spec._jpeg_roundtrip(image)
         predictor.set_vocabulary(open_names)
-        conf_open += confusion_of(predictor(image, format="RGB").labels, mapped, 7)
-        if (mapped == 6).any():
-            queries.add(captured["out"], mapped == 6)
+        conf_open += confusion_of(predictor(image, format="RGB").labels, mapped, n_open)
+        if (mapped == unseen_label).any():
+            queries.add(captured["out"], mapped == unseen_label)
         # every name described alike (the descriptions file), instead of training prompts + one plain prompt
         predictor.set_vocabulary(open_names, descriptions_file=described_file)
-        conf_described += confusion_of(predictor(image, format="RGB").labels, mapped, 7)
+        conf_described += confusion_of(predictor(image, format="RGB").labels, mapped, n_open)
         predictor.set_vocabulary(seen)
-        closed_label = np.where(mapped == 6, 255, mapped)
-        conf_closed += confusion_of(predictor(image, format="RGB").labels, closed_label, 6)
+        closed_label = np.where(mapped == unseen_label, 255, mapped)
+        conf_closed += confusion_of(predictor(image, format="RGB").labels, closed_label, n_seen)
         ensemble_predictor.set_vocabulary(open_names)
-        conf_ensemble_open += confusion_of(ensemble_predictor(image, format="RGB").labels, mapped, 7)
+        conf_ensemble_open += confusion_of(ensemble_predictor(image, format="RGB").labels, mapped, n_open)
         ensemble_predictor.set_vocabulary(seen)
-        conf_ensemble_closed += confusion_of(ensemble_predictor(image, format="RGB").labels, closed_label, 6)
+        conf_ensemble_closed += confusion_of(ensemble_predictor(image, format="RGB").labels, closed_label, n_seen)
         with torch.no_grad():
             _, dense, (h, w) = vlm.encode_image(torch.from_numpy(image).permute(2, 0, 1)[None])
-            cos = (dense @ prompts.t()).transpose(1, 2).reshape(1, 7, h, w)
+            cos = (dense @ prompts.t()).transpose(1, 2).reshape(1, n_open, h, w)
             pred = torch.nn.functional.interpolate(cos, size=label.shape, mode="bilinear",
                                                    align_corners=False).argmax(1)[0].numpy()
-        conf_vlm += confusion_of(pred, mapped, 7)
+        conf_vlm += confusion_of(pred, mapped, n_open)
     predictor.model.predict = predict
     open_iou = iou_table(conf_open, open_names)
     described_iou = iou_table(conf_described, open_names)
@@ -209,13 +218,13 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     ensemble_open_iou = iou_table(conf_ensemble_open, open_names)
     ensemble_closed_iou = iou_table(conf_ensemble_closed, seen)
     return {
-        "unseen": args.unseen, "images": args.num_images, "images_with_unseen": images_with_unseen,
+        "unseen": args.unseen, "seen_classes": seen[1:], "images": args.num_images, "images_with_unseen": images_with_unseen,
         "open_iou": open_iou, "open_seen_miou": statistics.mean(open_iou[n] for n in seen),
         "closed_iou": closed_iou, "closed_seen_miou": statistics.mean(closed_iou.values()),
         # rows: ground truth, columns: prediction (open vocabulary): where the unseen kind's pixels go
         "open_confusion": conf_open.tolist(),
         "zero_shot_vlm_iou": vlm_iou,
-        # the same images with the descriptions file's sentences for all 7 names
+        # the same images with the descriptions file's sentences for all names
         "described_iou": described_iou,
         "descriptions_file": shown_file,
         "described_seen_miou": statistics.mean(described_iou[n] for n in seen),
@@ -272,6 +281,20 @@ class QueryDiagnosis:
         }
 
 
+def run_name(seed: int, seen_classes: int) -> str:
+    """Folder of one seed's run: ``text_classifier_seed{seed}`` for the 5 segmentation classes (the runs made
+    before ``--seen-classes`` existed keep their name), ``text_classifier_{N}seen_seed{seed}`` otherwise."""
+    return f"text_classifier_seed{seed}" if seen_classes == 5 else f"text_classifier_{seen_classes}seen_seed{seed}"
+
+
+def class_opts(seen_classes: int) -> List[str]:
+    """``DATASETS.SHAPES.NUM_CLASSES`` for ``seen_classes`` labeled shape kinds; none for the tiny config's own 5
+    (so that the command line, and with it the reuse of the earlier runs, is unchanged)."""
+    if not 1 <= seen_classes <= 9:
+        raise ValueError(f"--seen-classes must be 1..9 (one of the 10 kinds stays unseen), got {seen_classes}")
+    return [] if seen_classes == 5 else ["DATASETS.SHAPES.NUM_CLASSES", str(seen_classes + 1)]
+
+
 def size_opts(args: argparse.Namespace) -> List[str]:
     """The image-size options of training (inference reads them from the run's config): the predictor resizes
     a test image's long side to ``INPUT.RESIZE_BASE`` (times the largest jitter ratio), so inference with the
@@ -309,6 +332,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--unseen", default="ring", help="the shape kind named only at inference")
+    parser.add_argument("--seen-classes", type=int, default=5,
+                        help="shape kinds labeled for segmentation (the first N of the 10; the tiny config's 5): "
+                             "does the unseen name transfer better when the decoder saw more names?")
     parser.add_argument("--iters", type=int, default=1200)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--num-images", type=int, default=100)
@@ -353,7 +379,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         values = summary[key]
         summary[key] = {"runs": values, **mean_std(values)}
     output = {"setup": {"command": "python tools/open_vocabulary_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        "seeds": args.seeds, "iterations": args.iters, "image_size": args.image_size, "opts": args.opts,
+                        "seeds": args.seeds, "seen_classes": args.seen_classes, "unseen": args.unseen,
+                        "iterations": args.iters, "image_size": args.image_size, "opts": args.opts,
                         "ensemble_weights": ensemble_weights(args),
                         **({"distractors": args.distractors, "filter_top_k": args.filter_top_k}
                            if args.distractors > 0 else {})},

@@ -92,7 +92,7 @@ def test_inference_sees_the_training_image_size(tool, tmp_path, monkeypatch):
 
     import hvlformer.predictor
 
-    args = argparse.Namespace(image_size=96, opts=[], unseen="ring", ensemble_weights=[0.3, 0.9])
+    args = argparse.Namespace(image_size=96, opts=[], unseen="ring", seen_classes=5, ensemble_weights=[0.3, 0.9])
     trained = tool.resolved_cfg(tool.CONFIG, ["MODEL.HVLFORMER.CLASSIFIER", "text", *tool.size_opts(args)])
     (tmp_path / "config.yaml").write_text(trained.dump())
     (tmp_path / "model_final.pth").write_bytes(b"")
@@ -114,3 +114,35 @@ def test_inference_sees_the_training_image_size(tool, tmp_path, monkeypatch):
     assert not plain.TEST.CLIP_ENSEMBLE.ENABLED and ensemble.TEST.CLIP_ENSEMBLE.ENABLED
     assert (ensemble.TEST.CLIP_ENSEMBLE.SEEN_WEIGHT, ensemble.TEST.CLIP_ENSEMBLE.UNSEEN_WEIGHT) == (0.3, 0.9)
     assert tool.resolved_cfg(tool.CONFIG, []).INPUT.RESIZE_BASE == 128  # the tiny config's own, which the tool used to evaluate at
+
+
+def test_seen_classes_options(tool):
+    """--seen-classes: the default 5 adds nothing to the command line (the earlier runs stay reusable and keep
+    their folders); other counts set the dataset's classes and get their own folders."""
+    assert tool.class_opts(5) == [] and tool.run_name(2, 5) == "text_classifier_seed2"
+    assert tool.class_opts(9) == ["DATASETS.SHAPES.NUM_CLASSES", "10"]
+    assert tool.run_name(2, 9) == "text_classifier_9seen_seed2"
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match="seen-classes"):
+            tool.class_opts(bad)
+
+
+def test_smoke_run_more_seen_classes(tool, tmp_path):
+    """6 labeled kinds (ring among them), hexagon named only at inference: the run trains on 7 classes and the
+    evaluation scores background + 6 kinds + hexagon; a kind among the seen ones cannot be the unseen one."""
+    with pytest.raises(ValueError, match="unseen must be one of"):
+        tool.main(["--seeds", "0", "--iters", "1", "--seen-classes", "6", "--unseen", "ring", "--workers", "0",
+                   "--image-size", "64", "--num-images", "2", "--output-dir", str(tmp_path)])
+    out = tool.main(["--seeds", "0", "--iters", "1", "--seen-classes", "6", "--unseen", "hexagon", "--workers", "0",
+                     "--image-size", "64", "--num-images", "2", "--ensemble-weights", "0", "0",
+                     "--output-dir", str(tmp_path)])
+    trained = (tmp_path / "text_classifier_6seen_seed0" / "config.yaml").read_text()
+    assert "NUM_CLASSES: 7" in trained
+    run = out["per_seed"]["0"]
+    kinds = ["circle", "square", "triangle", "star", "cross", "ring"]
+    assert run["seen_classes"] == kinds and out["setup"]["seen_classes"] == 6
+    assert list(run["open_iou"]) == ["background", *kinds, "hexagon"]
+    assert list(run["closed_iou"]) == ["background", *kinds]
+    assert np.array(run["open_confusion"]).shape == (8, 8)
+    assert run["images_with_unseen"] == 1  # image 0 is drawn with the unseen kind guaranteed
+    assert list(run["zero_shot_vlm_iou"]) == list(run["open_iou"])
