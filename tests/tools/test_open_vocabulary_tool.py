@@ -129,7 +129,8 @@ def test_seen_classes_options(tool):
 
 def test_smoke_run_more_seen_classes(tool, tmp_path):
     """6 labeled kinds (ring among them), hexagon named only at inference: the run trains on 7 classes and the
-    evaluation scores background + 6 kinds + hexagon; a kind among the seen ones cannot be the unseen one."""
+    evaluation scores background + 6 kinds + hexagon; a kind among the seen ones cannot be the unseen one; the
+    seen cost is also measured on the same pixels."""
     with pytest.raises(ValueError, match="unseen must be one of"):
         tool.main(["--seeds", "0", "--iters", "1", "--seen-classes", "6", "--unseen", "ring", "--workers", "0",
                    "--image-size", "64", "--num-images", "2", "--output-dir", str(tmp_path)])
@@ -146,3 +147,15 @@ def test_smoke_run_more_seen_classes(tool, tmp_path):
     assert np.array(run["open_confusion"]).shape == (8, 8)
     assert run["images_with_unseen"] == 1  # image 0 is drawn with the unseen kind guaranteed
     assert list(run["zero_shot_vlm_iou"]) == list(run["open_iou"])
+    # closed_same_pixels: the closed predictions scored on the open arm's pixels; every hexagon pixel is given
+    # some seen class there (it cannot be named), so a seen union grows and no seen IoU can rise
+    assert list(run["closed_same_pixels_iou"]) == list(run["closed_iou"])
+    lower = [run["closed_same_pixels_iou"][n] < run["closed_iou"][n] - 1e-9 for n in run["closed_iou"]]
+    assert any(lower) and all(run["closed_same_pixels_iou"][n] <= run["closed_iou"][n] + 1e-9
+                              for n in run["closed_iou"])
+    summary = out["summary"]
+    assert summary["seen_cost_same_pixels"]["runs"] == [
+        round(run["closed_same_pixels_seen_miou"] - run["open_seen_miou"], 2)]
+    assert summary["ensemble_seen_cost_same_pixels"]["runs"] == [
+        round(run["closed_same_pixels_seen_miou"] - run["ensemble_open_seen_miou"], 2)]
+
