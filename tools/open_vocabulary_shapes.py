@@ -60,7 +60,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -141,19 +141,13 @@ def train(seed: int, args: argparse.Namespace) -> Path:
 
 def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     """Open- and closed-vocabulary IoUs of a trained run, and the tiny CLIP alone, on the same images."""
-    from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
+    from hvlformer.data.shapes import _image_rng, render_shapes_image
     from hvlformer.modeling.clip_loader import build_clip_model
     from hvlformer.modeling.text.descriptions import resolve_descriptions_path
     from hvlformer.predictor import HVLFormerPredictor
 
     spec = importlib_tool()
-    seen = shapes_class_names(args.seen_classes + 1)
-    all_names = shapes_class_names(11)
-    if args.unseen not in all_names[len(seen):]:
-        raise ValueError(f"--unseen must be one of {all_names[len(seen):]} (a kind outside the "
-                         f"{args.seen_classes} segmentation classes)")
-    unseen_id = all_names.index(args.unseen)
-    open_names = seen + [args.unseen]
+    seen, open_names, unseen_id = vocabulary(args.seen_classes, args.unseen)
     n_open, n_seen, unseen_label = len(open_names), len(seen), len(seen)  # the unseen name is the last class
     # the run's own config: inference reads the prompts, image size and every other key it was trained with
     cfg = finished_run_cfg(run_dir)
@@ -294,6 +288,19 @@ class QueryDiagnosis:
         }
 
 
+def vocabulary(seen_classes: int, unseen: str) -> Tuple[List[str], List[str], int]:
+    """``(seen, open, unseen_id)``: background + the first ``seen_classes`` kinds, those + ``unseen``, and the
+    unseen kind's label id in the 10-kind renderer. Raises if ``unseen`` is not a kind after the seen ones."""
+    from hvlformer.data.shapes import shapes_class_names
+
+    seen = shapes_class_names(seen_classes + 1)
+    all_names = shapes_class_names(11)
+    if unseen not in all_names[len(seen):]:
+        raise ValueError(f"--unseen must be one of {all_names[len(seen):]} (a kind outside the "
+                         f"{seen_classes} segmentation classes)")
+    return seen, seen + [unseen], all_names.index(unseen)
+
+
 def run_name(seed: int, seen_classes: int) -> str:
     """Folder of one seed's run: ``text_classifier_seed{seed}`` for the 5 segmentation classes (the runs made
     before ``--seen-classes`` existed keep their name), ``text_classifier_{N}seen_seed{seed}`` otherwise."""
@@ -366,6 +373,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              "options win; give the runs their own --output-dir")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # the class options checked before any run trains (a bad --unseen used to surface after seed 0's training)
+    class_opts(args.seen_classes)
+    vocabulary(args.seen_classes, args.unseen)
     per_seed = {}
     for seed in args.seeds:
         run_dir = train(seed, args)

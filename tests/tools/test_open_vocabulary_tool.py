@@ -134,6 +134,7 @@ def test_smoke_run_more_seen_classes(tool, tmp_path):
     with pytest.raises(ValueError, match="unseen must be one of"):
         tool.main(["--seeds", "0", "--iters", "1", "--seen-classes", "6", "--unseen", "ring", "--workers", "0",
                    "--image-size", "64", "--num-images", "2", "--output-dir", str(tmp_path)])
+    assert not (tmp_path / "text_classifier_6seen_seed0").exists()  # refused before any training
     out = tool.main(["--seeds", "0", "--iters", "1", "--seen-classes", "6", "--unseen", "hexagon", "--workers", "0",
                      "--image-size", "64", "--num-images", "2", "--ensemble-weights", "0", "0",
                      "--output-dir", str(tmp_path)])
