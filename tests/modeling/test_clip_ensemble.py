@@ -1,5 +1,6 @@
-"""TEST.CLIP_ENSEMBLE: mask pooling, the geometric ensemble (hand-computed), the model wiring (E_I^0 at test,
-seen / unseen weights, the vocabulary cache) and the shipped tiny CLIP's classification of real shape masks."""
+"""TEST.CLIP_ENSEMBLE: mask pooling, the geometric ensemble per mask and per pixel (hand-computed; only the
+pixel level can split a mask), the model wiring (E_I^0 at test, seen / unseen weights, the vocabulary cache,
+LEVEL pixel on every inference path) and the shipped tiny CLIP's classification of real shape masks."""
 import math
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, TINY_PRETRAINED_CONFIG
-from hvlformer.modeling.clip_ensemble import CLIPEnsemble, geometric_ensemble, mask_pooled_embeddings
+from hvlformer.modeling.clip_ensemble import (CLIPEnsemble, geometric_ensemble, mask_pooled_embeddings,
+                                              pixel_geometric_ensemble)
 from hvlformer.modeling.clip_loader import reference_needed_at_test
 
 
@@ -48,6 +50,44 @@ def test_ensemble_weights_zero_and_one_are_the_decoder_and_clip_alone():
     torch.testing.assert_close(only_clip, torch.cat([clip * (1 - no_object), no_object], -1), atol=1e-6, rtol=0)
 
 
+def test_pixel_ensemble_matches_the_formula_by_hand():
+    # one pixel, two classes: decoder scores 0.6 / 0.2 (total 0.8), CLIP logits log 0.1 / log 0.9
+    scores = torch.tensor([0.6, 0.2]).view(1, 2, 1, 1)
+    clip_logits = torch.tensor([0.1, 0.9]).log().view(1, 2, 1, 1) + 3.0  # a shift does not matter (softmax)
+    mixed = pixel_geometric_ensemble(scores, clip_logits, torch.tensor([0.4, 0.8]))[0, :, 0, 0]
+    a, b = 0.75 ** 0.6 * 0.1 ** 0.4, 0.25 ** 0.2 * 0.9 ** 0.8
+    torch.testing.assert_close(mixed, torch.tensor([a / (a + b), b / (a + b)]) * 0.8, atol=1e-6, rtol=0)
+
+
+def test_pixel_ensemble_weights_zero_and_one_are_the_decoder_and_clip_alone():
+    torch.manual_seed(0)
+    scores = torch.rand(2, 3, 4, 5) * 2
+    clip_logits = torch.randn(2, 3, 4, 5) * 4
+    torch.testing.assert_close(pixel_geometric_ensemble(scores, clip_logits, torch.zeros(3)), scores,
+                               atol=1e-5, rtol=1e-5)
+    only_clip = pixel_geometric_ensemble(scores, clip_logits, torch.ones(3))
+    torch.testing.assert_close(only_clip, clip_logits.softmax(1) * scores.sum(1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_only_the_pixel_level_splits_a_mask():
+    """One query's mask covers the whole 1 x 4 image as class 0 (seen, p 0.95 over the two classes); E_I^0's
+    patches are class 0's on the left half and the unseen class 1's on the right (CLIP: 0.95 each). Per mask,
+    CLIP sees the average and the image keeps one label; per pixel, the right half goes to class 1."""
+    from hvlformer.modeling.outputs import semantic_scores
+
+    pred_logits = torch.tensor([[[2.0, -1.0, -4.0]]])            # 1 image x 1 query x (2 classes + no object)
+    pred_masks = torch.full((1, 1, 1, 4), 6.0)                   # the query's mask: every pixel
+    dense = torch.eye(2)[[0, 0, 1, 1]].t().reshape(1, 2, 1, 4)    # patch embeddings: left half e0, right half e1
+    ensemble = CLIPEnsemble(logit_scale=math.log(19.0))          # softmax([s, 0]) = [0.95, 0.05]
+    text, weights = torch.eye(2), torch.tensor([0.4, 0.8])
+    mask_level = semantic_scores(ensemble(pred_logits, pred_masks, dense, text, weights), pred_masks)
+    assert mask_level[0].argmax(0).flatten().tolist() == [0, 0, 0, 0]  # one label for the whole mask
+    plain = semantic_scores(pred_logits, pred_masks)
+    pixel_level = pixel_geometric_ensemble(plain, ensemble.pixel_logits(dense, text), weights)
+    assert pixel_level[0].argmax(0).flatten().tolist() == [0, 0, 1, 1]
+    torch.testing.assert_close(pixel_level.sum(1), plain.sum(1))  # each pixel keeps the decoder's total
+
+
 def test_ensemble_rejects_bad_settings():
     with pytest.raises(ValueError, match="seen_weight"):
         CLIPEnsemble(logit_scale=10.0, seen_weight=1.5)
@@ -55,6 +95,8 @@ def test_ensemble_rejects_bad_settings():
         CLIPEnsemble(logit_scale=10.0, template="a photo")
     with pytest.raises(ValueError, match="logit scale"):
         CLIPEnsemble(logit_scale=0.0)
+    with pytest.raises(ValueError, match="LEVEL"):
+        CLIPEnsemble(logit_scale=10.0, level="region")
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +206,69 @@ def test_ema_teacher_shares_e_i0_for_its_evaluation(ensemble_model, tiny_model):
     # without the ensemble the teacher still carries no E_I^0 at all
     plain = tiny_model(config=TINY_PRETRAINED_CONFIG, train=False)
     assert plain.backbone.reference is not None and EMATeacher(plain).model.backbone.reference is None
+
+
+def test_pixel_level_on_the_model_keeps_each_pixels_total_and_reaches_every_path(ensemble_model):
+    """LEVEL pixel: zero weights give the plain model; CLIP alone (weights 1) gives each pixel CLIP's own
+    argmax of E_I^0's logits with the decoder's total; the sliding-window path mixes too."""
+    from hvlformer.modeling.inference import scores_and_alignment, sliding_window_scores
+
+    model, ensemble = ensemble_model, ensemble_model.clip_ensemble
+    torch.manual_seed(2)
+    inputs = [{"image": torch.randint(0, 255, (3, 64, 64)).float(), "height": 64, "width": 64}]
+    saved = (ensemble.seen_weight, ensemble.unseen_weight, ensemble.level)
+    try:
+        model.clip_ensemble = None
+        with torch.no_grad():
+            plain = model(inputs)[0]["sem_seg"]
+        model.clip_ensemble = ensemble
+        ensemble.level = "pixel"
+        ensemble.seen_weight = ensemble.unseen_weight = 0.0
+        with torch.no_grad():
+            zero = model(inputs)[0]["sem_seg"]
+        ensemble.seen_weight = ensemble.unseen_weight = 1.0
+        with torch.no_grad():
+            clip_only = model(inputs)[0]["sem_seg"]
+            images = model.normalize(inputs[0]["image"])[None]
+            dense = model.backbone.reference_dense_embedding(images)
+            logits = ensemble.pixel_logits(dense, ensemble.class_embeddings(model.text_encoder, model.class_names))
+            clip_argmax = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear",
+                                                          align_corners=False)[0].argmax(0)
+            text = model.encode_text()
+            whole, _ = scores_and_alignment(model, images, text)
+            model.sliding_window, model.window_size, model.window_stride = True, 64, 64
+            windowed, _ = sliding_window_scores(model, images[0], text)
+    finally:
+        model.clip_ensemble = ensemble
+        model.sliding_window = False
+        ensemble.seen_weight, ensemble.unseen_weight, ensemble.level = saved
+    torch.testing.assert_close(zero, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clip_only.sum(0), plain.sum(0), atol=1e-4, rtol=1e-4)
+    assert torch.equal(clip_only.argmax(0), clip_argmax)
+    assert (clip_only.argmax(0) != plain.argmax(0)).any()
+    torch.testing.assert_close(windowed, whole[0], atol=1e-5, rtol=1e-5)  # one window = the whole image
+    assert torch.equal(whole[0].argmax(0), clip_argmax)
+
+
+def test_shipped_tiny_clip_finds_ring_pixels_inside_the_background_at_pixel_level(ensemble_model):
+    """E_I^0's per-pixel logits (LEVEL pixel) name most pixels of a hollow ring "ring" with the 7-name
+    vocabulary: what a mask-level classification cannot give a ring left under the background's mask."""
+    from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
+
+    model, ensemble = ensemble_model, ensemble_model.clip_ensemble
+    names = shapes_class_names(11)
+    vocabulary = names[:6] + ["ring"]
+    text = ensemble.class_embeddings(model.text_encoder, vocabulary)
+    hits = total = 0
+    for i in range(4):
+        image, label = render_shapes_image(_image_rng(0, "ensemble-pixel-test", i), 128, 11,
+                                           guaranteed_class=names.index("ring"))
+        x = model.normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None])
+        logits = ensemble.pixel_logits(model.backbone.reference_dense_embedding(x), text)
+        argmax = torch.nn.functional.interpolate(logits, size=label.shape, mode="bilinear",
+                                                 align_corners=False)[0].argmax(0)
+        ring = torch.from_numpy(label == names.index("ring"))
+        hits += int((argmax[ring] == 6).sum())
+        total += int(ring.sum())
+    assert total > 500
+    assert hits / total > 0.5

@@ -17,7 +17,16 @@ die hard", NeurIPS 2023, Sec. 3.3 "geometric ensemble"): for every query ``q`` a
 * the decoder's no-object probability is kept: ``[p(k | q) * (1 - p_dec(none | q)), p_dec(none | q)]``.
 
 The result replaces the query's class logits (as log-probabilities), so Mask2Former's semantic inference
-(:func:`~hvlformer.modeling.outputs.semantic_scores`) is unchanged. Off by default (the paper's model);
+(:func:`~hvlformer.modeling.outputs.semantic_scores`) is unchanged.
+
+``LEVEL pixel`` applies the same rule to each pixel instead of each mask: the decoder's per-pixel class
+distribution ``p_seg(k | p) = S_k(p) / sum_j S_j(p)`` (``S`` Mask2Former's semantic scores, decoder alone)
+and CLIP's own per-patch one ``p_clip(k | p) = softmax_k(s * cos(f0(p), u_k))`` (its logits upsampled
+bilinearly to the image) give ``p(k | p) ~ p_seg^(1 - w_k) * p_clip^w_k``, scaled back by ``sum_j S_j(p)``
+(:func:`pixel_geometric_ensemble`). A mask is classified as a whole, so a shape the decoder leaves under
+another class's mask (on ``shapes`` the hollow ring, under the background's) can only be found when the
+unit is the pixel. Same weights, no new parameter; the two levels are alternatives, CLIP is not counted
+twice. Off by default (the paper's model);
 needs ``MODEL.HVLFORMER.CLIP.PRETRAINED`` (E_I^0 is rebuilt from it at inference, see
 :func:`~hvlformer.modeling.clip_loader.reference_needed_at_test`). The weights 0.4 / 0.8 are FC-CLIP's, not
 tuned here. Design notes: docs/DESIGN.md, "Open vocabulary".
@@ -31,7 +40,11 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-__all__ = ["CLIPEnsemble", "mask_pooled_embeddings", "geometric_ensemble"]
+__all__ = ["CLIPEnsemble", "mask_pooled_embeddings", "geometric_ensemble", "pixel_geometric_ensemble",
+           "LEVELS"]
+
+#: the unit CLIP classifies: a query's mask (FC-CLIP) or each pixel of the image
+LEVELS = ("mask", "pixel")
 
 
 def mask_pooled_embeddings(pred_masks: Tensor, dense: Tensor) -> Tensor:
@@ -63,19 +76,42 @@ def geometric_ensemble(pred_logits: Tensor, clip_probs: Tensor, class_weights: T
     return torch.cat([mixed * (1.0 - no_object), no_object], dim=-1).clamp(min=1e-12).log()
 
 
+def pixel_geometric_ensemble(scores: Tensor, clip_logits: Tensor, class_weights: Tensor) -> Tensor:
+    """The geometric ensemble per pixel (``LEVEL pixel``, see the module docstring).
+
+    Args:
+        scores: ``B x K x H x W`` Mask2Former semantic scores (``sum_q p(k | q) sigmoid(m_q)``, >= 0).
+        clip_logits: ``B x K x H x W`` CLIP's per-pixel class logits ``s * cos(f0(p), u_k)``.
+        class_weights: ``K`` exponents ``w_k`` of CLIP's probability (0 = the decoder alone, 1 = CLIP alone).
+
+    Returns:
+        ``B x K x H x W`` scores: the mixed per-pixel class distribution times the pixel's total score
+        ``sum_k S_k(p)``, so that each pixel keeps the decoder's total and only its split over classes changes.
+    """
+    scores = scores.float()
+    total = scores.sum(dim=1, keepdim=True)
+    decoder_log = (scores / total.clamp(min=1e-12)).clamp(min=1e-12).log()
+    weights = class_weights.to(decoder_log).view(1, -1, 1, 1)
+    mixed = ((1.0 - weights) * decoder_log + weights * clip_logits.float().log_softmax(dim=1)).softmax(dim=1)
+    return mixed * total
+
+
 class CLIPEnsemble(nn.Module):
     """The geometric ensemble of the decoder's and the frozen CLIP's class probabilities (no parameters)."""
 
     @configurable
     def __init__(self, *, logit_scale: float, seen_weight: float = 0.4, unseen_weight: float = 0.8,
-                 template: str = "a photo of a {}.") -> None:
+                 template: str = "a photo of a {}.", level: str = "mask") -> None:
         """
         Args:
             logit_scale: ``s``, the scale of CLIP's cosine similarities (CLIP's learned ``exp(logit_scale)``).
             seen_weight, unseen_weight: CLIP's exponent for classes of the training vocabulary / other names.
             template: the prompt of CLIP's classification (``{}`` = the class name).
+            level: ``mask`` (each query's mask, FC-CLIP) or ``pixel`` (each pixel, :func:`pixel_geometric_ensemble`).
         """
         super().__init__()
+        if level not in LEVELS:
+            raise ValueError(f"TEST.CLIP_ENSEMBLE.LEVEL must be one of {LEVELS}, got {level!r}")
         for name, value in (("seen_weight", seen_weight), ("unseen_weight", unseen_weight)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"TEST.CLIP_ENSEMBLE: {name} must be in [0, 1], got {value}")
@@ -87,6 +123,7 @@ class CLIPEnsemble(nn.Module):
         self.seen_weight = float(seen_weight)
         self.unseen_weight = float(unseen_weight)
         self.template = template
+        self.level = level
         self._cache: Optional[Tuple[Any, Tensor]] = None
 
     @classmethod
@@ -98,6 +135,7 @@ class CLIPEnsemble(nn.Module):
             "seen_weight": c.SEEN_WEIGHT,
             "unseen_weight": c.UNSEEN_WEIGHT,
             "template": c.TEMPLATE,
+            "level": c.LEVEL,
         }
 
     def reset(self) -> None:
@@ -133,3 +171,12 @@ class CLIPEnsemble(nn.Module):
         pooled = mask_pooled_embeddings(pred_masks, reference_dense)
         clip_probs = (self.logit_scale * pooled @ class_embeddings.float().t()).softmax(dim=-1)
         return geometric_ensemble(pred_logits, clip_probs, class_weights)
+
+    def pixel_logits(self, reference_dense: Tensor, class_embeddings: Tensor) -> Tensor:
+        """CLIP's per-patch class logits ``B x K x h x w``: ``s * cos(f0(p), u_k)`` for ``LEVEL pixel``.
+
+        Args:
+            reference_dense: ``B x C x h x w`` dense embedding of E_I^0; class_embeddings: ``K x C`` unit vectors.
+        """
+        dense = F.normalize(reference_dense.float(), dim=1)
+        return self.logit_scale * torch.einsum("bchw,kc->bkhw", dense, class_embeddings.float())

@@ -12,7 +12,9 @@ runs through the model's ``predict`` / ``extract_features`` / ``decode``; nothin
   filter, :func:`filtered_scores_and_alignment`, when the vocabulary has more than its ``top_k`` classes).
 - :func:`sliding_window_scores`: one image through windows (:func:`window_origins`), averaged per pixel.
 - :func:`with_clip_ensemble`: the class logits of ``TEST.CLIP_ENSEMBLE`` (the frozen CLIP's classification of
-  each mask mixed in, :mod:`hvlformer.modeling.clip_ensemble`) when the model has one, on every path above.
+  each mask mixed in, :mod:`hvlformer.modeling.clip_ensemble`) when the model has one, on every path above;
+  with ``LEVEL pixel`` CLIP's per-patch logits instead, which :func:`output_scores_and_alignment` mixes into
+  each pixel's scores.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from detectron2.structures import ImageList
 from torch import Tensor, nn
 
 from .alignment import ALIGNMENT_KEY, pixel_text_alignment, valid_cells
+from .clip_ensemble import pixel_geometric_ensemble
 from .outputs import HVLFormerOutput, semantic_scores
 from .thesis import ecac_fuse_scores, scatter_filtered_scores
 
@@ -84,7 +87,9 @@ def scores_and_alignment(model: nn.Module, images: Tensor, text_embeddings: Tens
 def with_clip_ensemble(model: nn.Module, outputs: HVLFormerOutput, images: Tensor,
                        class_index: Optional[Tensor] = None,
                        reference_dense: Optional[Tensor] = None) -> HVLFormerOutput:
-    """``outputs`` with the CLIP ensemble's class logits when ``model.clip_ensemble`` is set, else unchanged.
+    """``outputs`` with the CLIP ensemble's class logits when ``model.clip_ensemble`` is set, else unchanged;
+    with ``LEVEL pixel`` the class logits stay the decoder's and ``outputs.clip_pixel`` carries CLIP's per-patch
+    logits and the class weights for :func:`output_scores_and_alignment`.
 
     Args:
         images: the normalised batch ``B x 3 x H x W`` of ``outputs``.
@@ -97,9 +102,12 @@ def with_clip_ensemble(model: nn.Module, outputs: HVLFormerOutput, images: Tenso
     names = model.class_names if class_index is None else [model.class_names[i] for i in class_index.tolist()]
     if reference_dense is None:
         reference_dense = model.backbone.reference_dense_embedding(images)
-    logits = ensemble(outputs.pred_logits, outputs.pred_masks, reference_dense,
-                      ensemble.class_embeddings(model.text_encoder, names),
-                      ensemble.class_weights(names, model.training_class_names, images.device))
+    class_embeddings = ensemble.class_embeddings(model.text_encoder, names)
+    class_weights = ensemble.class_weights(names, model.training_class_names, images.device)
+    if ensemble.level == "pixel":
+        return dataclasses.replace(outputs, clip_pixel={
+            "logits": ensemble.pixel_logits(reference_dense, class_embeddings), "weights": class_weights})
+    logits = ensemble(outputs.pred_logits, outputs.pred_masks, reference_dense, class_embeddings, class_weights)
     return dataclasses.replace(outputs, pred_logits=logits)
 
 
@@ -108,11 +116,16 @@ def output_scores_and_alignment(outputs: HVLFormerOutput, image_size: Sequence[i
                                 ecac_weight: float = 0.5) -> Tuple[Tensor, Optional[Tensor]]:
     """Class scores ``B x K x H x W`` of one pass at ``image_size`` (with ECAC's student mixed in with
     ``ecac_weight`` when ``outputs.ecac`` is set) and the eq.-10 alignment when ``valid_sizes`` is given
-    (see :func:`scores_and_alignment`)."""
+    (see :func:`scores_and_alignment`); with ``outputs.clip_pixel`` (``TEST.CLIP_ENSEMBLE.LEVEL pixel``) CLIP's
+    per-patch logits, upsampled bilinearly to ``image_size``, are mixed into each pixel's scores last."""
     masks = F.interpolate(outputs.pred_masks, size=tuple(image_size), mode="bilinear", align_corners=False)
     scores = semantic_scores(outputs.pred_logits, masks)
     if outputs.ecac is not None:
         scores = ecac_fuse_scores(scores, outputs.ecac["student_logits"], ecac_weight)
+    if outputs.clip_pixel is not None:
+        clip_logits = F.interpolate(outputs.clip_pixel["logits"], size=tuple(image_size), mode="bilinear",
+                                    align_corners=False)
+        scores = pixel_geometric_ensemble(scores, clip_logits, outputs.clip_pixel["weights"])
     if valid_sizes is None:
         return scores, None
     mask_features = outputs.mask_features

@@ -60,6 +60,10 @@ class HVLFormerOutput:
     #: ``class_pixel_counts`` (``K``, the running counts of eq. 4.14) and, once active, ``memory_logits``.
     #: None on unlabeled training batches (ECAC has no loss there).
     ecac: Optional[Dict[str, Tensor]] = None
+    #: ``TEST.CLIP_ENSEMBLE.LEVEL pixel`` at inference: ``logits`` ``B x K x h x w`` (CLIP's per-patch class
+    #: logits) and ``weights`` ``K`` (CLIP's exponent per class), fused into the semantic scores per pixel
+    #: (:func:`hvlformer.modeling.clip_ensemble.pixel_geometric_ensemble`). None otherwise.
+    clip_pixel: Optional[Dict[str, Tensor]] = None
 
     def decoder_outputs(self) -> Dict[str, Any]:
         """The decoder predictions as a dict: ``pred_logits``, ``pred_masks``, ``attn_maps``, ``aux_outputs``."""
