@@ -31,6 +31,8 @@ score):
 * ``ensemble``: ``open`` and ``closed`` again with ``TEST.CLIP_ENSEMBLE`` on (each query's class
   probabilities mixed with the pretrained tiny CLIP's classification of its mask, FC-CLIP's weights 0.4 /
   0.8; ``hvlformer/modeling/clip_ensemble.py``); its seen cost is measured against the plain closed vocabulary;
+* ``pixel_ensemble``: the same with ``TEST.CLIP_ENSEMBLE.LEVEL pixel`` (the same rule and weights on each
+  pixel's class distribution instead of each mask's, so the unseen name can win part of a mask);
 * ``unseen_queries``: why the unseen name wins or loses pixels: the SRE relevance of each class, the class
   distribution of the unseen name's own queries per level, and each class's queries' mask probability on
   the unseen kind's pixels.
@@ -154,6 +156,9 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     predictor = HVLFormerPredictor(cfg)
     ensemble_predictor = HVLFormerPredictor(finished_run_cfg(
         run_dir, opts=["TEST.CLIP_ENSEMBLE.ENABLED", "True", *ensemble_weight_opts(args)]))
+    pixel_predictor = HVLFormerPredictor(finished_run_cfg(
+        run_dir, opts=["TEST.CLIP_ENSEMBLE.ENABLED", "True", *ensemble_weight_opts(args),
+                       "TEST.CLIP_ENSEMBLE.LEVEL", "pixel"]))
     clip_model, tokenizer = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
     vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
     with torch.no_grad():
@@ -168,6 +173,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     conf_closed_all = np.zeros((n_open, n_open), np.int64)  # the closed predictions scored on the open arm's pixels
     conf_ensemble_open = np.zeros((n_open, n_open), np.int64)
     conf_ensemble_closed = np.zeros((n_seen, n_seen), np.int64)
+    conf_pixel_open = np.zeros((n_open, n_open), np.int64)
+    conf_pixel_closed = np.zeros((n_seen, n_seen), np.int64)
     captured: Dict[str, Any] = {}
     predict = predictor.model.predict
 
@@ -206,6 +213,10 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         conf_ensemble_open += confusion_of(ensemble_predictor(image, format="RGB").labels, mapped, n_open)
         ensemble_predictor.set_vocabulary(seen)
         conf_ensemble_closed += confusion_of(ensemble_predictor(image, format="RGB").labels, closed_label, n_seen)
+        pixel_predictor.set_vocabulary(open_names)
+        conf_pixel_open += confusion_of(pixel_predictor(image, format="RGB").labels, mapped, n_open)
+        pixel_predictor.set_vocabulary(seen)
+        conf_pixel_closed += confusion_of(pixel_predictor(image, format="RGB").labels, closed_label, n_seen)
         with torch.no_grad():
             _, dense, (h, w) = vlm.encode_image(torch.from_numpy(image).permute(2, 0, 1)[None])
             cos = (dense @ prompts.t()).transpose(1, 2).reshape(1, n_open, h, w)
@@ -220,6 +231,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     vlm_iou = iou_table(conf_vlm, open_names)
     ensemble_open_iou = iou_table(conf_ensemble_open, open_names)
     ensemble_closed_iou = iou_table(conf_ensemble_closed, seen)
+    pixel_open_iou = iou_table(conf_pixel_open, open_names)
+    pixel_closed_iou = iou_table(conf_pixel_closed, seen)
     return {
         "unseen": args.unseen, "seen_classes": seen[1:], "images": args.num_images, "images_with_unseen": images_with_unseen,
         "open_iou": open_iou, "open_seen_miou": statistics.mean(open_iou[n] for n in seen),
@@ -242,6 +255,12 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         "ensemble_closed_iou": ensemble_closed_iou,
         "ensemble_closed_seen_miou": statistics.mean(ensemble_closed_iou.values()),
         "ensemble_open_confusion": conf_ensemble_open.tolist(),
+        # TEST.CLIP_ENSEMBLE with LEVEL pixel, open and closed vocabulary
+        "pixel_ensemble_open_iou": pixel_open_iou,
+        "pixel_ensemble_open_seen_miou": statistics.mean(pixel_open_iou[n] for n in seen),
+        "pixel_ensemble_closed_iou": pixel_closed_iou,
+        "pixel_ensemble_closed_seen_miou": statistics.mean(pixel_closed_iou.values()),
+        "pixel_ensemble_open_confusion": conf_pixel_open.tolist(),
     }
 
 
@@ -396,6 +415,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # against the trained model as it is (closed vocabulary, no ensemble)
     summary["ensemble_seen_cost"] = [round(r["closed_seen_miou"] - r["ensemble_open_seen_miou"], 2)
                                      for r in per_seed.values()]
+    summary["pixel_ensemble_unseen_iou"] = [round(r["pixel_ensemble_open_iou"][args.unseen], 2) for r in per_seed.values()]
+    summary["pixel_ensemble_seen_cost_same_pixels"] = [
+        round(r["closed_same_pixels_seen_miou"] - r["pixel_ensemble_open_seen_miou"], 2) for r in per_seed.values()]
+    summary["pixel_ensemble_seen_cost"] = [round(r["closed_seen_miou"] - r["pixel_ensemble_open_seen_miou"], 2)
+                                           for r in per_seed.values()]
     summary["zero_shot_vlm_unseen_iou"] = round(next(iter(per_seed.values()))["zero_shot_vlm_iou"][args.unseen], 2)
     if args.distractors > 0:
         for arm in ("no_distractors", "filter_off", "filter_on"):
