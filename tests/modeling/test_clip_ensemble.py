@@ -167,20 +167,35 @@ def test_zero_weights_give_the_plain_model_and_weights_change_the_scores(ensembl
     torch.testing.assert_close(clip_only.sum(0), plain.sum(0), atol=1e-4, rtol=1e-4)
 
 
+VOCABULARY = ["background", "circle", "square", "triangle", "star", "cross", "ring"]  # 5 seen kinds + ring
+
+
+def shape_vocabulary(model):
+    """The 11 names of the 10-kind renderer, and the ensemble's text embeddings of :data:`VOCABULARY`."""
+    from hvlformer.data.shapes import shapes_class_names
+
+    names = shapes_class_names(11)
+    assert names[:6] == VOCABULARY[:6]
+    return names, model.clip_ensemble.class_embeddings(model.text_encoder, VOCABULARY)
+
+
+def shape_images(model, tag, count, guaranteed):
+    """``count`` rendered 128-px images of all 10 kinds (``guaranteed(i)``: a kind drawn in image ``i``), each
+    as the model's normalised ``1 x 3 x H x W`` batch and its ``H x W`` label ids."""
+    from hvlformer.data.shapes import _image_rng, render_shapes_image
+
+    for i in range(count):
+        image, label = render_shapes_image(_image_rng(0, tag, i), 128, 11, guaranteed_class=guaranteed(i))
+        yield model.normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]), label
+
+
 def test_shipped_tiny_clip_names_real_shape_masks(ensemble_model):
     """E_I^0 (the shipped tiny CLIP v2) pooled under a shape's true mask is classified as that shape, for
     a kind never labeled for segmentation ("ring") too: what makes the ensemble useful."""
-    from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
-
     model, ensemble = ensemble_model, ensemble_model.clip_ensemble
-    names = shapes_class_names(11)
-    vocabulary = names[:6] + ["ring"]
-    text = ensemble.class_embeddings(model.text_encoder, vocabulary)
+    names, text = shape_vocabulary(model)
     correct = total = 0
-    for i in range(6):
-        image, label = render_shapes_image(_image_rng(0, "ensemble-test", i), 128, 11,
-                                           guaranteed_class=names.index("ring") if i % 2 == 0 else 1)
-        x = model.normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None])
+    for x, label in shape_images(model, "ensemble-test", 6, lambda i: names.index("ring") if i % 2 == 0 else 1):
         dense = model.backbone.reference_dense_embedding(x)
         for kind in ("circle", "ring"):
             region = torch.from_numpy(label == names.index(kind))
@@ -189,7 +204,7 @@ def test_shipped_tiny_clip_names_real_shape_masks(ensemble_model):
             mask_logits = (region.float() * 20 - 10)[None, None]
             pooled = mask_pooled_embeddings(mask_logits, dense)[0, 0]
             total += 1
-            correct += int(vocabulary[int((pooled @ text.t()).argmax())] == kind)
+            correct += int(VOCABULARY[int((pooled @ text.t()).argmax())] == kind)
     assert total >= 4
     assert correct == total
     assert math.isfinite(ensemble.logit_scale)
@@ -253,17 +268,10 @@ def test_pixel_level_on_the_model_keeps_each_pixels_total_and_reaches_every_path
 def test_shipped_tiny_clip_finds_ring_pixels_inside_the_background_at_pixel_level(ensemble_model):
     """E_I^0's per-pixel logits (LEVEL pixel) name most pixels of a hollow ring "ring" with the 7-name
     vocabulary: what a mask-level classification cannot give a ring left under the background's mask."""
-    from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
-
     model, ensemble = ensemble_model, ensemble_model.clip_ensemble
-    names = shapes_class_names(11)
-    vocabulary = names[:6] + ["ring"]
-    text = ensemble.class_embeddings(model.text_encoder, vocabulary)
+    names, text = shape_vocabulary(model)
     hits = total = 0
-    for i in range(4):
-        image, label = render_shapes_image(_image_rng(0, "ensemble-pixel-test", i), 128, 11,
-                                           guaranteed_class=names.index("ring"))
-        x = model.normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None])
+    for x, label in shape_images(model, "ensemble-pixel-test", 4, lambda i: names.index("ring")):
         logits = ensemble.pixel_logits(model.backbone.reference_dense_embedding(x), text)
         argmax = torch.nn.functional.interpolate(logits, size=label.shape, mode="bilinear",
                                                  align_corners=False)[0].argmax(0)
