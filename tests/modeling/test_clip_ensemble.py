@@ -280,3 +280,39 @@ def test_shipped_tiny_clip_finds_ring_pixels_inside_the_background_at_pixel_leve
         total += int(ring.sum())
     assert total > 500
     assert hits / total > 0.5
+
+
+def test_pixel_level_with_the_category_filter_matches_the_kept_vocabulary(single_thread):
+    """LSMSeg's category filter with LEVEL pixel: per image, the scores of the kept classes are those of the
+    same model given only those names (CLIP's pixel logits and weights follow the kept classes), the rest 0."""
+    from conftest import make_tiny_model
+    from hvlformer.modeling.inference import scores_and_alignment
+
+    model = make_tiny_model("MODEL.HVLFORMER.CLASSIFIER", "text", "TEST.CLIP_ENSEMBLE.ENABLED", "True",
+                            "TEST.CLIP_ENSEMBLE.LEVEL", "pixel", "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER", "True",
+                            "MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER_TOP_K", "4", config=TINY_PRETRAINED_CONFIG, train=False)
+    assert model.clip_ensemble.level == "pixel"
+    names = VOCABULARY
+
+    def use(vocabulary):
+        model.set_vocabulary(vocabulary, [[f"a photo of a {n}."] for n in vocabulary],
+                             [f"a photo of a {n}." for n in vocabulary])
+
+    ring = shape_vocabulary(model)[0].index("ring")
+    images = next(shape_images(model, "ensemble-filter-test", 1, lambda i: ring))[0].repeat(2, 1, 1, 1)
+    images[1] = images[1].flip(-1)
+    use(names)
+    with torch.no_grad():
+        text = model.encode_text()
+        scores, _ = scores_and_alignment(model, images, text)
+        kept = model.category_filter(model.extract_features(images)["clip_dense"], text)["indices"]
+        filter_module, model.category_filter = model.category_filter, None
+        try:
+            for b in range(2):
+                use([names[i] for i in kept[b]])
+                reference, _ = scores_and_alignment(model, images[b: b + 1], model.encode_text())
+                torch.testing.assert_close(scores[b, kept[b]], reference[0], atol=1e-5, rtol=1e-5)
+                dropped = [k for k in range(len(names)) if k not in kept[b].tolist()]
+                assert torch.all(scores[b, dropped] == 0)
+        finally:
+            model.category_filter = filter_module
