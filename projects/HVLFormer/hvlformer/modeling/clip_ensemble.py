@@ -56,6 +56,12 @@ def mask_pooled_embeddings(pred_masks: Tensor, dense: Tensor) -> Tensor:
     return F.normalize(pooled, dim=-1)
 
 
+def _mix(decoder_log: Tensor, clip_log: Tensor, weights: Tensor, dim: int) -> Tensor:
+    """The rule of both levels: ``softmax((1 - w_k) log p_dec + w_k log p_clip)`` over the classes (``dim``);
+    ``weights`` broadcast against the class axis."""
+    return ((1.0 - weights) * decoder_log + weights * clip_log).softmax(dim=dim)
+
+
 def geometric_ensemble(pred_logits: Tensor, clip_probs: Tensor, class_weights: Tensor) -> Tensor:
     """Mix the decoder's class distribution with CLIP's (see the module docstring).
 
@@ -71,8 +77,7 @@ def geometric_ensemble(pred_logits: Tensor, clip_probs: Tensor, class_weights: T
     probs = pred_logits.float().softmax(dim=-1)
     no_object = probs[..., -1:]
     decoder_log = pred_logits.float()[..., :-1].log_softmax(dim=-1)
-    weights = class_weights.to(decoder_log)
-    mixed = ((1.0 - weights) * decoder_log + weights * clip_probs.float().clamp(min=1e-12).log()).softmax(dim=-1)
+    mixed = _mix(decoder_log, clip_probs.float().clamp(min=1e-12).log(), class_weights.to(decoder_log), dim=-1)
     return torch.cat([mixed * (1.0 - no_object), no_object], dim=-1).clamp(min=1e-12).log()
 
 
@@ -92,8 +97,7 @@ def pixel_geometric_ensemble(scores: Tensor, clip_logits: Tensor, class_weights:
     total = scores.sum(dim=1, keepdim=True)
     decoder_log = (scores / total.clamp(min=1e-12)).clamp(min=1e-12).log()
     weights = class_weights.to(decoder_log).view(1, -1, 1, 1)
-    mixed = ((1.0 - weights) * decoder_log + weights * clip_logits.float().log_softmax(dim=1)).softmax(dim=1)
-    return mixed * total
+    return _mix(decoder_log, clip_logits.float().log_softmax(dim=1), weights, dim=1) * total
 
 
 class CLIPEnsemble(nn.Module):
