@@ -1,6 +1,7 @@
 """TEST.CLIP_ENSEMBLE: mask pooling, the geometric ensemble per mask and per pixel (hand-computed; only the
 pixel level can split a mask), the model wiring (E_I^0 at test, seen / unseen weights, the vocabulary cache,
 LEVEL pixel on every inference path) and the shipped tiny CLIP's classification of real shape masks."""
+import contextlib
 import math
 
 import numpy as np
@@ -142,25 +143,37 @@ def test_model_weights_follow_the_training_vocabulary_and_the_cache_follows_the_
     torch.testing.assert_close(bigger[6], expected)
 
 
+@contextlib.contextmanager
+def attributes(obj, **values):
+    """``obj`` with the given attributes set, restored on exit (the module-scoped model is shared)."""
+    saved = {name: getattr(obj, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(obj, name, value)
+        yield obj
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
+
+
+def plain_zero_and_clip_only(model, inputs, level):
+    """``sem_seg`` of ``inputs`` without the ensemble, with it at CLIP weights 0, and at weights 1 (CLIP alone),
+    the ensemble at ``level``."""
+    ensemble = model.clip_ensemble
+    with torch.no_grad():
+        with attributes(model, clip_ensemble=None):
+            plain = model(inputs)[0]["sem_seg"]
+        with attributes(ensemble, seen_weight=0.0, unseen_weight=0.0, level=level):
+            zero = model(inputs)[0]["sem_seg"]
+        with attributes(ensemble, seen_weight=1.0, unseen_weight=1.0, level=level):
+            clip_only = model(inputs)[0]["sem_seg"]
+    return plain, zero, clip_only
+
+
 def test_zero_weights_give_the_plain_model_and_weights_change_the_scores(ensemble_model):
-    model = ensemble_model
     torch.manual_seed(1)
     inputs = [{"image": torch.randint(0, 255, (3, 64, 64)).float(), "height": 64, "width": 64}]
-    ensemble = model.clip_ensemble
-    try:
-        model.clip_ensemble = None
-        with torch.no_grad():
-            plain = model(inputs)[0]["sem_seg"]
-        model.clip_ensemble = ensemble
-        ensemble.seen_weight = ensemble.unseen_weight = 0.0
-        with torch.no_grad():
-            zero = model(inputs)[0]["sem_seg"]
-        ensemble.seen_weight = ensemble.unseen_weight = 1.0
-        with torch.no_grad():
-            clip_only = model(inputs)[0]["sem_seg"]
-    finally:
-        model.clip_ensemble = ensemble
-        ensemble.seen_weight, ensemble.unseen_weight = 0.4, 0.8
+    plain, zero, clip_only = plain_zero_and_clip_only(ensemble_model, inputs, "mask")
     torch.testing.assert_close(zero, plain, atol=1e-5, rtol=1e-5)
     assert (clip_only - plain).abs().max() > 1e-2
     # the ensemble moves mass between classes only: no-object probabilities are the decoder's
@@ -231,32 +244,17 @@ def test_pixel_level_on_the_model_keeps_each_pixels_total_and_reaches_every_path
     model, ensemble = ensemble_model, ensemble_model.clip_ensemble
     torch.manual_seed(2)
     inputs = [{"image": torch.randint(0, 255, (3, 64, 64)).float(), "height": 64, "width": 64}]
-    saved = (ensemble.seen_weight, ensemble.unseen_weight, ensemble.level)
-    try:
-        model.clip_ensemble = None
-        with torch.no_grad():
-            plain = model(inputs)[0]["sem_seg"]
-        model.clip_ensemble = ensemble
-        ensemble.level = "pixel"
-        ensemble.seen_weight = ensemble.unseen_weight = 0.0
-        with torch.no_grad():
-            zero = model(inputs)[0]["sem_seg"]
-        ensemble.seen_weight = ensemble.unseen_weight = 1.0
-        with torch.no_grad():
-            clip_only = model(inputs)[0]["sem_seg"]
-            images = model.normalize(inputs[0]["image"])[None]
-            dense = model.backbone.reference_dense_embedding(images)
-            logits = ensemble.pixel_logits(dense, ensemble.class_embeddings(model.text_encoder, model.class_names))
-            clip_argmax = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear",
-                                                          align_corners=False)[0].argmax(0)
-            text = model.encode_text()
-            whole, _ = scores_and_alignment(model, images, text)
-            model.sliding_window, model.window_size, model.window_stride = True, 64, 64
+    plain, zero, clip_only = plain_zero_and_clip_only(model, inputs, "pixel")
+    with torch.no_grad(), attributes(ensemble, seen_weight=1.0, unseen_weight=1.0, level="pixel"):
+        images = model.normalize(inputs[0]["image"])[None]
+        dense = model.backbone.reference_dense_embedding(images)
+        logits = ensemble.pixel_logits(dense, ensemble.class_embeddings(model.text_encoder, model.class_names))
+        clip_argmax = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear",
+                                                      align_corners=False)[0].argmax(0)
+        text = model.encode_text()
+        whole, _ = scores_and_alignment(model, images, text)
+        with attributes(model, sliding_window=True, window_size=64, window_stride=64):
             windowed, _ = sliding_window_scores(model, images[0], text)
-    finally:
-        model.clip_ensemble = ensemble
-        model.sliding_window = False
-        ensemble.seen_weight, ensemble.unseen_weight, ensemble.level = saved
     torch.testing.assert_close(zero, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(clip_only.sum(0), plain.sum(0), atol=1e-4, rtol=1e-4)
     assert torch.equal(clip_only.argmax(0), clip_argmax)
@@ -306,13 +304,10 @@ def test_pixel_level_with_the_category_filter_matches_the_kept_vocabulary(single
         text = model.encode_text()
         scores, _ = scores_and_alignment(model, images, text)
         kept = model.category_filter(model.extract_features(images)["clip_dense"], text)["indices"]
-        filter_module, model.category_filter = model.category_filter, None
-        try:
+        with attributes(model, category_filter=None):
             for b in range(2):
                 use([names[i] for i in kept[b]])
                 reference, _ = scores_and_alignment(model, images[b: b + 1], model.encode_text())
                 torch.testing.assert_close(scores[b, kept[b]], reference[0], atol=1e-5, rtol=1e-5)
                 dropped = [k for k in range(len(names)) if k not in kept[b].tolist()]
                 assert torch.all(scores[b, dropped] == 0)
-        finally:
-            model.category_filter = filter_module
