@@ -76,6 +76,8 @@ CONFIG = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
 
 
 DESCRIPTIONS = ROOT / "datasets" / "descriptions"
+#: the CLIP ensemble arms: the prefix of their result fields -> their TEST.CLIP_ENSEMBLE.LEVEL
+ENSEMBLE_ARMS = {"ensemble": "mask", "pixel_ensemble": "pixel"}
 
 
 def distractor_names(count: int, exclude: Sequence[str]) -> List[str]:
@@ -154,11 +156,11 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     # the run's own config: inference reads the prompts, image size and every other key it was trained with
     cfg = finished_run_cfg(run_dir)
     predictor = HVLFormerPredictor(cfg)
-    ensemble_predictor = HVLFormerPredictor(finished_run_cfg(
-        run_dir, opts=["TEST.CLIP_ENSEMBLE.ENABLED", "True", *ensemble_weight_opts(args)]))
-    pixel_predictor = HVLFormerPredictor(finished_run_cfg(
-        run_dir, opts=["TEST.CLIP_ENSEMBLE.ENABLED", "True", *ensemble_weight_opts(args),
-                       "TEST.CLIP_ENSEMBLE.LEVEL", "pixel"]))
+    # the CLIP ensemble arms, by their fields' prefix
+    ensemble_predictors = {
+        arm: HVLFormerPredictor(finished_run_cfg(run_dir, opts=[
+            "TEST.CLIP_ENSEMBLE.ENABLED", "True", *ensemble_weight_opts(args), "TEST.CLIP_ENSEMBLE.LEVEL", level]))
+        for arm, level in ENSEMBLE_ARMS.items()}
     clip_model, tokenizer = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
     vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
     with torch.no_grad():
@@ -171,10 +173,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     conf_described = np.zeros((n_open, n_open), np.int64)
     conf_closed = np.zeros((n_seen, n_seen), np.int64)
     conf_closed_all = np.zeros((n_open, n_open), np.int64)  # the closed predictions scored on the open arm's pixels
-    conf_ensemble_open = np.zeros((n_open, n_open), np.int64)
-    conf_ensemble_closed = np.zeros((n_seen, n_seen), np.int64)
-    conf_pixel_open = np.zeros((n_open, n_open), np.int64)
-    conf_pixel_closed = np.zeros((n_seen, n_seen), np.int64)
+    conf_ensemble_open = {arm: np.zeros((n_open, n_open), np.int64) for arm in ENSEMBLE_ARMS}
+    conf_ensemble_closed = {arm: np.zeros((n_seen, n_seen), np.int64) for arm in ENSEMBLE_ARMS}
     captured: Dict[str, Any] = {}
     predict = predictor.model.predict
 
@@ -209,14 +209,12 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         closed_prediction = predictor(image, format="RGB").labels
         conf_closed += confusion_of(closed_prediction, closed_label, n_seen)
         conf_closed_all += confusion_of(closed_prediction, mapped, n_open)
-        ensemble_predictor.set_vocabulary(open_names)
-        conf_ensemble_open += confusion_of(ensemble_predictor(image, format="RGB").labels, mapped, n_open)
-        ensemble_predictor.set_vocabulary(seen)
-        conf_ensemble_closed += confusion_of(ensemble_predictor(image, format="RGB").labels, closed_label, n_seen)
-        pixel_predictor.set_vocabulary(open_names)
-        conf_pixel_open += confusion_of(pixel_predictor(image, format="RGB").labels, mapped, n_open)
-        pixel_predictor.set_vocabulary(seen)
-        conf_pixel_closed += confusion_of(pixel_predictor(image, format="RGB").labels, closed_label, n_seen)
+        for arm, ensemble_predictor in ensemble_predictors.items():
+            ensemble_predictor.set_vocabulary(open_names)
+            conf_ensemble_open[arm] += confusion_of(ensemble_predictor(image, format="RGB").labels, mapped, n_open)
+            ensemble_predictor.set_vocabulary(seen)
+            conf_ensemble_closed[arm] += confusion_of(ensemble_predictor(image, format="RGB").labels, closed_label,
+                                                      n_seen)
         with torch.no_grad():
             _, dense, (h, w) = vlm.encode_image(torch.from_numpy(image).permute(2, 0, 1)[None])
             cos = (dense @ prompts.t()).transpose(1, 2).reshape(1, n_open, h, w)
@@ -229,10 +227,16 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     closed_iou = iou_table(conf_closed, seen)
     closed_same_pixels_iou = iou_table(conf_closed_all, open_names, ignore=[unseen_label])
     vlm_iou = iou_table(conf_vlm, open_names)
-    ensemble_open_iou = iou_table(conf_ensemble_open, open_names)
-    ensemble_closed_iou = iou_table(conf_ensemble_closed, seen)
-    pixel_open_iou = iou_table(conf_pixel_open, open_names)
-    pixel_closed_iou = iou_table(conf_pixel_closed, seen)
+    ensemble_fields = {}
+    for arm in ENSEMBLE_ARMS:  # TEST.CLIP_ENSEMBLE on, open and closed vocabulary
+        open_arm, closed_arm = iou_table(conf_ensemble_open[arm], open_names), iou_table(conf_ensemble_closed[arm], seen)
+        ensemble_fields.update({
+            f"{arm}_open_iou": open_arm,
+            f"{arm}_open_seen_miou": statistics.mean(open_arm[n] for n in seen),
+            f"{arm}_closed_iou": closed_arm,
+            f"{arm}_closed_seen_miou": statistics.mean(closed_arm.values()),
+            f"{arm}_open_confusion": conf_ensemble_open[arm].tolist(),
+        })
     return {
         "unseen": args.unseen, "seen_classes": seen[1:], "images": args.num_images, "images_with_unseen": images_with_unseen,
         "open_iou": open_iou, "open_seen_miou": statistics.mean(open_iou[n] for n in seen),
@@ -249,18 +253,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
         "descriptions_file": shown_file,
         "described_seen_miou": statistics.mean(described_iou[n] for n in seen),
         "unseen_queries": queries.summary(),
-        # TEST.CLIP_ENSEMBLE on, open and closed vocabulary
-        "ensemble_open_iou": ensemble_open_iou,
-        "ensemble_open_seen_miou": statistics.mean(ensemble_open_iou[n] for n in seen),
-        "ensemble_closed_iou": ensemble_closed_iou,
-        "ensemble_closed_seen_miou": statistics.mean(ensemble_closed_iou.values()),
-        "ensemble_open_confusion": conf_ensemble_open.tolist(),
-        # TEST.CLIP_ENSEMBLE with LEVEL pixel, open and closed vocabulary
-        "pixel_ensemble_open_iou": pixel_open_iou,
-        "pixel_ensemble_open_seen_miou": statistics.mean(pixel_open_iou[n] for n in seen),
-        "pixel_ensemble_closed_iou": pixel_closed_iou,
-        "pixel_ensemble_closed_seen_miou": statistics.mean(pixel_closed_iou.values()),
-        "pixel_ensemble_open_confusion": conf_pixel_open.tolist(),
+        **ensemble_fields,
     }
 
 
@@ -409,17 +402,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # naming the unseen kind, measured on the same pixels and labels with and without its name
     summary["seen_cost_same_pixels"] = [round(r["closed_same_pixels_seen_miou"] - r["open_seen_miou"], 2)
                                         for r in per_seed.values()]
-    summary["ensemble_seen_cost_same_pixels"] = [
-        round(r["closed_same_pixels_seen_miou"] - r["ensemble_open_seen_miou"], 2) for r in per_seed.values()]
-    summary["ensemble_unseen_iou"] = [round(r["ensemble_open_iou"][args.unseen], 2) for r in per_seed.values()]
-    # against the trained model as it is (closed vocabulary, no ensemble)
-    summary["ensemble_seen_cost"] = [round(r["closed_seen_miou"] - r["ensemble_open_seen_miou"], 2)
-                                     for r in per_seed.values()]
-    summary["pixel_ensemble_unseen_iou"] = [round(r["pixel_ensemble_open_iou"][args.unseen], 2) for r in per_seed.values()]
-    summary["pixel_ensemble_seen_cost_same_pixels"] = [
-        round(r["closed_same_pixels_seen_miou"] - r["pixel_ensemble_open_seen_miou"], 2) for r in per_seed.values()]
-    summary["pixel_ensemble_seen_cost"] = [round(r["closed_seen_miou"] - r["pixel_ensemble_open_seen_miou"], 2)
-                                           for r in per_seed.values()]
+    for arm in ENSEMBLE_ARMS:
+        summary[f"{arm}_seen_cost_same_pixels"] = [
+            round(r["closed_same_pixels_seen_miou"] - r[f"{arm}_open_seen_miou"], 2) for r in per_seed.values()]
+        summary[f"{arm}_unseen_iou"] = [round(r[f"{arm}_open_iou"][args.unseen], 2) for r in per_seed.values()]
+        # against the trained model as it is (closed vocabulary, no ensemble)
+        summary[f"{arm}_seen_cost"] = [round(r["closed_seen_miou"] - r[f"{arm}_open_seen_miou"], 2)
+                                       for r in per_seed.values()]
     summary["zero_shot_vlm_unseen_iou"] = round(next(iter(per_seed.values()))["zero_shot_vlm_iou"][args.unseen], 2)
     if args.distractors > 0:
         for arm in ("no_distractors", "filter_off", "filter_on"):
