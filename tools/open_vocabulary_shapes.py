@@ -33,6 +33,8 @@ score):
   0.8; ``hvlformer/modeling/clip_ensemble.py``); its seen cost is measured against the plain closed vocabulary;
 * ``pixel_ensemble``: the same with ``TEST.CLIP_ENSEMBLE.LEVEL pixel`` (the same rule and weights on each
   pixel's class distribution instead of each mask's, so the unseen name can win part of a mask);
+* ``pixel_unseen_ensemble``: ``LEVEL pixel_unseen`` (per pixel, but the training names share what the mixture
+  leaves them in the decoder's proportions, so CLIP only decides how much goes to the unseen name);
 * ``unseen_queries``: why the unseen name wins or loses pixels: the SRE relevance of each class, the class
   distribution of the unseen name's own queries per level, and each class's queries' mask probability on
   the unseen kind's pixels.
@@ -77,7 +79,7 @@ CONFIG = ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
 
 DESCRIPTIONS = ROOT / "datasets" / "descriptions"
 #: the CLIP ensemble arms: the prefix of their result fields -> their TEST.CLIP_ENSEMBLE.LEVEL
-ENSEMBLE_ARMS = {"ensemble": "mask", "pixel_ensemble": "pixel"}
+ENSEMBLE_ARMS = {"ensemble": "mask", "pixel_ensemble": "pixel", "pixel_unseen_ensemble": "pixel_unseen"}
 
 
 def distractor_names(count: int, exclude: Sequence[str]) -> List[str]:

@@ -87,6 +87,53 @@ def test_only_the_pixel_level_splits_a_mask():
     pixel_level = pixel_geometric_ensemble(plain, ensemble.pixel_logits(dense, text), weights)
     assert pixel_level[0].argmax(0).flatten().tolist() == [0, 0, 1, 1]
     torch.testing.assert_close(pixel_level.sum(1), plain.sum(1))  # each pixel keeps the decoder's total
+    # pixel_unseen (class 0 seen, class 1 not) splits it the same way: the unseen class's share is the mixture's
+    unseen_level = pixel_geometric_ensemble(plain, ensemble.pixel_logits(dense, text), weights,
+                                            decoder_split=torch.tensor([True, False]))
+    assert unseen_level[0].argmax(0).flatten().tolist() == [0, 0, 1, 1]
+
+
+def test_pixel_unseen_matches_the_formula_by_hand():
+    """One pixel, classes 0 and 1 seen (w 0.4), class 2 unseen (w 0.8): the unseen class gets the mixture's
+    probability, the two seen classes share the rest in the decoder's proportions 0.5 : 0.3."""
+    scores = torch.tensor([0.5, 0.3, 0.2]).view(1, 3, 1, 1) * 2.0  # total 2
+    clip_logits = torch.tensor([0.2, 0.2, 0.6]).log().view(1, 3, 1, 1)
+    weights, seen = torch.tensor([0.4, 0.4, 0.8]), torch.tensor([True, True, False])
+    mixed = pixel_geometric_ensemble(scores, clip_logits, weights, decoder_split=seen)[0, :, 0, 0]
+    a, b, c = 0.5 ** 0.6 * 0.2 ** 0.4, 0.3 ** 0.6 * 0.2 ** 0.4, 0.2 ** 0.2 * 0.6 ** 0.8
+    unseen = c / (a + b + c)
+    expected = torch.tensor([0.5 / 0.8 * (1 - unseen), 0.3 / 0.8 * (1 - unseen), unseen]) * 2.0
+    torch.testing.assert_close(mixed, expected, atol=1e-6, rtol=0)
+    # the unseen class's score is the plain pixel level's; the seen ones are not
+    pixel = pixel_geometric_ensemble(scores, clip_logits, weights)[0, :, 0, 0]
+    torch.testing.assert_close(mixed[2], pixel[2], atol=1e-6, rtol=0)
+    assert abs(float(mixed[0] - pixel[0])) > 1e-3
+
+
+def test_pixel_unseen_with_every_name_seen_is_the_decoder_and_with_none_the_pixel_level():
+    torch.manual_seed(0)
+    scores = torch.rand(2, 4, 3, 5) * 2
+    clip_logits = torch.randn(2, 4, 3, 5) * 4
+    weights = torch.tensor([0.4, 0.4, 0.8, 0.8])
+    every = pixel_geometric_ensemble(scores, clip_logits, weights, decoder_split=torch.ones(4, dtype=torch.bool))
+    torch.testing.assert_close(every, scores, atol=1e-5, rtol=1e-5)
+    none = pixel_geometric_ensemble(scores, clip_logits, weights, decoder_split=torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(none, pixel_geometric_ensemble(scores, clip_logits, weights), atol=1e-6, rtol=0)
+    some = pixel_geometric_ensemble(scores, clip_logits, weights, decoder_split=torch.tensor([1, 1, 0, 0]))
+    torch.testing.assert_close(some.sum(1), scores.sum(1), atol=1e-5, rtol=1e-5)  # each pixel keeps its total
+    ratio = some[:, 0] / some[:, 1]
+    torch.testing.assert_close(ratio, scores[:, 0] / scores[:, 1], atol=1e-4, rtol=1e-4)
+
+
+def test_pixel_unseen_leaves_a_seen_pixel_to_the_decoder_where_the_pixel_level_flips_it():
+    """Two seen classes, decoder 0.6 / 0.4 for class 0; CLIP 0.95 for class 1. Per pixel the mixture flips the
+    pixel to class 1 (0.6^0.6 0.05^0.4 < 0.4^0.6 0.95^0.4); with the split kept from the decoder it stays 0."""
+    scores = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1).expand(1, 2, 1, 2)
+    clip_logits = torch.tensor([0.05, 0.95]).log().view(1, 2, 1, 1).expand(1, 2, 1, 2)
+    weights = torch.tensor([0.4, 0.4])
+    assert pixel_geometric_ensemble(scores, clip_logits, weights)[0].argmax(0).flatten().tolist() == [1, 1]
+    kept = pixel_geometric_ensemble(scores, clip_logits, weights, decoder_split=torch.tensor([True, True]))
+    torch.testing.assert_close(kept, scores.float())
 
 
 def test_ensemble_rejects_bad_settings():
@@ -311,3 +358,45 @@ def test_pixel_level_with_the_category_filter_matches_the_kept_vocabulary(single
                 torch.testing.assert_close(scores[b, kept[b]], reference[0], atol=1e-5, rtol=1e-5)
                 dropped = [k for k in range(len(names)) if k not in kept[b].tolist()]
                 assert torch.all(scores[b, dropped] == 0)
+
+
+def test_pixel_unseen_on_the_model_is_the_plain_model_for_the_training_names_and_splits_like_it(ensemble_model):
+    """LEVEL pixel_unseen on the model: with the training vocabulary the output is the plain model's (whatever
+    the weights); with "ring" added, ring's scores are LEVEL pixel's and the training names keep the plain
+    model's proportions at every pixel."""
+    model, ensemble = ensemble_model, ensemble_model.clip_ensemble
+    torch.manual_seed(3)
+    inputs = [{"image": torch.randint(0, 255, (3, 64, 64)).float(), "height": 64, "width": 64}]
+    assert list(model.class_names) == list(model.training_class_names)
+    plain, zero, clip_only = plain_zero_and_clip_only(model, inputs, "pixel_unseen")
+    torch.testing.assert_close(zero, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clip_only, plain, atol=1e-5, rtol=1e-5)
+    training_names = list(model.class_names)
+
+    def use(vocabulary):
+        model.set_vocabulary(vocabulary, [[f"a photo of a {n}."] for n in vocabulary],
+                             [f"a photo of a {n}." for n in vocabulary])
+
+    from hvlformer.data.shapes import _image_rng, render_shapes_image
+
+    image, _ = render_shapes_image(_image_rng(0, "ensemble-unseen-test", 0), 128, 11,
+                                   guaranteed_class=shape_vocabulary(model)[0].index("ring"))
+    inputs = [{"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float(),
+               "height": 128, "width": 128}]
+    use(VOCABULARY)
+    try:
+        with torch.no_grad():
+            with attributes(model, clip_ensemble=None):
+                plain = model(inputs)[0]["sem_seg"]
+            with attributes(ensemble, level="pixel"):
+                pixel = model(inputs)[0]["sem_seg"]
+            with attributes(ensemble, level="pixel_unseen"):
+                unseen = model(inputs)[0]["sem_seg"]
+    finally:
+        use(training_names)
+    torch.testing.assert_close(unseen[6], pixel[6], atol=1e-5, rtol=1e-4)
+    seen_share = unseen[:6] / unseen[:6].sum(0, keepdim=True)
+    torch.testing.assert_close(seen_share, plain[:6] / plain[:6].sum(0, keepdim=True), atol=1e-4, rtol=1e-4)
+    assert (unseen.argmax(0) == 6).sum() > 100  # the ring still takes pixels
+    assert ((pixel.argmax(0) != plain.argmax(0)) & (pixel.argmax(0) < 6)).sum() > (
+        (unseen.argmax(0) != plain.argmax(0)) & (unseen.argmax(0) < 6)).sum()

@@ -53,13 +53,14 @@ def test_smoke_run(tool, tmp_path):
     assert set(run["ensemble_closed_iou"]) == set(run["closed_iou"])
     assert out["summary"]["ensemble_seen_cost"]["runs"] == [
         round(run["closed_seen_miou"] - run["ensemble_open_seen_miou"], 2)]
-    # LEVEL pixel, also with CLIP's exponents at 0: the decoder's predictions again
-    pixel = np.array(run["pixel_ensemble_open_confusion"])
-    assert pixel.shape == (7, 7) and np.abs(pixel - confusion).sum() <= 0.002 * confusion.sum()
-    assert tool.iou_table(pixel, list(run["open_iou"])) == run["pixel_ensemble_open_iou"]
-    assert out["summary"]["pixel_ensemble_unseen_iou"]["runs"] == [round(run["pixel_ensemble_open_iou"]["ring"], 2)]
-    assert out["summary"]["pixel_ensemble_seen_cost_same_pixels"]["runs"] == [
-        round(run["closed_same_pixels_seen_miou"] - run["pixel_ensemble_open_seen_miou"], 2)]
+    # LEVEL pixel and pixel_unseen, also with CLIP's exponents at 0: the decoder's predictions again
+    for arm in ("pixel_ensemble", "pixel_unseen_ensemble"):
+        pixel = np.array(run[f"{arm}_open_confusion"])
+        assert pixel.shape == (7, 7) and np.abs(pixel - confusion).sum() <= 0.002 * confusion.sum()
+        assert tool.iou_table(pixel, list(run["open_iou"])) == run[f"{arm}_open_iou"]
+        assert out["summary"][f"{arm}_unseen_iou"]["runs"] == [round(run[f"{arm}_open_iou"]["ring"], 2)]
+        assert out["summary"][f"{arm}_seen_cost_same_pixels"]["runs"] == [
+            round(run["closed_same_pixels_seen_miou"] - run[f"{arm}_open_seen_miou"], 2)]
 
 
 def test_distractor_names(tool):
@@ -94,8 +95,8 @@ def test_inference_sees_the_training_image_size(tool, tmp_path, monkeypatch):
     """Inference reads the run's own config.yaml, so test images are resized to the size the model trained at
     (here 96 px), not the tiny config's 128 px: at 128 a model trained at 96 px without scale jitter saw every
     shape 1.33x larger and called 81-87 % of the crosses square (docs/RESULTS.md, "(e) in the current
-    setting"). The three predictors (plain, CLIP ensemble per mask, per pixel) are built from it, the ensemble
-    ones with the switch on and the given weights, the last with LEVEL pixel."""
+    setting"). The four predictors (plain, CLIP ensemble per mask, per pixel, per pixel for the unseen name)
+    are built from it, the ensemble ones with the switch on, the given weights and their LEVEL."""
     import argparse
 
     import hvlformer.predictor
@@ -109,21 +110,21 @@ def test_inference_sees_the_training_image_size(tool, tmp_path, monkeypatch):
     class Recorder:
         def __init__(self, cfg):
             built.append(cfg)
-            if len(built) == 3:
-                raise KeyboardInterrupt  # the three predictors seen: stop before any weights are read
+            if len(built) == 4:
+                raise KeyboardInterrupt  # the four predictors seen: stop before any weights are read
 
     monkeypatch.setattr(hvlformer.predictor, "HVLFormerPredictor", Recorder)
     with pytest.raises(KeyboardInterrupt):
         tool.evaluate(tmp_path, args)
-    plain, ensemble, pixel = built
+    plain, ensemble, pixel, pixel_unseen = built
     for cfg in built:
         assert cfg.INPUT.RESIZE_BASE == 96 and tuple(cfg.INPUT.CROP.SIZE) == (96, 96)
         assert cfg.MODEL.WEIGHTS == str(tmp_path / "model_final.pth") and cfg.MODEL.HVLFORMER.CLASSIFIER == "text"
     assert not plain.TEST.CLIP_ENSEMBLE.ENABLED and ensemble.TEST.CLIP_ENSEMBLE.ENABLED
-    for arm in (ensemble, pixel):
+    for arm in (ensemble, pixel, pixel_unseen):
         assert arm.TEST.CLIP_ENSEMBLE.ENABLED
         assert (arm.TEST.CLIP_ENSEMBLE.SEEN_WEIGHT, arm.TEST.CLIP_ENSEMBLE.UNSEEN_WEIGHT) == (0.3, 0.9)
-    assert (ensemble.TEST.CLIP_ENSEMBLE.LEVEL, pixel.TEST.CLIP_ENSEMBLE.LEVEL) == ("mask", "pixel")
+    assert [arm.TEST.CLIP_ENSEMBLE.LEVEL for arm in (ensemble, pixel, pixel_unseen)] == ["mask", "pixel", "pixel_unseen"]
     assert tool.resolved_cfg(tool.CONFIG, []).INPUT.RESIZE_BASE == 128  # the tiny config's own, which the tool used to evaluate at
 
 

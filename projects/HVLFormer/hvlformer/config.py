@@ -448,8 +448,10 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.TEST.CLIP_ENSEMBLE.TEMPLATE = "a photo of a {}."
     # Softmax temperature of CLIP's cosine similarities; 0 = the CLIP model's own learned logit scale.
     cfg.TEST.CLIP_ENSEMBLE.TEMPERATURE = 0.0
-    # The unit CLIP classifies: "mask" (each query's mask, FC-CLIP) or "pixel" (the same rule on each pixel's
-    # class distribution, so a name can win part of a mask, e.g. a shape left under the background's mask).
+    # The unit CLIP classifies: "mask" (each query's mask, FC-CLIP), "pixel" (the same rule on each pixel's
+    # class distribution, so a name can win part of a mask, e.g. a shape left under the background's mask) or
+    # "pixel_unseen" (per pixel, but CLIP only decides how much goes to names never trained; the split among
+    # the training names stays the decoder's, so with the training vocabulary alone it equals the decoder).
     cfg.TEST.CLIP_ENSEMBLE.LEVEL = "mask"
     # Inference scale outside the benchmark protocols: the demo, HVLFormerPredictor and the evaluation of
     # datasets that are not built-in benchmarks (DATASETS.CUSTOM, register_sem_seg_folder, your own). The

@@ -25,8 +25,15 @@ and CLIP's own per-patch one ``p_clip(k | p) = softmax_k(s * cos(f0(p), u_k))`` 
 bilinearly to the image) give ``p(k | p) ~ p_seg^(1 - w_k) * p_clip^w_k``, scaled back by ``sum_j S_j(p)``
 (:func:`pixel_geometric_ensemble`). A mask is classified as a whole, so a shape the decoder leaves under
 another class's mask (on ``shapes`` the hollow ring, under the background's) can only be found when the
-unit is the pixel. Same weights, no new parameter; the two levels are alternatives, CLIP is not counted
-twice. Off by default (the paper's model);
+unit is the pixel. Same weights, no new parameter; the levels are alternatives, CLIP is not counted
+twice.
+
+``LEVEL pixel_unseen`` is ``pixel`` with the split among the training names left to the decoder: the mixture
+above decides only how much of each pixel goes to each name never labeled for segmentation; the share it leaves
+to the training names (``sum_{j seen} p(j | p)``) is divided among them as the decoder divides it
+(``p_seg(k | p) / sum_{j seen} p_seg(j | p)``). CLIP's 8 px patch map, coarser than the decoder's masks, then
+reaches a training class only where an unseen name takes the pixel, and with the training vocabulary alone
+the result is exactly the decoder's (:func:`pixel_geometric_ensemble`'s ``decoder_split``). Off by default (the paper's model);
 needs ``MODEL.HVLFORMER.CLIP.PRETRAINED`` (E_I^0 is rebuilt from it at inference, see
 :func:`~hvlformer.modeling.clip_loader.reference_needed_at_test`). The weights 0.4 / 0.8 are FC-CLIP's, not
 tuned here. Design notes: docs/DESIGN.md, "Open vocabulary".
@@ -43,8 +50,9 @@ from torch import Tensor, nn
 __all__ = ["CLIPEnsemble", "mask_pooled_embeddings", "geometric_ensemble", "pixel_geometric_ensemble",
            "LEVELS"]
 
-#: the unit CLIP classifies: a query's mask (FC-CLIP) or each pixel of the image
-LEVELS = ("mask", "pixel")
+#: the unit CLIP classifies: a query's mask (FC-CLIP), each pixel of the image, or each pixel with the split among
+#: the training names kept from the decoder
+LEVELS = ("mask", "pixel", "pixel_unseen")
 
 
 def mask_pooled_embeddings(pred_masks: Tensor, dense: Tensor) -> Tensor:
@@ -81,13 +89,17 @@ def geometric_ensemble(pred_logits: Tensor, clip_probs: Tensor, class_weights: T
     return torch.cat([mixed * (1.0 - no_object), no_object], dim=-1).clamp(min=1e-12).log()
 
 
-def pixel_geometric_ensemble(scores: Tensor, clip_logits: Tensor, class_weights: Tensor) -> Tensor:
-    """The geometric ensemble per pixel (``LEVEL pixel``, see the module docstring).
+def pixel_geometric_ensemble(scores: Tensor, clip_logits: Tensor, class_weights: Tensor,
+                             decoder_split: Optional[Tensor] = None) -> Tensor:
+    """The geometric ensemble per pixel (``LEVEL pixel`` / ``pixel_unseen``, see the module docstring).
 
     Args:
         scores: ``B x K x H x W`` Mask2Former semantic scores (``sum_q p(k | q) sigmoid(m_q)``, >= 0).
         clip_logits: ``B x K x H x W`` CLIP's per-pixel class logits ``s * cos(f0(p), u_k)``.
         class_weights: ``K`` exponents ``w_k`` of CLIP's probability (0 = the decoder alone, 1 = CLIP alone).
+        decoder_split: optional ``K`` bools (``LEVEL pixel_unseen``: the training names). The mixture's total
+            share of these classes is kept and divided among them in the decoder's proportions; the other
+            classes keep the mixture's probabilities. None = the mixture for every class (``LEVEL pixel``).
 
     Returns:
         ``B x K x H x W`` scores: the mixed per-pixel class distribution times the pixel's total score
@@ -95,9 +107,16 @@ def pixel_geometric_ensemble(scores: Tensor, clip_logits: Tensor, class_weights:
     """
     scores = scores.float()
     total = scores.sum(dim=1, keepdim=True)
-    decoder_log = (scores / total.clamp(min=1e-12)).clamp(min=1e-12).log()
-    weights = class_weights.to(decoder_log).view(1, -1, 1, 1)
-    return _mix(decoder_log, clip_logits.float().log_softmax(dim=1), weights, dim=1) * total
+    decoder = (scores / total.clamp(min=1e-12)).clamp(min=1e-12)
+    weights = class_weights.to(decoder).view(1, -1, 1, 1)
+    mixed = _mix(decoder.log(), clip_logits.float().log_softmax(dim=1), weights, dim=1)
+    if decoder_split is not None:
+        kept = decoder_split.to(device=decoder.device, dtype=torch.bool).view(1, -1, 1, 1)
+        kept_share = mixed.masked_fill(~kept, 0.0).sum(dim=1, keepdim=True)
+        decoder_kept = decoder.masked_fill(~kept, 0.0)
+        decoder_kept = decoder_kept / decoder_kept.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        mixed = torch.where(kept, decoder_kept * kept_share, mixed)
+    return mixed * total
 
 
 class CLIPEnsemble(nn.Module):
@@ -111,7 +130,8 @@ class CLIPEnsemble(nn.Module):
             logit_scale: ``s``, the scale of CLIP's cosine similarities (CLIP's learned ``exp(logit_scale)``).
             seen_weight, unseen_weight: CLIP's exponent for classes of the training vocabulary / other names.
             template: the prompt of CLIP's classification (``{}`` = the class name).
-            level: ``mask`` (each query's mask, FC-CLIP) or ``pixel`` (each pixel, :func:`pixel_geometric_ensemble`).
+            level: ``mask`` (each query's mask, FC-CLIP), ``pixel`` (each pixel, :func:`pixel_geometric_ensemble`)
+                or ``pixel_unseen`` (each pixel, the split among the training names kept from the decoder).
         """
         super().__init__()
         if level not in LEVELS:
@@ -161,6 +181,13 @@ class CLIPEnsemble(nn.Module):
         seen = set(training_class_names)
         return torch.tensor([self.seen_weight if n in seen else self.unseen_weight for n in class_names],
                             device=device)
+
+    @staticmethod
+    def seen_classes(class_names: Sequence[str], training_class_names: Sequence[str],
+                     device: torch.device) -> Tensor:
+        """``K`` bools: True for the names of the training vocabulary."""
+        seen = set(training_class_names)
+        return torch.tensor([n in seen for n in class_names], dtype=torch.bool, device=device)
 
     def forward(self, pred_logits: Tensor, pred_masks: Tensor, reference_dense: Tensor, class_embeddings: Tensor,
                 class_weights: Tensor) -> Tensor:

@@ -88,8 +88,9 @@ def with_clip_ensemble(model: nn.Module, outputs: HVLFormerOutput, images: Tenso
                        class_index: Optional[Tensor] = None,
                        reference_dense: Optional[Tensor] = None) -> HVLFormerOutput:
     """``outputs`` with the CLIP ensemble's class logits when ``model.clip_ensemble`` is set, else unchanged;
-    with ``LEVEL pixel`` the class logits stay the decoder's and ``outputs.clip_pixel`` carries CLIP's per-patch
-    logits and the class weights for :func:`output_scores_and_alignment`.
+    with ``LEVEL pixel`` / ``pixel_unseen`` the class logits stay the decoder's and ``outputs.clip_pixel`` carries
+    CLIP's per-patch logits, the class weights and (``pixel_unseen``) the training names' mask ``decoder_split``
+    for :func:`output_scores_and_alignment`.
 
     Args:
         images: the normalised batch ``B x 3 x H x W`` of ``outputs``.
@@ -104,9 +105,11 @@ def with_clip_ensemble(model: nn.Module, outputs: HVLFormerOutput, images: Tenso
         reference_dense = model.backbone.reference_dense_embedding(images)
     class_embeddings = ensemble.class_embeddings(model.text_encoder, names)
     class_weights = ensemble.class_weights(names, model.training_class_names, images.device)
-    if ensemble.level == "pixel":
-        return dataclasses.replace(outputs, clip_pixel={
-            "logits": ensemble.pixel_logits(reference_dense, class_embeddings), "weights": class_weights})
+    if ensemble.level in ("pixel", "pixel_unseen"):
+        clip_pixel = {"logits": ensemble.pixel_logits(reference_dense, class_embeddings), "weights": class_weights}
+        if ensemble.level == "pixel_unseen":
+            clip_pixel["decoder_split"] = ensemble.seen_classes(names, model.training_class_names, images.device)
+        return dataclasses.replace(outputs, clip_pixel=clip_pixel)
     logits = ensemble(outputs.pred_logits, outputs.pred_masks, reference_dense, class_embeddings, class_weights)
     return dataclasses.replace(outputs, pred_logits=logits)
 
@@ -116,7 +119,7 @@ def output_scores_and_alignment(outputs: HVLFormerOutput, image_size: Sequence[i
                                 ecac_weight: float = 0.5) -> Tuple[Tensor, Optional[Tensor]]:
     """Class scores ``B x K x H x W`` of one pass at ``image_size`` (with ECAC's student mixed in with
     ``ecac_weight`` when ``outputs.ecac`` is set) and the eq.-10 alignment when ``valid_sizes`` is given
-    (see :func:`scores_and_alignment`); with ``outputs.clip_pixel`` (``TEST.CLIP_ENSEMBLE.LEVEL pixel``) CLIP's
+    (see :func:`scores_and_alignment`); with ``outputs.clip_pixel`` (``TEST.CLIP_ENSEMBLE.LEVEL pixel*``) CLIP's
     per-patch logits, upsampled bilinearly to ``image_size``, are mixed into each pixel's scores last."""
     masks = F.interpolate(outputs.pred_masks, size=tuple(image_size), mode="bilinear", align_corners=False)
     scores = semantic_scores(outputs.pred_logits, masks)
@@ -125,7 +128,8 @@ def output_scores_and_alignment(outputs: HVLFormerOutput, image_size: Sequence[i
     if outputs.clip_pixel is not None:
         clip_logits = F.interpolate(outputs.clip_pixel["logits"], size=tuple(image_size), mode="bilinear",
                                     align_corners=False)
-        scores = pixel_geometric_ensemble(scores, clip_logits, outputs.clip_pixel["weights"])
+        scores = pixel_geometric_ensemble(scores, clip_logits, outputs.clip_pixel["weights"],
+                                          outputs.clip_pixel.get("decoder_split"))
     if valid_sizes is None:
         return scores, None
     mask_features = outputs.mask_features

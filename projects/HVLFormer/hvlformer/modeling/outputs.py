@@ -60,8 +60,9 @@ class HVLFormerOutput:
     #: ``class_pixel_counts`` (``K``, the running counts of eq. 4.14) and, once active, ``memory_logits``.
     #: None on unlabeled training batches (ECAC has no loss there).
     ecac: Optional[Dict[str, Tensor]] = None
-    #: ``TEST.CLIP_ENSEMBLE.LEVEL pixel`` at inference: ``logits`` ``B x K x h x w`` (CLIP's per-patch class
-    #: logits) and ``weights`` ``K`` (CLIP's exponent per class), fused into the semantic scores per pixel
+    #: ``TEST.CLIP_ENSEMBLE.LEVEL pixel`` / ``pixel_unseen`` at inference: ``logits`` ``B x K x h x w`` (CLIP's
+    #: per-patch class logits), ``weights`` ``K`` (CLIP's exponent per class) and, for ``pixel_unseen``,
+    #: ``decoder_split`` ``K`` bools (the training names), fused into the semantic scores per pixel
     #: (:func:`hvlformer.modeling.clip_ensemble.pixel_geometric_ensemble`). None otherwise.
     clip_pixel: Optional[Dict[str, Tensor]] = None
 
