@@ -307,3 +307,56 @@ def test_command_line(tmp_path, capsys, load_tool):
     assert len(list((tmp_path / "images" / "train").glob("*.jpg"))) == 3
     assert len(list((tmp_path / "labels" / "val").glob("*.png"))) == 2
     assert "circle" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- class tables
+SWAPPED = "shapes_square_cross_textures_swapped.json"
+
+
+def test_swapped_textures_table_changes_only_square_and_cross_pixels():
+    """The same seed with the square/cross texture swap: identical labels, identical pixels wherever the label
+    is neither square nor cross; inside squares the row-to-row contrast of a grid (thin dark lines) replaces
+    the checker's, i.e. square now looks like the shipped cross."""
+    assert S.shapes_class_names(6, SWAPPED) == S.shapes_class_names(6)
+    changed = 0
+    for i in range(6):
+        plain_image, plain_label = S.render_shapes_image(S._image_rng(3, "swap", i), 96, 6, guaranteed_class=2 + i % 2)
+        image, label = S.render_shapes_image(S._image_rng(3, "swap", i), 96, 6, guaranteed_class=2 + i % 2,
+                                             classes_file=SWAPPED)
+        assert np.array_equal(label, plain_label)
+        pair = np.isin(label, [2, 5])
+        assert np.array_equal(image[~pair], plain_image[~pair])
+        changed += int((image[pair] != plain_image[pair]).any(axis=-1).sum())
+    assert changed > 1000
+    table = S.load_shapes_classes(SWAPPED)["classes"]
+    shipped = S.load_shapes_classes()["classes"]
+    assert table[1]["texture"] == shipped[4]["texture"] and table[4]["texture"] == shipped[1]["texture"]
+    assert [c for j, c in enumerate(table) if j not in (1, 4)] == [c for j, c in enumerate(shipped) if j not in (1, 4)]
+
+
+def test_class_table_selects_its_own_root_and_manifest(tmp_path, monkeypatch):
+    from detectron2.config import get_cfg
+
+    from hvlformer.config import add_hvlformer_config
+
+    cfg = get_cfg()
+    add_hvlformer_config(cfg)
+    assert cfg.DATASETS.SHAPES.CLASSES_FILE == ""
+    cfg.DATASETS.SHAPES.IMAGE_SIZE, cfg.DATASETS.SHAPES.NUM_TRAIN, cfg.DATASETS.SHAPES.NUM_VAL = 40, 2, 1
+    cfg.DATASETS.SHAPES.CLASSES_FILE = SWAPPED
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    try:
+        R.register_shapes_from_cfg(cfg)
+        root = Path(MetadataCatalog.get("shapes_val").image_root).parents[1]
+        assert root.name.startswith("shapes_6c_40px_seed0_shapes_square_cross_textures_swapped-")
+        assert root != R.shapes_root(6, 40, 0)  # never mixed with the shipped table's files
+        DatasetCatalog.get("shapes_val")
+        manifest = json.loads((root / "manifest_val.json").read_text())
+        assert manifest["classes_sha1"] == S._classes_digest(SWAPPED) != S._classes_digest()
+        cfg.DATASETS.SHAPES.CLASSES_FILE = "no_such_table.json"
+        with pytest.raises(FileNotFoundError, match="CLASSES_FILE"):
+            R.register_shapes_from_cfg(cfg)
+    finally:
+        monkeypatch.undo()
+        R.register_shapes()
+    assert MetadataCatalog.get("shapes_train").image_root == str(R.shapes_root(6, 128, 0) / "images" / "train")

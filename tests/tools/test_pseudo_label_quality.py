@@ -149,12 +149,14 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
     old.write_text("MODEL:\n  HVLFORMER:\n    QUERY_SOURCE: text\n")
     both_older = ["MODEL.HVLFORMER.QUERY_NORM", "False", "SEMI.CLASS_CONSISTENCY_MIXED", "True",
                   "MODEL.HVLFORMER.QUERY_ZERO_BIAS", "False", "SEMI.MASK_CONSISTENCY_CLASS_GRADIENT", "True",
-                  "SEMI.UNLABELED_START_ITER", "0", "TEST.CLIP_ENSEMBLE.LEVEL", "mask"]
+                  "SEMI.UNLABELED_START_ITER", "0", "TEST.CLIP_ENSEMBLE.LEVEL", "mask",
+                  "DATASETS.SHAPES.CLASSES_FILE", ""]
     assert common.settings_of_older_runs(old) == both_older
     new = tmp_path / "new.yaml"
     new.write_text("MODEL:\n  HVLFORMER:\n    QUERY_NORM: true\n    QUERY_ZERO_BIAS: true\n"
                    "SEMI:\n  CLASS_CONSISTENCY_MIXED: false\n  MASK_CONSISTENCY_CLASS_GRADIENT: false\n"
-                   "  UNLABELED_START_ITER: 600\nTEST:\n  CLIP_ENSEMBLE:\n    LEVEL: pixel\n")
+                   "  UNLABELED_START_ITER: 600\nTEST:\n  CLIP_ENSEMBLE:\n    LEVEL: pixel\n"
+                   "DATASETS:\n  SHAPES:\n    CLASSES_FILE: shapes_square_cross_textures_swapped.json\n")
     assert common.settings_of_older_runs(new) == []
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
@@ -184,6 +186,11 @@ def test_config_id_ignores_a_later_key_at_its_old_behaviour(load_tool):
     before_level.defrost()
     del before_level.TEST.CLIP_ENSEMBLE["LEVEL"]
     assert common.config_id(current) == common.config_id(before_level)
+    # a data key added later (DATASETS.SHAPES.CLASSES_FILE): "" is the old data, another table another run
+    del before_level.DATASETS.SHAPES["CLASSES_FILE"]
+    assert common.config_id(current) == common.config_id(before_level)
+    swapped = common.resolved_cfg(config, ["DATASETS.SHAPES.CLASSES_FILE", "shapes_square_cross_textures_swapped.json"])
+    assert common.config_id(swapped) != common.config_id(current)
 
 
 def test_finished_run_cfg_reads_the_run_and_lets_inference_switches_win(tmp_path, load_tool):

@@ -68,6 +68,9 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.DATASETS.SHAPES.NUM_TRAIN = 400
     cfg.DATASETS.SHAPES.NUM_VAL = 50
     cfg.DATASETS.SHAPES.SEED = 0
+    # Class table of the generator: "" = the shipped hvlformer/data/classes/shapes.json; a path or a file name
+    # in that folder draws the same layouts with other colours / textures / shapes (one-factor experiments).
+    cfg.DATASETS.SHAPES.CLASSES_FILE = ""
 
     # Labeled / unlabeled split files in the UniMatch / SemiVL format ("image_path [mask_path]" per line,
     # relative to the root of DATASET), registered as "split_labeled" / "split_unlabeled" when set

@@ -17,6 +17,10 @@ downloads. Design decisions:
   images (unless occluded) and a small split already covers all classes.
 * **Class count.** ``num_classes = K`` means ``background`` (label 0) plus the first ``K - 1`` classes of
   :file:`classes/shapes.json` (10 shape classes are defined, so ``2 <= K <= 11``).
+* **Another class table** (``classes_file``, ``DATASETS.SHAPES.CLASSES_FILE``): the same generator with
+  other colours, textures or shapes per class, for experiments that change one factor of the data (e.g.
+  :file:`classes/shapes_square_cross_textures_swapped.json`). The random draws do not depend on the table, so
+  the same seed gives the same layout and labels; the manifest holds the table's digest.
 * **Files.** ``root/images/<split>/00000.jpg``, ``root/labels/<split>/00000.png`` (single-channel uint8
   index PNG) and ``root/manifest_<split>.json`` with the parameters. When the manifest matches the
   request and all files exist, nothing is rewritten; otherwise the split is regenerated (files are written
@@ -44,6 +48,7 @@ import numpy as np
 
 __all__ = [
     "SHAPES_CLASSES_FILE",
+    "resolve_classes_file",
     "load_shapes_classes",
     "max_shapes_classes",
     "shapes_class_names",
@@ -73,45 +78,59 @@ def _load_classes_cached(path: str) -> Tuple[Dict[str, Any], str]:
     return spec, hashlib.sha1(raw).hexdigest()
 
 
-def load_shapes_classes() -> Dict[str, Any]:
-    """The parsed :file:`classes/shapes.json` (``{"background": {...}, "classes": [...]}``)."""
-    return _load_classes_cached(str(SHAPES_CLASSES_FILE))[0]
+def resolve_classes_file(classes_file: Optional[PathLike] = None) -> Path:
+    """The class table to draw from: None or ``""`` = the shipped :file:`classes/shapes.json`; a bare file name
+    not found as given is looked up in :file:`classes/` (where the shipped variants live)."""
+    if classes_file is None or str(classes_file) == "":
+        return SHAPES_CLASSES_FILE
+    path = Path(os.path.expanduser(str(classes_file)))
+    if not path.is_file() and not path.is_absolute() and (SHAPES_CLASSES_FILE.parent / path).is_file():
+        path = SHAPES_CLASSES_FILE.parent / path
+    if not path.is_file():
+        raise FileNotFoundError(f"shapes: class table {classes_file!r} not found (DATASETS.SHAPES.CLASSES_FILE: "
+                                f"a path, or a file name in {SHAPES_CLASSES_FILE.parent}).")
+    return path.resolve()
 
 
-def _classes_digest() -> str:
-    return _load_classes_cached(str(SHAPES_CLASSES_FILE))[1]
+def load_shapes_classes(classes_file: Optional[PathLike] = None) -> Dict[str, Any]:
+    """The parsed class table (``{"background": {...}, "classes": [...]}``; :func:`resolve_classes_file`)."""
+    return _load_classes_cached(str(resolve_classes_file(classes_file)))[0]
 
 
-def max_shapes_classes() -> int:
+def _classes_digest(classes_file: Optional[PathLike] = None) -> str:
+    return _load_classes_cached(str(resolve_classes_file(classes_file)))[1]
+
+
+def max_shapes_classes(classes_file: Optional[PathLike] = None) -> int:
     """Largest supported ``num_classes`` (background + all defined shape classes)."""
-    return 1 + len(load_shapes_classes()["classes"])
+    return 1 + len(load_shapes_classes(classes_file)["classes"])
 
 
-def check_num_classes(num_classes: int) -> None:
-    k_max = max_shapes_classes()
+def check_num_classes(num_classes: int, classes_file: Optional[PathLike] = None) -> None:
+    k_max = max_shapes_classes(classes_file)
     if not isinstance(num_classes, (int, np.integer)) or not 2 <= int(num_classes) <= k_max:
         raise ValueError(
             f"shapes: num_classes must be an integer in [2, {k_max}] (background + up to {k_max - 1} "
-            f"shape classes defined in {SHAPES_CLASSES_FILE}), got {num_classes!r}."
+            f"shape classes defined in {resolve_classes_file(classes_file)}), got {num_classes!r}."
         )
 
 
-def _class_specs(num_classes: int) -> List[Dict[str, Any]]:
-    check_num_classes(num_classes)
-    return load_shapes_classes()["classes"][: int(num_classes) - 1]
+def _class_specs(num_classes: int, classes_file: Optional[PathLike] = None) -> List[Dict[str, Any]]:
+    check_num_classes(num_classes, classes_file)
+    return load_shapes_classes(classes_file)["classes"][: int(num_classes) - 1]
 
 
-def shapes_class_names(num_classes: int) -> List[str]:
+def shapes_class_names(num_classes: int, classes_file: Optional[PathLike] = None) -> List[str]:
     """``["background", <first K-1 shape classes>]``."""
-    spec = load_shapes_classes()
-    return [spec["background"]["name"]] + [c["name"] for c in _class_specs(num_classes)]
+    spec = load_shapes_classes(classes_file)
+    return [spec["background"]["name"]] + [c["name"] for c in _class_specs(num_classes, classes_file)]
 
 
-def shapes_class_colors(num_classes: int) -> List[List[int]]:
+def shapes_class_colors(num_classes: int, classes_file: Optional[PathLike] = None) -> List[List[int]]:
     """Display colours (RGB) matching :func:`shapes_class_names`."""
-    spec = load_shapes_classes()
+    spec = load_shapes_classes(classes_file)
     return [list(spec["background"]["display_color"])] + [
-        list(c["display_color"]) for c in _class_specs(num_classes)
+        list(c["display_color"]) for c in _class_specs(num_classes, classes_file)
     ]
 
 
@@ -298,6 +317,7 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def render_shapes_image(
     rng: np.random.Generator, image_size: int, num_classes: int, guaranteed_class: Optional[int] = None,
     record: Optional[Dict[str, Any]] = None, random_hue_probability: float = 0.0,
+    classes_file: Optional[PathLike] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Draw one image. Returns ``(image RGB uint8 HxWx3, label uint8 HxW)``.
 
@@ -311,10 +331,12 @@ def render_shapes_image(
     (pixels), ``hsv`` (the drawn base colour: hue in degrees, saturation, value) and ``texture``; each
     instance's ``visible_pixels`` (after occlusion by later ones) is added at the end. Filling it draws no
     extra random numbers, so the image is the same with or without it.
+
+    ``classes_file``: the class table (None = the shipped one, :func:`resolve_classes_file`).
     """
-    check_num_classes(num_classes)
-    spec = load_shapes_classes()
-    classes = _class_specs(num_classes)
+    check_num_classes(num_classes, classes_file)
+    spec = load_shapes_classes(classes_file)
+    classes = _class_specs(num_classes, classes_file)
     h = w = int(image_size)
     bg_record: Optional[Dict[str, Any]] = {} if record is not None else None
     img = _background(rng, h, w, spec["background"], bg_record)
@@ -390,16 +412,17 @@ def _split_paths(root: Path, split: str, index: int) -> Tuple[Path, Path]:
     return root / "images" / split / f"{stem}.jpg", root / "labels" / split / f"{stem}.png"
 
 
-def _manifest(split: str, num_images: int, image_size: int, num_classes: int, seed: int) -> Dict[str, Any]:
+def _manifest(split: str, num_images: int, image_size: int, num_classes: int, seed: int,
+              classes_file: Optional[PathLike] = None) -> Dict[str, Any]:
     return {
         "generator": "hvlformer.data.shapes",
         "generator_version": GENERATOR_VERSION,
-        "classes_sha1": _classes_digest(),
+        "classes_sha1": _classes_digest(classes_file),
         "split": split,
         "num_images": int(num_images),
         "image_size": int(image_size),
         "num_classes": int(num_classes),
-        "class_names": shapes_class_names(num_classes),
+        "class_names": shapes_class_names(num_classes, classes_file),
         "seed": int(seed),
         "split_seed": [int(seed), zlib.crc32(split.encode("utf-8"))],
     }
@@ -434,14 +457,16 @@ def _is_up_to_date(root: Path, split: str, manifest: Dict[str, Any]) -> bool:
 
 
 def generate_shapes_split(
-    root: PathLike, split: str, num_images: int, image_size: int, num_classes: int, seed: int
+    root: PathLike, split: str, num_images: int, image_size: int, num_classes: int, seed: int,
+    classes_file: Optional[PathLike] = None,
 ) -> List[Dict[str, Any]]:
     """Generate (or reuse) one split under ``root``; returns detectron2 dataset dicts.
 
     Files: ``root/images/<split>/<index:05d>.jpg``, ``root/labels/<split>/<index:05d>.png`` and
     ``root/manifest_<split>.json``. Nothing is written when the manifest matches and all files exist.
+    ``classes_file``: the class table (None = the shipped one).
     """
-    check_num_classes(num_classes)
+    check_num_classes(num_classes, classes_file)
     if int(num_images) < 0:
         raise ValueError(f"shapes: num_images must be >= 0, got {num_images}.")
     if int(image_size) < 8:
@@ -452,7 +477,7 @@ def generate_shapes_split(
         raise ValueError(f"shapes: invalid split name {split!r}.")
     root = Path(root)
     num_images, image_size, num_classes, seed = int(num_images), int(image_size), int(num_classes), int(seed)
-    manifest = _manifest(split, num_images, image_size, num_classes, seed)
+    manifest = _manifest(split, num_images, image_size, num_classes, seed, classes_file)
     if _is_up_to_date(root, split, manifest):
         return _dataset_dicts(root, split, num_images, image_size)
 
@@ -473,7 +498,8 @@ def generate_shapes_split(
     png_params = [cv2.IMWRITE_PNG_COMPRESSION, _PNG_COMPRESSION]
     for i in range(num_images):
         rng = _image_rng(seed, split, i)
-        image, label = render_shapes_image(rng, image_size, num_classes, guaranteed_class=1 + i % (num_classes - 1))
+        image, label = render_shapes_image(rng, image_size, num_classes, guaranteed_class=1 + i % (num_classes - 1),
+                                           classes_file=classes_file)
         img_path, lbl_path = _split_paths(root, split, i)
         _atomic_write(img_path, _encode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), jpeg_params))
         _atomic_write(lbl_path, _encode(".png", label, png_params))

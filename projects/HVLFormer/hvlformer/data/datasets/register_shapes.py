@@ -17,17 +17,22 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..catalog import dataset_metadata, register_dataset
-from ..shapes import check_num_classes, generate_shapes_split, shapes_class_colors, shapes_class_names
+from ..shapes import (_classes_digest, check_num_classes, generate_shapes_split, resolve_classes_file,
+                      shapes_class_colors, shapes_class_names)
 
 __all__ = ["shapes_root", "register_shapes", "register_shapes_from_cfg", "register_shapes_semi_split"]
 
 PathLike = Union[str, os.PathLike]
 
 
-def shapes_root(num_classes: int, image_size: int, seed: int) -> Path:
-    """Default root: ``$DETECTRON2_DATASETS`` (default ``datasets``) / ``shapes_{K}c_{S}px_seed{seed}``."""
+def shapes_root(num_classes: int, image_size: int, seed: int, classes_file: Optional[PathLike] = None) -> Path:
+    """Default root: ``$DETECTRON2_DATASETS`` (default ``datasets``) / ``shapes_{K}c_{S}px_seed{seed}``, with
+    ``_{table}-{digest}`` appended for a class table other than the shipped one."""
     base = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-    return Path(base) / f"shapes_{int(num_classes)}c_{int(image_size)}px_seed{int(seed)}"
+    name = f"shapes_{int(num_classes)}c_{int(image_size)}px_seed{int(seed)}"
+    if classes_file:
+        name += f"_{resolve_classes_file(classes_file).stem}-{_classes_digest(classes_file)[:8]}"
+    return Path(base) / name
 
 
 def register_shapes(
@@ -38,20 +43,24 @@ def register_shapes(
     seed: int = 0,
     root: Optional[PathLike] = None,
     name: str = "shapes",
+    classes_file: Optional[PathLike] = None,
 ) -> Tuple[str, str]:
     """Register ``{name}_train`` and ``{name}_val`` (lazy generation on the first ``DatasetCatalog.get``).
 
+    ``classes_file``: another class table (``DATASETS.SHAPES.CLASSES_FILE``; None or "" = the shipped one).
     Existing registrations with the same names are replaced. Returns the two dataset names.
     """
-    check_num_classes(num_classes)
-    root = Path(root) if root is not None else shapes_root(num_classes, image_size, seed)
+    classes_file = str(resolve_classes_file(classes_file)) if classes_file else None
+    check_num_classes(num_classes, classes_file)
+    root = Path(root) if root is not None else shapes_root(num_classes, image_size, seed, classes_file)
     names = (f"{name}_train", f"{name}_val")
     for split, dataset_name, count in (("train", names[0], num_train), ("val", names[1], num_val)):
         register_dataset(
             dataset_name,
-            functools.partial(generate_shapes_split, root, split, int(count), int(image_size), int(num_classes), int(seed)),
-            stuff_classes=shapes_class_names(num_classes),
-            stuff_colors=shapes_class_colors(num_classes),
+            functools.partial(generate_shapes_split, root, split, int(count), int(image_size), int(num_classes),
+                              int(seed), classes_file),
+            stuff_classes=shapes_class_names(num_classes, classes_file),
+            stuff_colors=shapes_class_colors(num_classes, classes_file),
             ignore_label=255,
             evaluator_type="sem_seg",
             image_root=str(root / "images" / split),
@@ -64,6 +73,7 @@ def register_shapes(
                 "num_images": int(count),
                 "seed": int(seed),
                 "split": split,
+                "classes_file": classes_file or "",
             },
         )
     return names
@@ -78,6 +88,7 @@ def register_shapes_from_cfg(cfg) -> Tuple[str, str]:
         num_train=s.NUM_TRAIN,
         num_val=s.NUM_VAL,
         seed=s.SEED,
+        classes_file=s.CLASSES_FILE or None,
     )
 
 
