@@ -352,7 +352,7 @@ def test_class_table_selects_its_own_root_and_manifest(tmp_path, monkeypatch):
         assert root != R.shapes_root(6, 40, 0)  # never mixed with the shipped table's files
         DatasetCatalog.get("shapes_val")
         manifest = json.loads((root / "manifest_val.json").read_text())
-        assert manifest["classes_sha1"] == S._classes_digest(SWAPPED) != S._classes_digest()
+        assert manifest["classes_sha1"] == S.classes_digest(SWAPPED) != S.classes_digest()
         cfg.DATASETS.SHAPES.CLASSES_FILE = "no_such_table.json"
         with pytest.raises(FileNotFoundError, match="CLASSES_FILE"):
             R.register_shapes_from_cfg(cfg)

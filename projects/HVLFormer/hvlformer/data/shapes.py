@@ -49,6 +49,7 @@ import numpy as np
 __all__ = [
     "SHAPES_CLASSES_FILE",
     "resolve_classes_file",
+    "classes_digest",
     "load_shapes_classes",
     "max_shapes_classes",
     "shapes_class_names",
@@ -97,7 +98,8 @@ def load_shapes_classes(classes_file: Optional[PathLike] = None) -> Dict[str, An
     return _load_classes_cached(str(resolve_classes_file(classes_file)))[0]
 
 
-def _classes_digest(classes_file: Optional[PathLike] = None) -> str:
+def classes_digest(classes_file: Optional[PathLike] = None) -> str:
+    """SHA-1 of the class table's bytes (the manifest's ``classes_sha1``)."""
     return _load_classes_cached(str(resolve_classes_file(classes_file)))[1]
 
 
@@ -417,7 +419,7 @@ def _manifest(split: str, num_images: int, image_size: int, num_classes: int, se
     return {
         "generator": "hvlformer.data.shapes",
         "generator_version": GENERATOR_VERSION,
-        "classes_sha1": _classes_digest(classes_file),
+        "classes_sha1": classes_digest(classes_file),
         "split": split,
         "num_images": int(num_images),
         "image_size": int(image_size),

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..catalog import dataset_metadata, register_dataset
-from ..shapes import (_classes_digest, check_num_classes, generate_shapes_split, resolve_classes_file,
+from ..shapes import (classes_digest, check_num_classes, generate_shapes_split, resolve_classes_file,
                       shapes_class_colors, shapes_class_names)
 
 __all__ = ["shapes_root", "register_shapes", "register_shapes_from_cfg", "register_shapes_semi_split"]
@@ -31,7 +31,7 @@ def shapes_root(num_classes: int, image_size: int, seed: int, classes_file: Opti
     base = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
     name = f"shapes_{int(num_classes)}c_{int(image_size)}px_seed{int(seed)}"
     if classes_file:
-        name += f"_{resolve_classes_file(classes_file).stem}-{_classes_digest(classes_file)[:8]}"
+        name += f"_{resolve_classes_file(classes_file).stem}-{classes_digest(classes_file)[:8]}"
     return Path(base) / name
 
 
