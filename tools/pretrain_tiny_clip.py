@@ -131,8 +131,8 @@ def swapped_caption(record: Dict[str, Any], image_size: int, caption_rng_state: 
 
 
 def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, num_classes: int,
-               random_hue_probability: float = 0.0,
-               negatives: Optional[List[str]] = None) -> Tuple[Tensor, Tensor, List[str], Tensor]:
+               random_hue_probability: float = 0.0, negatives: Optional[List[str]] = None,
+               classes_file: Optional[str] = None) -> Tuple[Tensor, Tensor, List[str], Tensor]:
     """Images ``indices`` of a shapes split, drawn in memory exactly as the dataset files would be (with
     ``random_hue_probability`` > 0, the pretraining images: instances recoloured at random, see
     :func:`render_shapes_image`).
@@ -140,7 +140,8 @@ def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, n
     Returns ``(images B x 3 x H x W uint8, labels B x H x W uint8, captions, tags B x ALL_KINDS float)``;
     ``tags[:, 0]`` (background) is 1, ``tags[:, k]`` is 1 when the caption names kind ``k``. When a list is
     given as ``negatives``, one name-swapped caption per image (:func:`swapped_caption`) is appended to it;
-    the returned values do not depend on it.
+    the returned values do not depend on it. ``classes_file``: another class table of the generator (the same
+    layouts and labels drawn with, e.g., other textures; evaluation only).
     """
     names = vocabulary()
     twins = colour_twins() if negatives is not None else {}
@@ -149,7 +150,8 @@ def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, n
         record: Dict[str, Any] = {}
         image, label = render_shapes_image(_image_rng(seed, split, i), image_size, num_classes,
                                            guaranteed_class=1 + i % (num_classes - 1), record=record,
-                                           random_hue_probability=random_hue_probability)
+                                           random_hue_probability=random_hue_probability,
+                                           classes_file=classes_file)
         caption_rng = np.random.default_rng([seed, zlib.crc32(f"{split}/caption".encode()), i])
         state = copy.deepcopy(caption_rng.bit_generator.state)
         caption, caption_tags = caption_shapes_image(record, image_size, caption_rng)
@@ -348,13 +350,14 @@ def pure_patch_owners(labels: Tensor, patch: int, kinds: Sequence[int]) -> Tenso
 
 
 def _pure_patches(model: "TinyClipPretrainer", split: str, num_images: int, image_size: int,
-                  kinds: Sequence[int], batch_size: int = 50) -> Tuple[Tensor, Tensor]:
+                  kinds: Sequence[int], batch_size: int = 50, classes_file: Optional[str] = None
+                  ) -> Tuple[Tensor, Tensor]:
     """Patch embeddings (``N x C``) of 11-kind images of ``split`` whose 8 px patch is at least 70 % one of
     ``kinds``, and that kind (``N``)."""
     features, owners = [], []
     for start in range(0, num_images, batch_size):
         images, labels, _, _ = draw_batch(range(start, min(start + batch_size, num_images)), split, 0, image_size,
-                                          ALL_KINDS)
+                                          ALL_KINDS, classes_file=classes_file)
         _, dense, (h, _) = model.encode_image(images)
         owner = pure_patch_owners(labels, image_size // h, kinds)
         features.append(dense[owner >= 0])
@@ -386,8 +389,8 @@ TWIN_PAIRS = (("square", "cross"), ("star", "ellipse"))  # the kinds whose names
 
 
 def twin_patch_probe(model: "TinyClipPretrainer", split_suffix: str, num_images: int = 300,
-                     image_size: int = 128,
-                     pairs: Sequence[Tuple[str, str]] = TWIN_PAIRS) -> Dict[str, Dict[str, float]]:
+                     image_size: int = 128, pairs: Sequence[Tuple[str, str]] = TWIN_PAIRS,
+                     classes_file: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Can the patch embeddings tell a kind from its colour twin at all? Per pair (square / cross, star /
     ellipse): the accuracy on held-out patches (split ``clip<suffix>``) of a logistic regression fitted on
     patches of other images (split ``probe``), the share of the more frequent kind (what a constant guess
@@ -397,8 +400,9 @@ def twin_patch_probe(model: "TinyClipPretrainer", split_suffix: str, num_images:
     prompts = model.encode_text(model.prompt_tokens)
     kinds = sorted({names.index(n) for pair in pairs for n in pair})
     with torch.no_grad():  # one pass over each split for all pairs; each pair takes its own patches
-        all_fit_x, all_fit_y = _pure_patches(model, "probe", num_images, image_size, kinds)
-        all_test_x, all_test_y = _pure_patches(model, "clip" + split_suffix, num_images, image_size, kinds)
+        all_fit_x, all_fit_y = _pure_patches(model, "probe", num_images, image_size, kinds, classes_file=classes_file)
+        all_test_x, all_test_y = _pure_patches(model, "clip" + split_suffix, num_images, image_size, kinds,
+                                               classes_file=classes_file)
     out: Dict[str, Dict[str, float]] = {}
     for first, second in pairs:
         pair = (names.index(first), names.index(second))
@@ -420,8 +424,10 @@ def twin_patch_probe(model: "TinyClipPretrainer", split_suffix: str, num_images:
 
 @torch.no_grad()
 def evaluate(clip_model: nn.Module, tokenizer, split_suffix: str = "val", num_seg_images: int = 200,
-             num_presence_images: int = 500, image_size: int = 128, batch_size: int = 50) -> Dict[str, Any]:
-    """Zero-shot metrics of an open_clip model (see the module docstring); ``split_suffix`` ``val`` or ``dev``."""
+             num_presence_images: int = 500, image_size: int = 128, batch_size: int = 50,
+             classes_file: Optional[str] = None) -> Dict[str, Any]:
+    """Zero-shot metrics of an open_clip model (see the module docstring); ``split_suffix`` ``val`` or ``dev``;
+    ``classes_file``: the images drawn from another class table (the same layouts and labels)."""
     clip_model.eval()
     model = TinyClipPretrainer(clip_model, tokenizer).eval()
     names = vocabulary()
@@ -430,7 +436,7 @@ def evaluate(clip_model: nn.Module, tokenizer, split_suffix: str = "val", num_se
     confusion = np.zeros((SEG_CLASSES, SEG_CLASSES), dtype=np.int64)
     for start in range(0, num_seg_images, batch_size):
         idx = range(start, min(start + batch_size, num_seg_images))
-        images, labels, _, _ = draw_batch(idx, split_suffix, 0, image_size, SEG_CLASSES)
+        images, labels, _, _ = draw_batch(idx, split_suffix, 0, image_size, SEG_CLASSES, classes_file=classes_file)
         _, dense, (h, w) = model.encode_image(images)
         cos = (dense @ prompts[:SEG_CLASSES].t()).transpose(1, 2).reshape(len(idx), SEG_CLASSES, h, w)
         pred = F.interpolate(cos, size=labels.shape[-2:], mode="bilinear", align_corners=False).argmax(dim=1)
@@ -444,7 +450,7 @@ def evaluate(clip_model: nn.Module, tokenizer, split_suffix: str = "val", num_se
     global_scores, dense_scores, present = [], [], []
     for start in range(0, num_presence_images, batch_size):
         idx = list(range(start, min(start + batch_size, num_presence_images)))
-        images, labels, _, _ = draw_batch(idx, presence_split, 0, image_size, ALL_KINDS)
+        images, labels, _, _ = draw_batch(idx, presence_split, 0, image_size, ALL_KINDS, classes_file=classes_file)
         image_emb, dense, _ = model.encode_image(images)
         global_scores.append((image_emb @ prompts[1:].t()).numpy())
         dense_scores.append(gwrp(dense @ prompts[1:].t(), model.decay[1:]).numpy())  # pooled patch cosines
@@ -472,7 +478,9 @@ def evaluate(clip_model: nn.Module, tokenizer, split_suffix: str = "val", num_se
         "global_auroc_min": float(min(global_auroc.values())),
         "dense_pooled_auroc": dense_auroc,
         "dense_pooled_auroc_min": float(min(dense_auroc.values())),
-        "twin_patch_probe": twin_patch_probe(model, split_suffix, min(300, num_presence_images), image_size),
+        "twin_patch_probe": twin_patch_probe(model, split_suffix, min(300, num_presence_images), image_size,
+                                             classes_file=classes_file),
+        **({"classes_file": classes_file} if classes_file else {}),
     }
 
 
@@ -613,6 +621,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num-seg-images", type=int, default=200)
     parser.add_argument("--num-presence-images", type=int, default=500)
     parser.add_argument("--eval-only", type=Path, default=None, help="evaluate this checkpoint and exit")
+    parser.add_argument("--classes-file", default=None,
+                        help="with --eval-only: draw the evaluation images from this class table of the generator "
+                             "(DATASETS.SHAPES.CLASSES_FILE's values, e.g. shapes_square_cross_textures_swapped.json)")
     parser.add_argument("--verify", action="store_true",
                         help="retrain with the recorded command into a temporary file and compare the metrics")
     return parser.parse_args(argv)
@@ -658,9 +669,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     eval_kwargs = dict(num_seg_images=args.num_seg_images, num_presence_images=args.num_presence_images,
                        image_size=args.image_size)
+    if args.classes_file and args.eval_only is None:
+        raise SystemExit("--classes-file is an evaluation option: use it with --eval-only")
     if args.eval_only is not None:
         clip_model, tokenizer = build_clip_model(args.model, str(args.eval_only))
-        print(json.dumps(evaluate(clip_model, tokenizer, args.eval_split, **eval_kwargs), indent=2))
+        print(json.dumps(evaluate(clip_model, tokenizer, args.eval_split, classes_file=args.classes_file,
+                                  **eval_kwargs), indent=2))
         return 0
     if args.verify:
         recorded = json.loads(_metrics_path(args).read_text())

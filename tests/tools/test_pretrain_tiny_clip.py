@@ -76,6 +76,22 @@ def test_draw_batch_tags_follow_the_captions(tool):
             assert bool(row[k]) == said, (caption, names[k])
 
 
+def test_draw_batch_from_another_class_table_keeps_layouts_and_labels(tool):
+    """--classes-file (evaluation only): the same images' layouts and labels, other pixels where the swapped
+    table draws differently (square and cross), the same pixels elsewhere (up to the JPEG round trip's
+    reach: its 16 px blocks around the changed pixels)."""
+    plain, plain_labels, captions, tags = tool.draw_batch(range(4), "val", 0, 64, 6)
+    swapped, labels, swapped_captions, swapped_tags = tool.draw_batch(
+        range(4), "val", 0, 64, 6, classes_file="shapes_square_cross_textures_swapped.json")
+    assert torch.equal(labels, plain_labels) and torch.equal(tags, swapped_tags)
+    pair = torch.isin(labels, torch.tensor([2, 5]))
+    assert pair.sum() > 500
+    differs = (swapped.int() - plain.int()).abs().amax(dim=1) > 8
+    assert differs[pair].float().mean() > 0.3
+    far = torch.nn.functional.max_pool2d(pair[:, None].float(), 31, stride=1, padding=15)[:, 0] == 0
+    assert not differs[far].any()
+
+
 def test_short_text_pass_equals_open_clip_encode_text(tool, single_thread):
     clip_model, tokenizer = tool.build_model(0)
     model = tool.TinyClipPretrainer(clip_model, tokenizer)
@@ -181,6 +197,18 @@ def test_tool_smoke_run_writes_checkpoint_and_metrics(tool, tmp_path, single_thr
     assert tool.main(["--verify", "--out", str(out)]) == 0
     verify = json.loads(capsys.readouterr().out.split('{\n  "verify"')[-1].join(['{"verify"', '']))["verify"]
     assert verify == {"dense_miou": 0.0, "global_auroc_min": 0.0, "weights_equal": True}
+    # --eval-only with another class table of the generator records the table; without --eval-only it is refused
+    eval_args = ["--eval-only", str(out), "--image-size", "32", "--num-seg-images", "4", "--num-presence-images", "12",
+                 "--eval-split", "dev", "--threads", "1"]
+    capsys.readouterr()
+    assert tool.main(eval_args + ["--classes-file", "shapes_square_cross_textures_swapped.json"]) == 0
+    swapped = json.loads(capsys.readouterr().out)
+    assert swapped["classes_file"] == "shapes_square_cross_textures_swapped.json"
+    assert tool.main(eval_args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert "classes_file" not in plain and plain["dense_confusion_percent"]["square"] != swapped["dense_confusion_percent"]["square"]
+    with pytest.raises(SystemExit, match="--eval-only"):
+        tool.main(["--classes-file", "shapes_square_cross_textures_swapped.json", "--steps", "1"])
 
 
 # ------------------------------------------------------------------------------------- shipped checkpoint
