@@ -83,7 +83,7 @@ KEYS_ADDED_LATER = {
     ("SEMI", "MASK_CONSISTENCY_CLASS_GRADIENT"): "True",     # l_mask and the class decision, docs/DESIGN.md
     ("SEMI", "UNLABELED_START_ITER"): "0",                   # supervised burn-in, docs/DESIGN.md
     ("TEST", "CLIP_ENSEMBLE", "LEVEL"): "mask",              # open vocabulary per pixel, docs/DESIGN.md
-    ("DATASETS", "SHAPES", "CLASSES_FILE"): "",              # another shapes class table, docs/DATASETS
+    ("DATASETS", "SHAPES", "CLASSES_FILE"): "",              # another shapes class table, docs/GETTING_STARTED.md
 }
 
 

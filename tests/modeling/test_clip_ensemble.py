@@ -203,6 +203,12 @@ def attributes(obj, **values):
             setattr(obj, name, value)
 
 
+def use_vocabulary(model, vocabulary):
+    """Give ``model`` the class names ``vocabulary``, each with the plain prompt "a photo of a {name}."."""
+    model.set_vocabulary(vocabulary, [[f"a photo of a {n}."] for n in vocabulary],
+                         [f"a photo of a {n}." for n in vocabulary])
+
+
 def plain_zero_and_clip_only(model, inputs, level):
     """``sem_seg`` of ``inputs`` without the ensemble, with it at CLIP weights 0, and at weights 1 (CLIP alone),
     the ensemble at ``level``."""
@@ -242,11 +248,18 @@ def shape_vocabulary(model):
 def shape_images(model, tag, count, guaranteed):
     """``count`` rendered 128-px images of all 10 kinds (``guaranteed(i)``: a kind drawn in image ``i``), each
     as the model's normalised ``1 x 3 x H x W`` batch and its ``H x W`` label ids."""
+    for i in range(count):
+        image, label = shape_image(tag, i, guaranteed(i))
+        yield model.normalize(image[None]), label
+
+
+def shape_image(tag, index, guaranteed):
+    """Image ``index`` of the 128-px all-10-kinds renderer under ``tag`` (kind ``guaranteed`` drawn in it): the
+    ``3 x H x W`` float image (0-255, unnormalised) and its ``H x W`` label ids."""
     from hvlformer.data.shapes import _image_rng, render_shapes_image
 
-    for i in range(count):
-        image, label = render_shapes_image(_image_rng(0, tag, i), 128, 11, guaranteed_class=guaranteed(i))
-        yield model.normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]), label
+    image, label = render_shapes_image(_image_rng(0, tag, index), 128, 11, guaranteed_class=guaranteed)
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float(), label
 
 
 def test_shipped_tiny_clip_names_real_shape_masks(ensemble_model):
@@ -339,21 +352,17 @@ def test_pixel_level_with_the_category_filter_matches_the_kept_vocabulary(single
     assert model.clip_ensemble.level == "pixel"
     names = VOCABULARY
 
-    def use(vocabulary):
-        model.set_vocabulary(vocabulary, [[f"a photo of a {n}."] for n in vocabulary],
-                             [f"a photo of a {n}." for n in vocabulary])
-
     ring = shape_vocabulary(model)[0].index("ring")
     images = next(shape_images(model, "ensemble-filter-test", 1, lambda i: ring))[0].repeat(2, 1, 1, 1)
     images[1] = images[1].flip(-1)
-    use(names)
+    use_vocabulary(model, names)
     with torch.no_grad():
         text = model.encode_text()
         scores, _ = scores_and_alignment(model, images, text)
         kept = model.category_filter(model.extract_features(images)["clip_dense"], text)["indices"]
         with attributes(model, category_filter=None):
             for b in range(2):
-                use([names[i] for i in kept[b]])
+                use_vocabulary(model, [names[i] for i in kept[b]])
                 reference, _ = scores_and_alignment(model, images[b: b + 1], model.encode_text())
                 torch.testing.assert_close(scores[b, kept[b]], reference[0], atol=1e-5, rtol=1e-5)
                 dropped = [k for k in range(len(names)) if k not in kept[b].tolist()]
@@ -373,17 +382,9 @@ def test_pixel_unseen_on_the_model_is_the_plain_model_for_the_training_names_and
     torch.testing.assert_close(clip_only, plain, atol=1e-5, rtol=1e-5)
     training_names = list(model.class_names)
 
-    def use(vocabulary):
-        model.set_vocabulary(vocabulary, [[f"a photo of a {n}."] for n in vocabulary],
-                             [f"a photo of a {n}." for n in vocabulary])
-
-    from hvlformer.data.shapes import _image_rng, render_shapes_image
-
-    image, _ = render_shapes_image(_image_rng(0, "ensemble-unseen-test", 0), 128, 11,
-                                   guaranteed_class=shape_vocabulary(model)[0].index("ring"))
-    inputs = [{"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float(),
-               "height": 128, "width": 128}]
-    use(VOCABULARY)
+    image, _ = shape_image("ensemble-unseen-test", 0, shape_vocabulary(model)[0].index("ring"))
+    inputs = [{"image": image, "height": 128, "width": 128}]
+    use_vocabulary(model, VOCABULARY)
     try:
         with torch.no_grad():
             with attributes(model, clip_ensemble=None):
@@ -393,7 +394,7 @@ def test_pixel_unseen_on_the_model_is_the_plain_model_for_the_training_names_and
             with attributes(ensemble, level="pixel_unseen"):
                 unseen = model(inputs)[0]["sem_seg"]
     finally:
-        use(training_names)
+        use_vocabulary(model, training_names)
     torch.testing.assert_close(unseen[6], pixel[6], atol=1e-5, rtol=1e-4)
     seen_share = unseen[:6] / unseen[:6].sum(0, keepdim=True)
     torch.testing.assert_close(seen_share, plain[:6] / plain[:6].sum(0, keepdim=True), atol=1e-4, rtol=1e-4)

@@ -178,9 +178,8 @@ class CLIPEnsemble(nn.Module):
     def class_weights(self, class_names: Sequence[str], training_class_names: Sequence[str],
                       device: torch.device) -> Tensor:
         """``K`` exponents: ``seen_weight`` for names of the training vocabulary, ``unseen_weight`` otherwise."""
-        seen = set(training_class_names)
-        return torch.tensor([self.seen_weight if n in seen else self.unseen_weight for n in class_names],
-                            device=device)
+        seen = self.seen_classes(class_names, training_class_names, device)
+        return torch.where(seen, self.seen_weight, self.unseen_weight)
 
     @staticmethod
     def seen_classes(class_names: Sequence[str], training_class_names: Sequence[str],
