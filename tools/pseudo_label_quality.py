@@ -18,6 +18,8 @@ labels the training never read (the `shapes` label files of those images):
 * ``objects``: per class, its objects (8-connected regions of the hidden label map) by verdict, the class
   most of an object's confident pixels name, or ``none`` when none of its pixels is confident; whether a
   class is lost object by object (whole objects named another class) or pixel by pixel;
+  ``objects_by_area``: the same verdicts split by the object's area as a share of the image
+  (``OBJECT_AREA_BINS``): whether the objects lost are the small ones, whose texture has the fewest pixels;
 * ``recall_edge`` / ``recall_inside``: recall on the class's pixels within ``EDGE_WIDTH`` pixels of its
   border and on the others; where in an object the confident, right pseudo-labels are.
 
@@ -45,6 +47,21 @@ from _common import emit_json, finished_run_cfg  # tools/_common.py (this folder
 
 
 EDGE_WIDTH = 2  # pixels of an object's border that count as its edge (recall_edge / recall_inside)
+# Upper bounds of the object-area bins of ``objects_by_area``, as shares of the image's pixels (the last bin is
+# open). At 96 px a whole `shapes` object covers about 1.5-13 % of the image; the bins were fixed before any run
+# was scored with them.
+OBJECT_AREA_BINS = (0.02, 0.05)
+
+
+def area_bin_names(bins: Sequence[float] = OBJECT_AREA_BINS) -> List[str]:
+    """``(0.02, 0.05)`` -> ``["<2%", "2-5%", ">=5%"]``."""
+    pct = [f"{100 * b:g}" for b in bins]
+    return [f"<{pct[0]}%"] + [f"{a}-{b}%" for a, b in zip(pct, pct[1:])] + [f">={pct[-1]}%"]
+
+
+def area_bin(area: int, image_pixels: int, bins: Sequence[float] = OBJECT_AREA_BINS) -> int:
+    """The index of the bin of an object of ``area`` pixels in an image of ``image_pixels`` pixels."""
+    return int(np.searchsorted(np.asarray(bins) * image_pixels, area, side="right"))
 
 
 def label_objects(label: np.ndarray, class_id: int) -> Tuple[int, np.ndarray]:
@@ -102,6 +119,8 @@ class PseudoLabelTally:
         self.confidence_sum = 0.0  # of the top probability over the labeled pixels
         # class -> verdict (a class id, or num_classes for "no confident pixel") -> objects
         self.object_verdicts = np.zeros((num_classes, num_classes + 1), np.int64)
+        # area bin -> class -> verdict -> objects (the same objects as object_verdicts, split by area)
+        self.object_verdicts_by_area = np.zeros((len(OBJECT_AREA_BINS) + 1, num_classes, num_classes + 1), np.int64)
         # class -> [edge pixels, right edge pixels, inside pixels, right inside pixels]
         self.edge_counts = np.zeros((num_classes, 4), np.int64)
 
@@ -129,7 +148,10 @@ class PseudoLabelTally:
                                            (inside & of_class).sum(), (inside & of_class & right).sum()]
             count, objects = label_objects(label, class_id)
             for index in range(1, count + 1):
-                self.object_verdicts[class_id, object_verdict(named[objects == index], self.num_classes)] += 1
+                inside_object = objects == index
+                verdict = object_verdict(named[inside_object], self.num_classes)
+                self.object_verdicts[class_id, verdict] += 1
+                self.object_verdicts_by_area[area_bin(int(inside_object.sum()), label.size), class_id, verdict] += 1
 
     def summary(self, names: Sequence[str]) -> Dict[str, Any]:
         total, confident = self.confusion.sum(), self.confident_confusion.sum()
@@ -148,6 +170,8 @@ class PseudoLabelTally:
             "confident_confusion": sparse_rows(self.confident_confusion, names),
             "unconfident_confusion": sparse_rows(self.confusion - self.confident_confusion, names),
             "objects": sparse_rows(self.object_verdicts, names, [*names, "none"]),
+            "objects_by_area": {bin_name: sparse_rows(verdicts, names, [*names, "none"])
+                                for bin_name, verdicts in zip(area_bin_names(), self.object_verdicts_by_area)},
             "recall_edge": {n: (round(float(e[1] / e[0]), 4) if e[0] else None) for n, e in zip(names, self.edge_counts)},
             "recall_inside": {n: (round(float(e[3] / e[2]), 4) if e[2] else None) for n, e in zip(names, self.edge_counts)},
         }

@@ -58,6 +58,30 @@ def test_object_verdicts_by_hand(tool):
     assert out["recall_edge"]["one"] == pytest.approx(4 / 8) and out["recall_inside"]["one"] is None
 
 
+def test_object_verdicts_by_area(tool):
+    """Objects of 1, 2, 4 and 6 pixels in a 10 x 10 image fall into the <2 %, 2-5 % (2 % itself), 2-5 % and
+    >=5 % bins with their own verdicts; the bins add up to ``objects``."""
+    assert tool.area_bin_names() == ["<2%", "2-5%", ">=5%"]
+    label = np.zeros((10, 10), np.int64)
+    label[0, 0] = 1                 # 1 px, named right
+    label[0, 5:7] = 1               # 2 px, named 2
+    label[4:6, 0:2] = 1             # 4 px, unconfident
+    label[8:10, 4:7] = 1            # 6 px, named right
+    probs = torch.zeros(3, 10, 10)
+    probs[0] = 1.0
+    probs[:, label == 1] = torch.tensor([0.0, 1.0, 0.0])[:, None]
+    probs[:, 0, 5:7] = torch.tensor([0.0, 0.0, 1.0])[:, None]
+    probs[:, 4:6, 0:2] = torch.tensor([0.2, 0.5, 0.3])[:, None, None]
+    tally = tool.PseudoLabelTally(3, threshold=0.9)
+    tally.add(probs, label)
+    out = tally.summary(["bg", "one", "two"])
+    by_area = out["objects_by_area"]
+    assert by_area["<2%"]["one"] == {"one": 1}
+    assert by_area["2-5%"]["one"] == {"two": 1, "none": 1}
+    assert by_area[">=5%"]["one"] == {"one": 1} and by_area[">=5%"]["bg"] == {"bg": 1}  # 87 background pixels
+    assert out["objects"]["one"] == {"one": 2, "two": 1, "none": 1}
+
+
 def test_object_edges(tool):
     label = np.zeros((12, 12), np.int64)
     label[2:9, 2:9] = 1
