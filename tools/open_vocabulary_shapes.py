@@ -71,6 +71,8 @@ import torch
 
 # tools/_common.py (this folder is on sys.path when the tool runs)
 from _common import confusion_of, emit_json, finished_run_cfg, iou_table, mean_std, resolved_cfg, run_train_net
+from tiny_clip_pretraining.data import PLAIN_TEMPLATE, jpeg_roundtrip  # tools/tiny_clip_pretraining/
+from tiny_clip_pretraining.pretrainer import TinyClipPretrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "projects" / "HVLFormer" / "train_net.py"
@@ -102,14 +104,13 @@ def evaluate_distractors(run_dir: Path, args: argparse.Namespace) -> Dict[str, A
     from hvlformer.data.shapes import _image_rng, render_shapes_image, shapes_class_names
     from hvlformer.predictor import HVLFormerPredictor
 
-    spec = importlib_tool()
     seen = shapes_class_names(args.seen_classes + 1)
     vocabulary = seen + distractor_names(args.distractors, shapes_class_names(11))
     images = []
     for i in range(args.num_images):
         image, label = render_shapes_image(_image_rng(0, "openvocab", i), args.image_size, len(seen),
                                            guaranteed_class=1 + i % args.seen_classes)
-        images.append((spec._jpeg_roundtrip(image), label.astype(np.int64)))
+        images.append((jpeg_roundtrip(image), label.astype(np.int64)))
     result: Dict[str, Any] = {"distractors": args.distractors, "vocabulary": len(vocabulary),
                               "top_k": args.filter_top_k}
     # reference: the same images with the training vocabulary only (what the distractors cost)
@@ -152,7 +153,6 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     from hvlformer.modeling.text.descriptions import resolve_descriptions_path
     from hvlformer.predictor import HVLFormerPredictor
 
-    spec = importlib_tool()
     seen, open_names, unseen_id = vocabulary(args.seen_classes, args.unseen)
     n_open, n_seen, unseen_label = len(open_names), len(seen), len(seen)  # the unseen name is the last class
     # the run's own config: inference reads the prompts, image size and every other key it was trained with
@@ -164,9 +164,9 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             "TEST.CLIP_ENSEMBLE.ENABLED", "True", *ensemble_weight_opts(args), "TEST.CLIP_ENSEMBLE.LEVEL", level]))
         for arm, level in ENSEMBLE_ARMS.items()}
     clip_model, tokenizer = build_clip_model(cfg.MODEL.HVLFORMER.CLIP.MODEL_NAME, cfg.MODEL.HVLFORMER.CLIP.PRETRAINED)
-    vlm = spec.TinyClipPretrainer(clip_model, tokenizer).eval()
+    vlm = TinyClipPretrainer(clip_model, tokenizer).eval()
     with torch.no_grad():
-        prompts = vlm.encode_text(tokenizer([spec.PLAIN_TEMPLATE.format(n) for n in open_names]))
+        prompts = vlm.encode_text(tokenizer([PLAIN_TEMPLATE.format(n) for n in open_names]))
     described_file = resolve_descriptions_path(cfg.MODEL.HVLFORMER.TEXT.DESCRIPTIONS, "shapes")
     # recorded relative to the repository when it lies in it
     shown_file = (str(Path(described_file).relative_to(ROOT))
@@ -198,7 +198,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> Dict[str, Any]:
             mapped[label == k] = k
         mapped[label == unseen_id] = unseen_label
         images_with_unseen += int((mapped == unseen_label).any())
-        image = spec._jpeg_roundtrip(image)
+        image = jpeg_roundtrip(image)
         predictor.set_vocabulary(open_names)
         conf_open += confusion_of(predictor(image, format="RGB").labels, mapped, n_open)
         if (mapped == unseen_label).any():
@@ -350,16 +350,6 @@ def ensemble_weights(args: argparse.Namespace) -> List[float]:
     config with ``--opts``, which the runs were trained from and dumped)."""
     ensemble = resolved_cfg(CONFIG, [*args.opts, *ensemble_weight_opts(args)]).TEST.CLIP_ENSEMBLE
     return [ensemble.SEEN_WEIGHT, ensemble.UNSEEN_WEIGHT]
-
-
-def importlib_tool():
-    """The pretraining tool as a module (its model wrapper and prompt template)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pretrain_tiny_clip", ROOT / "tools" / "pretrain_tiny_clip.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

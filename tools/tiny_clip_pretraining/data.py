@@ -28,7 +28,7 @@ def vocabulary() -> List[str]:
     return [spec["background"]["name"]] + [c["name"] for c in spec["classes"]]
 
 
-def _jpeg_roundtrip(image: np.ndarray) -> np.ndarray:
+def jpeg_roundtrip(image: np.ndarray) -> np.ndarray:
     """RGB uint8 -> the same image after the dataset's JPEG encoding (what reading its file gives)."""
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
@@ -94,7 +94,7 @@ def draw_batch(indices: Sequence[int], split: str, seed: int, image_size: int, n
         if negatives is not None:
             swap_rng = np.random.default_rng([seed, zlib.crc32(f"{split}/swap".encode()), i])
             negatives.append(swapped_caption(record, image_size, state, swap_rng, twins))
-        images.append(torch.from_numpy(_jpeg_roundtrip(image)).permute(2, 0, 1))
+        images.append(torch.from_numpy(jpeg_roundtrip(image)).permute(2, 0, 1))
         labels.append(torch.from_numpy(label))
         captions.append(caption)
         tags[row, 0] = 1.0
