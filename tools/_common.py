@@ -32,6 +32,26 @@ def emit_json(report: Any, path: Optional[Union[str, os.PathLike]] = None) -> st
     return text
 
 
+def machine_environment() -> Dict[str, str]:
+    """What a tool's numbers depend on besides the code and the command: the CPU and the versions of the
+    libraries that compute them. Training is deterministic on one machine, but another CPU or library version
+    moves the last digits of a run (docs/RESULTS.md, "(c) at 10 labels again, on a fresh machine")."""
+    import platform
+
+    import cv2
+    import open_clip
+    import torch
+
+    cpu = platform.machine()  # (platform.processor() would start a subprocess)
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:  # not Linux: platform's name is all there is
+        pass
+    return {"cpu": cpu, "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "opencv": cv2.__version__, "open_clip": open_clip.__version__}
+
+
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
     """``{"mean", "std"}`` of ``values`` rounded to 2 decimals; the population standard deviation, 0.0 for
     a single value."""

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from _common import emit_json, mean_std, resolved_cfg, run_train_net  # tools/_common.py (this folder is on sys.path when the tool runs)
+from _common import emit_json, machine_environment, mean_std, resolved_cfg, run_train_net  # tools/_common.py (this folder is on sys.path when the tool runs)
 from plot_metrics import load_metrics  # tools/plot_metrics.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,7 +259,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                   "batch": "8 labeled (+ 8 unlabeled for semi)",
                   "arms": {arm: {"config": str(VARIANTS[arm][0].relative_to(ROOT)), "opts": VARIANTS[arm][1]}
                            for arm in arms},
-                  "command": "python tools/semi_vs_supervised.py " + " ".join(argv if argv is not None else sys.argv[1:])},
+                  "command": "python tools/semi_vs_supervised.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "environment": machine_environment()},
         "mIoU": {arm: {**summarise(list(table[arm].values())), "seeds": sorted(table[arm])} for arm in arms},
     }
     for name, arm, minus in differences:

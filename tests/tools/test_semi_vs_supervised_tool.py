@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import List
 
+import numpy as np
 import pytest
 
 
@@ -199,6 +200,11 @@ def test_experiments_are_one_command_each(tool, fake_train, tmp_path):
     assert diff["runs"] == [round(out["mIoU"]["supervised"]["runs"][i] - out["mIoU"]["supervised_learnable"]["runs"][i], 2)
                             for i in range(2)]
     assert json.loads((tmp_path / "a.json").read_text()) == out
+    # the machine the numbers came from (runs are deterministic on one machine only)
+    import torch
+    environment = out["setup"]["environment"]
+    assert environment["torch"] == torch.__version__ and environment["numpy"] == np.__version__
+    assert environment["cpu"] and set(environment) == {"cpu", "python", "torch", "numpy", "opencv", "open_clip"}
 
     # (b) reuses the supervised runs and adds the random-init ones (another config)
     out = tool.main(["--experiment", "pretraining", "--seeds", "0", "1", *common])
