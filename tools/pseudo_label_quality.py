@@ -30,6 +30,10 @@ train with ``SOLVER.CHECKPOINT_PERIOD 100``) is evaluated in order, so the JSON 
 a class start to go wrong (``over_training``: one entry per checkpoint, with its ``iteration``):
 
     python tools/pseudo_label_quality.py output/ckpt100/semi_seed1 --over-training --json-out q.json
+
+With ``--classes-file`` the runs are scored on the same unlabeled images drawn from another class table
+(``DATASETS.SHAPES.CLASSES_FILE``: the same layouts and labels), e.g. with the textures of square and cross
+swapped: whether a model names the pair by outline or by texture.
 """
 from __future__ import annotations
 
@@ -211,17 +215,20 @@ def run_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
-def unlabeled_shapes(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None
+def unlabeled_shapes(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None,
+                     classes_file: Optional[str] = None
                      ) -> Tuple[Any, torch.nn.Module, Iterator[Tuple[torch.Tensor, np.ndarray]]]:
     """A finished `shapes` run's config, its model (``model_final.pth`` or ``weights``) and its unlabeled
     images: ``(cfg, model, iterator of (3 x H x W image 0-255 as the model reads it, H x W hidden label))``;
-    the labels are the `shapes` label files the training never read."""
+    the labels are the `shapes` label files the training never read. ``classes_file``: the same images drawn
+    from another class table (``DATASETS.SHAPES.CLASSES_FILE``: the same layouts and labels, e.g. other
+    textures), to ask which cue the trained model reads."""
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
     from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
     from hvlformer.predictor import HVLFormerPredictor
 
-    cfg = finished_run_cfg(run_dir, weights)
+    cfg = finished_run_cfg(run_dir, weights, opts=["DATASETS.SHAPES.CLASSES_FILE", classes_file] if classes_file else ())
     if cfg.DATASETS.SHAPES.NUM_LABELED <= 0:
         raise ValueError(f"{run_dir}: DATASETS.SHAPES.NUM_LABELED is 0, so the run has no unlabeled `shapes` images")
     register_shapes_semi_split(cfg)
@@ -236,10 +243,11 @@ def unlabeled_shapes(run_dir: Path, num_images: Optional[int] = None, weights: O
     return cfg, HVLFormerPredictor(cfg).model, images()
 
 
-def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None) -> Dict[str, Any]:
-    """Pseudo-label statistics of one run on its own unlabeled `shapes` images, from its ``model_final.pth``
-    or from ``weights`` (another checkpoint of the run)."""
-    cfg, model, images = unlabeled_shapes(run_dir, num_images, weights)
+def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None,
+                 classes_file: Optional[str] = None) -> Dict[str, Any]:
+    """Pseudo-label statistics of one run on its own unlabeled `shapes` images (drawn from ``classes_file``
+    when given), from its ``model_final.pth`` or from ``weights`` (another checkpoint of the run)."""
+    cfg, model, images = unlabeled_shapes(run_dir, num_images, weights, classes_file)
     names = list(model.class_names)
     tally = PseudoLabelTally(len(names), cfg.SEMI.CONFIDENCE_THRESHOLD)
     count = 0
@@ -247,6 +255,7 @@ def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optio
         tally.add(teacher_probabilities(model, image), label)
         count += 1
     return {"run": str(run_dir), "weights": Path(cfg.MODEL.WEIGHTS).name, "images": count,
+            **({"classes_file": classes_file} if classes_file else {}),
             "threshold": cfg.SEMI.CONFIDENCE_THRESHOLD, **tally.summary(names)}
 
 
@@ -266,13 +275,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--num-images", type=int, default=None, help="only the first N unlabeled images")
     parser.add_argument("--over-training", action="store_true",
                         help="evaluate every periodic checkpoint of each run (model_NNNNNNN.pth), not only model_final")
+    parser.add_argument("--classes-file", default=None,
+                        help="score each run on its unlabeled images drawn from this class table of the generator "
+                             "(DATASETS.SHAPES.CLASSES_FILE's values, e.g. shapes_square_cross_textures_swapped.json: "
+                             "the same layouts and labels, other textures); not with --over-training")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.classes_file and args.over_training:
+        parser.error("--classes-file scores the final weights only: leave out --over-training")
     result = {"command": "python tools/pseudo_label_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "runs": [(evaluate_over_training if args.over_training else evaluate_run)(run, args.num_images)
-                       for run in args.runs]}
+              "runs": [evaluate_over_training(run, args.num_images) if args.over_training
+                       else evaluate_run(run, args.num_images, classes_file=args.classes_file) for run in args.runs]}
     emit_json(result, args.json_out)
     return result
 

@@ -165,6 +165,18 @@ def test_run_on_its_unlabeled_images(tool, two_step_run, tmp_path):
         tool.evaluate_over_training(out)
 
 
+def test_run_on_its_images_from_another_class_table(tool, two_step_run, tmp_path):
+    """--classes-file: the same unlabeled images drawn with square's and cross's textures swapped: the same
+    hidden labels, other pixels (so other predictions), the table recorded; not with --over-training."""
+    plain = tool.main([str(two_step_run)])["runs"][0]
+    swapped = tool.main([str(two_step_run), "--classes-file", "shapes_square_cross_textures_swapped.json"])["runs"][0]
+    assert swapped["classes_file"] == "shapes_square_cross_textures_swapped.json" and "classes_file" not in plain
+    assert swapped["label_pixels"] == plain["label_pixels"] and swapped["images"] == plain["images"] == 6
+    assert swapped["mean_confidence"] != plain["mean_confidence"]  # the model saw other images
+    with pytest.raises(SystemExit):
+        tool.main([str(two_step_run), "--over-training", "--classes-file", "shapes_square_cross_textures_swapped.json"])
+
+
 def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
     """A run's config.yaml from before MODEL.HVLFORMER.QUERY_NORM existed is read back with QUERY_NORM False
     (the plain HQG it was trained with); a config that has the key keeps its own value."""
