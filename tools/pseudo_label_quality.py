@@ -121,9 +121,8 @@ class PseudoLabelTally:
         self.confusion = np.zeros((num_classes, num_classes), np.int64)  # all pixels, argmax
         self.confident_confusion = np.zeros((num_classes, num_classes), np.int64)
         self.confidence_sum = 0.0  # of the top probability over the labeled pixels
-        # class -> verdict (a class id, or num_classes for "no confident pixel") -> objects
-        self.object_verdicts = np.zeros((num_classes, num_classes + 1), np.int64)
-        # area bin -> class -> verdict -> objects (the same objects as object_verdicts, split by area)
+        # area bin -> class -> verdict (a class id, or num_classes for "no confident pixel") -> objects; summed
+        # over the bins, the objects of each class by verdict
         self.object_verdicts_by_area = np.zeros((len(OBJECT_AREA_BINS) + 1, num_classes, num_classes + 1), np.int64)
         # class -> [edge pixels, right edge pixels, inside pixels, right inside pixels]
         self.edge_counts = np.zeros((num_classes, 4), np.int64)
@@ -154,7 +153,6 @@ class PseudoLabelTally:
             for index in range(1, count + 1):
                 inside_object = objects == index
                 verdict = object_verdict(named[inside_object], self.num_classes)
-                self.object_verdicts[class_id, verdict] += 1
                 self.object_verdicts_by_area[area_bin(int(inside_object.sum()), label.size), class_id, verdict] += 1
 
     def summary(self, names: Sequence[str]) -> Dict[str, Any]:
@@ -173,7 +171,7 @@ class PseudoLabelTally:
             "recall": {n: (round(float(right[i] / pixels[i]), 4) if pixels[i] else None) for i, n in enumerate(names)},
             "confident_confusion": sparse_rows(self.confident_confusion, names),
             "unconfident_confusion": sparse_rows(self.confusion - self.confident_confusion, names),
-            "objects": sparse_rows(self.object_verdicts, names, [*names, "none"]),
+            "objects": sparse_rows(self.object_verdicts_by_area.sum(axis=0), names, [*names, "none"]),
             "objects_by_area": {bin_name: sparse_rows(verdicts, names, [*names, "none"])
                                 for bin_name, verdicts in zip(area_bin_names(), self.object_verdicts_by_area)},
             "recall_edge": {n: (round(float(e[1] / e[0]), 4) if e[0] else None) for n, e in zip(names, self.edge_counts)},
