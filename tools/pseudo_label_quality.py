@@ -31,6 +31,10 @@ a class start to go wrong (``over_training``: one entry per checkpoint, with its
 
     python tools/pseudo_label_quality.py output/ckpt100/semi_seed1 --over-training --json-out q.json
 
+With ``--layer N`` the pseudo-labels are those of decoder layer N (1..N, CMCR's numbering) instead of the last:
+CMCR trains each layer of the weak and strong views against the same layer of the original view (paper eq. 2),
+so every layer's pseudo-labels are training targets.
+
 With ``--classes-file`` the runs are scored on the same unlabeled images drawn from another class table
 (``DATASETS.SHAPES.CLASSES_FILE``: the same layouts and labels), e.g. with the textures of square and cross
 swapped: whether a model names the pair by outline or by texture.
@@ -179,10 +183,24 @@ class PseudoLabelTally:
         }
 
 
-def teacher_probabilities(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """``3 x H x W`` image (0-255, the model's input format) -> ``K x H x W`` class distributions of the last
-    decoder layer, as CMCR's teacher computes them (upsampled bilinearly to the image)."""
-    return probabilities_of(predict_image(model, image).decoder_outputs(), image.shape[-2:])
+def teacher_probabilities(model: torch.nn.Module, image: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
+    """``3 x H x W`` image (0-255, the model's input format) -> ``K x H x W`` class distributions of decoder layer
+    ``layer`` (1..N, :func:`decoder_layer`; ``None`` = the last), as CMCR's teacher computes them for that layer
+    (upsampled bilinearly to the image)."""
+    return probabilities_of(decoder_layer(predict_image(model, image).decoder_outputs(), layer), image.shape[-2:])
+
+
+def decoder_layer(decoder: Dict[str, Any], layer: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Decoder layer ``layer`` (1..N, CMCR's numbering: ``layer_outputs``, which leaves out the prediction of
+    the queries before the first layer) of a model's decoder outputs; ``None`` = the last layer, N."""
+    from hvlformer.modeling.cmcr import layer_outputs
+
+    layers = layer_outputs(decoder)
+    if layer is None:
+        return layers[-1]
+    if not 1 <= layer <= len(layers):
+        raise ValueError(f"decoder layer {layer} does not exist: the model has layers 1..{len(layers)}")
+    return layers[layer - 1]
 
 
 def predict_image(model: torch.nn.Module, image: torch.Tensor) -> Any:
@@ -242,18 +260,20 @@ def unlabeled_shapes(run_dir: Path, num_images: Optional[int] = None, weights: O
 
 
 def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None,
-                 classes_file: Optional[str] = None) -> Dict[str, Any]:
+                 classes_file: Optional[str] = None, layer: Optional[int] = None) -> Dict[str, Any]:
     """Pseudo-label statistics of one run on its own unlabeled `shapes` images (drawn from ``classes_file``
-    when given), from its ``model_final.pth`` or from ``weights`` (another checkpoint of the run)."""
+    when given), from its ``model_final.pth`` or from ``weights`` (another checkpoint of the run), of decoder
+    layer ``layer`` (1..N; ``None`` = the last, the one the inference reads)."""
     cfg, model, images = unlabeled_shapes(run_dir, num_images, weights, classes_file)
     names = list(model.class_names)
     tally = PseudoLabelTally(len(names), cfg.SEMI.CONFIDENCE_THRESHOLD)
     count = 0
     for image, label in images:
-        tally.add(teacher_probabilities(model, image), label)
+        tally.add(teacher_probabilities(model, image, layer), label)
         count += 1
     return {"run": str(run_dir), "weights": Path(cfg.MODEL.WEIGHTS).name, "images": count,
             **({"classes_file": classes_file} if classes_file else {}),
+            **({"layer": layer} if layer is not None else {}),
             "threshold": cfg.SEMI.CONFIDENCE_THRESHOLD, **tally.summary(names)}
 
 
@@ -277,15 +297,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         help="score each run on its unlabeled images drawn from this class table of the generator "
                              "(DATASETS.SHAPES.CLASSES_FILE's values, e.g. shapes_square_cross_textures_swapped.json: "
                              "the same layouts and labels, other textures); not with --over-training")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="score decoder layer N's pseudo-labels (1..DEC_LAYERS; CMCR trains each layer of the "
+                             "views against the same layer of the original view) instead of the last layer's; "
+                             "not with --over-training")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.classes_file and args.over_training:
         parser.error("--classes-file scores the final weights only: leave out --over-training")
+    if args.layer is not None and args.over_training:
+        parser.error("--layer scores the final weights only: leave out --over-training")
     result = {"command": "python tools/pseudo_label_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": [evaluate_over_training(run, args.num_images) if args.over_training
-                       else evaluate_run(run, args.num_images, classes_file=args.classes_file) for run in args.runs]}
+                       else evaluate_run(run, args.num_images, classes_file=args.classes_file, layer=args.layer)
+                       for run in args.runs]}
     emit_json(result, args.json_out)
     return result
 

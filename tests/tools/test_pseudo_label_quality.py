@@ -177,6 +177,23 @@ def test_run_on_its_images_from_another_class_table(tool, two_step_run, tmp_path
         tool.main([str(two_step_run), "--over-training", "--classes-file", "shapes_square_cross_textures_swapped.json"])
 
 
+def test_run_scored_at_one_decoder_layer(tool, two_step_run):
+    """--layer N: the pseudo-labels of decoder layer N (CMCR's numbering 1..DEC_LAYERS); the last layer is the
+    default's, an earlier one gives other probabilities on the same pixels; a layer the model lacks is refused,
+    and so is --layer with --over-training."""
+    plain = tool.main([str(two_step_run)])["runs"][0]
+    last = tool.main([str(two_step_run), "--layer", "3"])["runs"][0]  # the tiny random config has 3 decoder layers
+    first = tool.main([str(two_step_run), "--layer", "1"])["runs"][0]
+    assert last.pop("layer") == 3 and first.pop("layer") == 1 and "layer" not in plain
+    assert last == plain
+    assert first["label_pixels"] == plain["label_pixels"] and first["mean_confidence"] != plain["mean_confidence"]
+    for missing in ("0", "4"):
+        with pytest.raises(ValueError, match=r"layers 1\.\.3"):
+            tool.main([str(two_step_run), "--layer", missing])
+    with pytest.raises(SystemExit):
+        tool.main([str(two_step_run), "--over-training", "--layer", "1"])
+
+
 def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
     """A run's config.yaml from before MODEL.HVLFORMER.QUERY_NORM existed is read back with QUERY_NORM False
     (the plain HQG it was trained with); a config that has the key keeps its own value."""
