@@ -104,6 +104,10 @@ KEYS_ADDED_LATER = {
     ("SEMI", "UNLABELED_START_ITER"): "0",                   # supervised burn-in, docs/DESIGN.md
     ("TEST", "CLIP_ENSEMBLE", "LEVEL"): "mask",              # open vocabulary per pixel, docs/DESIGN.md
     ("DATASETS", "SHAPES", "CLASSES_FILE"): "",              # another shapes class table, docs/GETTING_STARTED.md
+    ("SEMI", "CLIP_GUIDANCE_WEIGHT"): "0.0",                 # dense CLIP guidance, docs/DESIGN.md
+    ("SEMI", "CLIP_GUIDANCE_FINAL_WEIGHT"): "0.0",
+    ("SEMI", "CLIP_GUIDANCE_THRESHOLD"): "0.9",
+    ("SEMI", "CLIP_GUIDANCE_TEMPLATE"): "a photo of a {}.",
 }
 
 

@@ -147,7 +147,18 @@ def add_hvlformer_config(cfg: CN) -> None:
     # classes. The labeled frequencies are a running mean with this momentum (first batch copied).
     cfg.SEMI.DISTRIBUTION_ALIGNMENT = False
     cfg.SEMI.DISTRIBUTION_ALIGNMENT_MOMENTUM = 0.99
-    # Weights of the weak and strong views inside l_mask.
+    # Dense CLIP guidance (SemiVL, ECCV 2024; not in the paper): the frozen CLIP's zero-shot patch labels
+    # (E_I^0's dense embedding against the plain prompts) are a second l_mask target of the weak and strong
+    # views, where CLIP is confident; a fixed anchor against self-training's drift. Its weight relative to
+    # l_mask falls linearly from CLIP_GUIDANCE_WEIGHT at step 0 to CLIP_GUIDANCE_FINAL_WEIGHT at MAX_ITER
+    # (both 0 = off, the paper; SemiVL's ratio: 0.2 -> 0). Needs MODEL.HVLFORMER.CLIP.PRETRAINED.
+    cfg.SEMI.CLIP_GUIDANCE_WEIGHT = 0.0
+    cfg.SEMI.CLIP_GUIDANCE_FINAL_WEIGHT = 0.0
+    # CLIP's top class probability a pixel needs to be a guidance target (SemiVL: 0.9).
+    cfg.SEMI.CLIP_GUIDANCE_THRESHOLD = 0.9
+    # The prompt of CLIP's classification ({} = the class name).
+    cfg.SEMI.CLIP_GUIDANCE_TEMPLATE = "a photo of a {}."
+    # Weights of the weak and strong views inside l_mask (and inside the CLIP guidance).
     cfg.SEMI.MASK_WEIGHT_WEAK = 0.5
     cfg.SEMI.MASK_WEIGHT_STRONG = 0.1
     # Ablation switches of the three CMCR terms.

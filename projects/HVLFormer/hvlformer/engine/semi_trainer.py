@@ -109,7 +109,9 @@ class SemiSupervisedTrainer(Trainer):
         labeled_loader, unlabeled_loader = self.build_semi_loaders(cfg)
         return SemiSupervisedStep(model, labeled_loader, unlabeled_loader, optimizer, self.teacher, amp_of(cfg),
                                   rampup_iters=cfg.SEMI.UNLABELED_RAMPUP_ITERS,
-                                  start_iter=cfg.SEMI.UNLABELED_START_ITER)
+                                  start_iter=cfg.SEMI.UNLABELED_START_ITER,
+                                  guidance_weights=(cfg.SEMI.CLIP_GUIDANCE_WEIGHT, cfg.SEMI.CLIP_GUIDANCE_FINAL_WEIGHT),
+                                  max_iter=cfg.SOLVER.MAX_ITER)
 
     @classmethod
     def build_semi_loaders(cls, cfg: CfgNode):

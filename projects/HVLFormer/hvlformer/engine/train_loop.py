@@ -27,7 +27,7 @@ __all__ = ["AMP_DTYPES", "amp_dtype", "TrainStep", "SemiSupervisedStep", "UNLABE
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Losses of the unlabeled batch, scaled by the ramp-up factor of :meth:`SemiSupervisedStep.unlabeled_ramp`.
-UNLABELED_LOSSES = ("loss_cmcr_mask", "loss_cmcr_class", "loss_cmcr_align", "loss_entropy")
+UNLABELED_LOSSES = ("loss_cmcr_mask", "loss_cmcr_class", "loss_cmcr_align", "loss_entropy", "loss_clip_guidance")
 
 
 def amp_dtype(name: str) -> torch.dtype:
@@ -117,13 +117,21 @@ class SemiSupervisedStep(TrainStep):
     """
 
     def __init__(self, model, labeled_loader, unlabeled_loader, optimizer, teacher: Optional[EMATeacher] = None,
-                 amp: Optional[torch.dtype] = None, rampup_iters: int = 0, start_iter: int = 0) -> None:
+                 amp: Optional[torch.dtype] = None, rampup_iters: int = 0, start_iter: int = 0,
+                 guidance_weights: Tuple[float, float] = (0.0, 0.0), max_iter: int = 1) -> None:
+        """``guidance_weights``: the CLIP guidance's weight at step 0 and at ``max_iter`` (linear in between,
+        :meth:`guidance_weight`; ``SEMI.CLIP_GUIDANCE_WEIGHT`` / ``_FINAL_WEIGHT``, ``SOLVER.MAX_ITER``)."""
         super().__init__(model, labeled_loader, optimizer, amp=amp)
         if rampup_iters < 0 or start_iter < 0:
             raise ValueError(f"SEMI.UNLABELED_RAMPUP_ITERS and SEMI.UNLABELED_START_ITER must be >= 0, "
                              f"got {rampup_iters} and {start_iter}")
+        if min(guidance_weights) < 0 or max_iter < 1:
+            raise ValueError(f"SEMI.CLIP_GUIDANCE_WEIGHT / _FINAL_WEIGHT must be >= 0 and SOLVER.MAX_ITER >= 1, "
+                             f"got {guidance_weights} and {max_iter}")
         self.rampup_iters = rampup_iters
         self.start_iter = start_iter
+        self.guidance_weights = tuple(guidance_weights)
+        self.max_iter_of_schedule = max_iter
         self.unlabeled_loader = unlabeled_loader
         self._unlabeled_iter = iter(unlabeled_loader)
         self.teacher = teacher
@@ -137,6 +145,13 @@ class SemiSupervisedStep(TrainStep):
             return 1.0
         return min(1.0, (iteration - self.start_iter) / self.rampup_iters)
 
+    def guidance_weight(self, iteration: int) -> float:
+        """Weight of ``loss_clip_guidance`` at ``iteration``: linear from ``guidance_weights[0]`` at step 0 to
+        ``guidance_weights[1]`` at ``max_iter`` (SemiVL's decay), on top of :meth:`unlabeled_ramp`."""
+        start, end = self.guidance_weights
+        progress = min(1.0, max(0.0, iteration / self.max_iter_of_schedule))
+        return start + (end - start) * progress
+
     @torch.no_grad()
     def unlabeled_batch(self, unlabeled: List[Dict[str, Any]]) -> Dict[str, Any]:
         """Stack the views, CutMix the strong one, and compute the teacher's targets on the original view."""
@@ -145,17 +160,16 @@ class SemiSupervisedStep(TrainStep):
         boxes = torch.stack([d["cutmix_box"] for d in unlabeled]).to(core.device)
         strong, order = apply_cutmix(torch.stack([d["image_strong"] for d in unlabeled]).to(core.device), boxes)
         batch = {
+            "image_original": original,
             "image_weak": torch.stack([d["image_weak"] for d in unlabeled]),
             "image_strong": strong,
             "padding": torch.stack([d["padding"] for d in unlabeled]),
             "cutmix_box": boxes,
             "mix_order": order,
         }
-        if self.teacher is None:
-            # self teacher: the model computes the targets inside its forward, reusing that step's text
-            # embeddings (one text-tower pass per step instead of two)
-            batch["image_original"] = original
-        else:
+        # self teacher: the model computes the targets from image_original inside its forward, reusing that
+        # step's text embeddings (one text-tower pass per step instead of two)
+        if self.teacher is not None:
             teacher = self.teacher.model
             batch["targets"] = teacher_targets(teacher, original, teacher.encode_text(), core.unlabeled_criterion,
                                                batch["padding"])
@@ -174,7 +188,9 @@ class SemiSupervisedStep(TrainStep):
     def loss_terms(self, outputs: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
         losses, stats = super().loss_terms(outputs)
         ramp = self.unlabeled_ramp(self.iter)
-        return {k: (v * ramp if k in UNLABELED_LOSSES else v) for k, v in losses.items()}, stats
+        weights = {k: ramp for k in UNLABELED_LOSSES}
+        weights["loss_clip_guidance"] = ramp * self.guidance_weight(self.iter)
+        return {k: v * weights.get(k, 1.0) for k, v in losses.items()}, stats
 
     def after_optimizer_step(self) -> None:
         if self.teacher is not None:

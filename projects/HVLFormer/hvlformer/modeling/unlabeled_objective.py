@@ -6,6 +6,8 @@ decoder layer; or HierVL's entropy minimisation). This module runs the network f
 
 - :func:`teacher_targets`: the teacher (the model itself without gradient, or an EMA copy) predicts the
   original view; its per-layer outputs become the detached targets.
+- :func:`clip_guidance_terms`: with ``SEMI.CLIP_GUIDANCE_WEIGHT`` the frozen CLIP's zero-shot labels of the
+  original view are a second target of the same views (:mod:`~hvlformer.modeling.clip_guidance`).
 - :func:`unlabeled_losses`: the weak and strong views go through the network as one batch (so the student
   runs once per view kind and DDP synchronises one forward); the output is split back into the two views
   and compared with the targets; the losses are multiplied by the model's ``unlabeled_weight``
@@ -18,9 +20,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .cmcr import CMCRLoss, LayerTargets
+from .cmcr import CMCRLoss, LayerTargets, layer_outputs
 
-__all__ = ["teacher_targets", "split_views", "unlabeled_losses"]
+__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "clip_guidance_terms"]
 
 _PREDICTION_KEYS = ("pred_logits", "pred_masks", "attn_maps")
 
@@ -55,8 +57,9 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
         model: the HVLFormer being trained (its ``unlabeled_criterion`` and ``unlabeled_weight``).
         unlabeled: ``"image_weak"`` and ``"image_strong"`` (``B x 3 x H x W``, the strong one already
             CutMix-ed), ``"padding"`` and ``"cutmix_box"`` (``B x H x W`` bool), ``"mix_order"`` (``B``) and
-            either ``"targets"`` (an EMA teacher's, from :func:`teacher_targets`) or ``"image_original"``
-            (``B x 3 x H x W``: the model itself is the teacher, without gradient).
+            ``"image_original"`` (``B x 3 x H x W``, the original views) and, with an EMA teacher,
+            ``"targets"`` (its targets, from :func:`teacher_targets`); without ``"targets"`` the model itself
+            is the teacher of the original views, without gradient.
         text_embeddings: ``K x C`` class embeddings of this step.
     """
     criterion: CMCRLoss = model.unlabeled_criterion
@@ -76,7 +79,34 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
     else:
         terms = criterion(unlabeled["targets"], weak_out, strong_out, padding,
                           unlabeled["cutmix_box"].to(model.device), unlabeled["mix_order"].to(model.device))
+    if model.clip_guidance is not None:
+        terms.update(clip_guidance_terms(model, unlabeled, weak_out, strong_out, padding))
     stats = {k: v for k, v in terms.items() if k.startswith("stat_")}
     stats["stat_sre_mean_unlabeled"] = outputs.relevance.detach().float().mean()
     losses = {k: model.unlabeled_weight * v for k, v in terms.items() if k.startswith("loss")}
     return {**losses, **stats}
+
+
+def clip_guidance_terms(model: nn.Module, unlabeled: Dict[str, Any], weak_out: Dict[str, Any],
+                        strong_out: Dict[str, Any], padding: Tensor) -> Dict[str, Tensor]:
+    """``loss_clip_guidance`` of the weak and strong views against the frozen CLIP's zero-shot labels of the
+    original views (``unlabeled["image_original"]``, ``B x 3 x H x W`` 0-255), and statistics: the share of
+    CLIP-confident pixels, and (self or EMA teacher) ``stat_clip_guidance_agreement``, the share of the pixels
+    confident for both CLIP and the last layer's CMCR target on which the two name the same class."""
+    guidance = model.clip_guidance
+    weak_layers, strong_layers = layer_outputs(weak_out), layer_outputs(strong_out)
+    with torch.no_grad():
+        reference_dense = model.backbone.reference_dense_embedding(model.normalize(unlabeled["image_original"]))
+        class_embeddings = guidance.class_embeddings(model.text_encoder, model.class_names)
+        targets = guidance.targets(reference_dense, class_embeddings, weak_layers[-1]["pred_masks"].shape[-2:],
+                                   padding)
+    terms = guidance(targets, weak_layers, strong_layers, padding, unlabeled["cutmix_box"].to(model.device),
+                     unlabeled["mix_order"].to(model.device))
+    if "targets" in unlabeled and unlabeled["targets"]:
+        teacher_probs = unlabeled["targets"][-1].probs
+        if teacher_probs.shape[-2:] == targets.labels.shape[-2:]:
+            confidence, teacher_labels = teacher_probs.max(dim=1)
+            both = targets.confident & (confidence >= model.unlabeled_criterion.confidence_threshold)
+            agree = (teacher_labels == targets.labels) & both
+            terms["stat_clip_guidance_agreement"] = agree.float().sum() / both.float().sum().clamp_min(1.0)
+    return terms

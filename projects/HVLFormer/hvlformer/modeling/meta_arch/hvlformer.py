@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..backbone import CLIPViTBackbone, build_clip_backbone
 from ..clip_ensemble import CLIPEnsemble
+from ..clip_guidance import CLIPGuidance
 from ..clip_loader import build_clip_model, has_pretrained_reference, reference_needed_at_test
 from ..cmcr import CMCRLoss
 from ..criterion import HVLSetCriterion
@@ -130,6 +131,7 @@ class HVLFormer(nn.Module):
         class_refinement: Optional[ClassLinearAttentionRefinement] = None,
         fusion: Optional[VisualFeatureFusion] = None,
         clip_ensemble: Optional[CLIPEnsemble] = None,
+        clip_guidance: Optional[CLIPGuidance] = None,
     ) -> None:
         """
         Args:
@@ -146,6 +148,8 @@ class HVLFormer(nn.Module):
             category_filter, class_refinement, fusion: LSMSeg's modules. None = off (the paper's model).
             clip_ensemble: open-vocabulary inference with the frozen CLIP's classification of each mask
                 (:mod:`hvlformer.modeling.clip_ensemble`); needs the backbone's E_I^0. None = off.
+            clip_guidance: the frozen CLIP's zero-shot labels as a second target of the unlabeled views
+                (SemiVL's dense CLIP guidance, :mod:`hvlformer.modeling.clip_guidance`); needs E_I^0. None = off.
         """
         super().__init__()
         if htqg.sre_mode == "clip_zero_shot" and not self.zero_shot_relevance:
@@ -176,6 +180,10 @@ class HVLFormer(nn.Module):
             raise ValueError("the CLIP ensemble pools the frozen pretrained tower E_I^0's embedding: build the "
                              "backbone with frozen_reference=True (MODEL.HVLFORMER.CLIP.PRETRAINED set)")
         self.clip_ensemble = clip_ensemble
+        if clip_guidance is not None and backbone.reference_tower is None:
+            raise ValueError("SEMI.CLIP_GUIDANCE_WEIGHT asks the frozen pretrained tower E_I^0 for zero-shot labels: "
+                             "build the backbone with frozen_reference=True (MODEL.HVLFORMER.CLIP.PRETRAINED set)")
+        self.clip_guidance = clip_guidance
         if category_filter is not None and getattr(transformer_decoder, "classifier", "text") == "linear":
             # the linear classifier's decoder expects the E*K queries of its fixed K classes
             raise ValueError("MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER decodes a subset of the vocabulary per image: "
@@ -233,8 +241,15 @@ class HVLFormer(nn.Module):
                 raise ValueError("TEST.CLIP_ENSEMBLE asks the pretrained CLIP to classify each mask: set "
                                  "MODEL.HVLFORMER.CLIP.PRETRAINED (an open_clip tag or a file)")
             clip_ensemble = CLIPEnsemble(cfg, clip_logit_scale=float(clip_model.logit_scale.detach().exp()))
+        clip_guidance = None
+        if CLIPGuidance.enabled(cfg):
+            if not hv.CLIP.PRETRAINED:
+                raise ValueError("SEMI.CLIP_GUIDANCE_WEIGHT asks the pretrained CLIP for zero-shot labels: set "
+                                 "MODEL.HVLFORMER.CLIP.PRETRAINED (an open_clip tag or a file)")
+            clip_guidance = CLIPGuidance(cfg, clip_logit_scale=float(clip_model.logit_scale.detach().exp()))
         return {
             "clip_ensemble": clip_ensemble,
+            "clip_guidance": clip_guidance,
             **thesis_modules,
             "backbone": backbone,
             "text_encoder": text_encoder,

@@ -1,0 +1,154 @@
+"""Dense CLIP guidance of the unlabeled views (SemiVL: Hoyer et al., "SemiVL: Semi-supervised semantic
+segmentation with vision-language guidance", ECCV 2024, Sec. 3.4; not in the HVLFormer paper;
+``SEMI.CLIP_GUIDANCE_*``, off by default).
+
+Self-training can drift: a class the model confuses with another early on is pseudo-labelled as the other, and
+every step on those pseudo-labels makes the next ones more wrong (confirmation bias). The frozen pretrained CLIP
+cannot drift. Its zero-shot classification of each patch, ``softmax(s * cos(f0(p), u_k))`` with E_I^0's dense
+embedding ``f0`` (the frozen reference encoder of L^V) and the plain-prompt text embedding ``u_k`` of class
+``k``, is a second, fixed set of pseudo-labels; SemiVL trains the student views towards it where it is confident,
+with a weight that decays linearly to zero over training: early, while the model's own pseudo-labels are still
+being formed, the VLM anchors them; late, the model's own (better) ones take over.
+
+Here the term has exactly the form of CMCR's ``l_mask`` (:func:`~hvlformer.modeling.cmcr.mask_consistency`),
+with CLIP's hard labels in place of the original view's: for every decoder layer, the BCE of the weak view's
+per-class probability maps (x ``MASK_WEIGHT_WEAK``) and of the strong view's (x ``MASK_WEIGHT_STRONG``; inside
+the CutMix box CLIP's labels of the pasted image) against CLIP's one-hot labels, on the pixels where CLIP's top
+probability reaches ``CLIP_GUIDANCE_THRESHOLD``, averaged over all valid pixels. So ``CLIP_GUIDANCE_WEIGHT`` is
+the guidance's weight relative to ``l_mask`` (both are then scaled by ``SEMI.CMCR_WEIGHT`` and by the unlabeled
+ramp-up). The training step applies the schedule: ``CLIP_GUIDANCE_WEIGHT`` at step 0, falling linearly to
+``CLIP_GUIDANCE_FINAL_WEIGHT`` at ``SOLVER.MAX_ITER``.
+
+Decisions (docs/DESIGN.md, "Dense CLIP guidance"): CLIP sees the original view (no photometric change), as
+SemiVL's MaskCLIP sees the weak view of UniMatch, which has none; the patch logits are upsampled bilinearly to
+the mask resolution before the softmax; the default weight 0.2 -> 0 keeps SemiVL's ratio of guidance to
+self-training (its 0.1 against its self-training's total weight of 0.5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from torch import Tensor, nn
+
+from ..cutmix import mix_spatial
+from .cmcr import downsample_mask, mask_consistency, view_probability_maps
+from .regularization import fp32_loss
+
+__all__ = ["CLIPGuidance", "GuidanceTargets"]
+
+
+@dataclass
+class GuidanceTargets:
+    """The frozen CLIP's pseudo-labels of a batch at the mask resolution ``h x w``."""
+
+    labels: Tensor       # B x h x w long, CLIP's argmax class
+    confident: Tensor    # B x h x w bool, top probability >= the threshold (and not padding)
+    probs: Tensor        # B x K x h x w, CLIP's per-pixel class distribution
+
+
+class CLIPGuidance(nn.Module):
+    """CLIP's zero-shot pseudo-labels (:meth:`targets`) and the guidance loss of the weak and strong views
+    (:meth:`forward`); see the module docstring. No parameters."""
+
+    @configurable
+    def __init__(self, *, logit_scale: float, threshold: float = 0.9, template: str = "a photo of a {}.",
+                 weak_weight: float = 0.5, strong_weight: float = 0.1, class_gradient: bool = True) -> None:
+        """
+        Args:
+            logit_scale: CLIP's ``s`` (the exponentiated ``logit_scale`` of the pretrained model).
+            threshold: CLIP's top probability a pixel needs to be a target (SemiVL: 0.9).
+            template: the prompt of CLIP's classification (``{}`` = the class name).
+            weak_weight, strong_weight: the views' weights (CMCR's ``l_mask`` weights, 1/2 and 1/10).
+            class_gradient: whether the loss reaches the views' class logits (``SEMI.MASK_CONSISTENCY_CLASS_GRADIENT``).
+        """
+        super().__init__()
+        if "{}" not in template:
+            raise ValueError(f"SEMI.CLIP_GUIDANCE_TEMPLATE must hold '{{}}' for the class name, got {template!r}")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"SEMI.CLIP_GUIDANCE_THRESHOLD must be in (0, 1], got {threshold}")
+        self.logit_scale = float(logit_scale)
+        self.threshold = threshold
+        self.template = template
+        self.weak_weight = weak_weight
+        self.strong_weight = strong_weight
+        self.class_gradient = class_gradient
+        self._cache: Optional[tuple] = None
+
+    @classmethod
+    def from_config(cls, cfg, clip_logit_scale: float) -> Dict[str, Any]:
+        return {
+            "logit_scale": clip_logit_scale,
+            "threshold": cfg.SEMI.CLIP_GUIDANCE_THRESHOLD,
+            "template": cfg.SEMI.CLIP_GUIDANCE_TEMPLATE,
+            "weak_weight": cfg.SEMI.MASK_WEIGHT_WEAK,
+            "strong_weight": cfg.SEMI.MASK_WEIGHT_STRONG,
+            "class_gradient": cfg.SEMI.MASK_CONSISTENCY_CLASS_GRADIENT,
+        }
+
+    @staticmethod
+    def enabled(cfg) -> bool:
+        """Whether the config asks for the guidance (a weight above zero at some step)."""
+        return cfg.SEMI.CLIP_GUIDANCE_WEIGHT > 0 or cfg.SEMI.CLIP_GUIDANCE_FINAL_WEIGHT > 0
+
+    def class_embeddings(self, text_encoder: nn.Module, class_names: Sequence[str]) -> Tensor:
+        """``K x C`` unit embeddings of the plain prompts by the frozen text tower, cached per vocabulary."""
+        weight = text_encoder.tower.token_embedding.weight
+        key = (tuple(class_names), weight.device, weight.dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, text_encoder.reference_embeddings([self.template.format(n) for n in class_names]))
+        return self._cache[1]
+
+    @torch.no_grad()
+    @fp32_loss
+    def targets(self, reference_dense: Tensor, class_embeddings: Tensor, size: Sequence[int],
+                padding: Optional[Tensor] = None) -> GuidanceTargets:
+        """CLIP's pseudo-labels at the mask resolution.
+
+        Args:
+            reference_dense: ``B x C x h0 x w0`` E_I^0's dense embedding of the original views.
+            class_embeddings: ``K x C`` unit text embeddings (:meth:`class_embeddings`).
+            size: ``(h, w)``, the mask resolution of the decoder's predictions.
+            padding: ``B x H x W`` bool, True on padded pixels (never targets).
+        """
+        dense = F.normalize(reference_dense.float(), dim=1)
+        logits = self.logit_scale * torch.einsum("bchw,kc->bkhw", dense, class_embeddings.float())
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        probs = logits.softmax(dim=1)
+        confidence, labels = probs.max(dim=1)
+        confident = confidence >= self.threshold
+        if padding is not None:
+            confident &= ~downsample_mask(padding.to(confident.device), size)
+        return GuidanceTargets(labels, confident, probs)
+
+    @fp32_loss
+    def forward(self, targets: GuidanceTargets, weak_layers: List[Dict[str, Tensor]],
+                strong_layers: List[Dict[str, Tensor]], padding: Tensor, cutmix_box: Tensor,
+                mix_order: Tensor) -> Dict[str, Tensor]:
+        """``loss_clip_guidance`` (unweighted by the schedule: summed over the layers) and statistics.
+
+        weak_layers / strong_layers: the N decoder layers' predictions of the weak view and of the CutMix-ed
+        strong view (``pred_logits`` ``B x Q x (K+1)``, ``pred_masks`` ``B x Q x h x w``); padding, cutmix_box:
+        ``B x H x W`` bool; mix_order: ``B`` long (the image each box comes from).
+        """
+        size = targets.labels.shape[-2:]
+        valid = ~downsample_mask(padding, size)
+        box = downsample_mask(cutmix_box, size)
+        mixed_labels = mix_spatial(targets.labels[:, None], box, mix_order)[:, 0]
+        mixed_confident = mix_spatial(targets.confident[:, None], box, mix_order)[:, 0]
+        mixed_valid = mix_spatial(valid[:, None], box, mix_order)[:, 0]
+        loss = weak_layers[0]["pred_logits"].sum() * 0.0
+        for weak, strong in zip(weak_layers, strong_layers):
+            if weak["pred_masks"].shape[-2:] != size:
+                raise ValueError(f"CLIP guidance targets are {tuple(size)}, the predictions "
+                                 f"{tuple(weak['pred_masks'].shape[-2:])}")
+            loss = loss + (
+                self.weak_weight * mask_consistency(view_probability_maps(weak, self.class_gradient),
+                                                    targets.labels, targets.confident, valid)
+                + self.strong_weight * mask_consistency(view_probability_maps(strong, self.class_gradient),
+                                                        mixed_labels, mixed_confident, mixed_valid))
+        confident_fraction = (targets.confident & valid).float().sum() / valid.float().sum().clamp_min(1.0)
+        return {"loss_clip_guidance": loss, "stat_clip_guidance_confident_fraction": confident_fraction.detach()}
