@@ -1,0 +1,112 @@
+"""SEMI.CLIP_GUIDANCE_*: the frozen CLIP's zero-shot labels by hand, the guidance loss as l_mask against them
+(CutMix box included), the training step's schedule, and a short semi run from the pretrained tiny CLIP."""
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from conftest import SEMI_SMALL, TINY_SEMI_CONFIG, TINY_SEMI_PRETRAINED_CONFIG
+from hvlformer import build_trainer_class, setup_cfg
+from hvlformer.modeling import cmcr as C
+from hvlformer.modeling.clip_guidance import CLIPGuidance, GuidanceTargets
+
+
+def test_targets_by_hand():
+    """Two patches, two classes: a patch on class 1's embedding is a confident class-1 label; a patch halfway
+    between the classes has probability 1/2 and is no target; padding is never a target."""
+    guidance = CLIPGuidance(logit_scale=10.0, threshold=0.9)
+    embeddings = torch.eye(2)                                  # K x C unit vectors
+    dense = torch.tensor([[0.0, 3.0], [2.0, 3.0]]).view(1, 2, 1, 2)  # C x 1 x 2: patch 0 = (0, 2), patch 1 = (3, 3)
+    out = guidance.targets(dense, embeddings, (1, 2))
+    assert out.labels[0, 0, 0].item() == 1 and out.confident.tolist() == [[[True, False]]]
+    expected = torch.softmax(torch.tensor([0.0, 10.0]), 0)  # s * cos = (0, 10) on patch 0
+    torch.testing.assert_close(out.probs[0, :, 0, 0], expected)
+    torch.testing.assert_close(out.probs[0, :, 0, 1], torch.tensor([0.5, 0.5]))
+    padded = guidance.targets(dense, embeddings, (1, 2), padding=torch.tensor([[[True, True, False, False]]]))
+    assert padded.confident.tolist() == [[[False, False]]]  # the padded half of the 1 x 4 image covers cell 0
+    # the bilinear upsampling to the mask resolution comes before the softmax: 1 x 4 keeps the two ends
+    wide = guidance.targets(dense, embeddings, (1, 4))
+    assert wide.labels[0, 0, 0].item() == 1 and wide.confident[0, 0, 0] and not wide.confident[0, 0, 3]
+    with pytest.raises(ValueError, match="THRESHOLD"):
+        CLIPGuidance(logit_scale=1.0, threshold=0.0)
+    with pytest.raises(ValueError, match="TEMPLATE"):
+        CLIPGuidance(logit_scale=1.0, template="a photo")
+
+
+def _one_hot_layer(labels: torch.Tensor, num_classes: int, wrong: bool = False):
+    """Decoder outputs (one query per class) whose per-class maps are one-hot on ``labels`` (``B x h x w``);
+    ``wrong``: on the next class instead."""
+    batch = labels.shape[0]
+    logits = torch.full((batch, num_classes, num_classes + 1), -30.0)
+    for k in range(num_classes):
+        logits[:, k, k] = 30.0
+    shown = (labels + 1) % num_classes if wrong else labels
+    masks = torch.where(torch.nn.functional.one_hot(shown, num_classes).permute(0, 3, 1, 2).bool(), 30.0, -30.0)
+    return {"pred_logits": logits, "pred_masks": masks}
+
+
+def test_loss_is_l_mask_against_the_clip_labels_with_the_cutmix_box_from_the_other_image():
+    torch.manual_seed(0)
+    num_classes, size = 3, (4, 4)
+    labels = torch.stack([torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 2)])
+    confident = torch.ones(2, 4, 4, dtype=torch.bool)
+    confident[0, 0, 0] = False
+    targets = GuidanceTargets(labels, confident, torch.zeros(2, num_classes, 4, 4))
+    padding = torch.zeros(2, 8, 8, dtype=torch.bool)
+    box = torch.zeros(2, 8, 8, dtype=torch.bool)
+    box[0, :4, :4] = True  # image 0's strong view holds image 1's top-left quarter
+    order = torch.tensor([1, 0])
+    guidance = CLIPGuidance(logit_scale=1.0, weak_weight=0.5, strong_weight=0.1)
+    mixed = labels.clone()
+    mixed[0, :2, :2] = 2
+    right_weak, right_strong = _one_hot_layer(labels, num_classes), _one_hot_layer(mixed, num_classes)
+    # views that predict CLIP's labels (and the pasted image's inside the box) cost nothing
+    zero = guidance(targets, [right_weak] * 2, [right_strong] * 2, padding, box, order)["loss_clip_guidance"]
+    assert zero.item() == pytest.approx(0.0, abs=1e-4)
+    # a strong view that ignores the box pays on the box's confident cells (4 of image 0), weight 0.1, 2 layers
+    unmixed = _one_hot_layer(labels, num_classes)
+    terms = guidance(targets, [right_weak] * 2, [unmixed] * 2, padding, box, order)
+    per_cell = 2 * -math.log(1e-6)  # two class maps at the clamp: the 1 that should be 0 and the 0 that should be 1
+    assert terms["loss_clip_guidance"].item() == pytest.approx(2 * 0.1 * 4 * per_cell / 32, rel=1e-3)
+    # a wrong weak view: every confident cell (31 of 32), weight 0.5; it equals CMCR's l_mask on CLIP's labels
+    wrong = _one_hot_layer(labels, num_classes, wrong=True)
+    loss = guidance(targets, [wrong], [right_strong], padding, box, order)["loss_clip_guidance"]
+    expected = 0.5 * C.mask_consistency(C.view_probability_maps(wrong), labels, confident)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * 31 * per_cell / 32, rel=1e-3)
+    assert terms["stat_clip_guidance_confident_fraction"].item() == pytest.approx(31 / 32)
+
+
+def _trainer(tmp_path, config, *opts):
+    cfg = setup_cfg(argparse.Namespace(config_file=config, opts=[*SEMI_SMALL, "OUTPUT_DIR", str(tmp_path), *opts]))
+    return build_trainer_class(cfg)(cfg)
+
+
+def test_guidance_needs_the_pretrained_clip(tmp_path):
+    with pytest.raises(ValueError, match="CLIP.PRETRAINED"):
+        _trainer(tmp_path, TINY_SEMI_CONFIG, "SOLVER.MAX_ITER", "1", "SEMI.CLIP_GUIDANCE_WEIGHT", "0.2")
+
+
+def test_schedule_and_a_short_run_from_the_pretrained_clip(tmp_path):
+    trainer = _trainer(tmp_path, TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "2", "SEMI.CLIP_GUIDANCE_WEIGHT", "0.2",
+                       "SEMI.CLIP_GUIDANCE_FINAL_WEIGHT", "0.05", "SEMI.UNLABELED_RAMPUP_ITERS", "4")
+    step = trainer._trainer
+    assert [step.guidance_weight(i) for i in (0, 1, 2, 5)] == pytest.approx([0.2, 0.125, 0.05, 0.05])
+    # the guidance's weight is the schedule times the unlabeled ramp-up; CMCR's terms get the ramp-up alone
+    step.iter = 1
+    losses, _ = step.loss_terms({"loss_clip_guidance": torch.tensor(1.0), "loss_cmcr_mask": torch.tensor(1.0),
+                                 "loss_ce": torch.tensor(1.0)})
+    assert {k: round(v.item(), 6) for k, v in losses.items()} == {
+        "loss_clip_guidance": round(0.25 * 0.125, 6), "loss_cmcr_mask": 0.25, "loss_ce": 1.0}
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    history = trainer.storage.histories()
+    assert {"loss_clip_guidance", "clip_guidance_confident_fraction", "clip_guidance_agreement"} <= set(history)
+    assert history["loss_clip_guidance"].latest() > 0
+    assert 0.5 < history["clip_guidance_confident_fraction"].latest() <= 1.0  # the tiny CLIP is sure of most pixels
+    # off by default: no module, no term
+    plain = _trainer(tmp_path / "plain", TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "1")
+    assert plain.model.clip_guidance is None and plain._trainer.guidance_weight(0) == 0.0
