@@ -35,6 +35,9 @@ With ``--layer N`` the pseudo-labels are those of decoder layer N (1..N, CMCR's 
 CMCR trains each layer of the weak and strong views against the same layer of the original view (paper eq. 2),
 so every layer's pseudo-labels are training targets.
 
+With ``--teacher clip`` the labels scored are those of the dense CLIP guidance (``SEMI.CLIP_GUIDANCE_*``): the
+run's frozen pretrained CLIP, zero-shot, with its confidence threshold; what that term would train towards.
+
 With ``--classes-file`` the runs are scored on the same unlabeled images drawn from another class table
 (``DATASETS.SHAPES.CLASSES_FILE``: the same layouts and labels), e.g. with the textures of square and cross
 swapped: whether a model names the pair by outline or by texture.
@@ -232,19 +235,20 @@ def run_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:
 
 
 def unlabeled_shapes(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None,
-                     classes_file: Optional[str] = None
+                     classes_file: Optional[str] = None, opts: Sequence[str] = ()
                      ) -> Tuple[Any, torch.nn.Module, Iterator[Tuple[torch.Tensor, np.ndarray]]]:
     """A finished `shapes` run's config, its model (``model_final.pth`` or ``weights``) and its unlabeled
     images: ``(cfg, model, iterator of (3 x H x W image 0-255 as the model reads it, H x W hidden label))``;
     the labels are the `shapes` label files the training never read. ``classes_file``: the same images drawn
     from another class table (``DATASETS.SHAPES.CLASSES_FILE``: the same layouts and labels, e.g. other
-    textures), to ask which cue the trained model reads."""
+    textures), to ask which cue the trained model reads. ``opts``: more config overrides of the model."""
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
     from hvlformer.data.datasets.register_shapes import register_shapes_semi_split
     from hvlformer.predictor import HVLFormerPredictor
 
-    cfg = finished_run_cfg(run_dir, weights, opts=["DATASETS.SHAPES.CLASSES_FILE", classes_file] if classes_file else ())
+    cfg = finished_run_cfg(run_dir, weights, opts=[*(["DATASETS.SHAPES.CLASSES_FILE", classes_file] if classes_file else []),
+                                                   *opts])
     if cfg.DATASETS.SHAPES.NUM_LABELED <= 0:
         raise ValueError(f"{run_dir}: DATASETS.SHAPES.NUM_LABELED is 0, so the run has no unlabeled `shapes` images")
     register_shapes_semi_split(cfg)
@@ -259,22 +263,49 @@ def unlabeled_shapes(run_dir: Path, num_images: Optional[int] = None, weights: O
     return cfg, HVLFormerPredictor(cfg).model, images()
 
 
+def clip_guidance_probabilities(model: torch.nn.Module, guidance: Any, image: torch.Tensor) -> torch.Tensor:
+    """``3 x H x W`` image (0-255) -> ``K x H x W``: the frozen CLIP's zero-shot class distributions of the dense
+    CLIP guidance (``SEMI.CLIP_GUIDANCE_*``, :class:`~hvlformer.modeling.clip_guidance.CLIPGuidance`), at the
+    image's resolution."""
+    with torch.no_grad():
+        dense = model.backbone.reference_dense_embedding(model.normalize(image[None].to(model.device).float()))
+        embeddings = guidance.class_embeddings(model.text_encoder, model.class_names)
+        return guidance.targets(dense, embeddings, image.shape[-2:]).probs[0].cpu()
+
+
 def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None,
-                 classes_file: Optional[str] = None, layer: Optional[int] = None) -> Dict[str, Any]:
+                 classes_file: Optional[str] = None, layer: Optional[int] = None,
+                 teacher: str = "model") -> Dict[str, Any]:
     """Pseudo-label statistics of one run on its own unlabeled `shapes` images (drawn from ``classes_file``
     when given), from its ``model_final.pth`` or from ``weights`` (another checkpoint of the run), of decoder
-    layer ``layer`` (1..N; ``None`` = the last, the one the inference reads)."""
-    cfg, model, images = unlabeled_shapes(run_dir, num_images, weights, classes_file)
+    layer ``layer`` (1..N; ``None`` = the last, the one the inference reads). ``teacher="clip"``: the labels
+    of the dense CLIP guidance instead (the run's frozen pretrained CLIP, its prompts and
+    ``SEMI.CLIP_GUIDANCE_THRESHOLD``; the same for every run of one CLIP, whatever the run learned)."""
+    if teacher not in ("model", "clip"):
+        raise ValueError(f"teacher must be 'model' or 'clip', got {teacher!r}")
+    # the frozen reference tower E_I^0 is built at inference only when an inference switch needs it
+    opts = ["TEST.CLIP_ENSEMBLE.ENABLED", "True"] if teacher == "clip" else []
+    cfg, model, images = unlabeled_shapes(run_dir, num_images, weights, classes_file, opts)
     names = list(model.class_names)
-    tally = PseudoLabelTally(len(names), cfg.SEMI.CONFIDENCE_THRESHOLD)
+    if teacher == "clip":
+        from hvlformer.modeling.clip_guidance import CLIPGuidance
+
+        guidance = CLIPGuidance(cfg, clip_logit_scale=model.clip_ensemble.logit_scale)
+        threshold = cfg.SEMI.CLIP_GUIDANCE_THRESHOLD
+        probabilities = lambda image: clip_guidance_probabilities(model, guidance, image)
+    else:
+        threshold = cfg.SEMI.CONFIDENCE_THRESHOLD
+        probabilities = lambda image: teacher_probabilities(model, image, layer)
+    tally = PseudoLabelTally(len(names), threshold)
     count = 0
     for image, label in images:
-        tally.add(teacher_probabilities(model, image, layer), label)
+        tally.add(probabilities(image), label)
         count += 1
     return {"run": str(run_dir), "weights": Path(cfg.MODEL.WEIGHTS).name, "images": count,
             **({"classes_file": classes_file} if classes_file else {}),
             **({"layer": layer} if layer is not None else {}),
-            "threshold": cfg.SEMI.CONFIDENCE_THRESHOLD, **tally.summary(names)}
+            **({"teacher": teacher} if teacher != "model" else {}),
+            "threshold": threshold, **tally.summary(names)}
 
 
 def evaluate_over_training(run_dir: Path, num_images: Optional[int] = None) -> Dict[str, Any]:
@@ -301,6 +332,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         help="score decoder layer N's pseudo-labels (1..DEC_LAYERS; CMCR trains each layer of the "
                              "views against the same layer of the original view) instead of the last layer's; "
                              "not with --over-training")
+    parser.add_argument("--teacher", choices=("model", "clip"), default="model",
+                        help="clip: score the labels of the dense CLIP guidance (SEMI.CLIP_GUIDANCE_*: the run's frozen "
+                             "pretrained CLIP, zero-shot) instead of the run's model; not with --over-training or --layer")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -309,9 +343,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         parser.error("--classes-file scores the final weights only: leave out --over-training")
     if args.layer is not None and args.over_training:
         parser.error("--layer scores the final weights only: leave out --over-training")
+    if args.teacher == "clip" and (args.over_training or args.layer is not None):
+        parser.error("--teacher clip scores the frozen CLIP, which training does not change: leave out --over-training "
+                     "and --layer")
     result = {"command": "python tools/pseudo_label_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": [evaluate_over_training(run, args.num_images) if args.over_training
-                       else evaluate_run(run, args.num_images, classes_file=args.classes_file, layer=args.layer)
+                       else evaluate_run(run, args.num_images, classes_file=args.classes_file, layer=args.layer,
+                                         teacher=args.teacher)
                        for run in args.runs]}
     emit_json(result, args.json_out)
     return result

@@ -194,6 +194,41 @@ def test_run_scored_at_one_decoder_layer(tool, two_step_run):
         tool.main([str(two_step_run), "--over-training", "--layer", "1"])
 
 
+def test_the_clip_guidance_labels_do_not_depend_on_the_trained_model(tool, tmp_path):
+    """--teacher clip: the frozen pretrained CLIP's zero-shot labels (SEMI.CLIP_GUIDANCE_*) of the run's unlabeled
+    images, at the guidance's threshold: the same statistics from the run's weights and from zeroed trained
+    weights (the model's own predictions change), and refused with --layer / --over-training."""
+    out = tmp_path / "semi"
+    opts = ["SOLVER.MAX_ITER", "1", "TEST.EVAL_PERIOD", "0", "DATASETS.SHAPES.IMAGE_SIZE", "64", "INPUT.CROP.SIZE",
+            "(64, 64)", "INPUT.RESIZE_BASE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "2",
+            "DATASETS.SHAPES.NUM_LABELED", "4", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+            "MODEL.HVLFORMER.DEC_LAYERS", "2", "OUTPUT_DIR", str(out)]
+    train = subprocess.run([sys.executable, str(REPO_ROOT / "projects" / "HVLFormer" / "train_net.py"), "--config-file",
+                            str(REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_semi.yaml"), *opts],
+                           cwd=REPO_ROOT, capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr[-3000:]
+    clip = tool.main([str(out), "--teacher", "clip", "--threads", "2"])["runs"][0]
+    own = tool.main([str(out), "--threads", "2"])["runs"][0]
+    assert clip["teacher"] == "clip" and clip["threshold"] == 0.9 and "teacher" not in own and own["threshold"] == 0.95
+    assert clip["label_pixels"] == own["label_pixels"] and clip["mean_confidence"] != own["mean_confidence"]
+    assert clip["confident_accuracy"] > 0.5  # the tiny CLIP is right on most pixels it is sure of
+    zeroed = tmp_path / "zeroed"
+    zeroed.mkdir()
+    (zeroed / "config.yaml").symlink_to(out / "config.yaml")
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    # every trained weight zeroed; the text tower is frozen in training (it is CLIP's), so it stays
+    assert any(k.startswith("text_encoder.") for k in state["model"])
+    state["model"] = {k: v * 0 if v.is_floating_point() and not k.startswith("text_encoder.") else v
+                      for k, v in state["model"].items()}
+    torch.save(state, zeroed / "model_final.pth")
+    again = tool.main([str(zeroed), "--teacher", "clip", "--threads", "2"])["runs"][0]
+    assert {k: v for k, v in again.items() if k != "run"} == {k: v for k, v in clip.items() if k != "run"}
+    assert tool.main([str(zeroed), "--threads", "2"])["runs"][0]["mean_confidence"] != own["mean_confidence"]
+    for refused in (["--layer", "1"], ["--over-training"]):
+        with pytest.raises(SystemExit):
+            tool.main([str(out), "--teacher", "clip", *refused])
+
+
 def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
     """A run's config.yaml from before MODEL.HVLFORMER.QUERY_NORM existed is read back with QUERY_NORM False
     (the plain HQG it was trained with); a config that has the key keeps its own value."""
