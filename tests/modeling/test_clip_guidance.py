@@ -107,6 +107,13 @@ def test_schedule_and_a_short_run_from_the_pretrained_clip(tmp_path):
     assert {"loss_clip_guidance", "clip_guidance_confident_fraction", "clip_guidance_agreement"} <= set(history)
     assert history["loss_clip_guidance"].latest() > 0
     assert 0.5 < history["clip_guidance_confident_fraction"].latest() <= 1.0  # the tiny CLIP is sure of most pixels
+    # training only: the trained run loads for inference (predictor, demo, evaluation) without E_I^0 or guidance
+    from hvlformer.predictor import HVLFormerPredictor
+
+    cfg = trainer.cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = str(tmp_path / "model_final.pth")
+    assert HVLFormerPredictor(cfg).model.clip_guidance is None
     # off by default: no module, no term
     plain = _trainer(tmp_path / "plain", TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "1")
     assert plain.model.clip_guidance is None and plain._trainer.guidance_weight(0) == 0.0

@@ -242,7 +242,9 @@ class HVLFormer(nn.Module):
                                  "MODEL.HVLFORMER.CLIP.PRETRAINED (an open_clip tag or a file)")
             clip_ensemble = CLIPEnsemble(cfg, clip_logit_scale=float(clip_model.logit_scale.detach().exp()))
         clip_guidance = None
-        if CLIPGuidance.enabled(cfg):
+        # training only: a model whose weights all come from a checkpoint (evaluation, demo, predictor) never
+        # sees unlabeled views, and has no E_I^0 unless an inference switch needs it
+        if CLIPGuidance.enabled(cfg) and not hv.CLIP.WEIGHTS_FROM_CHECKPOINT:
             if not hv.CLIP.PRETRAINED:
                 raise ValueError("SEMI.CLIP_GUIDANCE_WEIGHT asks the pretrained CLIP for zero-shot labels: set "
                                  "MODEL.HVLFORMER.CLIP.PRETRAINED (an open_clip tag or a file)")
