@@ -117,3 +117,31 @@ def test_schedule_and_a_short_run_from_the_pretrained_clip(tmp_path):
     # off by default: no module, no term
     plain = _trainer(tmp_path / "plain", TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "1")
     assert plain.model.clip_guidance is None and plain._trainer.guidance_weight(0) == 0.0
+
+
+def test_prompt_embeddings_are_cached_per_vocabulary_and_forgotten_on_reset():
+    """The guidance and the CLIP ensemble share :class:`PromptEmbeddings`: one text-tower pass per vocabulary,
+    a new one after ``reset`` (a model resets it when its text tower's weights are loaded)."""
+    from hvlformer.modeling.clip_ensemble import PromptEmbeddings
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token_embedding = torch.nn.Embedding(2, 2)
+
+    class TextEncoder:
+        tower = Tower()
+        prompts = []
+
+        def reference_embeddings(self, prompts):
+            self.prompts.append(list(prompts))
+            return torch.ones(len(prompts), 2)
+
+    encoder, guidance = TextEncoder(), CLIPGuidance(logit_scale=1.0, template="a {} here")
+    first = guidance.class_embeddings(encoder, ["cat", "dog"])
+    assert guidance.class_embeddings(encoder, ["cat", "dog"]) is first
+    guidance.class_embeddings(encoder, ["cat"])
+    guidance.reset()
+    guidance.class_embeddings(encoder, ["cat"])
+    assert encoder.prompts == [["a cat here", "a dog here"], ["a cat here"], ["a cat here"]]
+    assert isinstance(guidance._prompts, PromptEmbeddings)

@@ -119,6 +119,27 @@ def pixel_geometric_ensemble(scores: Tensor, clip_logits: Tensor, class_weights:
     return mixed * total
 
 
+class PromptEmbeddings:
+    """``K x C`` unit embeddings of ``template.format(name)`` for each class name by the frozen text tower (no
+    learned context), cached per vocabulary, device and dtype; shared by the CLIP ensemble and the dense CLIP
+    guidance (:mod:`hvlformer.modeling.clip_guidance`)."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self._cache: Optional[Tuple[Any, Tensor]] = None
+
+    def reset(self) -> None:
+        """Forget the cached embeddings (new vocabulary or new text-tower weights)."""
+        self._cache = None
+
+    def __call__(self, text_encoder: nn.Module, class_names: Sequence[str]) -> Tensor:
+        weight = text_encoder.tower.token_embedding.weight
+        key = (tuple(class_names), weight.device, weight.dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, text_encoder.reference_embeddings([self.template.format(n) for n in class_names]))
+        return self._cache[1]
+
+
 class CLIPEnsemble(nn.Module):
     """The geometric ensemble of the decoder's and the frozen CLIP's class probabilities (no parameters)."""
 
@@ -148,7 +169,7 @@ class CLIPEnsemble(nn.Module):
         self.unseen_weight = float(unseen_weight)
         self.template = template
         self.level = level
-        self._cache: Optional[Tuple[Any, Tensor]] = None
+        self._prompts = PromptEmbeddings(template)
 
     @classmethod
     def from_config(cls, cfg, clip_logit_scale: float) -> Dict[str, Any]:
@@ -164,16 +185,12 @@ class CLIPEnsemble(nn.Module):
 
     def reset(self) -> None:
         """Forget the cached class embeddings (new vocabulary or new text-tower weights)."""
-        self._cache = None
+        self._prompts.reset()
 
     def class_embeddings(self, text_encoder: nn.Module, class_names: Sequence[str]) -> Tensor:
         """``u``: ``K x C`` unit embeddings of the plain prompts by the frozen text tower (no learned context),
         cached per vocabulary."""
-        weight = text_encoder.tower.token_embedding.weight
-        key = (tuple(class_names), weight.device, weight.dtype)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, text_encoder.reference_embeddings([self.template.format(n) for n in class_names]))
-        return self._cache[1]
+        return self._prompts(text_encoder, class_names)
 
     def class_weights(self, class_names: Sequence[str], training_class_names: Sequence[str],
                       device: torch.device) -> Tensor:

@@ -35,6 +35,7 @@ from detectron2.config import configurable
 from torch import Tensor, nn
 
 from ..cutmix import mix_spatial
+from .clip_ensemble import PromptEmbeddings
 from .cmcr import downsample_mask, mask_consistency, view_probability_maps
 from .regularization import fp32_loss
 
@@ -76,7 +77,7 @@ class CLIPGuidance(nn.Module):
         self.weak_weight = weak_weight
         self.strong_weight = strong_weight
         self.class_gradient = class_gradient
-        self._cache: Optional[tuple] = None
+        self._prompts = PromptEmbeddings(template)
 
     @classmethod
     def from_config(cls, cfg, clip_logit_scale: float) -> Dict[str, Any]:
@@ -94,13 +95,13 @@ class CLIPGuidance(nn.Module):
         """Whether the config asks for the guidance (a weight above zero at some step)."""
         return cfg.SEMI.CLIP_GUIDANCE_WEIGHT > 0 or cfg.SEMI.CLIP_GUIDANCE_FINAL_WEIGHT > 0
 
+    def reset(self) -> None:
+        """Forget the cached class embeddings (new vocabulary or new text-tower weights)."""
+        self._prompts.reset()
+
     def class_embeddings(self, text_encoder: nn.Module, class_names: Sequence[str]) -> Tensor:
         """``K x C`` unit embeddings of the plain prompts by the frozen text tower, cached per vocabulary."""
-        weight = text_encoder.tower.token_embedding.weight
-        key = (tuple(class_names), weight.device, weight.dtype)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, text_encoder.reference_embeddings([self.template.format(n) for n in class_names]))
-        return self._cache[1]
+        return self._prompts(text_encoder, class_names)
 
     @torch.no_grad()
     @fp32_loss

@@ -347,8 +347,9 @@ class HVLFormer(nn.Module):
     def reset_reference_text(self) -> None:
         """Forget T0 (recomputed on next use): after a new vocabulary or new text-tower weights."""
         self.reference_text_embeddings = self.pixel_mean.new_empty(0)
-        if self.clip_ensemble is not None:
-            self.clip_ensemble.reset()
+        for frozen_classifier in (self.clip_ensemble, self.clip_guidance):
+            if frozen_classifier is not None:
+                frozen_classifier.reset()
 
     # ------------------------------------------------------------------ the network
     def normalize(self, images: Tensor) -> Tensor:
