@@ -85,9 +85,12 @@ def _trainer(tmp_path, config, *opts):
     return build_trainer_class(cfg)(cfg)
 
 
-def test_guidance_needs_the_pretrained_clip(tmp_path):
+def test_guidance_needs_the_pretrained_clip_and_weights_of_at_least_zero(tmp_path):
     with pytest.raises(ValueError, match="CLIP.PRETRAINED"):
         _trainer(tmp_path, TINY_SEMI_CONFIG, "SOLVER.MAX_ITER", "1", "SEMI.CLIP_GUIDANCE_WEIGHT", "0.2")
+    with pytest.raises(ValueError, match="CLIP_GUIDANCE_WEIGHT / _FINAL_WEIGHT must be >= 0"):
+        _trainer(tmp_path / "negative", TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "1",
+                 "SEMI.CLIP_GUIDANCE_WEIGHT", "0.2", "SEMI.CLIP_GUIDANCE_FINAL_WEIGHT", "-0.1")
 
 
 def test_schedule_and_a_short_run_from_the_pretrained_clip(tmp_path):
