@@ -267,10 +267,9 @@ def clip_guidance_probabilities(model: torch.nn.Module, guidance: Any, image: to
     """``3 x H x W`` image (0-255) -> ``K x H x W``: the frozen CLIP's zero-shot class distributions of the dense
     CLIP guidance (``SEMI.CLIP_GUIDANCE_*``, :class:`~hvlformer.modeling.clip_guidance.CLIPGuidance`), at the
     image's resolution."""
-    with torch.no_grad():
-        dense = model.backbone.reference_dense_embedding(model.normalize(image[None].to(model.device).float()))
-        embeddings = guidance.class_embeddings(model.text_encoder, model.class_names)
-        return guidance.targets(dense, embeddings, image.shape[-2:]).probs[0].cpu()
+    from hvlformer.modeling.unlabeled_objective import clip_guidance_targets
+
+    return clip_guidance_targets(model, guidance, image[None], image.shape[-2:]).probs[0].cpu()
 
 
 def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None,

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-from ..cutmix import mix_spatial
 from .clip_ensemble import PromptEmbeddings
-from .cmcr import downsample_mask, mask_consistency, view_probability_maps
+from .cmcr import downsample_mask, view_pair_mask_consistency
 from .regularization import fp32_loss
 
 __all__ = ["CLIPGuidance", "GuidanceTargets"]
@@ -138,18 +137,13 @@ class CLIPGuidance(nn.Module):
         size = targets.labels.shape[-2:]
         valid = ~downsample_mask(padding, size)
         box = downsample_mask(cutmix_box, size)
-        mixed_labels = mix_spatial(targets.labels[:, None], box, mix_order)[:, 0]
-        mixed_confident = mix_spatial(targets.confident[:, None], box, mix_order)[:, 0]
-        mixed_valid = mix_spatial(valid[:, None], box, mix_order)[:, 0]
         loss = weak_layers[0]["pred_logits"].sum() * 0.0
         for weak, strong in zip(weak_layers, strong_layers):
             if weak["pred_masks"].shape[-2:] != size:
                 raise ValueError(f"CLIP guidance targets are {tuple(size)}, the predictions "
                                  f"{tuple(weak['pred_masks'].shape[-2:])}")
-            loss = loss + (
-                self.weak_weight * mask_consistency(view_probability_maps(weak, self.class_gradient),
-                                                    targets.labels, targets.confident, valid)
-                + self.strong_weight * mask_consistency(view_probability_maps(strong, self.class_gradient),
-                                                        mixed_labels, mixed_confident, mixed_valid))
+            loss = loss + view_pair_mask_consistency(weak, strong, targets.labels, targets.confident, valid, box,
+                                                     mix_order, self.weak_weight, self.strong_weight,
+                                                     self.class_gradient)
         confident_fraction = (targets.confident & valid).float().sum() / valid.float().sum().clamp_min(1.0)
         return {"loss_clip_guidance": loss, "stat_clip_guidance_confident_fraction": confident_fraction.detach()}

@@ -113,6 +113,27 @@ def mask_consistency(view_probs: Tensor, pseudo_labels: Tensor, confident: Tenso
     return torch.where(kept, bce, torch.zeros_like(bce)).sum() / num_pixels.clamp_min(1.0)
 
 
+def view_pair_mask_consistency(weak: Dict[str, Tensor], strong: Dict[str, Tensor], pseudo_labels: Tensor,
+                               confident: Tensor, valid: Tensor, cutmix_box: Tensor, mix_order: Tensor,
+                               weak_weight: float, strong_weight: float, class_gradient: bool = True) -> Tensor:
+    """l_mask of one decoder layer's weak and strong views against one set of hard pseudo-labels:
+    ``weak_weight * mask_consistency(weak) + strong_weight * mask_consistency(strong)``, where inside the
+    strong view's CutMix box the pseudo-labels, confidences and validity are the pasted image's.
+
+    Args:
+        weak, strong: the layer's predictions of the two views (``pred_logits``, ``pred_masks``).
+        pseudo_labels: ``B x h x w`` long; confident, valid: ``B x h x w`` bool (see :func:`mask_consistency`).
+        cutmix_box: ``B x h x w`` bool at the same resolution; mix_order: ``B`` long (the image each box comes from).
+        class_gradient: see :func:`view_probability_maps`.
+    """
+    mixed_pseudo = mix_spatial(pseudo_labels[:, None], cutmix_box, mix_order)[:, 0]
+    mixed_confident = mix_spatial(confident[:, None], cutmix_box, mix_order)[:, 0]
+    mixed_valid = mix_spatial(valid[:, None], cutmix_box, mix_order)[:, 0]
+    return (weak_weight * mask_consistency(view_probability_maps(weak, class_gradient), pseudo_labels, confident, valid)
+            + strong_weight * mask_consistency(view_probability_maps(strong, class_gradient), mixed_pseudo,
+                                               mixed_confident, mixed_valid))
+
+
 @fp32_loss
 def class_consistency(target_logits: Tensor, view_logits: Tensor) -> Tensor:
     """Mean over queries of JS(softmax(target), softmax(view)); ``B x Q x (K+1)`` each."""
@@ -285,16 +306,9 @@ class CMCRLoss(nn.Module):
                 valid = ~downsample_mask(padding, mask_size)
                 confidence, pseudo = target.probs.max(dim=1)
                 confident = (confidence >= self.confidence_threshold) & valid
-                # the CutMix box takes the pasted image's pseudo-labels, confidences and validity
-                mixed_pseudo = mix_spatial(pseudo[:, None], box, mix_order)[:, 0]
-                mixed_confident = mix_spatial(confident[:, None], box, mix_order)[:, 0]
-                mixed_valid = mix_spatial(valid[:, None], box, mix_order)[:, 0]
-                weak_probs = view_probability_maps(weak, self.mask_class_gradient)
-                strong_probs = view_probability_maps(strong, self.mask_class_gradient)
-                losses["loss_cmcr_mask"] = losses["loss_cmcr_mask"] + (
-                    self.weak_weight * mask_consistency(weak_probs, pseudo, confident, valid)
-                    + self.strong_weight * mask_consistency(strong_probs, mixed_pseudo, mixed_confident,
-                                                            mixed_valid))
+                losses["loss_cmcr_mask"] = losses["loss_cmcr_mask"] + view_pair_mask_consistency(
+                    weak, strong, pseudo, confident, valid, box, mix_order, self.weak_weight, self.strong_weight,
+                    self.mask_class_gradient)
                 confident_fraction.append(confident.float().sum() / valid.float().sum().clamp_min(1.0))
             if self.use_class:
                 if self.class_on_mixed:

@@ -15,14 +15,15 @@ decoder layer; or HierVL's entropy minimisation). This module runs the network f
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .clip_guidance import CLIPGuidance, GuidanceTargets
 from .cmcr import CMCRLoss, LayerTargets, layer_outputs
 
-__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "clip_guidance_terms"]
+__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "clip_guidance_terms", "clip_guidance_targets"]
 
 _PREDICTION_KEYS = ("pred_logits", "pred_masks", "attn_maps")
 
@@ -95,18 +96,24 @@ def clip_guidance_terms(model: nn.Module, unlabeled: Dict[str, Any], weak_out: D
     confident for both CLIP and the last layer's CMCR target on which the two name the same class."""
     guidance = model.clip_guidance
     weak_layers, strong_layers = layer_outputs(weak_out), layer_outputs(strong_out)
-    with torch.no_grad():
-        reference_dense = model.backbone.reference_dense_embedding(model.normalize(unlabeled["image_original"]))
-        class_embeddings = guidance.class_embeddings(model.text_encoder, model.class_names)
-        targets = guidance.targets(reference_dense, class_embeddings, weak_layers[-1]["pred_masks"].shape[-2:],
-                                   padding)
+    targets = clip_guidance_targets(model, guidance, unlabeled["image_original"],
+                                    weak_layers[-1]["pred_masks"].shape[-2:], padding)
     terms = guidance(targets, weak_layers, strong_layers, padding, unlabeled["cutmix_box"].to(model.device),
                      unlabeled["mix_order"].to(model.device))
-    if "targets" in unlabeled and unlabeled["targets"]:
-        teacher_probs = unlabeled["targets"][-1].probs
-        if teacher_probs.shape[-2:] == targets.labels.shape[-2:]:
-            confidence, teacher_labels = teacher_probs.max(dim=1)
-            both = targets.confident & (confidence >= model.unlabeled_criterion.confidence_threshold)
-            agree = (teacher_labels == targets.labels) & both
-            terms["stat_clip_guidance_agreement"] = agree.float().sum() / both.float().sum().clamp_min(1.0)
+    if "targets" in unlabeled:  # CMCR's (not the entropy alternative's): the same mask resolution
+        confidence, teacher_labels = unlabeled["targets"][-1].probs.max(dim=1)
+        both = targets.confident & (confidence >= model.unlabeled_criterion.confidence_threshold)
+        agree = (teacher_labels == targets.labels) & both
+        terms["stat_clip_guidance_agreement"] = agree.float().sum() / both.float().sum().clamp_min(1.0)
     return terms
+
+
+@torch.no_grad()
+def clip_guidance_targets(model: nn.Module, guidance: CLIPGuidance, images: Tensor, size: Sequence[int],
+                          padding: Optional[Tensor] = None) -> GuidanceTargets:
+    """The dense CLIP guidance's labels (:meth:`CLIPGuidance.targets`) of ``images`` (``B x 3 x H x W``, 0-255)
+    at ``size`` (``h, w``): ``model``'s frozen E_I^0 and text tower on its vocabulary. Also what
+    ``tools/pseudo_label_quality.py --teacher clip`` scores."""
+    reference_dense = model.backbone.reference_dense_embedding(model.normalize(images))
+    class_embeddings = guidance.class_embeddings(model.text_encoder, model.class_names)
+    return guidance.targets(reference_dense, class_embeddings, size, padding)
