@@ -108,6 +108,7 @@ KEYS_ADDED_LATER = {
     ("SEMI", "CLIP_GUIDANCE_FINAL_WEIGHT"): "0.0",
     ("SEMI", "CLIP_GUIDANCE_THRESHOLD"): "0.9",
     ("SEMI", "CLIP_GUIDANCE_TEMPLATE"): "a photo of a {}.",
+    ("SEMI", "CLIP_GUIDANCE_EDGE_MARGIN"): "0",
 }
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import SEMI_SMALL, TINY_SEMI_CONFIG, TINY_SEMI_PRETRAINED_CONFIG
 from hvlformer import build_trainer_class, setup_cfg
 from hvlformer.modeling import cmcr as C
-from hvlformer.modeling.clip_guidance import CLIPGuidance, GuidanceTargets
+from hvlformer.modeling.clip_guidance import CLIPGuidance, GuidanceTargets, interior
 
 
 def test_targets_by_hand():
@@ -34,6 +34,30 @@ def test_targets_by_hand():
         CLIPGuidance(logit_scale=1.0, threshold=0.0)
     with pytest.raises(ValueError, match="TEMPLATE"):
         CLIPGuidance(logit_scale=1.0, template="a photo")
+
+
+def test_edge_margin_keeps_only_clip_object_interiors():
+    """SEMI.CLIP_GUIDANCE_EDGE_MARGIN: a 4 x 4 class-1 block in an 8 x 8 class-0 map. Margin 1 keeps the block's
+    2 x 2 centre and the background pixels at least 2 pixels from it (the map's border is no edge); margin 0
+    keeps everything confident."""
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, 2:6, 2:6] = 1
+    kept = interior(labels, 2, 1)[0]
+    expected = torch.ones(8, 8, dtype=torch.bool)
+    expected[1:7, 1:7] = False
+    expected[3:5, 3:5] = True
+    assert torch.equal(kept, expected)
+    assert interior(labels, 2, 2).sum().item() == 0  # every pixel is within 2 of the block's outline
+    wide = torch.zeros(1, 8, 12, dtype=torch.long)
+    wide[0, 2:6, 2:6] = 1
+    assert interior(wide, 2, 2)[0, :, 8:].all() and interior(wide, 2, 2)[0, :, :8].sum().item() == 0
+    # through CLIPGuidance.targets: patch embeddings on the class vectors, at the mask resolution already
+    dense = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+    for margin, count in ((0, 64), (1, 4 + 64 - 36)):
+        out = CLIPGuidance(logit_scale=10.0, threshold=0.9, edge_margin=margin).targets(dense, torch.eye(2), (8, 8))
+        assert torch.equal(out.labels, labels) and out.confident.sum().item() == count
+    with pytest.raises(ValueError, match="EDGE_MARGIN"):
+        CLIPGuidance(logit_scale=1.0, edge_margin=-1)
 
 
 def _one_hot_layer(labels: torch.Tensor, num_classes: int, wrong: bool = False):
@@ -120,6 +144,10 @@ def test_schedule_and_a_short_run_from_the_pretrained_clip(tmp_path):
     # off by default: no module, no term
     plain = _trainer(tmp_path / "plain", TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "1")
     assert plain.model.clip_guidance is None and plain._trainer.guidance_weight(0) == 0.0
+    cfg = plain.cfg.clone()
+    cfg.defrost()
+    cfg.SEMI.CLIP_GUIDANCE_EDGE_MARGIN = 2
+    assert CLIPGuidance(**CLIPGuidance.from_config(cfg, clip_logit_scale=1.0)).edge_margin == 2
 
 
 def test_prompt_embeddings_are_cached_per_vocabulary_and_forgotten_on_reset():

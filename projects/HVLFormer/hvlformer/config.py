@@ -156,6 +156,9 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.SEMI.CLIP_GUIDANCE_FINAL_WEIGHT = 0.0
     # CLIP's top class probability a pixel needs to be a guidance target (SemiVL: 0.9).
     cfg.SEMI.CLIP_GUIDANCE_THRESHOLD = 0.9
+    # Mask pixels around a change of CLIP's label that are no guidance target (0 = SemiVL, all pixels): CLIP's
+    # patch labels have blurred outlines, so with a margin the guidance anchors only the object interiors.
+    cfg.SEMI.CLIP_GUIDANCE_EDGE_MARGIN = 0
     # The prompt of CLIP's classification ({} = the class name).
     cfg.SEMI.CLIP_GUIDANCE_TEMPLATE = "a photo of a {}."
     # Weights of the weak and strong views inside l_mask (and inside the CLIP guidance).

@@ -19,6 +19,12 @@ the guidance's weight relative to ``l_mask`` (both are then scaled by ``SEMI.CMC
 ramp-up). The training step applies the schedule: ``CLIP_GUIDANCE_WEIGHT`` at step 0, falling linearly to
 ``CLIP_GUIDANCE_FINAL_WEIGHT`` at ``SOLVER.MAX_ITER``.
 
+``CLIP_GUIDANCE_EDGE_MARGIN`` (0 = SemiVL) keeps only the labels of CLIP's object interiors: a pixel is a target
+only if CLIP gives every pixel within that many mask pixels (Chebyshev distance) the same class. CLIP's labels
+come from a coarse patch grid (12 x 12 for the tiny model at 96 px, 2 mask pixels per patch), upsampled, so its
+outlines are blurred over about one patch; the margin leaves the outlines to self-training and anchors only
+which class an object is.
+
 Decisions (docs/DESIGN.md, "Dense CLIP guidance"): CLIP sees the original view (no photometric change), as
 SemiVL's MaskCLIP sees the weak view of UniMatch, which has none; the patch logits are upsampled bilinearly to
 the mask resolution before the softmax; the default weight 0.2 -> 0 keeps SemiVL's ratio of guidance to
@@ -38,7 +44,16 @@ from .clip_ensemble import PromptEmbeddings
 from .cmcr import downsample_mask, view_pair_mask_consistency
 from .regularization import fp32_loss
 
-__all__ = ["CLIPGuidance", "GuidanceTargets"]
+__all__ = ["CLIPGuidance", "GuidanceTargets", "interior"]
+
+
+def interior(labels: Tensor, num_classes: int, margin: int) -> Tensor:
+    """``B x h x w`` bool: True where every pixel within ``margin`` (Chebyshev distance, inside the map) has the
+    same label as the pixel itself, i.e. at least ``margin + 1`` pixels away from a change of ``labels``
+    (``B x h x w`` long in ``[0, num_classes)``). The map's border is no change of label."""
+    one_hot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
+    present = F.max_pool2d(one_hot, kernel_size=2 * margin + 1, stride=1, padding=margin)
+    return present.sum(dim=1) == 1
 
 
 @dataclass
@@ -56,7 +71,8 @@ class CLIPGuidance(nn.Module):
 
     @configurable
     def __init__(self, *, logit_scale: float, threshold: float = 0.9, template: str = "a photo of a {}.",
-                 weak_weight: float = 0.5, strong_weight: float = 0.1, class_gradient: bool = True) -> None:
+                 weak_weight: float = 0.5, strong_weight: float = 0.1, class_gradient: bool = True,
+                 edge_margin: int = 0) -> None:
         """
         Args:
             logit_scale: CLIP's ``s`` (the exponentiated ``logit_scale`` of the pretrained model).
@@ -64,18 +80,22 @@ class CLIPGuidance(nn.Module):
             template: the prompt of CLIP's classification (``{}`` = the class name).
             weak_weight, strong_weight: the views' weights (CMCR's ``l_mask`` weights, 1/2 and 1/10).
             class_gradient: whether the loss reaches the views' class logits (``SEMI.MASK_CONSISTENCY_CLASS_GRADIENT``).
+            edge_margin: mask pixels around a change of CLIP's label that are no target (0: none are dropped).
         """
         super().__init__()
         if "{}" not in template:
             raise ValueError(f"SEMI.CLIP_GUIDANCE_TEMPLATE must hold '{{}}' for the class name, got {template!r}")
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"SEMI.CLIP_GUIDANCE_THRESHOLD must be in (0, 1], got {threshold}")
+        if edge_margin < 0:
+            raise ValueError(f"SEMI.CLIP_GUIDANCE_EDGE_MARGIN must be >= 0, got {edge_margin}")
         self.logit_scale = float(logit_scale)
         self.threshold = threshold
         self.template = template
         self.weak_weight = weak_weight
         self.strong_weight = strong_weight
         self.class_gradient = class_gradient
+        self.edge_margin = int(edge_margin)
         self._prompts = PromptEmbeddings(template)
 
     @classmethod
@@ -87,6 +107,7 @@ class CLIPGuidance(nn.Module):
             "weak_weight": cfg.SEMI.MASK_WEIGHT_WEAK,
             "strong_weight": cfg.SEMI.MASK_WEIGHT_STRONG,
             "class_gradient": cfg.SEMI.MASK_CONSISTENCY_CLASS_GRADIENT,
+            "edge_margin": cfg.SEMI.CLIP_GUIDANCE_EDGE_MARGIN,
         }
 
     @staticmethod
@@ -120,6 +141,8 @@ class CLIPGuidance(nn.Module):
         probs = logits.softmax(dim=1)
         confidence, labels = probs.max(dim=1)
         confident = confidence >= self.threshold
+        if self.edge_margin > 0:
+            confident &= interior(labels, probs.shape[1], self.edge_margin)
         if padding is not None:
             confident &= ~downsample_mask(padding.to(confident.device), size)
         return GuidanceTargets(labels, confident, probs)
