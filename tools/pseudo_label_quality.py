@@ -37,6 +37,9 @@ so every layer's pseudo-labels are training targets.
 
 With ``--teacher clip`` the labels scored are those of the dense CLIP guidance (``SEMI.CLIP_GUIDANCE_*``): the
 run's frozen pretrained CLIP, zero-shot, with its confidence threshold; what that term would train towards.
+``--edge-margin M`` scores them with ``SEMI.CLIP_GUIDANCE_EDGE_MARGIN M`` (object interiors only):
+
+    python tools/pseudo_label_quality.py output/c23/supervised_seed0 --teacher clip --edge-margin 1 --json-out q.json
 
 With ``--classes-file`` the runs are scored on the same unlabeled images drawn from another class table
 (``DATASETS.SHAPES.CLASSES_FILE``: the same layouts and labels), e.g. with the textures of square and cross
@@ -45,6 +48,7 @@ swapped: whether a model names the pair by outline or by texture.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -263,27 +267,43 @@ def unlabeled_shapes(run_dir: Path, num_images: Optional[int] = None, weights: O
     return cfg, HVLFormerPredictor(cfg).model, images()
 
 
-def clip_guidance_probabilities(model: torch.nn.Module, guidance: Any, image: torch.Tensor) -> torch.Tensor:
+def clip_guidance_probabilities(model: torch.nn.Module, guidance: Any, image: torch.Tensor,
+                                mask_stride: int = 4) -> torch.Tensor:
     """``3 x H x W`` image (0-255) -> ``K x H x W``: the frozen CLIP's zero-shot class distributions of the dense
     CLIP guidance (``SEMI.CLIP_GUIDANCE_*``, :class:`~hvlformer.modeling.clip_guidance.CLIPGuidance`), at the
-    image's resolution."""
+    image's resolution. With the guidance's edge margin (``SEMI.CLIP_GUIDANCE_EDGE_MARGIN``), the pixels it
+    drops at the mask resolution (``H / mask_stride``, where training applies it) get the uniform distribution,
+    so they count as below any threshold."""
+    from hvlformer.modeling.clip_guidance import interior
     from hvlformer.modeling.unlabeled_objective import clip_guidance_targets
 
-    return clip_guidance_targets(model, guidance, image[None], image.shape[-2:]).probs[0].cpu()
+    probs = clip_guidance_targets(model, guidance, image[None], image.shape[-2:]).probs[0].cpu()
+    if guidance.edge_margin > 0:
+        size = [math.ceil(side / mask_stride) for side in image.shape[-2:]]
+        labels = clip_guidance_targets(model, guidance, image[None], size).labels
+        kept = interior(labels, probs.shape[0], guidance.edge_margin)[:, None].float()
+        kept = F.interpolate(kept, size=tuple(image.shape[-2:]), mode="nearest")[0, 0].bool().cpu()
+        probs = torch.where(kept, probs, torch.full_like(probs, 1.0 / probs.shape[0]))
+    return probs
 
 
 def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None,
                  classes_file: Optional[str] = None, layer: Optional[int] = None,
-                 teacher: str = "model") -> Dict[str, Any]:
+                 teacher: str = "model", edge_margin: Optional[int] = None) -> Dict[str, Any]:
     """Pseudo-label statistics of one run on its own unlabeled `shapes` images (drawn from ``classes_file``
     when given), from its ``model_final.pth`` or from ``weights`` (another checkpoint of the run), of decoder
     layer ``layer`` (1..N; ``None`` = the last, the one the inference reads). ``teacher="clip"``: the labels
     of the dense CLIP guidance instead (the run's frozen pretrained CLIP, its prompts and
-    ``SEMI.CLIP_GUIDANCE_THRESHOLD``; the same for every run of one CLIP, whatever the run learned)."""
+    ``SEMI.CLIP_GUIDANCE_THRESHOLD``; the same for every run of one CLIP, whatever the run learned), with
+    ``edge_margin`` in place of the run's ``SEMI.CLIP_GUIDANCE_EDGE_MARGIN`` when given."""
     if teacher not in ("model", "clip"):
         raise ValueError(f"teacher must be 'model' or 'clip', got {teacher!r}")
     # the frozen reference tower E_I^0 is built at inference only when an inference switch needs it
     opts = ["TEST.CLIP_ENSEMBLE.ENABLED", "True"] if teacher == "clip" else []
+    if edge_margin is not None:
+        if teacher != "clip":
+            raise ValueError("edge_margin is a setting of the CLIP guidance's labels (teacher='clip')")
+        opts += ["SEMI.CLIP_GUIDANCE_EDGE_MARGIN", str(edge_margin)]
     cfg, model, images = unlabeled_shapes(run_dir, num_images, weights, classes_file, opts)
     names = list(model.class_names)
     if teacher == "clip":
@@ -291,7 +311,8 @@ def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optio
 
         guidance = CLIPGuidance(cfg, clip_logit_scale=model.clip_ensemble.logit_scale)
         threshold = cfg.SEMI.CLIP_GUIDANCE_THRESHOLD
-        probabilities = lambda image: clip_guidance_probabilities(model, guidance, image)
+        probabilities = lambda image: clip_guidance_probabilities(model, guidance, image,
+                                                                  cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE)
     else:
         threshold = cfg.SEMI.CONFIDENCE_THRESHOLD
         probabilities = lambda image: teacher_probabilities(model, image, layer)
@@ -304,6 +325,7 @@ def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optio
             **({"classes_file": classes_file} if classes_file else {}),
             **({"layer": layer} if layer is not None else {}),
             **({"teacher": teacher} if teacher != "model" else {}),
+            **({"edge_margin": guidance.edge_margin} if teacher == "clip" else {}),
             "threshold": threshold, **tally.summary(names)}
 
 
@@ -334,6 +356,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--teacher", choices=("model", "clip"), default="model",
                         help="clip: score the labels of the dense CLIP guidance (SEMI.CLIP_GUIDANCE_*: the run's frozen "
                              "pretrained CLIP, zero-shot) instead of the run's model; not with --over-training or --layer")
+    parser.add_argument("--edge-margin", type=int, default=None,
+                        help="with --teacher clip: the guidance's SEMI.CLIP_GUIDANCE_EDGE_MARGIN instead of the run's "
+                             "(the pixels it drops count as unconfident)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -345,10 +370,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.teacher == "clip" and (args.over_training or args.layer is not None):
         parser.error("--teacher clip scores the frozen CLIP, which training does not change: leave out --over-training "
                      "and --layer")
+    if args.edge_margin is not None and args.teacher != "clip":
+        parser.error("--edge-margin sets the CLIP guidance's labels: use it with --teacher clip")
     result = {"command": "python tools/pseudo_label_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": [evaluate_over_training(run, args.num_images) if args.over_training
                        else evaluate_run(run, args.num_images, classes_file=args.classes_file, layer=args.layer,
-                                         teacher=args.teacher)
+                                         teacher=args.teacher, edge_margin=args.edge_margin)
                        for run in args.runs]}
     emit_json(result, args.json_out)
     return result

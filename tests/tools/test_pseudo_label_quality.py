@@ -212,6 +212,12 @@ def test_the_clip_guidance_labels_do_not_depend_on_the_trained_model(tool, tmp_p
     assert clip["teacher"] == "clip" and clip["threshold"] == 0.9 and "teacher" not in own and own["threshold"] == 0.95
     assert clip["label_pixels"] == own["label_pixels"] and clip["mean_confidence"] != own["mean_confidence"]
     assert clip["confident_accuracy"] > 0.5  # the tiny CLIP is right on most pixels it is sure of
+    # --edge-margin: the guidance's object interiors only, a subset of the confident pixels
+    inner = tool.main([str(out), "--teacher", "clip", "--edge-margin", "1", "--threads", "2"])["runs"][0]
+    assert clip["edge_margin"] == 0 and inner["edge_margin"] == 1
+    assert 0 < inner["confident_fraction"] < clip["confident_fraction"]
+    with pytest.raises(SystemExit):
+        tool.main([str(out), "--edge-margin", "1"])
     zeroed = tmp_path / "zeroed"
     zeroed.mkdir()
     (zeroed / "config.yaml").symlink_to(out / "config.yaml")
