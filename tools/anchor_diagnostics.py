@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import pretrain_tiny_clip as tiny  # tools/pretrain_tiny_clip.py (this folder is on sys.path when the tool runs)
+import tiny_clip_pretraining as tiny  # tools/tiny_clip_pretraining/ (this folder is on sys.path when the tool runs)
 from _common import confusion_of, emit_json, finished_run_cfg, iou_table
 
 

@@ -63,15 +63,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from hvlformer.modeling.clip_loader import build_clip_model
-# The library (tools/tiny_clip_pretraining/); its names stay reachable as this tool's attributes, which other
-# tools and the tests use (``tiny.draw_batch``, ``tiny.TinyClipPretrainer``, ...).
-from tiny_clip_pretraining.data import (ALL_KINDS, PLAIN_TEMPLATE, SEG_CLASSES, colour_twins,  # noqa: F401
-                                        draw_batch, region_tags, swapped_caption, vocabulary)
-from tiny_clip_pretraining.evaluation import (TWIN_PAIRS, _pure_patches, auroc, evaluate,  # noqa: F401
-                                              linear_probe_accuracy, pure_patch_owners, twin_patch_probe)
-from tiny_clip_pretraining.pretrainer import PIXEL_MEAN, PIXEL_STD, TinyClipPretrainer, cell_pooled, gwrp  # noqa: F401
-from tiny_clip_pretraining.training import (MODEL_NAME, build_model, param_groups, save_checkpoint,  # noqa: F401
-                                            train, warmup_cosine_lr, weights_digest)
+from tiny_clip_pretraining import MODEL_NAME, evaluate, save_checkpoint, train  # tools/tiny_clip_pretraining/
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "projects" / "HVLFormer" / "hvlformer" / "modeling" / "backbone" / "pretrained" / "hvl_tiny_vit_p8_shapes_v2.pt"

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import pretrain_tiny_clip as tiny  # tools/pretrain_tiny_clip.py (this folder is on sys.path when the tool runs)
+import tiny_clip_pretraining as tiny  # tools/tiny_clip_pretraining/ (this folder is on sys.path when the tool runs)
 from hvlformer.modeling.backbone.conv_stem_vit import conv_stem as project_conv_stem  # noqa: E402
 from hvlformer.modeling.backbone.conv_stem_vit import TINY_STEM_LAYERS, parse_stem, strided_conv_stem  # noqa: E402
 from _common import emit_json

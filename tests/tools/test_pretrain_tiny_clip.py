@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_clip_pretraining as tiny  # tools/tiny_clip_pretraining/ (tests/conftest.py puts tools/ on sys.path)
 import torch
 
-from conftest import REPO_ROOT, TINY_PRETRAINED_CONFIG, load_script
+from conftest import REPO_ROOT, TINY_PRETRAINED_CONFIG
 
 RECORD = REPO_ROOT / "docs" / "results" / "tiny_clip_pretraining.json"  # v2, the linear-stem model of the results
 # the first shipped model (no region term), kept so that the results measured from it stay reproducible
@@ -29,7 +30,7 @@ def tool(load_tool):
 def test_gwrp_matches_hand_computation(tool):
     scores = torch.tensor([[[0.1, 0.9], [0.7, 0.2], [0.4, 0.5]]])  # B=1, N=3, K=2
     decay = torch.tensor([0.5, 1.0])
-    out = tool.gwrp(scores, decay)
+    out = tiny.gwrp(scores, decay)
     w = np.array([1.0, 0.5, 0.25]) / 1.75
     assert out[0, 0].item() == pytest.approx(float(np.dot(w, [0.7, 0.4, 0.1])))
     assert out[0, 1].item() == pytest.approx(float(np.mean([0.9, 0.5, 0.2])))  # decay 1 = mean
@@ -39,18 +40,18 @@ def test_region_tags_and_cell_pooling_by_hand(tool):
     labels = torch.zeros(1, 4, 4, dtype=torch.long)
     labels[0, 0, 0] = 3          # one pixel of kind 3 in the top-left 2 x 2 cell: 1/4 of it
     labels[0, 2:, 2:] = 5        # kind 5 fills the bottom-right cell
-    tags = tool.region_tags(labels, 2, 0.25)
-    assert tags.shape == (1, 2, 2, tool.ALL_KINDS)
+    tags = tiny.region_tags(labels, 2, 0.25)
+    assert tags.shape == (1, 2, 2, tiny.ALL_KINDS)
     assert tags[0, 0, 0].nonzero().flatten().tolist() == [0, 3]
     assert tags[0, 1, 1].nonzero().flatten().tolist() == [5]
     assert tags[0, 0, 1].nonzero().flatten().tolist() == [0] and tags[0, 1, 0].nonzero().flatten().tolist() == [0]
-    assert tool.region_tags(labels, 2, 0.3)[0, 0, 0].nonzero().flatten().tolist() == [0]
+    assert tiny.region_tags(labels, 2, 0.3)[0, 0, 0].nonzero().flatten().tolist() == [0]
     # a 4 x 4 patch grid in 2 x 2 cells; the score of patch (r, c) is 10 r + c
     probs = torch.tensor([[10.0 * r + c] for r in range(4) for c in range(4)]).view(1, 16, 1)
-    pooled = tool.cell_pooled(probs, (4, 4), 2, torch.tensor([1.0]))  # decay 1 = mean of the cell
+    pooled = tiny.cell_pooled(probs, (4, 4), 2, torch.tensor([1.0]))  # decay 1 = mean of the cell
     assert pooled.shape == (1, 2, 2, 1)
     assert pooled[0, :, :, 0].tolist() == [[5.5, 7.5], [25.5, 27.5]]
-    top = tool.cell_pooled(probs, (4, 4), 2, torch.tensor([1e-9]))  # decay ~0 = max of the cell
+    top = tiny.cell_pooled(probs, (4, 4), 2, torch.tensor([1e-9]))  # decay ~0 = max of the cell
     torch.testing.assert_close(top[0, :, :, 0], torch.tensor([[11.0, 13.0], [31.0, 33.0]]))
 
 
@@ -60,15 +61,15 @@ def test_auroc_matches_pairwise_count(tool):
     positives = rng.random(40) < 0.4
     pos, neg = scores[positives], scores[~positives]
     pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
-    assert tool.auroc(scores, positives) == pytest.approx(pairwise)
-    assert tool.auroc(np.arange(4.0), np.array([False, False, True, True])) == 1.0
-    assert np.isnan(tool.auroc(np.arange(3.0), np.zeros(3, dtype=bool)))
+    assert tiny.auroc(scores, positives) == pytest.approx(pairwise)
+    assert tiny.auroc(np.arange(4.0), np.array([False, False, True, True])) == 1.0
+    assert np.isnan(tiny.auroc(np.arange(3.0), np.zeros(3, dtype=bool)))
 
 
 def test_draw_batch_tags_follow_the_captions(tool):
-    images, labels, captions, tags = tool.draw_batch(range(6), "pretrain", 0, 64, 11)
+    images, labels, captions, tags = tiny.draw_batch(range(6), "pretrain", 0, 64, 11)
     assert images.shape == (6, 3, 64, 64) and images.dtype == torch.uint8 and labels.shape == (6, 64, 64)
-    names = tool.vocabulary()
+    names = tiny.vocabulary()
     assert (tags[:, 0] == 1).all()
     for caption, row in zip(captions, tags):
         for k in range(1, 11):
@@ -80,8 +81,8 @@ def test_draw_batch_from_another_class_table_keeps_layouts_and_labels(tool):
     """--classes-file (evaluation only): the same images' layouts and labels, other pixels where the swapped
     table draws differently (square and cross), the same pixels elsewhere (up to the JPEG round trip's
     reach: its 16 px blocks around the changed pixels)."""
-    plain, plain_labels, captions, tags = tool.draw_batch(range(4), "val", 0, 64, 6)
-    swapped, labels, swapped_captions, swapped_tags = tool.draw_batch(
+    plain, plain_labels, captions, tags = tiny.draw_batch(range(4), "val", 0, 64, 6)
+    swapped, labels, swapped_captions, swapped_tags = tiny.draw_batch(
         range(4), "val", 0, 64, 6, classes_file="shapes_square_cross_textures_swapped.json")
     assert torch.equal(labels, plain_labels) and torch.equal(tags, swapped_tags)
     pair = torch.isin(labels, torch.tensor([2, 5]))
@@ -93,8 +94,8 @@ def test_draw_batch_from_another_class_table_keeps_layouts_and_labels(tool):
 
 
 def test_short_text_pass_equals_open_clip_encode_text(tool, single_thread):
-    clip_model, tokenizer = tool.build_model(0)
-    model = tool.TinyClipPretrainer(clip_model, tokenizer)
+    clip_model, tokenizer = tiny.build_model(0)
+    model = tiny.TinyClipPretrainer(clip_model, tokenizer)
     tokens = tokenizer(["a photo of a star.", "two red speckled circles and a square on a noisy grey background."])
     expected = torch.nn.functional.normalize(clip_model.encode_text(tokens), dim=-1)
     torch.testing.assert_close(model.encode_text(tokens), expected, atol=1e-5, rtol=1e-5)
@@ -103,12 +104,12 @@ def test_short_text_pass_equals_open_clip_encode_text(tool, single_thread):
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0, 1.0, 0.0),
                                      (0.0, 0.0, 0.0, 0.0, 0.0, 1.0)], ids=["v2-terms", "swap", "names"])
 def test_pretraining_loss_decreases_on_a_tiny_batch(tool, single_thread, weights):
-    clip_model, tokenizer = tool.build_model(0)
-    model = tool.TinyClipPretrainer(clip_model, tokenizer, loss_weights=weights, region_cell=16)
+    clip_model, tokenizer = tiny.build_model(0)
+    model = tiny.TinyClipPretrainer(clip_model, tokenizer, loss_weights=weights, region_cell=16)
     negatives = []
-    images, labels, captions, tags = tool.draw_batch(range(8), "pretrain", 0, 32, 11, random_hue_probability=0.5,
+    images, labels, captions, tags = tiny.draw_batch(range(8), "pretrain", 0, 32, 11, random_hue_probability=0.5,
                                                      negatives=negatives)
-    cell_tags = tool.region_tags(labels, 16, 0.1)
+    cell_tags = tiny.region_tags(labels, 16, 0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     history = []
     for _ in range(25):
@@ -130,8 +131,8 @@ def test_no_weight_decay_on_embeddings_norms_and_biases(tool, model_name):
     from hvlformer.modeling.clip_loader import build_clip_model
 
     clip_model, tokenizer = build_clip_model(model_name)
-    model = tool.TinyClipPretrainer(clip_model, tokenizer)
-    decay, no_decay = tool.param_groups(model, 0.1)
+    model = tiny.TinyClipPretrainer(clip_model, tokenizer)
+    decay, no_decay = tiny.param_groups(model, 0.1)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -147,8 +148,8 @@ def test_no_weight_decay_on_embeddings_norms_and_biases(tool, model_name):
 
 
 def test_colour_twins_pair_the_kinds_that_share_a_hue_family(tool):
-    names = tool.vocabulary()
-    twins = {names[k]: names[t] for k, t in tool.colour_twins().items()}
+    names = tiny.vocabulary()
+    twins = {names[k]: names[t] for k, t in tiny.colour_twins().items()}
     assert twins == {"circle": "triangle", "triangle": "circle", "square": "cross", "cross": "square",
                      "star": "ellipse", "ellipse": "star", "ring": "diamond", "diamond": "ring",
                      "hexagon": "crescent", "crescent": "hexagon"}
@@ -156,11 +157,11 @@ def test_colour_twins_pair_the_kinds_that_share_a_hue_family(tool):
 
 def test_swapped_captions_rename_one_kind_and_keep_everything_else(tool):
     negatives = []
-    _, _, captions, tags = tool.draw_batch(range(12), "pretrain", 0, 64, 11, negatives=negatives)
-    plain = tool.draw_batch(range(12), "pretrain", 0, 64, 11)
+    _, _, captions, tags = tiny.draw_batch(range(12), "pretrain", 0, 64, 11, negatives=negatives)
+    plain = tiny.draw_batch(range(12), "pretrain", 0, 64, 11)
     assert captions == plain[2] and torch.equal(tags, plain[3])  # asking for negatives changes nothing else
-    names = tool.vocabulary()
-    twins = {names[k]: names[t] for k, t in tool.colour_twins().items()}
+    names = tiny.vocabulary()
+    twins = {names[k]: names[t] for k, t in tiny.colour_twins().items()}
     def mentioned(text):
         return {n for n in names[1:] if re.search(rf"\b{n}(e?s)?\b", text)}
 
@@ -259,8 +260,7 @@ def test_records_name_their_training_options():
 
 
 def tool_digest(path: Path) -> str:
-    module = load_script("tools/pretrain_tiny_clip.py", "pretrain_tiny_clip_digest")
-    return module.weights_digest(torch.load(path, weights_only=True))
+    return tiny.weights_digest(torch.load(path, weights_only=True))
 
 
 def test_tiny_config_loads_the_shipped_checkpoint_from_any_directory(tmp_path, monkeypatch):
@@ -293,8 +293,8 @@ def test_shipped_checkpoint_is_a_zero_shot_segmenter(tool, single_thread):
 
     record = _record(RECORD_CONV)
     model, tokenizer = build_clip_model(record["model"], str(REPO_ROOT / record["checkpoint"]))
-    metrics = tool.evaluate(model, tokenizer, "val", num_seg_images=8, num_presence_images=60, batch_size=30)
-    _, labels, _, _ = tool.draw_batch(range(8), "val", 0, 128, 6)
+    metrics = tiny.evaluate(model, tokenizer, "val", num_seg_images=8, num_presence_images=60, batch_size=30)
+    _, labels, _, _ = tiny.draw_batch(range(8), "val", 0, 128, 6)
     all_background_miou = 100.0 * float((labels == 0).float().mean()) / 6
     assert metrics["dense_miou"] >= 4 * all_background_miou
     assert min(metrics["dense_iou"].values()) >= 20.0
@@ -309,12 +309,12 @@ def test_pure_patches_keep_the_requested_kinds_with_their_share(tool):
             pooled = torch.nn.functional.avg_pool2d(images.float(), 8)
             return None, pooled.flatten(2).transpose(1, 2), pooled.shape[-2:]
 
-    names = tool.vocabulary()
+    names = tiny.vocabulary()
     pair = (names.index("square"), names.index("cross"))
-    features, owners = tool._pure_patches(PatchMeans(), "probe", 20, 64, pair, batch_size=8)
+    features, owners = tiny.evaluation._pure_patches(PatchMeans(), "probe", 20, 64, pair, batch_size=8)
     assert set(owners.tolist()) == set(pair) and features.shape == (owners.numel(), 3)
     # the same patches counted straight from the label maps
-    _, labels, _, _ = tool.draw_batch(range(20), "probe", 0, 64, 11)
+    _, labels, _, _ = tiny.draw_batch(range(20), "probe", 0, 64, 11)
     expected = 0
     for kind in pair:
         share = torch.nn.functional.avg_pool2d((labels == kind).float()[:, None], 8)
@@ -325,12 +325,12 @@ def test_pure_patches_keep_the_requested_kinds_with_their_share(tool):
 def test_twin_patch_probe_of_the_v2_model(tool, single_thread):
     from hvlformer.modeling.clip_loader import build_clip_model
 
-    clip_model, tokenizer = build_clip_model(tool.MODEL_NAME, str(tool.DEFAULT_OUT))
-    model = tool.TinyClipPretrainer(clip_model, tokenizer).eval()
+    clip_model, tokenizer = build_clip_model(tiny.MODEL_NAME, str(tool.DEFAULT_OUT))
+    model = tiny.TinyClipPretrainer(clip_model, tokenizer).eval()
     # positive control: two kinds of different colours are told apart by the probe and by zero-shot
-    control = tool.twin_patch_probe(model, "dev", num_images=40, pairs=[("circle", "square")])["circle/square"]
+    control = tiny.twin_patch_probe(model, "dev", num_images=40, pairs=[("circle", "square")])["circle/square"]
     assert control["linear_probe"] >= 97.0 and control["zero_shot"] >= 95.0 and control["test_patches"] > 100
-    twins = tool.twin_patch_probe(model, "dev", num_images=100)
+    twins = tiny.twin_patch_probe(model, "dev", num_images=100)
     assert set(twins) == {"square/cross", "star/ellipse"}
     for pair in twins.values():
         assert pair["test_patches"] > 500 and 50.0 <= pair["constant_guess"] <= 100.0
@@ -342,13 +342,13 @@ def test_v3_candidate_tells_star_from_ellipse(tool, single_thread):
     """Longer pretraining with the names kept apart (v3) learns what v2's patches lack for star/ellipse."""
     from hvlformer.modeling.clip_loader import build_clip_model
 
-    clip_model, tokenizer = build_clip_model(tool.MODEL_NAME, str(REPO_ROOT / _record(RECORD_V3)["checkpoint"]))
-    model = tool.TinyClipPretrainer(clip_model, tokenizer).eval()
-    pair = tool.twin_patch_probe(model, "dev", num_images=100, pairs=[("star", "ellipse")])["star/ellipse"]
+    clip_model, tokenizer = build_clip_model(tiny.MODEL_NAME, str(REPO_ROOT / _record(RECORD_V3)["checkpoint"]))
+    model = tiny.TinyClipPretrainer(clip_model, tokenizer).eval()
+    pair = tiny.twin_patch_probe(model, "dev", num_images=100, pairs=[("star", "ellipse")])["star/ellipse"]
     assert pair["linear_probe"] >= 80.0 and pair["zero_shot"] >= 80.0
     with torch.no_grad():
         cosine = model.encode_text(model.prompt_tokens)
-    names = tool.vocabulary()
+    names = tiny.vocabulary()
     assert float(cosine[names.index("square")] @ cosine[names.index("cross")]) < 0.5  # v2: 0.96
 
 
@@ -359,7 +359,7 @@ def test_conv_stem_model_tells_the_colour_twins_apart(tool, single_thread):
 
     record = _record(RECORD_CONV)
     clip_model, tokenizer = build_clip_model(record["model"], str(REPO_ROOT / record["checkpoint"]))
-    model = tool.TinyClipPretrainer(clip_model, tokenizer).eval()
-    twins = tool.twin_patch_probe(model, "dev", num_images=100)
+    model = tiny.TinyClipPretrainer(clip_model, tokenizer).eval()
+    twins = tiny.twin_patch_probe(model, "dev", num_images=100)
     assert twins["square/cross"]["linear_probe"] >= 85.0 and twins["square/cross"]["zero_shot"] >= 85.0
     assert twins["star/ellipse"]["linear_probe"] >= 95.0 and twins["star/ellipse"]["zero_shot"] >= 95.0

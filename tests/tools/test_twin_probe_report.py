@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_clip_pretraining as tiny  # tools/tiny_clip_pretraining/ (tests/conftest.py puts tools/ on sys.path)
 import torch
 
 
@@ -13,8 +14,7 @@ def report_tool(load_tool):
     return load_tool("twin_probe_report")
 
 
-def test_pure_patch_owners_by_hand(load_tool):
-    tiny = load_tool("pretrain_tiny_clip")
+def test_pure_patch_owners_by_hand():
     labels = torch.zeros(1, 16, 16, dtype=torch.uint8)
     labels[0, :8, :8] = 2  # patch 0: all kind 2
     labels[0, :8, 8:] = 5
@@ -58,8 +58,7 @@ def test_tower_tokens_of_the_conv_stem_tower(report_tool, single_thread):
     assert torch.allclose(stages[0][:, 0], expected, atol=1e-5)
 
 
-def test_pure_patch_data_holds_the_pixels_of_the_pure_patches(report_tool, load_tool):
-    tiny = load_tool("pretrain_tiny_clip")
+def test_pure_patch_data_holds_the_pixels_of_the_pure_patches(report_tool):
     kinds = (2, 5)
     pixels, owners, tokens = report_tool.pure_patch_data(report_tool.draw_split("probe", 6, batch_size=4), kinds)
     assert tokens == [] and pixels.shape == (owners.numel(), 3, 8, 8) and owners.numel() > 10
