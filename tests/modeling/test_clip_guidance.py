@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import SEMI_SMALL, TINY_SEMI_CONFIG, TINY_SEMI_PRETRAINED_CONFIG
 from hvlformer import build_trainer_class, setup_cfg
 from hvlformer.modeling import cmcr as C
-from hvlformer.modeling.clip_guidance import CLIPGuidance, GuidanceTargets, interior
+from hvlformer.modeling.clip_guidance import CLIPGuidance, GuidanceTargets, connected_regions, interior, relabel_objects
 
 
 def test_targets_by_hand():
@@ -58,6 +59,58 @@ def test_edge_margin_keeps_only_clip_object_interiors():
         assert torch.equal(out.labels, labels) and out.confident.sum().item() == count
     with pytest.raises(ValueError, match="EDGE_MARGIN"):
         CLIPGuidance(logit_scale=1.0, edge_margin=-1)
+
+
+def test_connected_regions_are_8_connected_and_unique_over_the_batch():
+    mask = torch.zeros(2, 5, 5, dtype=torch.bool)
+    mask[0, 0:2, 0:2] = True
+    mask[0, 2, 2] = True          # touches the first block diagonally: the same region
+    mask[0, 4, 0:2] = True        # a second region
+    mask[1, 0:2, 0:2] = True      # the same pixels in another image: another region
+    regions = connected_regions(mask)
+    assert (regions[~mask] == 0).all() and (regions[mask] > 0).all()
+    assert regions[0, 0, 0] == regions[0, 2, 2] == regions[0, 1, 1]
+    assert len({regions[0, 0, 0].item(), regions[0, 4, 0].item(), regions[1, 0, 0].item()}) == 3
+    assert regions[0, 4, 0] == regions[0, 4, 1]
+
+
+def _teacher_probs(labels: torch.Tensor, num_classes: int, top: float = 0.97) -> torch.Tensor:
+    """``B x K x h x w`` with ``top`` on ``labels`` and the rest spread evenly."""
+    rest = (1.0 - top) / (num_classes - 1)
+    one_hot = torch.nn.functional.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
+    return one_hot * top + (1 - one_hot) * rest
+
+
+def test_relabel_objects_renames_whole_regions_by_clips_majority_and_keeps_outline_and_confidence():
+    """Classes: 0 background, 1 square, 2 cross, 3 star. Teacher: a 'cross' block where CLIP says square on 3 of
+    4 pixels (renamed: the whole block, the teacher's confidence kept), a 'star' block where CLIP says background
+    (kept: no renaming to background), a 'cross' block where CLIP is split 2 / 2 (kept: no majority), a 'square'
+    block below the threshold (kept: not confident)."""
+    labels = torch.zeros(1, 6, 8, dtype=torch.long)
+    labels[0, 0:2, 0:2] = 2
+    labels[0, 0:2, 4:6] = 3
+    labels[0, 4:6, 0:2] = 2
+    labels[0, 4:6, 4:6] = 1
+    probs = _teacher_probs(labels, 4)
+    probs[0, :, 4:6, 4:6] = _teacher_probs(torch.ones(1, 2, 2, dtype=torch.long), 4, top=0.6)[0]
+    clip_labels = torch.zeros(1, 6, 8, dtype=torch.long)
+    clip_labels[0, 0:2, 0:2] = 1
+    clip_labels[0, 0, 0] = 2                     # 3 of 4 say square
+    clip_labels[0, 4, 0:2] = 1                   # 2 square, 2 cross: no majority
+    clip_labels[0, 5, 0:2] = 2
+    clip_labels[0, 4:6, 4:6] = 2                 # the unconfident teacher block
+    clip = GuidanceTargets(clip_labels, torch.ones(1, 6, 8, dtype=torch.bool), torch.zeros(1, 4, 6, 8))
+    out = relabel_objects(probs, clip, threshold=0.95)
+    expected = labels.clone()
+    expected[0, 0:2, 0:2] = 1
+    assert torch.equal(out.argmax(dim=1), expected)
+    torch.testing.assert_close(out.max(dim=1).values, probs.max(dim=1).values)   # confidence and outline kept
+    torch.testing.assert_close(out[0, 2, 0:2, 0:2], probs[0, 1, 0:2, 0:2])        # square and cross swapped
+    torch.testing.assert_close(out[:, :, 2:, :], probs[:, :, 2:, :])              # everything else untouched
+    torch.testing.assert_close(out[:, :, :, 2:], probs[:, :, :, 2:])
+    # CLIP's votes count only where CLIP is confident: with the square votes unconfident, nothing is renamed
+    unsure = GuidanceTargets(clip_labels, clip_labels != 1, clip.probs)
+    torch.testing.assert_close(relabel_objects(probs, unsure, threshold=0.95), probs)
 
 
 def _one_hot_layer(labels: torch.Tensor, num_classes: int, wrong: bool = False):
@@ -148,6 +201,49 @@ def test_schedule_and_a_short_run_from_the_pretrained_clip(tmp_path):
     cfg.defrost()
     cfg.SEMI.CLIP_GUIDANCE_EDGE_MARGIN = 2
     assert CLIPGuidance(**CLIPGuidance.from_config(cfg, clip_logit_scale=1.0)).edge_margin == 2
+
+
+def test_relabel_objects_alone_trains_on_renamed_targets_without_the_guidance_loss(tmp_path):
+    """SEMI.CLIP_RELABEL_OBJECTS with no guidance weight: CLIP's labels are computed and rename the teacher's
+    objects (the share renamed is logged), and no guidance loss is trained. Then, on rendered `shapes` images,
+    the drift it is meant to undo: teacher targets with every square pseudo-labelled cross get most squares
+    back, and right targets stay nearly untouched."""
+    from hvlformer.data.shapes import _image_rng, render_shapes_image
+    from hvlformer.modeling.cmcr import LayerTargets
+    from hvlformer.modeling.unlabeled_objective import clip_checked_targets
+
+    trainer = _trainer(tmp_path, TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "2", "SEMI.CLIP_RELABEL_OBJECTS", "True")
+    model = trainer.model
+    guidance = model.clip_guidance
+    assert guidance is not None and guidance.relabel_objects and not guidance.loss
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    history = trainer.storage.histories()
+    assert "loss_clip_guidance" not in history and "clip_guidance_confident_fraction" not in history
+    assert {"clip_relabelled_fraction", "clip_guidance_agreement"} <= set(history)
+
+    names = list(model.class_names)
+    square, cross = names.index("square"), names.index("cross")
+    rendered = [render_shapes_image(_image_rng(0, "relabel-test", i), 96, len(names), guaranteed_class=square)
+                for i in range(8)]
+    images = torch.stack([torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() for image, _ in rendered])
+    labels = torch.stack([torch.from_numpy(label.astype(np.int64)) for _, label in rendered])
+    small = torch.nn.functional.interpolate(labels[:, None].float(), size=(24, 24), mode="nearest")[:, 0].long()
+
+    def renamed(teacher_labels):
+        probs = torch.nn.functional.one_hot(teacher_labels, len(names)).permute(0, 3, 1, 2).float() * 0.97 + 0.005
+        batch = {"image_original": images, "targets": [LayerTargets(probs, torch.zeros(1), torch.zeros(1))]}
+        _, out, stats = clip_checked_targets(model, batch, torch.zeros(8, 96, 96, dtype=torch.bool))
+        return out["targets"][0].probs.argmax(dim=1), stats["stat_clip_relabelled_fraction"].item()
+
+    drifted = torch.where(small == square, torch.full_like(small, cross), small)
+    back, fraction = renamed(drifted)
+    squares = small == square
+    assert (back[squares] == square).float().mean() > 0.6          # most squares named square again
+    assert (back[small == cross] == cross).float().mean() > 0.8    # the crosses stay cross
+    assert fraction == pytest.approx((back != drifted).float().mean().item(), abs=1e-6) and fraction > 0
+    kept, fraction = renamed(small)
+    assert (kept == small).float().mean() > 0.95 and fraction == pytest.approx((kept != small).float().mean().item())
 
 
 def test_prompt_embeddings_are_cached_per_vocabulary_and_forgotten_on_reset():

@@ -159,6 +159,10 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Mask pixels around a change of CLIP's label that are no guidance target (0 = SemiVL, all pixels): CLIP's
     # patch labels have blurred outlines, so with a margin the guidance anchors only the object interiors.
     cfg.SEMI.CLIP_GUIDANCE_EDGE_MARGIN = 0
+    # The frozen CLIP renames the teacher's pseudo-labelled objects (not in SemiVL or the paper): each connected
+    # region of confident pixels of one object class takes the object class most of CLIP's confident pixels there
+    # name (more than half); the teacher's outline and confidence stay. Works with or without the guidance loss.
+    cfg.SEMI.CLIP_RELABEL_OBJECTS = False
     # The prompt of CLIP's classification ({} = the class name).
     cfg.SEMI.CLIP_GUIDANCE_TEMPLATE = "a photo of a {}."
     # Weights of the weak and strong views inside l_mask (and inside the CLIP guidance).

@@ -44,7 +44,7 @@ from .clip_ensemble import PromptEmbeddings
 from .cmcr import downsample_mask, view_pair_mask_consistency
 from .regularization import fp32_loss
 
-__all__ = ["CLIPGuidance", "GuidanceTargets", "interior"]
+__all__ = ["CLIPGuidance", "GuidanceTargets", "interior", "connected_regions", "relabel_objects"]
 
 
 def interior(labels: Tensor, num_classes: int, margin: int) -> Tensor:
@@ -65,6 +65,48 @@ class GuidanceTargets:
     probs: Tensor        # B x K x h x w, CLIP's per-pixel class distribution
 
 
+def connected_regions(mask: Tensor) -> Tensor:
+    """``... x h x w`` bool -> long region ids of the same shape: 0 off the mask, and on it one id per
+    8-connected region, unique over the whole tensor (the largest flat index + 1 of the region's pixels).
+    Max-pooling propagation, on the tensor's device; a few dozen steps for the maps of the mask resolution."""
+    shape = mask.shape
+    flat = mask.reshape(-1, 1, *shape[-2:])
+    ids = torch.arange(1, flat.numel() + 1, device=mask.device, dtype=torch.float64).view(flat.shape) * flat
+    while True:
+        grown = F.max_pool2d(ids, kernel_size=3, stride=1, padding=1) * flat
+        if torch.equal(grown, ids):
+            return ids.long().view(shape)
+        ids = grown
+
+
+@torch.no_grad()
+def relabel_objects(probs: Tensor, clip: GuidanceTargets, threshold: float) -> Tensor:
+    """The teacher's ``B x K x h x w`` per-class probabilities with each object region renamed by CLIP.
+
+    A region is an 8-connected set of pixels whose top teacher probability reaches ``threshold`` for the same
+    class ``k >= 1`` (0 is background). Among the region's pixels that CLIP is confident of, if one object class
+    ``c != k`` holds more than half, the region's probabilities of ``k`` and ``c`` are swapped. Background,
+    regions CLIP is not sure of, and renamings to background are left as they are.
+    """
+    num_classes = probs.shape[1]
+    confidence, labels = probs.max(dim=1)
+    objects = (confidence >= threshold) & (labels > 0)                               # B x h x w
+    regions = connected_regions(objects[:, None] & (labels[:, None] == torch.arange(num_classes, device=probs.device)
+                                                    .view(1, -1, 1, 1))).sum(dim=1)  # B x h x w (one class per pixel)
+    votes = torch.zeros(probs.numel() + 1, num_classes, device=probs.device)  # one row per possible region id
+    voting = clip.confident & (regions > 0)
+    votes.index_put_((regions[voting], clip.labels[voting]), torch.ones_like(regions[voting], dtype=votes.dtype),
+                     accumulate=True)
+    top_votes, top_class = votes.max(dim=1)
+    renamed = (top_class > 0) & (top_votes > 0.5 * votes.sum(dim=1))                # per region id
+    target = torch.where(renamed[regions] & (regions > 0), top_class[regions], labels)  # B x h x w
+    order = torch.arange(num_classes, device=probs.device).view(1, -1, 1, 1).expand_as(probs).clone()
+    b, y, x = (target != labels).nonzero(as_tuple=True)
+    order[b, labels[b, y, x], y, x] = target[b, y, x]
+    order[b, target[b, y, x], y, x] = labels[b, y, x]
+    return probs.gather(1, order)
+
+
 class CLIPGuidance(nn.Module):
     """CLIP's zero-shot pseudo-labels (:meth:`targets`) and the guidance loss of the weak and strong views
     (:meth:`forward`); see the module docstring. No parameters."""
@@ -72,7 +114,7 @@ class CLIPGuidance(nn.Module):
     @configurable
     def __init__(self, *, logit_scale: float, threshold: float = 0.9, template: str = "a photo of a {}.",
                  weak_weight: float = 0.5, strong_weight: float = 0.1, class_gradient: bool = True,
-                 edge_margin: int = 0) -> None:
+                 edge_margin: int = 0, relabel_objects: bool = False, loss: bool = True) -> None:
         """
         Args:
             logit_scale: CLIP's ``s`` (the exponentiated ``logit_scale`` of the pretrained model).
@@ -81,6 +123,10 @@ class CLIPGuidance(nn.Module):
             weak_weight, strong_weight: the views' weights (CMCR's ``l_mask`` weights, 1/2 and 1/10).
             class_gradient: whether the loss reaches the views' class logits (``SEMI.MASK_CONSISTENCY_CLASS_GRADIENT``).
             edge_margin: mask pixels around a change of CLIP's label that are no target (0: none are dropped).
+            relabel_objects: CLIP renames the teacher's object regions (:func:`relabel_objects`;
+                ``SEMI.CLIP_RELABEL_OBJECTS``).
+            loss: whether the guidance loss is trained (a weight above zero at some step); False with
+                ``relabel_objects`` alone.
         """
         super().__init__()
         if "{}" not in template:
@@ -96,6 +142,8 @@ class CLIPGuidance(nn.Module):
         self.strong_weight = strong_weight
         self.class_gradient = class_gradient
         self.edge_margin = int(edge_margin)
+        self.relabel_objects = relabel_objects
+        self.loss = loss
         self._prompts = PromptEmbeddings(template)
 
     @classmethod
@@ -108,12 +156,16 @@ class CLIPGuidance(nn.Module):
             "strong_weight": cfg.SEMI.MASK_WEIGHT_STRONG,
             "class_gradient": cfg.SEMI.MASK_CONSISTENCY_CLASS_GRADIENT,
             "edge_margin": cfg.SEMI.CLIP_GUIDANCE_EDGE_MARGIN,
+            "relabel_objects": cfg.SEMI.CLIP_RELABEL_OBJECTS,
+            "loss": cfg.SEMI.CLIP_GUIDANCE_WEIGHT > 0 or cfg.SEMI.CLIP_GUIDANCE_FINAL_WEIGHT > 0,
         }
 
     @staticmethod
     def enabled(cfg) -> bool:
-        """Whether the config asks for the guidance (a weight above zero at some step)."""
-        return cfg.SEMI.CLIP_GUIDANCE_WEIGHT > 0 or cfg.SEMI.CLIP_GUIDANCE_FINAL_WEIGHT > 0
+        """Whether the config asks for CLIP's labels of the unlabeled images (a guidance weight above zero at some
+        step, or the renaming of the teacher's objects)."""
+        return (cfg.SEMI.CLIP_GUIDANCE_WEIGHT > 0 or cfg.SEMI.CLIP_GUIDANCE_FINAL_WEIGHT > 0
+                or bool(cfg.SEMI.CLIP_RELABEL_OBJECTS))
 
     def reset(self) -> None:
         """Forget the cached class embeddings (new vocabulary or new text-tower weights)."""

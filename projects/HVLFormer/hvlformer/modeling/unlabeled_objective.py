@@ -7,7 +7,8 @@ decoder layer; or HierVL's entropy minimisation). This module runs the network f
 - :func:`teacher_targets`: the teacher (the model itself without gradient, or an EMA copy) predicts the
   original view; its per-layer outputs become the detached targets.
 - :func:`clip_guidance_terms`: with ``SEMI.CLIP_GUIDANCE_WEIGHT`` the frozen CLIP's zero-shot labels of the
-  original view are a second target of the same views (:mod:`~hvlformer.modeling.clip_guidance`).
+  original view are a second target of the same views (:mod:`~hvlformer.modeling.clip_guidance`);
+  :func:`clip_checked_targets`: with ``SEMI.CLIP_RELABEL_OBJECTS`` they rename the teacher's objects.
 - :func:`unlabeled_losses`: the weak and strong views go through the network as one batch (so the student
   runs once per view kind and DDP synchronises one forward); the output is split back into the two views
   and compared with the targets; the losses are multiplied by the model's ``unlabeled_weight``
@@ -15,15 +16,17 @@ decoder layer; or HierVL's entropy minimisation). This module runs the network f
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .clip_guidance import CLIPGuidance, GuidanceTargets
+from .clip_guidance import CLIPGuidance, GuidanceTargets, relabel_objects
 from .cmcr import CMCRLoss, LayerTargets, layer_outputs
 
-__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "clip_guidance_terms", "clip_guidance_targets"]
+__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "clip_checked_targets", "clip_guidance_terms",
+           "clip_guidance_targets"]
 
 _PREDICTION_KEYS = ("pred_logits", "pred_masks", "attn_maps")
 
@@ -68,44 +71,68 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
         targets = teacher_targets(model, unlabeled["image_original"], text_embeddings, criterion,
                                   unlabeled["padding"])
         unlabeled = {**unlabeled, "targets": targets}
+    padding = unlabeled["padding"].to(model.device)
+    guidance, clip_targets, clip_stats = model.clip_guidance, None, {}
+    if guidance is not None and "targets" in unlabeled:
+        clip_targets, unlabeled, clip_stats = clip_checked_targets(model, unlabeled, padding)
     weak = model.normalize(unlabeled["image_weak"])
     strong = model.normalize(unlabeled["image_strong"])
     batch = weak.shape[0]
     outputs = model.predict(torch.cat([weak, strong]), text_embeddings)
     predictions = outputs.decoder_outputs()
     weak_out, strong_out = split_views(predictions, slice(0, batch)), split_views(predictions, slice(batch, 2 * batch))
-    padding = unlabeled["padding"].to(model.device)
     if criterion.mode == "entropy":
         terms = criterion.entropy(weak_out, strong_out, padding)
     else:
         terms = criterion(unlabeled["targets"], weak_out, strong_out, padding,
                           unlabeled["cutmix_box"].to(model.device), unlabeled["mix_order"].to(model.device))
-    if model.clip_guidance is not None:
-        terms.update(clip_guidance_terms(model, unlabeled, weak_out, strong_out, padding))
+    if guidance is not None and guidance.loss:
+        terms.update(clip_guidance_terms(model, unlabeled, weak_out, strong_out, padding, clip_targets))
+    terms.update(clip_stats)
     stats = {k: v for k, v in terms.items() if k.startswith("stat_")}
     stats["stat_sre_mean_unlabeled"] = outputs.relevance.detach().float().mean()
     losses = {k: model.unlabeled_weight * v for k, v in terms.items() if k.startswith("loss")}
     return {**losses, **stats}
 
 
+@torch.no_grad()
+def clip_checked_targets(model: nn.Module, unlabeled: Dict[str, Any], padding: Tensor
+                         ) -> Tuple[GuidanceTargets, Dict[str, Any], Dict[str, Tensor]]:
+    """CLIP's labels of the original views at the CMCR targets' resolution, the batch with its targets renamed
+    by CLIP when ``SEMI.CLIP_RELABEL_OBJECTS`` (:func:`~hvlformer.modeling.clip_guidance.relabel_objects`, every
+    decoder layer), and statistics: ``stat_clip_guidance_agreement``, on the pixels confident for both CLIP and
+    the teacher's last layer (before renaming), the share where the two name the same class; with renaming,
+    ``stat_clip_relabelled_fraction``, the share of the last layer's confident pixels renamed."""
+    guidance, threshold = model.clip_guidance, model.unlabeled_criterion.confidence_threshold
+    targets: List[LayerTargets] = unlabeled["targets"]
+    clip_targets = clip_guidance_targets(model, guidance, unlabeled["image_original"], targets[-1].probs.shape[-2:],
+                                         padding)
+    confidence, teacher_labels = targets[-1].probs.max(dim=1)
+    teacher_confident = confidence >= threshold
+    both = clip_targets.confident & teacher_confident
+    agree = (teacher_labels == clip_targets.labels) & both
+    stats = {"stat_clip_guidance_agreement": agree.float().sum() / both.float().sum().clamp_min(1.0)}
+    if guidance.relabel_objects:
+        renamed = [replace(t, probs=relabel_objects(t.probs, clip_targets, threshold)) for t in targets]
+        changed = (renamed[-1].probs.argmax(dim=1) != teacher_labels) & teacher_confident
+        stats["stat_clip_relabelled_fraction"] = changed.float().sum() / teacher_confident.float().sum().clamp_min(1.0)
+        unlabeled = {**unlabeled, "targets": renamed}
+    return clip_targets, unlabeled, stats
+
+
 def clip_guidance_terms(model: nn.Module, unlabeled: Dict[str, Any], weak_out: Dict[str, Any],
-                        strong_out: Dict[str, Any], padding: Tensor) -> Dict[str, Tensor]:
+                        strong_out: Dict[str, Any], padding: Tensor,
+                        clip_targets: Optional[GuidanceTargets] = None) -> Dict[str, Tensor]:
     """``loss_clip_guidance`` of the weak and strong views against the frozen CLIP's zero-shot labels of the
-    original views (``unlabeled["image_original"]``, ``B x 3 x H x W`` 0-255), and statistics: the share of
-    CLIP-confident pixels, and (self or EMA teacher) ``stat_clip_guidance_agreement``, the share of the pixels
-    confident for both CLIP and the last layer's CMCR target on which the two name the same class."""
+    original views (``unlabeled["image_original"]``, ``B x 3 x H x W`` 0-255; ``clip_targets`` when already
+    computed, :func:`clip_checked_targets`), and the share of CLIP-confident pixels."""
     guidance = model.clip_guidance
     weak_layers, strong_layers = layer_outputs(weak_out), layer_outputs(strong_out)
-    targets = clip_guidance_targets(model, guidance, unlabeled["image_original"],
-                                    weak_layers[-1]["pred_masks"].shape[-2:], padding)
-    terms = guidance(targets, weak_layers, strong_layers, padding, unlabeled["cutmix_box"].to(model.device),
-                     unlabeled["mix_order"].to(model.device))
-    if "targets" in unlabeled:  # CMCR's (not the entropy alternative's): the same mask resolution
-        confidence, teacher_labels = unlabeled["targets"][-1].probs.max(dim=1)
-        both = targets.confident & (confidence >= model.unlabeled_criterion.confidence_threshold)
-        agree = (teacher_labels == targets.labels) & both
-        terms["stat_clip_guidance_agreement"] = agree.float().sum() / both.float().sum().clamp_min(1.0)
-    return terms
+    if clip_targets is None:
+        clip_targets = clip_guidance_targets(model, guidance, unlabeled["image_original"],
+                                             weak_layers[-1]["pred_masks"].shape[-2:], padding)
+    return guidance(clip_targets, weak_layers, strong_layers, padding, unlabeled["cutmix_box"].to(model.device),
+                    unlabeled["mix_order"].to(model.device))
 
 
 @torch.no_grad()

@@ -246,7 +246,8 @@ class HVLFormer(nn.Module):
         # sees unlabeled views, and has no E_I^0 unless an inference switch needs it
         if CLIPGuidance.enabled(cfg) and not hv.CLIP.WEIGHTS_FROM_CHECKPOINT:
             if not hv.CLIP.PRETRAINED:
-                raise ValueError("SEMI.CLIP_GUIDANCE_WEIGHT asks the pretrained CLIP for zero-shot labels: set "
+                raise ValueError("SEMI.CLIP_GUIDANCE_WEIGHT / SEMI.CLIP_RELABEL_OBJECTS ask the pretrained CLIP for "
+                                 "zero-shot labels: set "
                                  "MODEL.HVLFORMER.CLIP.PRETRAINED (an open_clip tag or a file)")
             clip_guidance = CLIPGuidance(cfg, clip_logit_scale=float(clip_model.logit_scale.detach().exp()))
         return {
