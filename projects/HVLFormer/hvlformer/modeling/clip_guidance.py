@@ -93,13 +93,14 @@ def relabel_objects(probs: Tensor, clip: GuidanceTargets, threshold: float) -> T
     objects = (confidence >= threshold) & (labels > 0)                               # B x h x w
     regions = connected_regions(objects[:, None] & (labels[:, None] == torch.arange(num_classes, device=probs.device)
                                                     .view(1, -1, 1, 1))).sum(dim=1)  # B x h x w (one class per pixel)
-    votes = torch.zeros(probs.numel() + 1, num_classes, device=probs.device)  # one row per possible region id
-    voting = clip.confident & (regions > 0)
+    region_ids, regions = torch.unique(regions, return_inverse=True)  # compact ids: 0 .. number of regions
+    votes = torch.zeros(region_ids.numel(), num_classes, device=probs.device)     # one row per region (+ none)
+    voting = clip.confident & (region_ids[regions] > 0)
     votes.index_put_((regions[voting], clip.labels[voting]), torch.ones_like(regions[voting], dtype=votes.dtype),
                      accumulate=True)
     top_votes, top_class = votes.max(dim=1)
-    renamed = (top_class > 0) & (top_votes > 0.5 * votes.sum(dim=1))                # per region id
-    target = torch.where(renamed[regions] & (regions > 0), top_class[regions], labels)  # B x h x w
+    renamed = (top_class > 0) & (top_votes > 0.5 * votes.sum(dim=1)) & (region_ids > 0)  # per region
+    target = torch.where(renamed[regions], top_class[regions], labels)                     # B x h x w
     order = torch.arange(num_classes, device=probs.device).view(1, -1, 1, 1).expand_as(probs).clone()
     b, y, x = (target != labels).nonzero(as_tuple=True)
     order[b, labels[b, y, x], y, x] = target[b, y, x]
