@@ -162,12 +162,17 @@ def _trainer(tmp_path, config, *opts):
     return build_trainer_class(cfg)(cfg)
 
 
-def test_guidance_needs_the_pretrained_clip_and_weights_of_at_least_zero(tmp_path):
+def test_guidance_needs_the_pretrained_clip_weights_of_at_least_zero_and_cmcr_targets_to_rename(tmp_path):
     with pytest.raises(ValueError, match="CLIP.PRETRAINED"):
         _trainer(tmp_path, TINY_SEMI_CONFIG, "SOLVER.MAX_ITER", "1", "SEMI.CLIP_GUIDANCE_WEIGHT", "0.2")
     with pytest.raises(ValueError, match="CLIP_GUIDANCE_WEIGHT / _FINAL_WEIGHT must be >= 0"):
         _trainer(tmp_path / "negative", TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "1",
                  "SEMI.CLIP_GUIDANCE_WEIGHT", "0.2", "SEMI.CLIP_GUIDANCE_FINAL_WEIGHT", "-0.1")
+    # HierVL's entropy objective has no teacher targets to rename: an error, not a silent no-op
+    with pytest.raises(ValueError, match="CLIP_RELABEL_OBJECTS renames the teacher's CMCR targets"):
+        _trainer(tmp_path / "entropy", TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "1",
+                 "MODEL.META_ARCHITECTURE", "HierVL", "MODEL.HIERVL.UNLABELED_LOSS", "entropy",
+                 "SEMI.CLIP_RELABEL_OBJECTS", "True")
 
 
 def test_schedule_and_a_short_run_from_the_pretrained_clip(tmp_path):

@@ -161,7 +161,8 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.SEMI.CLIP_GUIDANCE_EDGE_MARGIN = 0
     # The frozen CLIP renames the teacher's pseudo-labelled objects (not in SemiVL or the paper): each connected
     # region of confident pixels of one object class takes the object class most of CLIP's confident pixels there
-    # name (more than half); the teacher's outline and confidence stay. Works with or without the guidance loss.
+    # name (more than half); the teacher's outline and confidence stay. Works with or without the guidance loss;
+    # needs CMCR's teacher targets (HierVL's UNLABELED_LOSS 'entropy' has none: a config error).
     cfg.SEMI.CLIP_RELABEL_OBJECTS = False
     # The prompt of CLIP's classification ({} = the class name).
     cfg.SEMI.CLIP_GUIDANCE_TEMPLATE = "a photo of a {}."

@@ -117,6 +117,11 @@ class HierVL(HVLFormer):
 
     @classmethod
     def build_unlabeled_criterion(cls, cfg, num_classes: int) -> CMCRLoss:
+        if cfg.MODEL.HIERVL.UNLABELED_LOSS == "entropy" and cfg.SEMI.CLIP_RELABEL_OBJECTS:
+            # the renaming acts on CMCR's teacher targets; entropy minimisation has none, so it would do nothing
+            raise ValueError("SEMI.CLIP_RELABEL_OBJECTS renames the teacher's CMCR targets, and "
+                             "MODEL.HIERVL.UNLABELED_LOSS 'entropy' has no teacher targets: use "
+                             "UNLABELED_LOSS 'cmcr' or switch CLIP_RELABEL_OBJECTS off")
         return CMCRLoss(cfg, num_classes, mode=cfg.MODEL.HIERVL.UNLABELED_LOSS)
 
     @classmethod
