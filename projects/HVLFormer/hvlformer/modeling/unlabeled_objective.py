@@ -140,7 +140,7 @@ def clip_guidance_targets(model: nn.Module, guidance: CLIPGuidance, images: Tens
                           padding: Optional[Tensor] = None) -> GuidanceTargets:
     """The dense CLIP guidance's labels (:meth:`CLIPGuidance.targets`) of ``images`` (``B x 3 x H x W``, 0-255)
     at ``size`` (``h, w``): ``model``'s frozen E_I^0 and text tower on its vocabulary. Also what
-    ``tools/pseudo_label_quality.py --teacher clip`` scores."""
+    ``tools/pseudo_label_quality.py --teacher clip`` scores (it calls :meth:`CLIPGuidance.targets` itself, at two sizes)."""
     reference_dense = model.backbone.reference_dense_embedding(model.normalize(images))
     class_embeddings = guidance.class_embeddings(model.text_encoder, model.class_names)
     return guidance.targets(reference_dense, class_embeddings, size, padding)
