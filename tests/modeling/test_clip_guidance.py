@@ -61,7 +61,7 @@ def test_edge_margin_keeps_only_clip_object_interiors():
         CLIPGuidance(logit_scale=1.0, edge_margin=-1)
 
 
-def test_connected_regions_are_8_connected_and_unique_over_the_batch():
+def test_connected_regions_are_8_connected_of_one_label_and_unique_over_the_batch():
     mask = torch.zeros(2, 5, 5, dtype=torch.bool)
     mask[0, 0:2, 0:2] = True
     mask[0, 2, 2] = True          # touches the first block diagonally: the same region
@@ -72,6 +72,17 @@ def test_connected_regions_are_8_connected_and_unique_over_the_batch():
     assert regions[0, 0, 0] == regions[0, 2, 2] == regions[0, 1, 1]
     assert len({regions[0, 0, 0].item(), regions[0, 4, 0].item(), regions[1, 0, 0].item()}) == 3
     assert regions[0, 4, 0] == regions[0, 4, 1]
+    # with labels, touching pixels of different labels are different regions, and equal labels still join
+    labels = torch.zeros(2, 5, 5, dtype=torch.long)
+    labels[0, 1, 1] = 3           # inside the first block: cuts it into {(1, 1)} and the rest, joined around it
+    labels[0, 2, 2] = 3           # touches (1, 1) diagonally
+    by_label = connected_regions(mask, labels)
+    assert (by_label[~mask] == 0).all() and (by_label[mask] > 0).all()
+    assert by_label[0, 1, 1] == by_label[0, 2, 2] != by_label[0, 0, 0]
+    assert by_label[0, 0, 0] == by_label[0, 0, 1] == by_label[0, 1, 0]
+    assert len({by_label[0, 0, 0].item(), by_label[0, 1, 1].item(), by_label[0, 4, 0].item(),
+                by_label[1, 0, 0].item()}) == 4
+    assert torch.equal(connected_regions(mask, torch.zeros_like(labels)), regions)
 
 
 def _teacher_probs(labels: torch.Tensor, num_classes: int, top: float = 0.97) -> torch.Tensor:

@@ -65,17 +65,30 @@ class GuidanceTargets:
     probs: Tensor        # B x K x h x w, CLIP's per-pixel class distribution
 
 
-def connected_regions(mask: Tensor) -> Tensor:
+def connected_regions(mask: Tensor, labels: Optional[Tensor] = None) -> Tensor:
     """``... x h x w`` bool -> long region ids of the same shape: 0 off the mask, and on it one id per
     8-connected region, unique over the whole tensor (the largest flat index + 1 of the region's pixels).
-    Max-pooling propagation, on the tensor's device; a few dozen steps for the maps of the mask resolution."""
+    With ``labels`` (long, the mask's shape) two neighbours join only when their labels are equal, so one
+    ``B x h x w`` label map gives every class's regions at once (instead of a ``B x K x h x w`` mask per class).
+    Each step hands every pixel the largest id of its joined neighbours, on the tensor's device; a few dozen
+    steps for the maps of the mask resolution."""
     shape = mask.shape
-    flat = mask.reshape(-1, 1, *shape[-2:])
-    ids = torch.arange(1, flat.numel() + 1, device=mask.device, dtype=torch.float64).view(flat.shape) * flat
+    flat = mask.reshape(-1, *shape[-2:])
+    height, width = flat.shape[-2:]
+    ids = torch.arange(1, flat.numel() + 1, device=mask.device).view(flat.shape) * flat
+    # labels off the mask and in the padding never match a pixel on it (padding: -1, off the mask: -2)
+    joined = (labels.reshape(flat.shape) if labels is not None else torch.zeros_like(ids)).masked_fill(~flat, -2)
+    joined = F.pad(joined, (1, 1, 1, 1), value=-1)
+    centre = joined[:, 1:-1, 1:-1]
+    neighbours = [(dy, dx) for dy in range(3) for dx in range(3) if (dy, dx) != (1, 1)]
+    same = [joined[:, dy:dy + height, dx:dx + width] == centre for dy, dx in neighbours]
     while True:
-        grown = F.max_pool2d(ids, kernel_size=3, stride=1, padding=1) * flat
+        padded = F.pad(ids, (1, 1, 1, 1))
+        grown = ids
+        for (dy, dx), linked in zip(neighbours, same):
+            grown = torch.where(linked, torch.maximum(grown, padded[:, dy:dy + height, dx:dx + width]), grown)
         if torch.equal(grown, ids):
-            return ids.long().view(shape)
+            return ids.view(shape)
         ids = grown
 
 
@@ -91,8 +104,7 @@ def relabel_objects(probs: Tensor, clip: GuidanceTargets, threshold: float) -> T
     num_classes = probs.shape[1]
     confidence, labels = probs.max(dim=1)
     objects = (confidence >= threshold) & (labels > 0)                               # B x h x w
-    regions = connected_regions(objects[:, None] & (labels[:, None] == torch.arange(num_classes, device=probs.device)
-                                                    .view(1, -1, 1, 1))).sum(dim=1)  # B x h x w (one class per pixel)
+    regions = connected_regions(objects, labels)                                     # B x h x w, one class each
     region_ids, regions = torch.unique(regions, return_inverse=True)  # compact ids: 0 .. number of regions
     votes = torch.zeros(region_ids.numel(), num_classes, device=probs.device)     # one row per region (+ none)
     voting = clip.confident & (region_ids[regions] > 0)
