@@ -110,6 +110,7 @@ KEYS_ADDED_LATER = {
     ("SEMI", "CLIP_GUIDANCE_TEMPLATE"): "a photo of a {}.",
     ("SEMI", "CLIP_GUIDANCE_EDGE_MARGIN"): "0",
     ("SEMI", "CLIP_RELABEL_OBJECTS"): "False",
+    ("SEMI", "ORACLE_LABELS"): "False",
 }
 
 

@@ -184,6 +184,10 @@ def test_guidance_needs_the_pretrained_clip_weights_of_at_least_zero_and_cmcr_ta
         _trainer(tmp_path / "entropy", TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "1",
                  "MODEL.META_ARCHITECTURE", "HierVL", "MODEL.HIERVL.UNLABELED_LOSS", "entropy",
                  "SEMI.CLIP_RELABEL_OBJECTS", "True")
+    with pytest.raises(ValueError, match="ORACLE_LABELS replaces the teacher's CMCR targets"):
+        _trainer(tmp_path / "entropy_oracle", TINY_SEMI_PRETRAINED_CONFIG, "SOLVER.MAX_ITER", "1",
+                 "MODEL.META_ARCHITECTURE", "HierVL", "MODEL.HIERVL.UNLABELED_LOSS", "entropy",
+                 "SEMI.ORACLE_LABELS", "True")
 
 
 def test_schedule_and_a_short_run_from_the_pretrained_clip(tmp_path):

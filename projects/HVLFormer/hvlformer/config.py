@@ -141,6 +141,11 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.SEMI.UNLABELED_START_ITER = 0
     # Pseudo-label confidence threshold of l_mask (max class probability of the original view).
     cfg.SEMI.CONFIDENCE_THRESHOLD = 0.95
+    # Diagnostic, not a method: l_mask's targets of the unlabeled images are their own hidden labels (one-hot;
+    # 255 = no target) instead of the teacher's, the teacher still giving l_class's and l_align's targets. It
+    # measures what the unlabeled objective can give with perfect pseudo-labels. Needs unlabeled records with
+    # "hidden_sem_seg_file_name" (the `shapes` split; docs/DESIGN.md "Oracle pseudo-labels").
+    cfg.SEMI.ORACLE_LABELS = False
     # Distribution alignment of the pseudo-labels (ReMixMatch; not in the paper): the original view's class
     # probabilities are rescaled by (running labeled class frequencies) / (batch mean prediction) before
     # the argmax and the threshold, against self-training's drift towards the majority class of confusable

@@ -167,6 +167,8 @@ class SemiSupervisedStep(TrainStep):
             "cutmix_box": boxes,
             "mix_order": order,
         }
+        if "oracle_sem_seg" in unlabeled[0]:  # SEMI.ORACLE_LABELS: the hidden labels, CutMix-ed in the losses
+            batch["oracle_sem_seg"] = torch.stack([d["oracle_sem_seg"] for d in unlabeled]).to(core.device)
         # self teacher: the model computes the targets from image_original inside its forward, reusing that
         # step's text embeddings (one text-tower pass per step instead of two)
         if self.teacher is not None:

@@ -9,6 +9,8 @@ decoder layer; or HierVL's entropy minimisation). This module runs the network f
 - :func:`clip_guidance_terms`: with ``SEMI.CLIP_GUIDANCE_WEIGHT`` the frozen CLIP's zero-shot labels of the
   original view are a second target of the same views (:mod:`~hvlformer.modeling.clip_guidance`);
   :func:`clip_checked_targets`: with ``SEMI.CLIP_RELABEL_OBJECTS`` they rename the teacher's objects.
+- :func:`oracle_targets`: with ``SEMI.ORACLE_LABELS`` (a diagnostic) l_mask's targets are the unlabeled
+  images' hidden labels instead.
 - :func:`unlabeled_losses`: the weak and strong views go through the network as one batch (so the student
   runs once per view kind and DDP synchronises one forward); the output is split back into the two views
   and compared with the targets; the losses are multiplied by the model's ``unlabeled_weight``
@@ -20,13 +22,14 @@ from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .clip_guidance import CLIPGuidance, GuidanceTargets, relabel_objects
 from .cmcr import CMCRLoss, LayerTargets, layer_outputs
 
-__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "clip_checked_targets", "clip_guidance_terms",
-           "clip_guidance_targets"]
+__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "oracle_targets", "clip_checked_targets",
+           "clip_guidance_terms", "clip_guidance_targets"]
 
 _PREDICTION_KEYS = ("pred_logits", "pred_masks", "attn_maps")
 
@@ -75,6 +78,8 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
     guidance, clip_targets, clip_stats = model.clip_guidance, None, {}
     if guidance is not None and "targets" in unlabeled:
         clip_targets, unlabeled, clip_stats = clip_checked_targets(model, unlabeled, padding)
+    if "oracle_sem_seg" in unlabeled and "targets" in unlabeled:  # SEMI.ORACLE_LABELS, a diagnostic
+        unlabeled = {**unlabeled, "targets": oracle_targets(unlabeled["targets"], unlabeled["oracle_sem_seg"])}
     weak = model.normalize(unlabeled["image_weak"])
     strong = model.normalize(unlabeled["image_strong"])
     batch = weak.shape[0]
@@ -93,6 +98,23 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
     stats["stat_sre_mean_unlabeled"] = outputs.relevance.detach().float().mean()
     losses = {k: model.unlabeled_weight * v for k, v in terms.items() if k.startswith("loss")}
     return {**losses, **stats}
+
+
+@torch.no_grad()
+def oracle_targets(targets: List[LayerTargets], labels: Tensor) -> List[LayerTargets]:
+    """``SEMI.ORACLE_LABELS`` (a diagnostic): every layer's ``probs`` (``B x K x h x w``) replaced by the one-hot
+    hidden labels ``labels`` (``B x H x W`` long, nearest-subsampled to ``h x w``); a value outside ``0..K-1``
+    (255: padding, ignored) gives all-zero probabilities, below any threshold above 0, so no target. The teacher's
+    ``pred_logits`` and ``attn_maps`` (l_class's and l_align's targets) stay."""
+    renamed = []
+    for layer in targets:
+        num_classes = layer.probs.shape[1]
+        small = F.interpolate(labels[:, None].float(), size=tuple(layer.probs.shape[-2:]), mode="nearest")[:, 0].long()
+        valid = (small >= 0) & (small < num_classes)
+        one_hot = F.one_hot(small.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).to(layer.probs)
+        probs = one_hot * valid[:, None]
+        renamed.append(replace(layer, probs=probs))
+    return renamed
 
 
 @torch.no_grad()

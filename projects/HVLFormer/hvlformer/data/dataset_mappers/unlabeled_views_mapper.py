@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from detectron2.data import transforms as T
 from torch import Tensor
 
 from ...cutmix import sample_cutmix_box
-from ..validation import read_image_checked
+from ..validation import read_image_checked, read_label_checked
 from .semantic_dataset_mapper import PadTo, build_train_geometry_augmentations
 
 logger = logging.getLogger(__name__)
@@ -80,18 +80,23 @@ class UnlabeledViewsMapper:
 
     Output dict: ``"image"`` (original), ``"image_weak"``, ``"image_strong"`` (each ``3 x H x W`` uint8),
     ``"padding"`` (``H x W`` bool, True where the crop was padded; ignored by the losses),
-    ``"cutmix_box"`` (``H x W`` bool), ``"height"``/``"width"`` (original size).
+    ``"cutmix_box"`` (``H x W`` bool), ``"height"``/``"width"`` (original size); with ``oracle_labels``
+    (``SEMI.ORACLE_LABELS``, a diagnostic) also ``"oracle_sem_seg"`` (``H x W`` long, the image's hidden label
+    map under the same geometry, 255 on padding and ignored pixels), read from ``hidden_sem_seg_file_name``.
     """
 
     @configurable
     def __init__(self, *, augmentations: List[Any], image_format: str, size_divisibility: int, weak: Dict[str, Any],
-                 strong: Dict[str, Any], cutmix: Dict[str, Any]) -> None:
+                 strong: Dict[str, Any], cutmix: Dict[str, Any], oracle_labels: bool = False,
+                 ignore_label: int = 255) -> None:
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.size_divisibility = size_divisibility
         self.weak = weak
         self.strong = strong
         self.cutmix = cutmix
+        self.oracle_labels = oracle_labels
+        self.ignore_label = ignore_label
 
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
@@ -112,6 +117,8 @@ class UnlabeledViewsMapper:
                        "blur_sigma": tuple(strong.BLUR_SIGMA)},
             "cutmix": {"prob": strong.CUTMIX_PROB, "area": tuple(strong.CUTMIX_AREA),
                        "aspect": tuple(strong.CUTMIX_ASPECT)},
+            "oracle_labels": cfg.SEMI.ORACLE_LABELS,
+            "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -120,11 +127,16 @@ class UnlabeledViewsMapper:
         height, width = image.shape[:2]
         # a constant "label" tracks where the geometry pads (255 there)
         aug_input = T.AugInput(image, sem_seg=np.zeros((height, width), dtype=np.uint8))
-        self.augmentations(aug_input)
+        transforms = self.augmentations(aug_input)
         image, marker = aug_input.image, aug_input.sem_seg
+        oracle = self._hidden_label(dataset_dict, (height, width)) if self.oracle_labels else None
+        if oracle is not None:
+            oracle = transforms.apply_segmentation(oracle)
         if self.size_divisibility > 0:
             tfm = PadTo(size_divisibility=self.size_divisibility, seg_pad_value=255).get_transform(image)
             image, marker = tfm.apply_image(image), tfm.apply_segmentation(marker)
+            if oracle is not None:
+                oracle = tfm.apply_segmentation(oracle)
         original = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         rgb = original if self.image_format == "RGB" else original.flip(0)
         weak = weak_photometric(rgb, **self.weak)
@@ -140,4 +152,22 @@ class UnlabeledViewsMapper:
             "height": height,
             "width": width,
         })
+        if oracle is not None:
+            oracle = torch.as_tensor(oracle.astype(np.int64))
+            dataset_dict["oracle_sem_seg"] = oracle.masked_fill(torch.as_tensor(marker == 255), self.ignore_label)
         return dataset_dict
+
+    def _hidden_label(self, dataset_dict: Dict[str, Any], size: Tuple[int, int]) -> np.ndarray:
+        """The unlabeled image's hidden ``H x W`` label map (uint8 for the geometry's nearest resampling)."""
+        path = dataset_dict.get("hidden_sem_seg_file_name")
+        if not path:
+            raise ValueError(f"SEMI.ORACLE_LABELS reads each unlabeled image's hidden label map, and "
+                             f"{dataset_dict['file_name']} names none ('hidden_sem_seg_file_name'; the `shapes` "
+                             f"split keeps them, real datasets' unlabeled splits do not)")
+        label = read_label_checked(path, num_classes=None)
+        if label.shape != size:
+            raise ValueError(f"Hidden label {path} is {label.shape[1]} x {label.shape[0]}, its image "
+                             f"{dataset_dict['file_name']} {size[1]} x {size[0]}")
+        if label.min() < 0 or label.max() > 255:
+            raise ValueError(f"Hidden label {path} holds values outside 0-255")
+        return label.astype(np.uint8)

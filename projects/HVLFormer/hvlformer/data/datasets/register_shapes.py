@@ -94,7 +94,8 @@ def register_shapes_from_cfg(cfg) -> Tuple[str, str]:
 
 def register_shapes_semi_split(cfg) -> Optional[Tuple[str, str]]:
     """With ``DATASETS.SHAPES.NUM_LABELED > 0``: register ``shapes_labeled`` (that many images of
-    ``shapes_train``, drawn with ``DATASETS.SHAPES.SEED``) and ``shapes_unlabeled`` (the rest, no masks)."""
+    ``shapes_train``, drawn with ``DATASETS.SHAPES.SEED``) and ``shapes_unlabeled`` (the rest, no masks: their
+    label files only as ``hidden_sem_seg_file_name``, which training reads for ``SEMI.ORACLE_LABELS`` alone)."""
     from detectron2.data import DatasetCatalog
 
     num_labeled = cfg.DATASETS.SHAPES.NUM_LABELED
@@ -110,8 +111,9 @@ def register_shapes_semi_split(cfg) -> Optional[Tuple[str, str]]:
         chosen = set(np.random.default_rng(seed).permutation(len(records))[:num_labeled].tolist())
         if labeled:
             return [r for i, r in enumerate(records) if i in chosen]
-        return [{k: v for k, v in r.items() if k != "sem_seg_file_name"} for i, r in enumerate(records)
-                if i not in chosen]
+        # the masks stay out of reach of training under another key: SEMI.ORACLE_LABELS (a diagnostic) reads them
+        return [{**{k: v for k, v in r.items() if k != "sem_seg_file_name"},
+                 "hidden_sem_seg_file_name": r["sem_seg_file_name"]} for i, r in enumerate(records) if i not in chosen]
 
     metadata = dataset_metadata(train_name)
     for name, labeled in (("shapes_labeled", True), ("shapes_unlabeled", False)):

@@ -117,11 +117,11 @@ class HierVL(HVLFormer):
 
     @classmethod
     def build_unlabeled_criterion(cls, cfg, num_classes: int) -> CMCRLoss:
-        if cfg.MODEL.HIERVL.UNLABELED_LOSS == "entropy" and cfg.SEMI.CLIP_RELABEL_OBJECTS:
-            # the renaming acts on CMCR's teacher targets; entropy minimisation has none, so it would do nothing
-            raise ValueError("SEMI.CLIP_RELABEL_OBJECTS renames the teacher's CMCR targets, and "
-                             "MODEL.HIERVL.UNLABELED_LOSS 'entropy' has no teacher targets: use "
-                             "UNLABELED_LOSS 'cmcr' or switch CLIP_RELABEL_OBJECTS off")
+        for key, action in (("CLIP_RELABEL_OBJECTS", "renames"), ("ORACLE_LABELS", "replaces")):
+            # both act on CMCR's teacher targets; entropy minimisation has none, so they would do nothing
+            if cfg.MODEL.HIERVL.UNLABELED_LOSS == "entropy" and cfg.SEMI.get(key):
+                raise ValueError(f"SEMI.{key} {action} the teacher's CMCR targets, and MODEL.HIERVL.UNLABELED_LOSS "
+                                 f"'entropy' has no teacher targets: use UNLABELED_LOSS 'cmcr' or switch {key} off")
         return CMCRLoss(cfg, num_classes, mode=cfg.MODEL.HIERVL.UNLABELED_LOSS)
 
     @classmethod

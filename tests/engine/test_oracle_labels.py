@@ -1,0 +1,115 @@
+"""SEMI.ORACLE_LABELS, the diagnostic that trains l_mask on the unlabeled images' hidden labels: the mapper
+keeps the label aligned with the views, the targets by hand, the unlabeled loss against the hidden labels, and
+a short run on the `shapes` split (the only one that keeps its unlabeled images' labels)."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SEMI_SMALL, TINY_SEMI_CONFIG
+from hvlformer import build_trainer_class, setup_cfg
+from hvlformer.data import UnlabeledViewsMapper
+from hvlformer.modeling import cmcr as C
+from hvlformer.modeling.unlabeled_objective import oracle_targets, unlabeled_losses
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+NO_PHOTOMETRIC = ["SEMI.WEAK.BRIGHTNESS", "0.0", "SEMI.WEAK.CONTRAST", "0.0", "SEMI.WEAK.BLUR_PROB", "0.0",
+                  "SEMI.STRONG.JITTER_PROB", "0.0", "SEMI.STRONG.GRAYSCALE_PROB", "0.0", "SEMI.STRONG.BLUR_PROB", "0.0"]
+
+
+def _cfg(*opts):
+    return setup_cfg(argparse.Namespace(config_file=TINY_SEMI_CONFIG,
+                                        opts=[*SEMI_SMALL, "SOLVER.WARMUP_ITERS", "2", *opts]))
+
+
+def test_the_hidden_label_follows_the_views_geometry(tmp_path):
+    """The image's red channel encodes its label (40 x class): after random resize, crop, flip and padding the
+    label still matches the original view's red channel, and is 255 exactly on the padding."""
+    rng = np.random.default_rng(0)
+    label = np.kron(rng.integers(0, 6, (5, 6)), np.ones((16, 16), dtype=np.int64)).astype(np.uint8)  # 80 x 96
+    image = rng.integers(0, 256, (*label.shape, 3), dtype=np.uint8)
+    image[..., 0] = label * 40
+    Image.fromarray(image).save(tmp_path / "img.png")
+    Image.fromarray(label).save(tmp_path / "label.png")
+    record = {"file_name": str(tmp_path / "img.png"), "hidden_sem_seg_file_name": str(tmp_path / "label.png")}
+    mapper = UnlabeledViewsMapper(_cfg("SEMI.ORACLE_LABELS", "True", "INPUT.RESIZE_RATIO_RANGE", "(0.5, 2.0)",
+                                       *NO_PHOTOMETRIC))
+    flipped = 0
+    for seed in range(8):
+        np.random.seed(seed)
+        out = mapper(dict(record))
+        oracle, padding = out["oracle_sem_seg"], out["padding"]
+        assert oracle.dtype == torch.long and oracle.shape == padding.shape == out["image"].shape[1:]
+        assert torch.equal(oracle == 255, padding)
+        red = out["image"][0].long()
+        unblended = ~padding & (red % 40 == 0)  # the bilinear resize blends the red channel at block edges
+        assert unblended.float().sum() > 0.5 * (~padding).float().sum()
+        assert (red[unblended] // 40 == oracle[unblended]).float().mean().item() > 0.95  # a flip apart: < 0.5
+        flipped += int(out["image"][0, 0, 0] != image[0, 0, 0])
+    assert flipped > 0
+    # off by default; on, a record without its hidden label is a clear error
+    assert "oracle_sem_seg" not in UnlabeledViewsMapper(_cfg())(dict(record))
+    with pytest.raises(ValueError, match="hidden_sem_seg_file_name"):
+        mapper({"file_name": record["file_name"]})
+
+
+def test_oracle_targets_by_hand():
+    """One-hot hidden labels at each layer's resolution (nearest), 255 = all zero (no target); the teacher's
+    class and attention targets stay."""
+    probs = torch.full((1, 3, 2, 2), 1.0 / 3)
+    layers = [C.LayerTargets(probs, torch.randn(1, 4, 4), torch.randn(1, 4, 5)) for _ in range(2)]
+    labels = torch.tensor([[[2, 2, 0, 0], [2, 2, 0, 0], [255, 255, 1, 1], [255, 255, 1, 1]]])
+    out = oracle_targets(layers, labels)
+    assert len(out) == 2
+    for before, after in zip(layers, out):
+        assert after.pred_logits is before.pred_logits and after.attn_maps is before.attn_maps
+        expected = torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]])
+        torch.testing.assert_close(after.probs[0], expected)
+
+
+def test_l_mask_trains_on_the_hidden_labels_instead_of_the_teacher():
+    """Weak = strong = original, no CutMix box, threshold 0.5: with the hidden labels, l_mask is the BCE of the
+    prediction against them (not against its own argmax), and l_class / l_align (teacher's targets) stay 0."""
+    from detectron2.modeling import build_model
+
+    from hvlformer.data import register_shapes_semi_split
+
+    cfg = _cfg("SEMI.CONFIDENCE_THRESHOLD", "0.5")
+    register_shapes_semi_split(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    no_box = torch.zeros(2, 64, 64, dtype=torch.bool)
+    hidden = torch.randint(0, 6, (2, 64, 64))
+    hidden[:, :, 48:] = 255
+    unlabeled = {"image_original": images, "image_weak": images, "image_strong": images, "padding": no_box,
+                 "cutmix_box": no_box, "mix_order": torch.tensor([1, 0]), "oracle_sem_seg": hidden}
+    with torch.no_grad():
+        losses = unlabeled_losses(model, unlabeled, model.encode_text())
+        own = unlabeled_losses(model, {k: v for k, v in unlabeled.items() if k != "oracle_sem_seg"}, model.encode_text())
+        outputs = model.predict(model.normalize(images), model.encode_text()).decoder_outputs()
+    assert losses["loss_cmcr_class"].item() == pytest.approx(0.0, abs=1e-5)
+    expected = 0.0
+    for layer in C.layer_outputs(outputs):
+        probs = C.class_probability_maps(layer["pred_logits"], layer["pred_masks"])
+        small = torch.nn.functional.interpolate(hidden[:, None].float(), size=probs.shape[-2:], mode="nearest")[:, 0].long()
+        bce = C.mask_consistency(probs, small.clamp(max=5), small != 255)
+        expected += (cfg.SEMI.MASK_WEIGHT_WEAK + cfg.SEMI.MASK_WEIGHT_STRONG) * bce.item()
+    assert losses["loss_cmcr_mask"].item() == pytest.approx(cfg.SEMI.CMCR_WEIGHT * expected, rel=1e-4)
+    assert abs(losses["loss_cmcr_mask"].item() - own["loss_cmcr_mask"].item()) > 0.1 * own["loss_cmcr_mask"].item()
+
+
+def test_a_short_run_reads_the_shapes_splits_hidden_labels(tmp_path):
+    cfg = _cfg("SEMI.ORACLE_LABELS", "True", "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path))
+    trainer = build_trainer_class(cfg)(cfg)
+    step = trainer._trainer
+    _, unlabeled = step.next_batch()
+    batch = step.unlabeled_batch(unlabeled)
+    assert batch["oracle_sem_seg"].shape == batch["padding"].shape
+    assert torch.equal(batch["oracle_sem_seg"].cpu() == 255, batch["padding"].cpu())  # `shapes` has no ignore
+    assert set(batch["oracle_sem_seg"].unique().tolist()) - {255} <= set(range(6))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert trainer.storage.histories()["loss_cmcr_mask"].latest() > 0
