@@ -247,7 +247,7 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
                   "DATASETS.SHAPES.CLASSES_FILE", "", "SEMI.CLIP_GUIDANCE_WEIGHT", "0.0",
                   "SEMI.CLIP_GUIDANCE_FINAL_WEIGHT", "0.0", "SEMI.CLIP_GUIDANCE_THRESHOLD", "0.9",
                   "SEMI.CLIP_GUIDANCE_TEMPLATE", "a photo of a {}.", "SEMI.CLIP_GUIDANCE_EDGE_MARGIN", "0",
-                  "SEMI.CLIP_RELABEL_OBJECTS", "False"]
+                  "SEMI.CLIP_RELABEL_OBJECTS", "False", "SEMI.ORACLE_LABELS", "False"]
     assert common.settings_of_older_runs(old) == both_older
     new = tmp_path / "new.yaml"
     new.write_text("MODEL:\n  HVLFORMER:\n    QUERY_NORM: true\n    QUERY_ZERO_BIAS: true\n"
