@@ -255,6 +255,7 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
                    "  UNLABELED_START_ITER: 600\n"
                    "  CLIP_GUIDANCE_WEIGHT: 0.2\n  CLIP_GUIDANCE_FINAL_WEIGHT: 0.0\n  CLIP_GUIDANCE_THRESHOLD: 0.9\n"
                    "  CLIP_GUIDANCE_TEMPLATE: a photo of a {}.\n  CLIP_GUIDANCE_EDGE_MARGIN: 1\n  CLIP_RELABEL_OBJECTS: true\n"
+                   "  ORACLE_LABELS: false\n"
                    "TEST:\n  CLIP_ENSEMBLE:\n    LEVEL: pixel\n"
                    "DATASETS:\n  SHAPES:\n    CLASSES_FILE: shapes_square_cross_textures_swapped.json\n")
     assert common.settings_of_older_runs(new) == []
