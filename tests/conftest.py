@@ -97,6 +97,24 @@ def make_tiny_cfg(*opts: str, config: Union[str, Path] = TINY_CONFIG, small: Seq
     return setup_cfg(argparse.Namespace(config_file=str(repo_path(config)), opts=[*small, *opts]), freeze=freeze)
 
 
+def semi_model_with_identical_views(cfg, batch: int = 2, size: int = 64):
+    """``(model, unlabeled)``: the training-mode model of the semi-supervised ``cfg`` (its shapes split registered,
+    built after ``torch.manual_seed(0)``) and a batch of ``batch`` random ``size`` px unlabeled images whose weak
+    and strong views are the original, with no CutMix box, so the view terms reduce to the targets alone."""
+    from detectron2.modeling import build_model
+
+    from hvlformer.data import register_shapes_semi_split
+
+    register_shapes_semi_split(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    no_box = torch.zeros(batch, size, size, dtype=torch.bool)
+    unlabeled = {"image_original": images, "image_weak": images, "image_strong": images, "padding": no_box,
+                 "cutmix_box": no_box, "mix_order": torch.arange(batch).roll(1)}
+    return model, unlabeled
+
+
 def make_tiny_model(*opts: str, config: Union[str, Path] = TINY_CONFIG, small: Sequence[str] = SMALL,
                     train: Optional[bool] = True, register: bool = True):
     """The model of :func:`make_tiny_cfg` built after ``torch.manual_seed(0)`` (so every build of one config

@@ -275,18 +275,17 @@ def clip_guidance_probabilities(model: torch.nn.Module, guidance: Any, image: to
     drops at the mask resolution (``H / mask_stride``, where training applies it) get the uniform distribution,
     so they count as below any threshold."""
     from hvlformer.modeling.clip_guidance import interior
+    from hvlformer.modeling.unlabeled_objective import clip_zero_shot_inputs
 
-    with torch.no_grad():
-        # one pass of E_I^0 for both sizes (the scores at the image's, the margin at the mask's resolution)
-        reference_dense = model.backbone.reference_dense_embedding(model.normalize(image[None]))
-        class_embeddings = guidance.class_embeddings(model.text_encoder, model.class_names)
-        probs = guidance.targets(reference_dense, class_embeddings, image.shape[-2:]).probs[0].cpu()
-        if guidance.edge_margin > 0:
-            size = [math.ceil(side / mask_stride) for side in image.shape[-2:]]
-            labels = guidance.targets(reference_dense, class_embeddings, size).labels
-            kept = interior(labels, probs.shape[0], guidance.edge_margin)[:, None].float()
-            kept = F.interpolate(kept, size=tuple(image.shape[-2:]), mode="nearest")[0, 0].bool().cpu()
-            probs = torch.where(kept, probs, torch.full_like(probs, 1.0 / probs.shape[0]))
+    # one pass of E_I^0 for both sizes (the scores at the image's, the margin at the mask's resolution)
+    inputs = clip_zero_shot_inputs(model, guidance, image[None])
+    probs = guidance.targets(*inputs, image.shape[-2:]).probs[0].cpu()
+    if guidance.edge_margin > 0:
+        size = [math.ceil(side / mask_stride) for side in image.shape[-2:]]
+        labels = guidance.targets(*inputs, size).labels
+        kept = interior(labels, probs.shape[0], guidance.edge_margin)[:, None].float()
+        kept = F.interpolate(kept, size=tuple(image.shape[-2:]), mode="nearest")[0, 0].bool().cpu()
+        probs = torch.where(kept, probs, torch.full_like(probs, 1.0 / probs.shape[0]))
     return probs
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SEMI_SMALL, TINY_SEMI_CONFIG
+from conftest import SEMI_SMALL, TINY_SEMI_CONFIG, semi_model_with_identical_views
 from hvlformer import build_trainer_class, setup_cfg
 from hvlformer.data import UnlabeledViewsMapper
 from hvlformer.modeling import cmcr as C
@@ -53,6 +53,9 @@ def test_the_hidden_label_follows_the_views_geometry(tmp_path):
     assert "oracle_sem_seg" not in UnlabeledViewsMapper(_cfg())(dict(record))
     with pytest.raises(ValueError, match="hidden_sem_seg_file_name"):
         mapper({"file_name": record["file_name"]})
+    Image.fromarray(label[:40]).save(tmp_path / "short.png")
+    with pytest.raises(ValueError, match="sizes differ"):
+        mapper({**record, "hidden_sem_seg_file_name": str(tmp_path / "short.png")})
 
 
 def test_oracle_targets_by_hand():
@@ -72,20 +75,12 @@ def test_oracle_targets_by_hand():
 def test_l_mask_trains_on_the_hidden_labels_instead_of_the_teacher():
     """Weak = strong = original, no CutMix box, threshold 0.5: with the hidden labels, l_mask is the BCE of the
     prediction against them (not against its own argmax), and l_class / l_align (teacher's targets) stay 0."""
-    from detectron2.modeling import build_model
-
-    from hvlformer.data import register_shapes_semi_split
-
     cfg = _cfg("SEMI.CONFIDENCE_THRESHOLD", "0.5")
-    register_shapes_semi_split(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    no_box = torch.zeros(2, 64, 64, dtype=torch.bool)
+    model, unlabeled = semi_model_with_identical_views(cfg)
+    images = unlabeled["image_original"]
     hidden = torch.randint(0, 6, (2, 64, 64))
     hidden[:, :, 48:] = 255
-    unlabeled = {"image_original": images, "image_weak": images, "image_strong": images, "padding": no_box,
-                 "cutmix_box": no_box, "mix_order": torch.tensor([1, 0]), "oracle_sem_seg": hidden}
+    unlabeled["oracle_sem_seg"] = hidden
     with torch.no_grad():
         losses = unlabeled_losses(model, unlabeled, model.encode_text())
         own = unlabeled_losses(model, {k: v for k, v in unlabeled.items() if k != "oracle_sem_seg"}, model.encode_text())

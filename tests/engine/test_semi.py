@@ -10,7 +10,7 @@ import torch
 from detectron2.engine import HookBase
 from PIL import Image
 
-from conftest import SEMI_SMALL, TINY_SEMI_CONFIG
+from conftest import SEMI_SMALL, TINY_SEMI_CONFIG, semi_model_with_identical_views
 from hvlformer import build_trainer_class, setup_cfg
 from hvlformer.cutmix import apply_cutmix, mix_spatial, sample_cutmix_box
 from hvlformer.data import RareClassSampler, UnlabeledViewsMapper, rare_class_probabilities, repeat_to_length
@@ -456,18 +456,9 @@ def test_the_ramp_up_counts_from_the_end_of_the_burn_in(tmp_path):
 def test_self_teacher_targets_come_from_the_original_view_inside_the_forward():
     # the model is its own teacher: with weak = strong = original and no CutMix box, the class and
     # attention terms vanish, and l_mask is the BCE of the prediction against its own argmax
-    from detectron2.modeling import build_model
-
-    from hvlformer.data import register_shapes_semi_split
-
     cfg = _views_cfg("SEMI.CONFIDENCE_THRESHOLD", "0.0")
-    register_shapes_semi_split(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    no_box = torch.zeros(2, 64, 64, dtype=torch.bool)
-    unlabeled = {"image_original": images, "image_weak": images, "image_strong": images, "padding": no_box,
-                 "cutmix_box": no_box, "mix_order": torch.tensor([1, 0])}
+    model, unlabeled = semi_model_with_identical_views(cfg)
+    images = unlabeled["image_original"]
     with torch.no_grad():
         losses = unlabeled_losses(model, unlabeled, model.encode_text())
         outputs = model.predict(model.normalize(images), model.encode_text()).decoder_outputs()

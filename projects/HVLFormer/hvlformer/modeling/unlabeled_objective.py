@@ -29,7 +29,7 @@ from .clip_guidance import CLIPGuidance, GuidanceTargets, relabel_objects
 from .cmcr import CMCRLoss, LayerTargets, layer_outputs
 
 __all__ = ["teacher_targets", "split_views", "unlabeled_losses", "oracle_targets", "clip_checked_targets",
-           "clip_guidance_terms", "clip_guidance_targets"]
+           "clip_guidance_terms", "clip_zero_shot_inputs", "clip_guidance_targets"]
 
 _PREDICTION_KEYS = ("pred_logits", "pred_masks", "attn_maps")
 
@@ -158,11 +158,17 @@ def clip_guidance_terms(model: nn.Module, unlabeled: Dict[str, Any], weak_out: D
 
 
 @torch.no_grad()
+def clip_zero_shot_inputs(model: nn.Module, guidance: CLIPGuidance, images: Tensor) -> Tuple[Tensor, Tensor]:
+    """What :meth:`CLIPGuidance.targets` classifies: ``model``'s frozen E_I^0 dense embedding of ``images``
+    (``B x 3 x H x W``, 0-255 -> ``B x C x h0 x w0``) and its text tower's ``K x C`` class embeddings. Also what
+    ``tools/pseudo_label_quality.py --teacher clip`` scores, at two sizes from one pass."""
+    reference_dense = model.backbone.reference_dense_embedding(model.normalize(images))
+    return reference_dense, guidance.class_embeddings(model.text_encoder, model.class_names)
+
+
+@torch.no_grad()
 def clip_guidance_targets(model: nn.Module, guidance: CLIPGuidance, images: Tensor, size: Sequence[int],
                           padding: Optional[Tensor] = None) -> GuidanceTargets:
     """The dense CLIP guidance's labels (:meth:`CLIPGuidance.targets`) of ``images`` (``B x 3 x H x W``, 0-255)
-    at ``size`` (``h, w``): ``model``'s frozen E_I^0 and text tower on its vocabulary. Also what
-    ``tools/pseudo_label_quality.py --teacher clip`` scores (it calls :meth:`CLIPGuidance.targets` itself, at two sizes)."""
-    reference_dense = model.backbone.reference_dense_embedding(model.normalize(images))
-    class_embeddings = guidance.class_embeddings(model.text_encoder, model.class_names)
-    return guidance.targets(reference_dense, class_embeddings, size, padding)
+    at ``size`` (``h, w``): ``model``'s frozen E_I^0 and text tower on its vocabulary."""
+    return guidance.targets(*clip_zero_shot_inputs(model, guidance, images), size, padding)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from detectron2.data import transforms as T
 from torch import Tensor
 
 from ...cutmix import sample_cutmix_box
-from ..validation import read_image_checked, read_label_checked
+from ..validation import check_image_label_sizes, read_image_checked, read_label_checked
 from .semantic_dataset_mapper import PadTo, build_train_geometry_augmentations
 
 logger = logging.getLogger(__name__)
@@ -125,11 +125,11 @@ class UnlabeledViewsMapper:
         dataset_dict = copy.deepcopy(dataset_dict)
         image = read_image_checked(dataset_dict["file_name"], format=self.image_format)
         height, width = image.shape[:2]
+        oracle = self._hidden_label(dataset_dict, image) if self.oracle_labels else None
         # a constant "label" tracks where the geometry pads (255 there)
         aug_input = T.AugInput(image, sem_seg=np.zeros((height, width), dtype=np.uint8))
         transforms = self.augmentations(aug_input)
         image, marker = aug_input.image, aug_input.sem_seg
-        oracle = self._hidden_label(dataset_dict, (height, width)) if self.oracle_labels else None
         if oracle is not None:
             oracle = transforms.apply_segmentation(oracle)
         if self.size_divisibility > 0:
@@ -157,17 +157,16 @@ class UnlabeledViewsMapper:
             dataset_dict["oracle_sem_seg"] = oracle.masked_fill(torch.as_tensor(marker == 255), self.ignore_label)
         return dataset_dict
 
-    def _hidden_label(self, dataset_dict: Dict[str, Any], size: Tuple[int, int]) -> np.ndarray:
-        """The unlabeled image's hidden ``H x W`` label map (uint8 for the geometry's nearest resampling)."""
+    def _hidden_label(self, dataset_dict: Dict[str, Any], image: np.ndarray) -> np.ndarray:
+        """The hidden ``H x W`` label map of the unlabeled ``image`` (``H x W x 3``), as uint8 for the geometry's
+        nearest resampling."""
         path = dataset_dict.get("hidden_sem_seg_file_name")
         if not path:
             raise ValueError(f"SEMI.ORACLE_LABELS reads each unlabeled image's hidden label map, and "
                              f"{dataset_dict['file_name']} names none ('hidden_sem_seg_file_name'; the `shapes` "
                              f"split keeps them, real datasets' unlabeled splits do not)")
         label = read_label_checked(path, num_classes=None)
-        if label.shape != size:
-            raise ValueError(f"Hidden label {path} is {label.shape[1]} x {label.shape[0]}, its image "
-                             f"{dataset_dict['file_name']} {size[1]} x {size[0]}")
+        check_image_label_sizes(image, label, dataset_dict["file_name"], path)
         if label.min() < 0 or label.max() > 255:
             raise ValueError(f"Hidden label {path} holds values outside 0-255")
         return label.astype(np.uint8)
