@@ -12,6 +12,7 @@ same labeled images, the same steps, the same pretrained start, several seeds; p
                                                              # queries) vs learnable queries, Table 4's first rows
     python tools/semi_vs_supervised.py --experiment ceiling  # (c) next to all 400 images labeled: the room (c) has
     python tools/semi_vs_supervised.py --seeds 0 --iters 300  # a quick look
+    python tools/semi_vs_supervised.py --semi-name t08 --semi-opts ... --only semi  # one arm (then without --only)
     python tools/semi_vs_supervised.py --ablations            # (c) plus each CMCR term switched off
     python tools/semi_vs_supervised.py --semi-name t08 --semi-opts SEMI.CONFIDENCE_THRESHOLD 0.8  # another setting
     python tools/semi_vs_supervised.py --opts MODEL.HVLFORMER.NO_OBJECT_WEIGHT 1.0 --output-dir output/c_noobj  # every arm
@@ -229,6 +230,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--clip-model", default="",
                         help="MODEL.HVLFORMER.CLIP.MODEL_NAME of every pretrained arm, for --clip-weights of another "
                              "architecture (e.g. HVL-Tiny-ViT-P8 for the v3 candidate; default: the configs' own)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="ARM",
+                        help="run only these arms of the experiment (e.g. semi, while another command trains the "
+                             "supervised runs) and print their mIoU; the same command without --only then reuses "
+                             "every finished run and writes the comparison")
     parser.add_argument("--parallel", type=int, default=2, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per run")
@@ -245,8 +250,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.experiment == "semi" and args.ablations:
         arms = arms + ["semi_no_mask", "semi_no_class", "semi_no_align"]
         jobs += [(v, s) for v in arms[2:] for s in (args.ablation_seeds or args.seeds)]
+    if args.only:
+        unknown = sorted(set(args.only) - set(arms))
+        if unknown:
+            parser.error(f"--only {' '.join(unknown)}: not an arm of --experiment {args.experiment} ({', '.join(arms)})")
+        jobs = [job for job in jobs if job[0] in args.only]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda job: (job, run(job[0], job[1], args)), jobs))
+    if args.only:  # a part of the experiment: no comparison
+        partial = {f"{arm}_seed{seed}": miou for (arm, seed), miou in results}
+        emit_json({"mIoU": partial})
+        return {"mIoU": partial}
     table: Dict[str, Dict[int, float]] = {}
     for (variant, seed), miou in results:
         table.setdefault(variant, {})[seed] = miou

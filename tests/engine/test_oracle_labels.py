@@ -12,6 +12,7 @@ from conftest import SEMI_SMALL, TINY_SEMI_CONFIG, semi_model_with_identical_vie
 from hvlformer import build_trainer_class, setup_cfg
 from hvlformer.data import UnlabeledViewsMapper
 from hvlformer.modeling import cmcr as C
+from hvlformer.modeling.label_maps import downsample_labels
 from hvlformer.modeling.unlabeled_objective import oracle_targets, unlabeled_losses
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -59,7 +60,7 @@ def test_the_hidden_label_follows_the_views_geometry(tmp_path):
 
 
 def test_oracle_targets_by_hand():
-    """One-hot hidden labels at each layer's resolution (nearest), 255 = all zero (no target); the teacher's
+    """One-hot hidden labels at each layer's resolution (each cell's centre), 255 = all zero (no target); the teacher's
     class and attention targets stay."""
     probs = torch.full((1, 3, 2, 2), 1.0 / 3)
     layers = [C.LayerTargets(probs, torch.randn(1, 4, 4), torch.randn(1, 4, 5)) for _ in range(2)]
@@ -70,6 +71,24 @@ def test_oracle_targets_by_hand():
         assert after.pred_logits is before.pred_logits and after.attn_maps is before.attn_maps
         expected = torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]])
         torch.testing.assert_close(after.probs[0], expected)
+
+
+def test_oracle_targets_sit_where_the_predictions_cells_are():
+    """At stride 4 cell i holds pixels 4i..4i+3 (the predictions' point sampling, align_corners=False): an object
+    on pixels 9..24 fills 3/4 of cell 2 and 1/4 of cell 6, so it is the target of cells 2-5. (The label of each
+    cell's first pixel, mode "nearest", would say cells 3-6: 1.5 px towards the top-left, 3.5 at stride 8.)"""
+    labels = torch.zeros(1, 96, 96, dtype=torch.long)
+    labels[0, 9:25, 9:25] = 1
+    layer = C.LayerTargets(torch.zeros(1, 2, 24, 24), torch.zeros(1, 4, 3), torch.zeros(1, 4, 5))
+    target = oracle_targets([layer], labels)[0].probs[0, 1]
+    assert target[2, 2:6].tolist() == [1.0] * 4 and target[6, 2:6].tolist() == [0.0] * 4
+    assert target.sum() == 16
+    # the same at stride 8 (12 x 12): the object covers cells 1-2 (pixels 8-23), half of cell 3's first pixel row
+    coarse = downsample_labels(labels, (12, 12))[0]
+    assert coarse[1:3, 1:3].eq(1).all() and coarse.sum() == 4
+    # the target's centre of mass (cell centres 4i + 1.5) within a pixel of the object's (16.5); "nearest": 19.5
+    rows = torch.arange(24).float() * 4 + 1.5
+    assert (target.sum(1) * rows).sum() / target.sum() == pytest.approx(16.5, abs=1.0)
 
 
 def test_l_mask_trains_on_the_hidden_labels_instead_of_the_teacher():
@@ -89,7 +108,7 @@ def test_l_mask_trains_on_the_hidden_labels_instead_of_the_teacher():
     expected = 0.0
     for layer in C.layer_outputs(outputs):
         probs = C.class_probability_maps(layer["pred_logits"], layer["pred_masks"])
-        small = torch.nn.functional.interpolate(hidden[:, None].float(), size=probs.shape[-2:], mode="nearest")[:, 0].long()
+        small = downsample_labels(hidden, probs.shape[-2:])
         bce = C.mask_consistency(probs, small.clamp(max=5), small != 255)
         expected += (cfg.SEMI.MASK_WEIGHT_WEAK + cfg.SEMI.MASK_WEIGHT_STRONG) * bce.item()
     assert losses["loss_cmcr_mask"].item() == pytest.approx(cfg.SEMI.CMCR_WEIGHT * expected, rel=1e-4)

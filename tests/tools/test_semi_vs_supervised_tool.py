@@ -250,6 +250,20 @@ def test_experiments_are_one_command_each(tool, fake_train, tmp_path):
                                      for i in range(2)]
 
 
+def test_only_runs_the_named_arms(tool, fake_train, tmp_path):
+    """--only semi trains the semi arm alone and compares nothing; the full command then trains only what is
+    missing (the supervised runs) and reuses the semi ones."""
+    common = ["--iters", "20", "--workers", "0", "--parallel", "1", "--output-dir", str(tmp_path), "--seeds", "0", "1"]
+    out = tool.main(["--only", "semi", *common])
+    assert out == {"mIoU": {"semi_seed0": 41.0, "semi_seed1": 42.0}}
+    assert [c[c.index("OUTPUT_DIR") + 1] for c in fake_train] == [str(tmp_path / "semi_seed0"), str(tmp_path / "semi_seed1")]
+    full = tool.main(common)
+    assert len(fake_train) == 4 and all("supervised_seed" in c[c.index("OUTPUT_DIR") + 1] for c in fake_train[2:])
+    assert full["mIoU"]["semi"]["runs"] == [41.0, 42.0] and full["semi_minus_supervised"]["runs"] == [-2.0, -2.0]
+    with pytest.raises(SystemExit):
+        tool.main(["--only", "supervised_learnable", *common])  # not an arm of (c)
+
+
 def test_class_ious_reads_the_last_evaluation(tool):
     log = ("OrderedDict([('sem_seg', {'mIoU': np.float64(50.0), 'IoU-square': np.float64(12.5), 'IoU-cross': nan})])\n"
            "copypaste: 50.0\n"

@@ -62,6 +62,9 @@ def test_auxiliary_loss_is_upsampled_ce():
 def test_downsample_labels_nearest_keeps_ignore():
     labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [255, 255, 2, 2], [255, 255, 2, 2]]])
     assert downsample_labels(labels, (2, 2)).tolist() == [[[0, 1], [255, 2]]]
+    # the label at each cell's centre (pixel 2 of 0..3 at stride 4), not at its first pixel
+    row = torch.tensor([[[0, 0, 1, 1, 1, 1, 1, 1]]])
+    assert downsample_labels(row, (1, 2)).tolist() == [[[1, 1]]]
 
 
 def test_class_centres_by_hand():

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .clip_guidance import CLIPGuidance, GuidanceTargets, relabel_objects
 from .cmcr import CMCRLoss, LayerTargets, layer_outputs
+from .label_maps import downsample_labels
 
 __all__ = ["teacher_targets", "split_views", "unlabeled_losses", "oracle_targets", "clip_checked_targets",
            "clip_guidance_terms", "clip_zero_shot_inputs", "clip_guidance_targets"]
@@ -103,13 +104,14 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
 @torch.no_grad()
 def oracle_targets(targets: List[LayerTargets], labels: Tensor) -> List[LayerTargets]:
     """``SEMI.ORACLE_LABELS`` (a diagnostic): every layer's ``probs`` (``B x K x h x w``) replaced by the one-hot
-    hidden labels ``labels`` (``B x H x W`` long, nearest-subsampled to ``h x w``); a value outside ``0..K-1``
+    hidden labels ``labels`` (``B x H x W`` long, the label at each ``h x w`` cell's centre,
+    :func:`~.label_maps.downsample_labels`); a value outside ``0..K-1``
     (255: padding, ignored) gives all-zero probabilities, below any threshold above 0, so no target. The teacher's
     ``pred_logits`` and ``attn_maps`` (l_class's and l_align's targets) stay."""
     renamed = []
     for layer in targets:
         num_classes = layer.probs.shape[1]
-        small = F.interpolate(labels[:, None].float(), size=tuple(layer.probs.shape[-2:]), mode="nearest")[:, 0].long()
+        small = downsample_labels(labels, layer.probs.shape[-2:])
         valid = (small >= 0) & (small < num_classes)
         one_hot = F.one_hot(small.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).to(layer.probs)
         probs = one_hot * valid[:, None]

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..clip_loader import has_pretrained_reference
 from ..cmcr import CMCRLoss
 from ..criterion import HVLSetCriterion
+from ..label_maps import downsample_labels
 from ..outputs import HVLFormerOutput
 from ..pixel_decoder import build_pixel_decoder
 from ..regularization import (
@@ -191,7 +192,7 @@ class HierVL(HVLFormer):
         size = masked_dense.shape[-2:]
         # a patch counts as hidden when most of its pixels are
         region = F.avg_pool2d(hidden[:, None].float(), stride)[:, 0][..., : size[0], : size[1]] > 0.5
-        patch_labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        patch_labels = downsample_labels(labels, size)  # the label at each patch's centre
         region = region & (patch_labels != self.ignore_value)
         loss = masked_alignment_loss(masked_dense, text_embeddings, patch_labels.clamp_max(self.num_classes - 1),
                                      region, self.criterion.vl_temperature)
