@@ -111,6 +111,7 @@ KEYS_ADDED_LATER = {
     ("SEMI", "CLIP_GUIDANCE_EDGE_MARGIN"): "0",
     ("SEMI", "CLIP_RELABEL_OBJECTS"): "False",
     ("SEMI", "ORACLE_LABELS"): "False",
+    ("SEMI", "MASK_CONSISTENCY_PIXELS"): "0",                # l_mask at image pixels, docs/DESIGN.md
 }
 
 

@@ -115,6 +115,26 @@ def test_l_mask_trains_on_the_hidden_labels_instead_of_the_teacher():
     assert abs(losses["loss_cmcr_mask"].item() - own["loss_cmcr_mask"].item()) > 0.1 * own["loss_cmcr_mask"].item()
 
 
+def test_l_mask_at_every_image_pixel_trains_on_each_pixels_hidden_label():
+    """SEMI.MASK_CONSISTENCY_PIXELS >= H x W through the model: l_mask is the BCE of the maps upsampled to the
+    image (bilinear, as inference) against every pixel's own hidden label, not the cells' labels."""
+    cfg = _cfg("SEMI.CONFIDENCE_THRESHOLD", "0.5", "SEMI.MASK_CONSISTENCY_PIXELS", "100000")
+    model, unlabeled = semi_model_with_identical_views(cfg)
+    hidden = torch.randint(0, 6, (2, 64, 64))
+    hidden[:, :, 48:] = 255
+    unlabeled["oracle_sem_seg"] = hidden
+    with torch.no_grad():
+        losses = unlabeled_losses(model, unlabeled, model.encode_text())
+        outputs = model.predict(model.normalize(unlabeled["image_original"]), model.encode_text()).decoder_outputs()
+    expected = 0.0
+    for layer in C.layer_outputs(outputs):
+        probs = torch.nn.functional.interpolate(C.class_probability_maps(layer["pred_logits"], layer["pred_masks"]),
+                                                size=(64, 64), mode="bilinear", align_corners=False)
+        bce = C.mask_consistency(probs, hidden.clamp(max=5), hidden != 255)
+        expected += (cfg.SEMI.MASK_WEIGHT_WEAK + cfg.SEMI.MASK_WEIGHT_STRONG) * bce.item()
+    assert losses["loss_cmcr_mask"].item() == pytest.approx(cfg.SEMI.CMCR_WEIGHT * expected, rel=1e-4)
+
+
 def test_a_short_run_reads_the_shapes_splits_hidden_labels(tmp_path):
     cfg = _cfg("SEMI.ORACLE_LABELS", "True", "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path))
     trainer = build_trainer_class(cfg)(cfg)

@@ -187,6 +187,12 @@ def add_hvlformer_config(cfg: CN) -> None:
     # l_mask, so l_mask moves only the masks (a diagnostic of how mask classification loses a class to a
     # confusable one; docs/DESIGN.md "l_mask and the class decision").
     cfg.SEMI.MASK_CONSISTENCY_CLASS_GRADIENT = True
+    # Where l_mask compares the views with their targets: 0 = at the mask resolution (stride 4: every map as the
+    # decoder predicts it, one hard target per 4 x 4 cell; the setting of the runs before this key); N > 0 = at N
+    # pixels of the image drawn at random each step, every pixel when N >= H x W (paper supplement eq. 2 sums
+    # over the H x W image pixels), the targets' and the views' maps read there bilinearly as inference
+    # upsamples them (docs/DESIGN.md "l_mask at image pixels").
+    cfg.SEMI.MASK_CONSISTENCY_PIXELS = 0
     # Weak view: brightness / contrast jitter, Gaussian blur probability and sigma range.
     cfg.SEMI.WEAK = CN()
     cfg.SEMI.WEAK.BRIGHTNESS = 0.1

@@ -6,8 +6,10 @@ target of the weak view ``I_w`` and of the strong (CutMix-ed) view ``I_s``:
 
 - ``l_mask`` (paper supplement A.3.1 / eq. 2): BCE between the per-class probability maps of a view and the one-hot hard
   pseudo-label of the original view (summed over the class maps), kept on pixels whose original max
-  probability is >= the confidence threshold and AVERAGED OVER ALL (non-padded) PIXELS of the mask
-  resolution: unconfident pixels contribute zero but still count in the denominator, as in the paper and
+  probability is >= the confidence threshold and AVERAGED OVER ALL (non-padded) PIXELS, of the mask
+  resolution (stride 4, one hard target per cell) or, with ``SEMI.MASK_CONSISTENCY_PIXELS`` N > 0, of N image
+  pixels drawn per step (every pixel when N >= H x W, eq. 2's H x W; the targets' and views' maps read there
+  bilinearly, as inference upsamples them): unconfident pixels contribute zero but still count in the denominator, as in the paper and
   UniMatch (``(loss * conf_mask).sum() / (ignore != 255).sum()``). Dividing by the confident pixels only
   would inflate the loss by 1 / confident-fraction early in training. Padding is not an image pixel and
   counts in neither sum. Weak view x 1/2, strong view x 1/10. The paper writes a leading minus sign; it is
@@ -37,11 +39,12 @@ sigmoid(m_q)``, the inference output) normalised over the K classes, so it is a 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.projects.point_rend.point_features import point_sample
 from torch import Tensor, nn
 
 from ..cutmix import mix_spatial
@@ -115,7 +118,8 @@ def mask_consistency(view_probs: Tensor, pseudo_labels: Tensor, confident: Tenso
 
 def view_pair_mask_consistency(weak: Dict[str, Tensor], strong: Dict[str, Tensor], pseudo_labels: Tensor,
                                confident: Tensor, valid: Tensor, cutmix_box: Tensor, mix_order: Tensor,
-                               weak_weight: float, strong_weight: float, class_gradient: bool = True) -> Tensor:
+                               weak_weight: float, strong_weight: float, class_gradient: bool = True,
+                               pixel_coords: Optional[Tensor] = None) -> Tensor:
     """l_mask of one decoder layer's weak and strong views against one set of hard pseudo-labels:
     ``weak_weight * mask_consistency(weak) + strong_weight * mask_consistency(strong)``, where inside the
     strong view's CutMix box the pseudo-labels, confidences and validity are the pasted image's.
@@ -125,13 +129,41 @@ def view_pair_mask_consistency(weak: Dict[str, Tensor], strong: Dict[str, Tensor
         pseudo_labels: ``B x h x w`` long; confident, valid: ``B x h x w`` bool (see :func:`mask_consistency`).
         cutmix_box: ``B x h x w`` bool at the same resolution; mix_order: ``B`` long (the image each box comes from).
         class_gradient: see :func:`view_probability_maps`.
+        pixel_coords: ``P x 2`` (x, y in [0, 1]) image pixels (:func:`sample_image_pixels`) at which the views'
+            maps are read (bilinear, as inference upsamples them); then ``pseudo_labels``, ``confident``,
+            ``valid`` and ``cutmix_box`` are ``B x P x 1``, at those pixels. The same pixels in every image, so
+            that inside a CutMix box the pasted image's pseudo-label is the one at the same place.
     """
+    weak_probs = view_probability_maps(weak, class_gradient)
+    strong_probs = view_probability_maps(strong, class_gradient)
+    if pixel_coords is not None:
+        weak_probs, strong_probs = at_pixels(weak_probs, pixel_coords), at_pixels(strong_probs, pixel_coords)
     mixed_pseudo = mix_spatial(pseudo_labels[:, None], cutmix_box, mix_order)[:, 0]
     mixed_confident = mix_spatial(confident[:, None], cutmix_box, mix_order)[:, 0]
     mixed_valid = mix_spatial(valid[:, None], cutmix_box, mix_order)[:, 0]
-    return (weak_weight * mask_consistency(view_probability_maps(weak, class_gradient), pseudo_labels, confident, valid)
-            + strong_weight * mask_consistency(view_probability_maps(strong, class_gradient), mixed_pseudo,
-                                               mixed_confident, mixed_valid))
+    return (weak_weight * mask_consistency(weak_probs, pseudo_labels, confident, valid)
+            + strong_weight * mask_consistency(strong_probs, mixed_pseudo, mixed_confident, mixed_valid))
+
+
+def sample_image_pixels(height: int, width: int, num_pixels: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """``num_pixels`` distinct pixels of an ``height x width`` image drawn at random (all of them, in order, when
+    ``num_pixels >= height * width``): ``(flat indices P, coordinates P x 2)``, the coordinates (x, y) of the
+    pixels' centres in [0, 1] as :func:`at_pixels` reads them."""
+    total = height * width
+    index = (torch.arange(total, device=device) if num_pixels >= total
+             else torch.randperm(total, device=device)[:num_pixels])
+    coords = torch.stack([(index % width).float().add(0.5) / width, (index // width).float().add(0.5) / height], dim=1)
+    return index, coords
+
+
+def at_pixels(maps: Tensor, pixel_coords: Tensor) -> Tensor:
+    """``B x C x h x w`` maps at the image pixels ``pixel_coords`` (``P x 2``, from :func:`sample_image_pixels`) ->
+    ``B x C x P x 1``: bilinear with ``align_corners=False``, the values the maps upsampled to the image's size
+    (as inference upsamples the mask logits) hold there, the border pixels included (edge values, not zeros,
+    outside the map's last cell centres, as ``F.interpolate`` does); a map at the image's own size gives its
+    pixels exactly."""
+    coords = pixel_coords[None].expand(maps.shape[0], -1, -1).to(maps.dtype)
+    return point_sample(maps, coords, align_corners=False, padding_mode="border")[..., None]
 
 
 @fp32_loss
@@ -186,12 +218,17 @@ class CMCRLoss(nn.Module):
     def __init__(self, confidence_threshold: float = 0.95, weak_weight: float = 0.5, strong_weight: float = 0.1,
                  use_mask: bool = True, use_class: bool = True, use_align: bool = True, mode: str = "cmcr",
                  distribution_alignment_classes: int = 0, distribution_alignment_momentum: float = 0.99,
-                 class_on_mixed: bool = True, mask_class_gradient: bool = True) -> None:
+                 class_on_mixed: bool = True, mask_class_gradient: bool = True, mask_pixels: int = 0) -> None:
         """``distribution_alignment_classes``: K to switch distribution alignment on (0 = off, the paper);
         see :meth:`align_distribution`. ``class_on_mixed``: False leaves the CutMix-ed images out of
         l_class's strong term (see the module docstring). ``mask_class_gradient``: False detaches the views'
-        class probabilities inside l_mask (see :func:`view_probability_maps`)."""
+        class probabilities inside l_mask (see :func:`view_probability_maps`). ``mask_pixels``: 0 computes l_mask
+        at the mask resolution (stride 4); N > 0 at N pixels of the image drawn per step (every pixel when N >= H x W:
+        paper eq. 2's H x W), the maps read there bilinearly (:func:`at_pixels`)."""
         super().__init__()
+        if mask_pixels < 0:
+            raise ValueError(f"SEMI.MASK_CONSISTENCY_PIXELS must be >= 0, got {mask_pixels}")
+        self.mask_pixels = mask_pixels
         if mode not in ("cmcr", "entropy"):
             raise ValueError(f"MODEL.HIERVL.UNLABELED_LOSS must be 'cmcr' or 'entropy', got {mode!r}")
         if not 0.0 <= distribution_alignment_momentum < 1.0:
@@ -231,6 +268,7 @@ class CMCRLoss(nn.Module):
             "distribution_alignment_momentum": semi.DISTRIBUTION_ALIGNMENT_MOMENTUM,
             "class_on_mixed": semi.CLASS_CONSISTENCY_MIXED,
             "mask_class_gradient": semi.MASK_CONSISTENCY_CLASS_GRADIENT,
+            "mask_pixels": semi.MASK_CONSISTENCY_PIXELS,
         }
 
     @torch.no_grad()
@@ -299,16 +337,24 @@ class CMCRLoss(nn.Module):
         image_size = padding.shape[-2:]
         # images whose strong view holds no CutMix box: the only ones in l_class's strong term unless class_on_mixed
         unmixed = ~cutmix_box.flatten(1).any(dim=1)
+        pixel_coords = None
+        if self.use_mask and self.mask_pixels > 0:  # l_mask at image pixels: the same ones for every layer and image
+            index, pixel_coords = sample_image_pixels(*image_size, self.mask_pixels, padding.device)
+            pixel_valid = (~padding).flatten(1)[:, index][..., None]
+            pixel_box = cutmix_box.flatten(1)[:, index][..., None]
         for layer, (target, weak, strong) in enumerate(zip(targets, weak_layers, strong_layers)):
-            mask_size = target.probs.shape[-2:]
             if self.use_mask:
-                box = downsample_mask(cutmix_box, mask_size)
-                valid = ~downsample_mask(padding, mask_size)
-                confidence, pseudo = target.probs.max(dim=1)
+                if pixel_coords is None:  # at the mask resolution
+                    mask_size = target.probs.shape[-2:]
+                    box, valid = downsample_mask(cutmix_box, mask_size), ~downsample_mask(padding, mask_size)
+                    confidence, pseudo = target.probs.max(dim=1)
+                else:
+                    box, valid = pixel_box, pixel_valid
+                    confidence, pseudo = at_pixels(target.probs, pixel_coords).max(dim=1)
                 confident = (confidence >= self.confidence_threshold) & valid
                 losses["loss_cmcr_mask"] = losses["loss_cmcr_mask"] + view_pair_mask_consistency(
                     weak, strong, pseudo, confident, valid, box, mix_order, self.weak_weight, self.strong_weight,
-                    self.mask_class_gradient)
+                    self.mask_class_gradient, pixel_coords)
                 confident_fraction.append(confident.float().sum() / valid.float().sum().clamp_min(1.0))
             if self.use_class:
                 if self.class_on_mixed:

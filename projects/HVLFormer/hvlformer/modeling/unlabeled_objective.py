@@ -80,7 +80,8 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
     if guidance is not None and "targets" in unlabeled:
         clip_targets, unlabeled, clip_stats = clip_checked_targets(model, unlabeled, padding)
     if "oracle_sem_seg" in unlabeled and "targets" in unlabeled:  # SEMI.ORACLE_LABELS, a diagnostic
-        unlabeled = {**unlabeled, "targets": oracle_targets(unlabeled["targets"], unlabeled["oracle_sem_seg"])}
+        unlabeled = {**unlabeled, "targets": oracle_targets(unlabeled["targets"], unlabeled["oracle_sem_seg"],
+                                                            at_image_resolution=criterion.mask_pixels > 0)}
     weak = model.normalize(unlabeled["image_weak"])
     strong = model.normalize(unlabeled["image_strong"])
     batch = weak.shape[0]
@@ -102,16 +103,17 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
 
 
 @torch.no_grad()
-def oracle_targets(targets: List[LayerTargets], labels: Tensor) -> List[LayerTargets]:
+def oracle_targets(targets: List[LayerTargets], labels: Tensor, at_image_resolution: bool = False) -> List[LayerTargets]:
     """``SEMI.ORACLE_LABELS`` (a diagnostic): every layer's ``probs`` (``B x K x h x w``) replaced by the one-hot
-    hidden labels ``labels`` (``B x H x W`` long, the label at each ``h x w`` cell's centre,
-    :func:`~.label_maps.downsample_labels`); a value outside ``0..K-1``
+    hidden labels ``labels`` (``B x H x W`` long): at the label at each ``h x w`` cell's centre
+    (:func:`~.label_maps.downsample_labels`), or with ``at_image_resolution`` (l_mask at image pixels,
+    ``SEMI.MASK_CONSISTENCY_PIXELS``) ``B x K x H x W``, every pixel's own label; a value outside ``0..K-1``
     (255: padding, ignored) gives all-zero probabilities, below any threshold above 0, so no target. The teacher's
     ``pred_logits`` and ``attn_maps`` (l_class's and l_align's targets) stay."""
     renamed = []
     for layer in targets:
         num_classes = layer.probs.shape[1]
-        small = downsample_labels(labels, layer.probs.shape[-2:])
+        small = labels.long() if at_image_resolution else downsample_labels(labels, layer.probs.shape[-2:])
         valid = (small >= 0) & (small < num_classes)
         one_hot = F.one_hot(small.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).to(layer.probs)
         probs = one_hot * valid[:, None]
