@@ -9,16 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 __all__ = ["emit_json", "mean_std", "confusion_of", "iou_table", "resolved_cfg", "clip_weights_id", "config_id",
-           "finished_run_cfg", "settings_of_older_runs", "run_train_net"]
+           "finished_run_cfg", "settings_of_older_runs", "run_train_net", "run_checkpoints"]
 
 
 def emit_json(report: Any, path: Optional[Union[str, os.PathLike]] = None) -> str:
@@ -203,3 +204,15 @@ def run_train_net(train_net: Path, config: Path, opts: Sequence[str], out: Path,
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     return subprocess.run([sys.executable, str(train_net), "--config-file", str(config), *opts], cwd=root,
                           env=env, capture_output=True, text=True)
+
+
+def run_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:
+    """``(iteration, path)`` of every periodic checkpoint of a run, in training order: detectron2 names the
+    model after ``n`` steps ``model_{n-1:07d}.pth``. ``model_final.pth`` is left out (it repeats the last
+    periodic one when ``MAX_ITER`` is a multiple of the period)."""
+    found = []
+    for path in run_dir.glob("model_*.pth"):
+        match = re.fullmatch(r"model_(\d+)\.pth", path.name)
+        if match:
+            found.append((int(match.group(1)) + 1, path))
+    return sorted(found)

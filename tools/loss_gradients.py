@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from _common import emit_json, finished_run_cfg, machine_environment, resolved_cfg  # tools/_common.py
+from _common import emit_json, finished_run_cfg, machine_environment, resolved_cfg, run_checkpoints  # tools/_common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,14 +166,6 @@ def measure(cfg, steps: int, weights: str, iteration: int) -> Dict[str, Any]:
         reports.append(report)
     return {"weights": Path(weights).name if weights else "(config start)", "iteration": iteration,
             "steps": steps, **_average(reports)}
-
-
-def run_checkpoints(run_dir: Path) -> List[tuple]:
-    """``(iteration, path)`` of the run's periodic checkpoints in training order (``model_{n-1:07d}.pth`` holds
-    the model after ``n`` steps)."""
-    found = [(int(m.group(1)) + 1, p) for p in run_dir.glob("model_*.pth")
-             if (m := re.fullmatch(r"model_(\d+)\.pth", p.name))]
-    return sorted(found)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -58,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _common import emit_json, finished_run_cfg  # tools/_common.py (this folder is on sys.path when the tool runs)
+from _common import emit_json, finished_run_cfg, run_checkpoints  # tools/_common.py (this folder is on sys.path when the tool runs)
 
 
 EDGE_WIDTH = 2  # pixels of an object's border that count as its edge (recall_edge / recall_inside)
@@ -224,18 +223,6 @@ def probabilities_of(decoder: Dict[str, torch.Tensor], size: Sequence[int]) -> t
 
     probs = class_probability_maps(decoder["pred_logits"], decoder["pred_masks"])
     return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)[0].cpu()
-
-
-def run_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:
-    """``(iteration, path)`` of every periodic checkpoint of a run, in training order: detectron2 names the
-    model after ``n`` steps ``model_{n-1:07d}.pth``. ``model_final.pth`` is left out (it repeats the last
-    periodic one when ``MAX_ITER`` is a multiple of the period)."""
-    found = []
-    for path in run_dir.glob("model_*.pth"):
-        match = re.fullmatch(r"model_(\d+)\.pth", path.name)
-        if match:
-            found.append((int(match.group(1)) + 1, path))
-    return sorted(found)
 
 
 def unlabeled_shapes(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None,
