@@ -3,13 +3,11 @@ gradient scaling with SEMI.CMCR_WEIGHT while the supervised one stays."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, two_step_semi_run
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +67,7 @@ def test_unlabeled_gradient_follows_its_weight(tool, single_thread):
 
 def test_a_runs_checkpoints_with_adamw_state(tool, tmp_path):
     """--run: every periodic checkpoint at its own iteration, with AdamW's second moments from the file."""
-    out = tmp_path / "semi"
-    opts = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "1",
-            "DATASETS.SHAPES.IMAGE_SIZE", "64", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
-            "DATASETS.SHAPES.NUM_TRAIN", "10", "DATASETS.SHAPES.NUM_VAL", "2", "DATASETS.SHAPES.NUM_LABELED", "4",
-            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "SEMI.TEACHER", "ema", "OUTPUT_DIR", str(out)]
-    train = subprocess.run([sys.executable, str(REPO_ROOT / "projects" / "HVLFormer" / "train_net.py"), "--config-file",
-                            str(REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_semi_random.yaml"), *opts],
-                           cwd=REPO_ROOT, capture_output=True, text=True)
-    assert train.returncode == 0, train.stderr[-3000:]
+    out = two_step_semi_run(tmp_path / "semi", "SEMI.TEACHER", "ema")
     report = tool.main(["--run", str(out), "--steps", "1", "--opts", "SEMI.ORACLE_LABELS", "True"])
     measured = report["measurements"]
     assert [(m["iteration"], m["weights"]) for m in measured] == [(1, "model_0000000.pth"), (2, "model_0000001.pth")]

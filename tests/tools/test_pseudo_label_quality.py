@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, two_step_semi_run
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +105,7 @@ def test_object_edges(tool):
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory):
     """A 2-step semi run of the random-weight tiny config on 10 images (4 labeled), checkpoints after each step."""
-    out = tmp_path_factory.mktemp("runs") / "semi"
-    opts = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "1",
-            "DATASETS.SHAPES.IMAGE_SIZE", "64", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
-            "DATASETS.SHAPES.NUM_TRAIN", "10", "DATASETS.SHAPES.NUM_VAL", "2", "DATASETS.SHAPES.NUM_LABELED", "4",
-            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)]
-    train = subprocess.run([sys.executable, str(REPO_ROOT / "projects" / "HVLFormer" / "train_net.py"), "--config-file",
-                            str(REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_semi_random.yaml"), *opts],
-                           cwd=REPO_ROOT, capture_output=True, text=True)
-    assert train.returncode == 0, train.stderr[-3000:]
-    return out
+    return two_step_semi_run(tmp_path_factory.mktemp("runs") / "semi")
 
 
 def test_run_on_its_unlabeled_images(tool, two_step_run, tmp_path):
