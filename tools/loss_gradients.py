@@ -42,9 +42,6 @@ from torch import Tensor
 
 from _common import emit_json, finished_run_cfg, machine_environment, resolved_cfg, run_checkpoints  # tools/_common.py
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def loss_family(name: str) -> str:
     """``loss_ce_0`` -> ``loss_ce``: a loss term without its decoder-layer suffix (names of other terms kept)."""
     return re.sub(r"_\d+$", "", name)
@@ -59,24 +56,30 @@ def gradient_shares(gradients: Dict[str, Tensor], unlabeled: Iterable[str],
     families, and of the two groups, sum to 1). ``preconditioner``: a ``P``-vector multiplied into every gradient
     first (AdamW's ``1 / (sqrt(v) + eps)``). A family named in ``unlabeled`` is in the unlabeled group, every other
     in the supervised group; a missing group is a zero vector (cosine 0)."""
-    unlabeled = set(unlabeled)
     scaled = {k: g * preconditioner if preconditioner is not None else g for k, g in gradients.items()}
-    first = next(iter(scaled.values()))
     total = sum(scaled.values())
     total_sq = float(total.dot(total))
-    groups = {"supervised": torch.zeros_like(first), "unlabeled": torch.zeros_like(first)}
-    for name, grad in scaled.items():
-        groups["unlabeled" if name in unlabeled else "supervised"] += grad
 
     def entry(grad: Tensor) -> Dict[str, float]:
         return {"norm": float(grad.norm()), "share": float(grad.dot(total)) / total_sq if total_sq > 0 else 0.0}
 
-    sup, unl = groups["supervised"], groups["unlabeled"]
+    sup, unl = group_gradients(scaled, unlabeled).values()
     denominator = float(sup.norm() * unl.norm())
     return {"families": {k: entry(g) for k, g in scaled.items()},
             "supervised": entry(sup), "unlabeled": entry(unl),
             "cosine_supervised_unlabeled": float(sup.dot(unl)) / denominator if denominator > 0 else 0.0,
             "total_norm": total_sq ** 0.5}
+
+
+def group_gradients(gradients: Dict[str, Tensor], unlabeled: Iterable[str]) -> Dict[str, Tensor]:
+    """``{"supervised", "unlabeled"}``: the sums of the flat gradients of the families outside and inside
+    ``unlabeled`` (a zero vector for an empty group)."""
+    unlabeled = set(unlabeled)
+    zero = torch.zeros_like(next(iter(gradients.values())))
+    groups = {"supervised": zero.clone(), "unlabeled": zero.clone()}
+    for name, grad in gradients.items():
+        groups["unlabeled" if name in unlabeled else "supervised"] += grad
+    return groups
 
 
 def module_norms(gradient: Tensor, names: Sequence[str], sizes: Sequence[int]) -> Dict[str, float]:
@@ -136,7 +139,7 @@ def measure(cfg, steps: int, weights: str, iteration: int) -> Dict[str, Any]:
         preconditioner = torch.cat(pieces).to(params[0].device)
     step.iter = iteration
     clip = cfg.SOLVER.CLIP_GRADIENTS
-    unlabeled = set(UNLABELED_LOSSES)
+    unlabeled = UNLABELED_LOSSES
     reports = []
     for _ in range(steps):
         losses, _stats = step.loss_terms(step.forward(step.next_batch()))
@@ -150,10 +153,8 @@ def measure(cfg, steps: int, weights: str, iteration: int) -> Dict[str, Any]:
             gradients[family] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                            for g, p in zip(grads, params)]).detach()
         report = gradient_shares(gradients, unlabeled)
-        total = sum(gradients.values())
-        groups = {"supervised": sum((g for k, g in gradients.items() if k not in unlabeled), torch.zeros_like(total)),
-                  "unlabeled": sum((g for k, g in gradients.items() if k in unlabeled), torch.zeros_like(total))}
-        report["module_norms"] = {k: module_norms(g, names, sizes) for k, g in groups.items()}
+        report["module_norms"] = {k: module_norms(g, names, sizes)
+                                  for k, g in group_gradients(gradients, unlabeled).items()}
         report["clip_factor"] = (min(1.0, clip.CLIP_VALUE / max(report["total_norm"], 1e-12))
                                  if clip.ENABLED and clip.CLIP_TYPE == "full_model" else 1.0)
         report["loss"] = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in by_family.items()}
