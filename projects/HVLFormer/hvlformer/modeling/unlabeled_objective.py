@@ -110,14 +110,17 @@ def oracle_targets(targets: List[LayerTargets], labels: Tensor, at_image_resolut
     ``SEMI.MASK_CONSISTENCY_PIXELS``) ``B x K x H x W``, every pixel's own label; a value outside ``0..K-1``
     (255: padding, ignored) gives all-zero probabilities, below any threshold above 0, so no target. The teacher's
     ``pred_logits`` and ``attn_maps`` (l_class's and l_align's targets) stay."""
+    by_shape: Dict[Tuple[int, ...], Tensor] = {}  # layers of one size share one (read-only) target
     renamed = []
     for layer in targets:
-        num_classes = layer.probs.shape[1]
-        small = labels.long() if at_image_resolution else downsample_labels(labels, layer.probs.shape[-2:])
-        valid = (small >= 0) & (small < num_classes)
-        one_hot = F.one_hot(small.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).to(layer.probs)
-        probs = one_hot * valid[:, None]
-        renamed.append(replace(layer, probs=probs))
+        num_classes, size = layer.probs.shape[1], tuple(layer.probs.shape[-2:])
+        key = (num_classes, *size)
+        if key not in by_shape:
+            small = labels.long() if at_image_resolution else downsample_labels(labels, size)
+            valid = (small >= 0) & (small < num_classes)
+            one_hot = F.one_hot(small.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).to(layer.probs)
+            by_shape[key] = one_hot * valid[:, None]
+        renamed.append(replace(layer, probs=by_shape[key]))
     return renamed
 
 
