@@ -113,6 +113,7 @@ KEYS_ADDED_LATER = {
     ("SEMI", "CLIP_RELABEL_OBJECTS"): "False",
     ("SEMI", "ORACLE_LABELS"): "False",
     ("SEMI", "MASK_CONSISTENCY_PIXELS"): "0",                # l_mask at image pixels, docs/DESIGN.md
+    ("SEMI", "ORACLE_COVERAGE"): "all",                      # the oracle at the teacher's coverage, docs/DESIGN.md
 }
 
 

@@ -115,6 +115,60 @@ def test_l_mask_trains_on_the_hidden_labels_instead_of_the_teacher():
     assert abs(losses["loss_cmcr_mask"].item() - own["loss_cmcr_mask"].item()) > 0.1 * own["loss_cmcr_mask"].item()
 
 
+def test_oracle_at_the_teachers_coverage_by_hand():
+    """SEMI.ORACLE_COVERAGE teacher: the hidden label's class with the teacher's own confidence, per layer, so the
+    threshold keeps exactly the teacher's confident pixels; at image resolution the confidence is upsampled."""
+    labels = torch.tensor([[[2, 2, 0, 0], [2, 2, 0, 0], [255, 255, 1, 1], [255, 255, 1, 1]]])
+    teacher = torch.tensor([[[[0.9, 0.1], [0.5, 0.2]], [[0.05, 0.3], [0.3, 0.2]], [[0.05, 0.6], [0.2, 0.6]]]])
+    layers = [C.LayerTargets(teacher, torch.zeros(1, 4, 4), torch.zeros(1, 4, 5)),
+              C.LayerTargets(teacher.flip(-1), torch.zeros(1, 4, 4), torch.zeros(1, 4, 5))]
+    out = oracle_targets(layers, labels, teacher_coverage=True)
+    expected = torch.zeros(1, 3, 2, 2)
+    expected[0, 2, 0, 0], expected[0, 0, 0, 1], expected[0, 1, 1, 1] = 0.9, 0.6, 0.6  # top probs 0.9, 0.6, -, 0.6
+    torch.testing.assert_close(out[0].probs, expected)
+    confidence, pseudo = out[0].probs.max(dim=1)
+    assert (confidence >= 0.55).tolist() == [[[True, True], [False, True]]]  # the teacher's own confident cells
+    assert pseudo[0, 0].tolist() == [2, 0]  # the hidden label's class, not the teacher's (0 and 2)
+    # the second layer keeps its own (flipped) confidence
+    torch.testing.assert_close(out[1].probs.amax(1)[0], torch.tensor([[0.6, 0.9], [0.0, 0.5]]))
+    # at image resolution: every pixel's label, times the bilinearly upsampled confidence
+    full = oracle_targets(layers[:1], labels, at_image_resolution=True, teacher_coverage=True)[0].probs
+    upsampled = torch.nn.functional.interpolate(teacher, size=(4, 4), mode="bilinear", align_corners=False).amax(1)
+    valid = labels != 255
+    torch.testing.assert_close(full.amax(1)[valid], upsampled[valid])
+    assert torch.equal(full.argmax(1)[valid], labels[valid]) and full.amax(1)[~valid].eq(0).all()
+    # "all" (the default) ignores the teacher
+    assert oracle_targets(layers[:1], labels)[0].probs.amax(1)[0].tolist() == [[1.0, 1.0], [0.0, 1.0]]
+
+
+def test_oracle_at_the_teachers_coverage_through_the_model():
+    """Through the model, threshold at the median of the teacher's confidences (all layers): l_mask is the BCE
+    against the hidden labels on the teacher's confident cells only (half of them), not on all of them."""
+    cfg = _cfg("SEMI.ORACLE_COVERAGE", "teacher")
+    model, unlabeled = semi_model_with_identical_views(cfg)
+    hidden = torch.randint(0, 6, (2, 64, 64))
+    unlabeled["oracle_sem_seg"] = hidden
+    with torch.no_grad():
+        outputs = model.predict(model.normalize(unlabeled["image_original"]), model.encode_text()).decoder_outputs()
+        layer_probs = [C.class_probability_maps(layer["pred_logits"], layer["pred_masks"])
+                       for layer in C.layer_outputs(outputs)]
+        threshold = torch.cat([probs.amax(1).flatten() for probs in layer_probs]).median().item()
+        model.unlabeled_criterion.confidence_threshold = threshold
+        losses = unlabeled_losses(model, unlabeled, model.encode_text())
+        model.unlabeled_criterion.oracle_coverage = "all"
+        everywhere = unlabeled_losses(model, unlabeled, model.encode_text())
+    expected = 0.0
+    for probs in layer_probs:
+        small = downsample_labels(hidden, probs.shape[-2:])
+        confident = probs.amax(1) >= threshold
+        expected += (cfg.SEMI.MASK_WEIGHT_WEAK + cfg.SEMI.MASK_WEIGHT_STRONG) * C.mask_consistency(
+            probs, small, confident).item()
+    assert losses["loss_cmcr_mask"].item() == pytest.approx(cfg.SEMI.CMCR_WEIGHT * expected, rel=1e-4)
+    assert losses["loss_cmcr_mask"].item() < 0.8 * everywhere["loss_cmcr_mask"].item()
+    with pytest.raises(ValueError, match="ORACLE_COVERAGE"):
+        C.CMCRLoss(oracle_coverage="confident")
+
+
 def test_l_mask_at_every_image_pixel_trains_on_each_pixels_hidden_label():
     """SEMI.MASK_CONSISTENCY_PIXELS >= H x W through the model: l_mask is the BCE of the maps upsampled to the
     image (bilinear, as inference) against every pixel's own hidden label, not the cells' labels."""

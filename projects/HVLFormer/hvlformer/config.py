@@ -146,6 +146,10 @@ def add_hvlformer_config(cfg: CN) -> None:
     # measures what the unlabeled objective can give with perfect pseudo-labels. Needs unlabeled records with
     # "hidden_sem_seg_file_name" (the `shapes` split; docs/DESIGN.md "Oracle pseudo-labels").
     cfg.SEMI.ORACLE_LABELS = False
+    # Where the oracle's labels are l_mask targets (SEMI.ORACLE_LABELS only): "all" (every labelled pixel) or
+    # "teacher" (only where the teacher's own confidence reaches SEMI.CONFIDENCE_THRESHOLD: its coverage with the
+    # right names; separates the cost of the pixels the threshold drops from that of the wrong names).
+    cfg.SEMI.ORACLE_COVERAGE = "all"
     # Distribution alignment of the pseudo-labels (ReMixMatch; not in the paper): the original view's class
     # probabilities are rescaled by (running labeled class frequencies) / (batch mean prediction) before
     # the argmax and the threshold, against self-training's drift towards the majority class of confusable

@@ -218,14 +218,20 @@ class CMCRLoss(nn.Module):
     def __init__(self, confidence_threshold: float = 0.95, weak_weight: float = 0.5, strong_weight: float = 0.1,
                  use_mask: bool = True, use_class: bool = True, use_align: bool = True, mode: str = "cmcr",
                  distribution_alignment_classes: int = 0, distribution_alignment_momentum: float = 0.99,
-                 class_on_mixed: bool = True, mask_class_gradient: bool = True, mask_pixels: int = 0) -> None:
+                 class_on_mixed: bool = True, mask_class_gradient: bool = True, mask_pixels: int = 0,
+                 oracle_coverage: str = "all") -> None:
         """``distribution_alignment_classes``: K to switch distribution alignment on (0 = off, the paper);
         see :meth:`align_distribution`. ``class_on_mixed``: False leaves the CutMix-ed images out of
         l_class's strong term (see the module docstring). ``mask_class_gradient``: False detaches the views'
         class probabilities inside l_mask (see :func:`view_probability_maps`). ``mask_pixels``: 0 computes l_mask
         at the mask resolution (stride 4); N > 0 at N pixels of the image drawn per step (every pixel when N >= H x W:
-        paper eq. 2's H x W), the maps read there bilinearly (:func:`at_pixels`)."""
+        paper eq. 2's H x W), the maps read there bilinearly (:func:`at_pixels`). ``oracle_coverage``: with
+        ``SEMI.ORACLE_LABELS`` (a diagnostic), ``"all"`` or ``"teacher"``: where the hidden labels are l_mask's
+        targets (:func:`~hvlformer.modeling.unlabeled_objective.oracle_targets`); unused otherwise."""
         super().__init__()
+        if oracle_coverage not in ("all", "teacher"):
+            raise ValueError(f"SEMI.ORACLE_COVERAGE must be 'all' or 'teacher', got {oracle_coverage!r}")
+        self.oracle_coverage = oracle_coverage
         if mask_pixels < 0:
             raise ValueError(f"SEMI.MASK_CONSISTENCY_PIXELS must be >= 0, got {mask_pixels}")
         self.mask_pixels = mask_pixels
@@ -269,6 +275,7 @@ class CMCRLoss(nn.Module):
             "class_on_mixed": semi.CLASS_CONSISTENCY_MIXED,
             "mask_class_gradient": semi.MASK_CONSISTENCY_CLASS_GRADIENT,
             "mask_pixels": semi.MASK_CONSISTENCY_PIXELS,
+            "oracle_coverage": semi.ORACLE_COVERAGE,
         }
 
     @torch.no_grad()

@@ -80,8 +80,9 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
     if guidance is not None and "targets" in unlabeled:
         clip_targets, unlabeled, clip_stats = clip_checked_targets(model, unlabeled, padding)
     if "oracle_sem_seg" in unlabeled and "targets" in unlabeled:  # SEMI.ORACLE_LABELS, a diagnostic
-        unlabeled = {**unlabeled, "targets": oracle_targets(unlabeled["targets"], unlabeled["oracle_sem_seg"],
-                                                            at_image_resolution=criterion.mask_pixels > 0)}
+        unlabeled = {**unlabeled, "targets": oracle_targets(
+            unlabeled["targets"], unlabeled["oracle_sem_seg"], at_image_resolution=criterion.mask_pixels > 0,
+            teacher_coverage=criterion.oracle_coverage == "teacher")}
     weak = model.normalize(unlabeled["image_weak"])
     strong = model.normalize(unlabeled["image_strong"])
     batch = weak.shape[0]
@@ -103,13 +104,18 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
 
 
 @torch.no_grad()
-def oracle_targets(targets: List[LayerTargets], labels: Tensor, at_image_resolution: bool = False) -> List[LayerTargets]:
+def oracle_targets(targets: List[LayerTargets], labels: Tensor, at_image_resolution: bool = False,
+                   teacher_coverage: bool = False) -> List[LayerTargets]:
     """``SEMI.ORACLE_LABELS`` (a diagnostic): every layer's ``probs`` (``B x K x h x w``) replaced by the one-hot
     hidden labels ``labels`` (``B x H x W`` long): at the label at each ``h x w`` cell's centre
     (:func:`~.label_maps.downsample_labels`), or with ``at_image_resolution`` (l_mask at image pixels,
     ``SEMI.MASK_CONSISTENCY_PIXELS``) ``B x K x H x W``, every pixel's own label; a value outside ``0..K-1``
     (255: padding, ignored) gives all-zero probabilities, below any threshold above 0, so no target. The teacher's
-    ``pred_logits`` and ``attn_maps`` (l_class's and l_align's targets) stay."""
+    ``pred_logits`` and ``attn_maps`` (l_class's and l_align's targets) stay.
+
+    ``teacher_coverage`` (``SEMI.ORACLE_COVERAGE teacher``): each layer's one-hot label is scaled by that layer's
+    teacher confidence (its top class probability; bilinearly upsampled maps at image resolution), so a pixel is
+    a target exactly where the teacher's own pseudo-label would be, with the hidden label's class."""
     by_shape: Dict[Tuple[int, ...], Tensor] = {}  # layers of one size share one (read-only) target
     renamed = []
     for layer in targets:
@@ -120,7 +126,13 @@ def oracle_targets(targets: List[LayerTargets], labels: Tensor, at_image_resolut
             valid = (small >= 0) & (small < num_classes)
             one_hot = F.one_hot(small.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).to(layer.probs)
             by_shape[key] = one_hot * valid[:, None]
-        renamed.append(replace(layer, probs=by_shape[key]))
+        probs = by_shape[key]
+        if teacher_coverage:
+            teacher = layer.probs
+            if at_image_resolution:
+                teacher = F.interpolate(teacher, size=probs.shape[-2:], mode="bilinear", align_corners=False)
+            probs = probs * teacher.max(dim=1, keepdim=True).values
+        renamed.append(replace(layer, probs=probs))
     return renamed
 
 
