@@ -144,7 +144,7 @@ def test_oracle_at_the_teachers_coverage_by_hand():
 def test_oracle_at_the_teachers_coverage_through_the_model():
     """Through the model, threshold at the median of the teacher's confidences (all layers): l_mask is the BCE
     against the hidden labels on the teacher's confident cells only (half of them), not on all of them."""
-    cfg = _cfg("SEMI.ORACLE_COVERAGE", "teacher")
+    cfg = _cfg("SEMI.ORACLE_LABELS", "True", "SEMI.ORACLE_COVERAGE", "teacher")
     model, unlabeled = semi_model_with_identical_views(cfg)
     hidden = torch.randint(0, 6, (2, 64, 64))
     unlabeled["oracle_sem_seg"] = hidden
@@ -167,6 +167,9 @@ def test_oracle_at_the_teachers_coverage_through_the_model():
     assert losses["loss_cmcr_mask"].item() < 0.8 * everywhere["loss_cmcr_mask"].item()
     with pytest.raises(ValueError, match="ORACLE_COVERAGE"):
         C.CMCRLoss(oracle_coverage="confident")
+    with pytest.raises(ValueError, match="needs SEMI.ORACLE_LABELS True"):  # a coverage without the oracle
+        C.CMCRLoss(_cfg("SEMI.ORACLE_COVERAGE", "teacher"), 6)
+    assert C.CMCRLoss(_cfg("SEMI.ORACLE_COVERAGE", "teacher", "SEMI.ORACLE_LABELS", "True"), 6).oracle_coverage == "teacher"
 
 
 def test_l_mask_at_every_image_pixel_trains_on_each_pixels_hidden_label():

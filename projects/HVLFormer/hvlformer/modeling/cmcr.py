@@ -262,6 +262,9 @@ class CMCRLoss(nn.Module):
         """``SEMI`` keys; ``num_classes`` K sizes the distribution-alignment prior; ``mode`` ``entropy`` is
         HierVL's alternative (``MODEL.HIERVL.UNLABELED_LOSS``)."""
         semi = cfg.SEMI
+        if semi.ORACLE_COVERAGE != "all" and not semi.ORACLE_LABELS:
+            raise ValueError(f"SEMI.ORACLE_COVERAGE {semi.ORACLE_COVERAGE!r} says where the oracle's labels are targets; "
+                             "it needs SEMI.ORACLE_LABELS True")
         return {
             "confidence_threshold": semi.CONFIDENCE_THRESHOLD,
             "weak_weight": semi.MASK_WEIGHT_WEAK,
