@@ -239,7 +239,7 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
                   "SEMI.CLIP_GUIDANCE_FINAL_WEIGHT", "0.0", "SEMI.CLIP_GUIDANCE_THRESHOLD", "0.9",
                   "SEMI.CLIP_GUIDANCE_TEMPLATE", "a photo of a {}.", "SEMI.CLIP_GUIDANCE_EDGE_MARGIN", "0",
                   "SEMI.CLIP_RELABEL_OBJECTS", "False", "SEMI.ORACLE_LABELS", "False",
-                  "SEMI.MASK_CONSISTENCY_PIXELS", "0"]
+                  "SEMI.MASK_CONSISTENCY_PIXELS", "0", "SEMI.ORACLE_COVERAGE", "all"]
     assert common.settings_of_older_runs(old) == both_older
     new = tmp_path / "new.yaml"
     new.write_text("MODEL:\n  HVLFORMER:\n    QUERY_NORM: true\n    QUERY_ZERO_BIAS: true\n"
@@ -247,7 +247,7 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
                    "  UNLABELED_START_ITER: 600\n"
                    "  CLIP_GUIDANCE_WEIGHT: 0.2\n  CLIP_GUIDANCE_FINAL_WEIGHT: 0.0\n  CLIP_GUIDANCE_THRESHOLD: 0.9\n"
                    "  CLIP_GUIDANCE_TEMPLATE: a photo of a {}.\n  CLIP_GUIDANCE_EDGE_MARGIN: 1\n  CLIP_RELABEL_OBJECTS: true\n"
-                   "  ORACLE_LABELS: false\n  MASK_CONSISTENCY_PIXELS: 9216\n"
+                   "  ORACLE_LABELS: true\n  MASK_CONSISTENCY_PIXELS: 9216\n  ORACLE_COVERAGE: teacher\n"
                    "TEST:\n  CLIP_ENSEMBLE:\n    LEVEL: pixel\n"
                    "DATASETS:\n  SHAPES:\n    CLASSES_FILE: shapes_square_cross_textures_swapped.json\n")
     assert common.settings_of_older_runs(new) == []
