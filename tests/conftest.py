@@ -116,15 +116,16 @@ def semi_model_with_identical_views(cfg, batch: int = 2, size: int = 64):
     return model, unlabeled
 
 
-def two_step_semi_run(out: Path, *opts: str) -> Path:
-    """Train ``train_net.py`` 2 steps of the random-weight tiny semi config on 10 `shapes` images (4 labeled) into
-    ``out``, a checkpoint after each step; ``opts``: more config overrides. Returns ``out``."""
+def short_semi_run(out: Path, *opts: str, config: str = TINY_SEMI_CONFIG) -> Path:
+    """Train ``train_net.py`` on a semi config (default: the random-weight tiny one), 2 steps on 10 `shapes` images
+    (4 labeled) into ``out``, a checkpoint after each step; ``opts``: more config overrides, applied after these
+    (e.g. ``SOLVER.MAX_ITER 1``). Returns ``out``."""
     small = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "1",
              "DATASETS.SHAPES.IMAGE_SIZE", "64", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.RESIZE_BASE", "64",
              "DATASETS.SHAPES.NUM_TRAIN", "10", "DATASETS.SHAPES.NUM_VAL", "2", "DATASETS.SHAPES.NUM_LABELED", "4",
              "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
     train = subprocess.run([sys.executable, str(REPO_ROOT / "projects" / "HVLFormer" / "train_net.py"), "--config-file",
-                            TINY_SEMI_CONFIG, *small, *opts, "OUTPUT_DIR", str(out)],
+                            config, *small, *opts, "OUTPUT_DIR", str(out)],
                            cwd=REPO_ROOT, capture_output=True, text=True)
     assert train.returncode == 0, train.stderr[-3000:]
     return out

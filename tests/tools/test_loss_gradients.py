@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import REPO_ROOT, two_step_semi_run
+from conftest import REPO_ROOT, short_semi_run
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_unlabeled_gradient_follows_its_weight(tool, single_thread):
 
 def test_a_runs_checkpoints_with_adamw_state(tool, tmp_path):
     """--run: every periodic checkpoint at its own iteration, with AdamW's second moments from the file."""
-    out = two_step_semi_run(tmp_path / "semi", "SEMI.TEACHER", "ema")
+    out = short_semi_run(tmp_path / "semi", "SEMI.TEACHER", "ema")
     report = tool.main(["--run", str(out), "--steps", "1", "--opts", "SEMI.ORACLE_LABELS", "True"])
     measured = report["measurements"]
     assert [(m["iteration"], m["weights"]) for m in measured] == [(1, "model_0000000.pth"), (2, "model_0000001.pth")]

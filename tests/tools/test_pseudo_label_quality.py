@@ -2,14 +2,11 @@
 the training never read (a 2-step semi run of the random-weight tiny config)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, two_step_semi_run
+from conftest import REPO_ROOT, TINY_SEMI_PRETRAINED_CONFIG, short_semi_run
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +102,7 @@ def test_object_edges(tool):
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory):
     """A 2-step semi run of the random-weight tiny config on 10 images (4 labeled), checkpoints after each step."""
-    return two_step_semi_run(tmp_path_factory.mktemp("runs") / "semi")
+    return short_semi_run(tmp_path_factory.mktemp("runs") / "semi")
 
 
 def test_run_on_its_unlabeled_images(tool, two_step_run, tmp_path):
@@ -189,15 +186,8 @@ def test_the_clip_guidance_labels_do_not_depend_on_the_trained_model(tool, tmp_p
     """--teacher clip: the frozen pretrained CLIP's zero-shot labels (SEMI.CLIP_GUIDANCE_*) of the run's unlabeled
     images, at the guidance's threshold: the same statistics from the run's weights and from zeroed trained
     weights (the model's own predictions change), and refused with --layer / --over-training."""
-    out = tmp_path / "semi"
-    opts = ["SOLVER.MAX_ITER", "1", "TEST.EVAL_PERIOD", "0", "DATASETS.SHAPES.IMAGE_SIZE", "64", "INPUT.CROP.SIZE",
-            "(64, 64)", "INPUT.RESIZE_BASE", "64", "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "2",
-            "DATASETS.SHAPES.NUM_LABELED", "4", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-            "MODEL.HVLFORMER.DEC_LAYERS", "2", "OUTPUT_DIR", str(out)]
-    train = subprocess.run([sys.executable, str(REPO_ROOT / "projects" / "HVLFormer" / "train_net.py"), "--config-file",
-                            str(REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes_semi.yaml"), *opts],
-                           cwd=REPO_ROOT, capture_output=True, text=True)
-    assert train.returncode == 0, train.stderr[-3000:]
+    out = short_semi_run(tmp_path / "semi", "SOLVER.MAX_ITER", "1", "DATASETS.SHAPES.NUM_TRAIN", "8",
+                         "MODEL.HVLFORMER.DEC_LAYERS", "2", config=TINY_SEMI_PRETRAINED_CONFIG)
     clip = tool.main([str(out), "--teacher", "clip", "--threads", "2"])["runs"][0]
     own = tool.main([str(out), "--threads", "2"])["runs"][0]
     assert clip["teacher"] == "clip" and clip["threshold"] == 0.9 and "teacher" not in own and own["threshold"] == 0.95
