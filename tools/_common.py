@@ -114,6 +114,10 @@ KEYS_ADDED_LATER = {
     ("SEMI", "ORACLE_LABELS"): "False",
     ("SEMI", "MASK_CONSISTENCY_PIXELS"): "0",                # l_mask at image pixels, docs/DESIGN.md
     ("SEMI", "ORACLE_COVERAGE"): "all",                      # the oracle at the teacher's coverage, docs/DESIGN.md
+    ("SEMI", "LABEL_REFINEMENT_ITERATIONS"): "0",            # pseudo-label refinement, docs/DESIGN.md
+    ("SEMI", "LABEL_REFINEMENT_DILATIONS"): "(1, 2, 4, 8)",
+    ("SEMI", "LABEL_REFINEMENT_COLOUR_SCALE"): "0.3",
+    ("SEMI", "LABEL_REFINEMENT_POSITION_WEIGHT"): "0.01",
 }
 
 

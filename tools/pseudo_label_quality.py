@@ -41,6 +41,10 @@ run's frozen pretrained CLIP, zero-shot, with its confidence threshold; what tha
 
     python tools/pseudo_label_quality.py output/c23/supervised_seed0 --teacher clip --edge-margin 1 --json-out q.json
 
+With ``--opts KEY VALUE ...`` the scored models take config overrides, e.g. ``SEMI.LABEL_REFINEMENT_ITERATIONS 10``:
+the pseudo-labels as the image-guided refinement (``hvlformer.modeling.label_refinement``) would make them. A run
+trained with the refinement is scored with it (its own config).
+
 With ``--classes-file`` the runs are scored on the same unlabeled images drawn from another class table
 (``DATASETS.SHAPES.CLASSES_FILE``: the same layouts and labels), e.g. with the textures of square and cross
 swapped: whether a model names the pair by outline or by texture.
@@ -192,8 +196,13 @@ class PseudoLabelTally:
 def teacher_probabilities(model: torch.nn.Module, image: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
     """``3 x H x W`` image (0-255, the model's input format) -> ``K x H x W`` class distributions of decoder layer
     ``layer`` (1..N, :func:`decoder_layer`; ``None`` = the last), as CMCR's teacher computes them for that layer
-    (upsampled bilinearly to the image)."""
-    return probabilities_of(decoder_layer(predict_image(model, image).decoder_outputs(), layer), image.shape[-2:])
+    (upsampled bilinearly to the image), refined with the image's colours when the run's config switches
+    ``SEMI.LABEL_REFINEMENT_*`` on (the model's ``label_refinement``), as l_mask's targets are."""
+    probs = probabilities_of(decoder_layer(predict_image(model, image).decoder_outputs(), layer), image.shape[-2:])
+    refinement = getattr(model, "label_refinement", None)
+    if refinement is not None:
+        probs = refinement(probs[None], image[None].float())[0]
+    return probs
 
 
 def decoder_layer(decoder: Dict[str, Any], layer: Optional[int] = None) -> Dict[str, torch.Tensor]:
@@ -278,17 +287,19 @@ def clip_guidance_probabilities(model: torch.nn.Module, guidance: Any, image: to
 
 def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optional[Path] = None,
                  classes_file: Optional[str] = None, layer: Optional[int] = None,
-                 teacher: str = "model", edge_margin: Optional[int] = None) -> Dict[str, Any]:
+                 teacher: str = "model", edge_margin: Optional[int] = None, opts: Sequence[str] = ()) -> Dict[str, Any]:
     """Pseudo-label statistics of one run on its own unlabeled `shapes` images (drawn from ``classes_file``
     when given), from its ``model_final.pth`` or from ``weights`` (another checkpoint of the run), of decoder
     layer ``layer`` (1..N; ``None`` = the last, the one the inference reads). ``teacher="clip"``: the labels
     of the dense CLIP guidance instead (the run's frozen pretrained CLIP, its prompts and
     ``SEMI.CLIP_GUIDANCE_THRESHOLD``; the same for every run of one CLIP, whatever the run learned), with
-    ``edge_margin`` in place of the run's ``SEMI.CLIP_GUIDANCE_EDGE_MARGIN`` when given."""
+    ``edge_margin`` in place of the run's ``SEMI.CLIP_GUIDANCE_EDGE_MARGIN`` when given. ``opts``: config overrides
+    (``KEY VALUE ...``) of the scored model, e.g. ``SEMI.LABEL_REFINEMENT_ITERATIONS 10`` to score the run's
+    pseudo-labels as that refinement would make them."""
     if teacher not in ("model", "clip"):
         raise ValueError(f"teacher must be 'model' or 'clip', got {teacher!r}")
     # the frozen reference tower E_I^0 is built at inference only when an inference switch needs it
-    opts = ["TEST.CLIP_ENSEMBLE.ENABLED", "True"] if teacher == "clip" else []
+    opts = [*opts, *(["TEST.CLIP_ENSEMBLE.ENABLED", "True"] if teacher == "clip" else [])]
     if edge_margin is not None:
         if teacher != "clip":
             raise ValueError("edge_margin is a setting of the CLIP guidance's labels (teacher='clip')")
@@ -315,17 +326,18 @@ def evaluate_run(run_dir: Path, num_images: Optional[int] = None, weights: Optio
             **({"layer": layer} if layer is not None else {}),
             **({"teacher": teacher} if teacher != "model" else {}),
             **({"edge_margin": guidance.edge_margin} if teacher == "clip" else {}),
+            **({"opts": list(opts)} if opts else {}),
             "threshold": threshold, **tally.summary(names)}
 
 
-def evaluate_over_training(run_dir: Path, num_images: Optional[int] = None) -> Dict[str, Any]:
+def evaluate_over_training(run_dir: Path, num_images: Optional[int] = None, opts: Sequence[str] = ()) -> Dict[str, Any]:
     """:func:`evaluate_run` on every periodic checkpoint of the run (:func:`run_checkpoints`)."""
     checkpoints = run_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(f"{run_dir}: no model_NNNNNNN.pth checkpoints (train with a SOLVER.CHECKPOINT_PERIOD "
                                 "below SOLVER.MAX_ITER)")
     return {"run": str(run_dir), "over_training": [
-        {"iteration": iteration, **evaluate_run(run_dir, num_images, weights=path)} for iteration, path in checkpoints]}
+        {"iteration": iteration, **evaluate_run(run_dir, num_images, weights=path, opts=opts)} for iteration, path in checkpoints]}
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -348,6 +360,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--edge-margin", type=int, default=None,
                         help="with --teacher clip: the guidance's SEMI.CLIP_GUIDANCE_EDGE_MARGIN instead of the run's "
                              "(the pixels it drops count as unconfident)")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides of the scored models, e.g. SEMI.LABEL_REFINEMENT_ITERATIONS 10 (score the "
+                             "pseudo-labels as the image-guided refinement makes them); with --teacher model only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -359,12 +374,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.teacher == "clip" and (args.over_training or args.layer is not None):
         parser.error("--teacher clip scores the frozen CLIP, which training does not change: leave out --over-training "
                      "and --layer")
+    if args.opts and args.teacher != "model":
+        parser.error("--opts overrides the scored model's config: use it with --teacher model")
+    if len(args.opts) % 2:
+        parser.error("--opts takes KEY VALUE pairs")
     if args.edge_margin is not None and args.teacher != "clip":
         parser.error("--edge-margin sets the CLIP guidance's labels: use it with --teacher clip")
     result = {"command": "python tools/pseudo_label_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "runs": [evaluate_over_training(run, args.num_images) if args.over_training
+              "runs": [evaluate_over_training(run, args.num_images, opts=args.opts) if args.over_training
                        else evaluate_run(run, args.num_images, classes_file=args.classes_file, layer=args.layer,
-                                         teacher=args.teacher, edge_margin=args.edge_margin)
+                                         teacher=args.teacher, edge_margin=args.edge_margin, opts=args.opts)
                        for run in args.runs]}
     emit_json(result, args.json_out)
     return result

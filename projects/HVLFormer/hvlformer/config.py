@@ -150,6 +150,17 @@ def add_hvlformer_config(cfg: CN) -> None:
     # "teacher" (only where the teacher's own confidence reaches SEMI.CONFIDENCE_THRESHOLD: its coverage with the
     # right names; separates the cost of the pixels the threshold drops from that of the wrong names).
     cfg.SEMI.ORACLE_COVERAGE = "all"
+    # Image-guided refinement of the teacher's pseudo-labels (pixel-adaptive refinement, PAR of Ru et al., CVPR
+    # 2022; not in the paper): before the threshold, the original view's class maps are propagated ITERATIONS
+    # times between neighbouring image pixels of similar colour, so the image's own outlines complete the
+    # teacher's at the pixels it is unsure about (docs/DESIGN.md "Pseudo-label refinement"). 0 = off (the paper).
+    cfg.SEMI.LABEL_REFINEMENT_ITERATIONS = 0
+    # Distances (pixels) of each pixel's 8 neighbours per dilation (PAR's 1-24 at 448-512 px, scaled to 96 px).
+    cfg.SEMI.LABEL_REFINEMENT_DILATIONS = (1, 2, 4, 8)
+    # Colour and position kernels' scale (PAR's w1), relative to the neighbours' colour / distance spread.
+    cfg.SEMI.LABEL_REFINEMENT_COLOUR_SCALE = 0.3
+    # Weight of the position kernel (nearer neighbours) beside the colour kernel (PAR's w2).
+    cfg.SEMI.LABEL_REFINEMENT_POSITION_WEIGHT = 0.01
     # Distribution alignment of the pseudo-labels (ReMixMatch; not in the paper): the original view's class
     # probabilities are rescaled by (running labeled class frequencies) / (batch mean prediction) before
     # the argmax and the threshold, against self-training's drift towards the majority class of confusable

@@ -9,6 +9,8 @@ decoder layer; or HierVL's entropy minimisation). This module runs the network f
 - :func:`clip_guidance_terms`: with ``SEMI.CLIP_GUIDANCE_WEIGHT`` the frozen CLIP's zero-shot labels of the
   original view are a second target of the same views (:mod:`~hvlformer.modeling.clip_guidance`);
   :func:`clip_checked_targets`: with ``SEMI.CLIP_RELABEL_OBJECTS`` they rename the teacher's objects.
+- :func:`refined_targets`: with ``SEMI.LABEL_REFINEMENT_*`` the teacher's maps are refined with the original
+  view's colours (:mod:`~hvlformer.modeling.label_refinement`).
 - :func:`oracle_targets`: with ``SEMI.ORACLE_LABELS`` (a diagnostic) l_mask's targets are the unlabeled
   images' hidden labels instead.
 - :func:`unlabeled_losses`: the weak and strong views go through the network as one batch (so the student
@@ -28,8 +30,9 @@ from torch import Tensor, nn
 from .clip_guidance import CLIPGuidance, GuidanceTargets, relabel_objects
 from .cmcr import CMCRLoss, LayerTargets, layer_outputs
 from .label_maps import downsample_labels
+from .label_refinement import PixelAdaptiveRefinement, refine_to
 
-__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "oracle_targets", "clip_checked_targets",
+__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "oracle_targets", "refined_targets", "clip_checked_targets",
            "clip_guidance_terms", "clip_zero_shot_inputs", "clip_guidance_targets"]
 
 _PREDICTION_KEYS = ("pred_logits", "pred_masks", "attn_maps")
@@ -79,6 +82,10 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
     guidance, clip_targets, clip_stats = model.clip_guidance, None, {}
     if guidance is not None and "targets" in unlabeled:
         clip_targets, unlabeled, clip_stats = clip_checked_targets(model, unlabeled, padding)
+    if model.label_refinement is not None and "targets" in unlabeled:
+        unlabeled = {**unlabeled, "targets": refined_targets(
+            model.label_refinement, unlabeled["targets"], unlabeled["image_original"].to(model.device), padding,
+            at_image_resolution=criterion.mask_pixels > 0)}
     if "oracle_sem_seg" in unlabeled and "targets" in unlabeled:  # SEMI.ORACLE_LABELS, a diagnostic
         unlabeled = {**unlabeled, "targets": oracle_targets(
             unlabeled["targets"], unlabeled["oracle_sem_seg"], at_image_resolution=criterion.mask_pixels > 0,
@@ -101,6 +108,27 @@ def unlabeled_losses(model: nn.Module, unlabeled: Dict[str, Any], text_embedding
     stats["stat_sre_mean_unlabeled"] = outputs.relevance.detach().float().mean()
     losses = {k: model.unlabeled_weight * v for k, v in terms.items() if k.startswith("loss")}
     return {**losses, **stats}
+
+
+@torch.no_grad()
+def refined_targets(refinement: PixelAdaptiveRefinement, targets: List[LayerTargets], images: Tensor,
+                    padding: Optional[Tensor] = None, at_image_resolution: bool = False) -> List[LayerTargets]:
+    """``SEMI.LABEL_REFINEMENT_*``: every layer's ``probs`` (``B x K x h x w``) refined with the colours of the original
+    views ``images`` (``B x 3 x H x W``, 0-255; ``padding`` ``B x H x W`` bool): at the mask resolution each cell's
+    centre pixel of the refined maps, or with ``at_image_resolution`` (l_mask at image pixels,
+    ``SEMI.MASK_CONSISTENCY_PIXELS``) the ``B x K x H x W`` maps themselves. ``pred_logits`` and ``attn_maps``
+    (l_class's and l_align's targets) stay. The refinement acts on each class map alone with one set of weights
+    per image, so the layers of one size are refined together as one stack of maps."""
+    by_size: Dict[Tuple[int, ...], List[int]] = {}
+    for index, layer in enumerate(targets):
+        by_size.setdefault(tuple(layer.probs.shape[-2:]), []).append(index)
+    probs: List[Optional[Tensor]] = [None] * len(targets)
+    for size, indices in by_size.items():
+        stack = torch.cat([targets[i].probs for i in indices], dim=1)
+        refined = refine_to(stack, refinement, images, padding, images.shape[-2:] if at_image_resolution else size)
+        for i, part in zip(indices, refined.split([targets[i].probs.shape[1] for i in indices], dim=1)):
+            probs[i] = part
+    return [replace(layer, probs=layer_probs) for layer, layer_probs in zip(targets, probs)]
 
 
 @torch.no_grad()

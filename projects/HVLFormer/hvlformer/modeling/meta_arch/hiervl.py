@@ -118,9 +118,11 @@ class HierVL(HVLFormer):
 
     @classmethod
     def build_unlabeled_criterion(cls, cfg, num_classes: int) -> CMCRLoss:
-        for key, action in (("CLIP_RELABEL_OBJECTS", "renames"), ("ORACLE_LABELS", "replaces")):
-            # both act on CMCR's teacher targets; entropy minimisation has none, so they would do nothing
-            if cfg.MODEL.HIERVL.UNLABELED_LOSS == "entropy" and cfg.SEMI.get(key):
+        for key, action, on in (("CLIP_RELABEL_OBJECTS", "renames", cfg.SEMI.CLIP_RELABEL_OBJECTS),
+                                ("ORACLE_LABELS", "replaces", cfg.SEMI.ORACLE_LABELS),
+                                ("LABEL_REFINEMENT_ITERATIONS", "refines", cfg.SEMI.LABEL_REFINEMENT_ITERATIONS > 0)):
+            # all act on CMCR's teacher targets; entropy minimisation has none, so they would do nothing
+            if cfg.MODEL.HIERVL.UNLABELED_LOSS == "entropy" and on:
                 raise ValueError(f"SEMI.{key} {action} the teacher's CMCR targets, and MODEL.HIERVL.UNLABELED_LOSS "
                                  f"'entropy' has no teacher targets: use UNLABELED_LOSS 'cmcr' or switch {key} off")
         return CMCRLoss(cfg, num_classes, mode=cfg.MODEL.HIERVL.UNLABELED_LOSS)

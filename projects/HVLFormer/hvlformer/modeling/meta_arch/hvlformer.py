@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..backbone import CLIPViTBackbone, build_clip_backbone
 from ..clip_ensemble import CLIPEnsemble
 from ..clip_guidance import CLIPGuidance
+from ..label_refinement import PixelAdaptiveRefinement
 from ..clip_loader import build_clip_model, has_pretrained_reference, reference_needed_at_test
 from ..cmcr import CMCRLoss
 from ..criterion import HVLSetCriterion
@@ -132,6 +133,7 @@ class HVLFormer(nn.Module):
         fusion: Optional[VisualFeatureFusion] = None,
         clip_ensemble: Optional[CLIPEnsemble] = None,
         clip_guidance: Optional[CLIPGuidance] = None,
+        label_refinement: Optional[PixelAdaptiveRefinement] = None,
     ) -> None:
         """
         Args:
@@ -150,6 +152,8 @@ class HVLFormer(nn.Module):
                 (:mod:`hvlformer.modeling.clip_ensemble`); needs the backbone's E_I^0. None = off.
             clip_guidance: the frozen CLIP's zero-shot labels as a second target of the unlabeled views
                 (SemiVL's dense CLIP guidance, :mod:`hvlformer.modeling.clip_guidance`); needs E_I^0. None = off.
+            label_refinement: image-guided refinement of the teacher's unlabeled targets
+                (:mod:`hvlformer.modeling.label_refinement`). None = off (the paper).
         """
         super().__init__()
         if htqg.sre_mode == "clip_zero_shot" and not self.zero_shot_relevance:
@@ -184,6 +188,7 @@ class HVLFormer(nn.Module):
             raise ValueError("SEMI.CLIP_GUIDANCE_WEIGHT asks the frozen pretrained tower E_I^0 for zero-shot labels: "
                              "build the backbone with frozen_reference=True (MODEL.HVLFORMER.CLIP.PRETRAINED set)")
         self.clip_guidance = clip_guidance
+        self.label_refinement = label_refinement
         if category_filter is not None and getattr(transformer_decoder, "classifier", "text") == "linear":
             # the linear classifier's decoder expects the E*K queries of its fixed K classes
             raise ValueError("MODEL.HVLFORMER.LSMSEG.CATEGORY_FILTER decodes a subset of the vocabulary per image: "
@@ -253,6 +258,7 @@ class HVLFormer(nn.Module):
         return {
             "clip_ensemble": clip_ensemble,
             "clip_guidance": clip_guidance,
+            "label_refinement": PixelAdaptiveRefinement(cfg) if PixelAdaptiveRefinement.enabled(cfg) else None,
             **thesis_modules,
             "backbone": backbone,
             "text_encoder": text_encoder,
