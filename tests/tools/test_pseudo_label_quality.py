@@ -182,6 +182,27 @@ def test_run_scored_at_one_decoder_layer(tool, two_step_run):
         tool.main([str(two_step_run), "--over-training", "--layer", "1"])
 
 
+def test_run_scored_with_the_pseudo_label_refinement(tool, two_step_run):
+    """--opts SEMI.LABEL_REFINEMENT_ITERATIONS N: the same images and labels, the teacher's maps refined with the
+    image's colours (so other confidences), the overrides recorded; --opts is refused with --teacher clip and
+    without pairs."""
+    plain = tool.main([str(two_step_run)])["runs"][0]
+    refined = tool.main([str(two_step_run), "--opts", "SEMI.LABEL_REFINEMENT_ITERATIONS", "10"])["runs"][0]
+    assert refined["opts"] == ["SEMI.LABEL_REFINEMENT_ITERATIONS", "10"] and "opts" not in plain
+    assert refined["label_pixels"] == plain["label_pixels"] and refined["images"] == plain["images"]
+    assert refined["mean_confidence"] != plain["mean_confidence"]
+    # the scored maps are the model's refinement of its own prediction, image by image
+    cfg, model, images = tool.unlabeled_shapes(two_step_run, 1, opts=["SEMI.LABEL_REFINEMENT_ITERATIONS", "10"])
+    image, _ = next(images)
+    model.label_refinement, refinement = None, model.label_refinement
+    raw = tool.teacher_probabilities(model, image)
+    model.label_refinement = refinement
+    torch.testing.assert_close(tool.teacher_probabilities(model, image), refinement(raw[None], image[None].float())[0])
+    for bad in (["--opts", "SEMI.LABEL_REFINEMENT_ITERATIONS"], ["--teacher", "clip", "--opts", "SEED", "1"]):
+        with pytest.raises(SystemExit):
+            tool.main([str(two_step_run), *bad])
+
+
 def test_the_clip_guidance_labels_do_not_depend_on_the_trained_model(tool, tmp_path):
     """--teacher clip: the frozen pretrained CLIP's zero-shot labels (SEMI.CLIP_GUIDANCE_*) of the run's unlabeled
     images, at the guidance's threshold: the same statistics from the run's weights and from zeroed trained
@@ -229,7 +250,9 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
                   "SEMI.CLIP_GUIDANCE_FINAL_WEIGHT", "0.0", "SEMI.CLIP_GUIDANCE_THRESHOLD", "0.9",
                   "SEMI.CLIP_GUIDANCE_TEMPLATE", "a photo of a {}.", "SEMI.CLIP_GUIDANCE_EDGE_MARGIN", "0",
                   "SEMI.CLIP_RELABEL_OBJECTS", "False", "SEMI.ORACLE_LABELS", "False",
-                  "SEMI.MASK_CONSISTENCY_PIXELS", "0", "SEMI.ORACLE_COVERAGE", "all"]
+                  "SEMI.MASK_CONSISTENCY_PIXELS", "0", "SEMI.ORACLE_COVERAGE", "all",
+                  "SEMI.LABEL_REFINEMENT_ITERATIONS", "0", "SEMI.LABEL_REFINEMENT_DILATIONS", "(1, 2, 4, 8)",
+                  "SEMI.LABEL_REFINEMENT_COLOUR_SCALE", "0.3", "SEMI.LABEL_REFINEMENT_POSITION_WEIGHT", "0.01"]
     assert common.settings_of_older_runs(old) == both_older
     new = tmp_path / "new.yaml"
     new.write_text("MODEL:\n  HVLFORMER:\n    QUERY_NORM: true\n    QUERY_ZERO_BIAS: true\n"
@@ -238,6 +261,8 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
                    "  CLIP_GUIDANCE_WEIGHT: 0.2\n  CLIP_GUIDANCE_FINAL_WEIGHT: 0.0\n  CLIP_GUIDANCE_THRESHOLD: 0.9\n"
                    "  CLIP_GUIDANCE_TEMPLATE: a photo of a {}.\n  CLIP_GUIDANCE_EDGE_MARGIN: 1\n  CLIP_RELABEL_OBJECTS: true\n"
                    "  ORACLE_LABELS: true\n  MASK_CONSISTENCY_PIXELS: 9216\n  ORACLE_COVERAGE: teacher\n"
+                   "  LABEL_REFINEMENT_ITERATIONS: 10\n  LABEL_REFINEMENT_DILATIONS: [1, 2]\n"
+                   "  LABEL_REFINEMENT_COLOUR_SCALE: 0.5\n  LABEL_REFINEMENT_POSITION_WEIGHT: 0.0\n"
                    "TEST:\n  CLIP_ENSEMBLE:\n    LEVEL: pixel\n"
                    "DATASETS:\n  SHAPES:\n    CLASSES_FILE: shapes_square_cross_textures_swapped.json\n")
     assert common.settings_of_older_runs(new) == []
@@ -274,6 +299,12 @@ def test_config_id_ignores_a_later_key_at_its_old_behaviour(load_tool):
     assert common.config_id(current) == common.config_id(before_level)
     swapped = common.resolved_cfg(config, ["DATASETS.SHAPES.CLASSES_FILE", "shapes_square_cross_textures_swapped.json"])
     assert common.config_id(swapped) != common.config_id(current)
+    # the pseudo-label refinement's keys (added later): off and at their defaults, the run before them
+    for key in ("ITERATIONS", "DILATIONS", "COLOUR_SCALE", "POSITION_WEIGHT"):
+        del before_level.SEMI[f"LABEL_REFINEMENT_{key}"]
+    assert common.config_id(current) == common.config_id(before_level)
+    refined = common.resolved_cfg(config, ["SEMI.LABEL_REFINEMENT_ITERATIONS", "10"])
+    assert common.config_id(refined) != common.config_id(current)
 
 
 def test_finished_run_cfg_reads_the_run_and_lets_inference_switches_win(tmp_path, load_tool):
