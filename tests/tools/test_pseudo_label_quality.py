@@ -190,14 +190,16 @@ def test_run_scored_with_the_pseudo_label_refinement(tool, two_step_run):
     refined = tool.main([str(two_step_run), "--opts", "SEMI.LABEL_REFINEMENT_ITERATIONS", "10"])["runs"][0]
     assert refined["opts"] == ["SEMI.LABEL_REFINEMENT_ITERATIONS", "10"] and "opts" not in plain
     assert refined["label_pixels"] == plain["label_pixels"] and refined["images"] == plain["images"]
-    assert refined["mean_confidence"] != plain["mean_confidence"]
-    # the scored maps are the model's refinement of its own prediction, image by image
+    # the scored maps are the model's refinement of its own prediction, image by image (a 2-step model's maps are
+    # nearly flat, so the summary statistics may move only in their last digits; the maps are compared instead)
     cfg, model, images = tool.unlabeled_shapes(two_step_run, 1, opts=["SEMI.LABEL_REFINEMENT_ITERATIONS", "10"])
     image, _ = next(images)
     model.label_refinement, refinement = None, model.label_refinement
     raw = tool.teacher_probabilities(model, image)
     model.label_refinement = refinement
-    torch.testing.assert_close(tool.teacher_probabilities(model, image), refinement(raw[None], image[None].float())[0])
+    scored = tool.teacher_probabilities(model, image)
+    torch.testing.assert_close(scored, refinement(raw[None], image[None].float())[0])
+    assert (scored - raw).abs().max() > 1e-4
     for bad in (["--opts", "SEMI.LABEL_REFINEMENT_ITERATIONS"], ["--teacher", "clip", "--opts", "SEED", "1"]):
         with pytest.raises(SystemExit):
             tool.main([str(two_step_run), *bad])
