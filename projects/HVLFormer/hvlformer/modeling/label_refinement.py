@@ -19,7 +19,8 @@ colours (both per channel; the ratio is averaged over the 3 channels), ``r_ij`` 
 ``rho`` the standard deviation of the ``M`` distances, ``s`` = ``colour_scale`` and ``w`` = ``position_weight``.
 Neighbours of the same colour as the pixel take nearly all the weight, so a distribution spreads inside a region
 of one colour and stops at a change of colour. The weights sum to 1, so each pixel keeps a distribution; the
-threshold then applies to the refined maps. Padded pixels are nobody's neighbour and keep their distribution.
+threshold then applies to the refined maps. Padded pixels are nobody's neighbour (their own values, which no
+loss reads, are refined from their unpadded neighbours).
 
 Decisions (docs/DESIGN.md, "Pseudo-label refinement"): the defaults are PAR's (10 iterations, ``s`` 0.3,
 ``w`` 0.01) with its dilations scaled from its 448-512 px crops to the tiny 96 px images (1, 2, 4, 8), fixed
