@@ -67,12 +67,13 @@ class PixelAdaptiveRefinement(nn.Module):
                  position_weight: float = 0.01) -> None:
         super().__init__()
         if iterations < 1:
-            raise ValueError(f"SEMI.LABEL_REFINEMENT_ITERATIONS must be >= 1 to build the refinement, got {iterations}")
+            raise ValueError(f"SEMI.LABEL_REFINEMENT_ITERATIONS must be >= 1 to build the refinement, "
+                             f"got {iterations}")
         if not dilations or any(int(d) < 1 for d in dilations):
             raise ValueError(f"SEMI.LABEL_REFINEMENT_DILATIONS must be positive pixel distances, got {tuple(dilations)}")
         if colour_scale <= 0 or position_weight < 0:
-            raise ValueError("SEMI.LABEL_REFINEMENT_COLOUR_SCALE must be > 0 and SEMI.LABEL_REFINEMENT_POSITION_WEIGHT >= 0, got "
-                             f"{colour_scale} and {position_weight}")
+            raise ValueError("SEMI.LABEL_REFINEMENT_COLOUR_SCALE must be > 0 and SEMI.LABEL_REFINEMENT_POSITION_WEIGHT "
+                             f">= 0, got {colour_scale} and {position_weight}")
         self.iterations = iterations
         self.dilations = tuple(int(d) for d in dilations)
         self.colour_scale = colour_scale
@@ -97,8 +98,8 @@ class PixelAdaptiveRefinement(nn.Module):
         around = neighbours(images, self.dilations)                                   # B x 3 x M x H x W
         spread = around.std(dim=2, keepdim=True)
         colour = -((around - images[:, :, None]).abs() / (self.colour_scale * spread + eps)).pow(2).mean(dim=1)
-        distance = torch.tensor([float(d * (dy * dy + dx * dx) ** 0.5) for d in self.dilations for dy, dx in _DIRECTIONS],
-                                device=images.device)
+        distance = torch.tensor([float(d * (dy * dy + dx * dx) ** 0.5)
+                                 for d in self.dilations for dy, dx in _DIRECTIONS], device=images.device)
         position = -(distance / (self.colour_scale * distance.std())).pow(2)          # M
         position = position[None, :, None, None].expand_as(colour)
         if padding is not None:

@@ -32,8 +32,8 @@ from .cmcr import CMCRLoss, LayerTargets, layer_outputs
 from .label_maps import downsample_labels
 from .label_refinement import PixelAdaptiveRefinement, refine_to
 
-__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "oracle_targets", "refined_targets", "clip_checked_targets",
-           "clip_guidance_terms", "clip_zero_shot_inputs", "clip_guidance_targets"]
+__all__ = ["teacher_targets", "split_views", "unlabeled_losses", "oracle_targets", "refined_targets",
+           "clip_checked_targets", "clip_guidance_terms", "clip_zero_shot_inputs", "clip_guidance_targets"]
 
 _PREDICTION_KEYS = ("pred_logits", "pred_masks", "attn_maps")
 

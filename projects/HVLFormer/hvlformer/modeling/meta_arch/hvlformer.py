@@ -39,12 +39,12 @@ from torch import Tensor, nn
 from ..backbone import CLIPViTBackbone, build_clip_backbone
 from ..clip_ensemble import CLIPEnsemble
 from ..clip_guidance import CLIPGuidance
-from ..label_refinement import PixelAdaptiveRefinement
 from ..clip_loader import build_clip_model, has_pretrained_reference, reference_needed_at_test
 from ..cmcr import CMCRLoss
 from ..criterion import HVLSetCriterion
 from ..htqg import HTQG
 from ..inference import semantic_inference
+from ..label_refinement import PixelAdaptiveRefinement
 from ..losses import HVLFormerLoss
 from ..outputs import HVLFormerOutput, semantic_scores
 from ..pixel_decoder import build_pixel_decoder
