@@ -63,6 +63,33 @@ def test_affinity_is_a_distribution_that_stays_inside_one_colour():
     torch.testing.assert_close(padded.sum(dim=1), torch.ones(1, 48, 48))
 
 
+def test_the_padding_colour_changes_no_weight():
+    """The colour spread sigma_i is taken over the unpadded neighbours only: whatever the padded pixels hold (a
+    batch's zero padding, or anything else), the unpadded pixels' weights are the same, and at a pixel next to the padding sigma_i
+    is the standard deviation of its unpadded neighbours' colours."""
+    refinement = PixelAdaptiveRefinement(iterations=1)
+    padding = torch.zeros(1, 48, 48, dtype=torch.bool)
+    padding[:, :, 40:] = True
+    image = _square_image()
+    weights = {}
+    for fill in (0.0, 120.0, 255.0):
+        filled = image.clone()
+        filled[:, :, :, 40:] = fill
+        weights[fill] = refinement.affinity(filled, padding)
+    for fill in (0.0, 120.0):     # at every unpadded pixel (the padded ones' own weights are read by no loss)
+        torch.testing.assert_close(weights[fill][..., :40], weights[255.0][..., :40])
+    # by hand at (20, 39): the colour term over the unpadded neighbours, sigma from them alone
+    around = neighbours(image, refinement.dilations)[0, :, :, 20, 39]                 # 3 x M
+    real = neighbours(padding[:, None].float(), refinement.dilations)[0, 0, :, 20, 39] == 0
+    sigma = around[:, real].std(dim=1, keepdim=True)
+    colour = -((around - image[0, :, 20, 39][:, None]).abs() / (0.3 * sigma + 1e-8)).pow(2).mean(dim=0)
+    expected = torch.zeros_like(colour)
+    expected[real] = torch.softmax(colour[real], dim=0)
+    position = weights[0.0][0, :, 20, 39] * 1.01 - expected          # what is left is the position term's share
+    assert position.min() > -1e-5 and position.sum() == pytest.approx(0.01, abs=1e-4)
+    assert position[~real].abs().max() < 1e-7
+
+
 def test_refinement_moves_a_misplaced_outline_to_the_colour_edge():
     """The teacher's square, from a 12 x 12 (stride-4) map, misplaced by 2 px and blurred by the upsampling: after
     the refinement the argmax follows the image's square, the maps stay distributions, and pixels near the

@@ -19,8 +19,8 @@ colours (both per channel; the ratio is averaged over the 3 channels), ``r_ij`` 
 ``rho`` the standard deviation of the ``M`` distances, ``s`` = ``colour_scale`` and ``w`` = ``position_weight``.
 Neighbours of the same colour as the pixel take nearly all the weight, so a distribution spreads inside a region
 of one colour and stops at a change of colour. The weights sum to 1, so each pixel keeps a distribution; the
-threshold then applies to the refined maps. Padded pixels are nobody's neighbour (their own values, which no
-loss reads, are refined from their unpadded neighbours).
+threshold then applies to the refined maps. Padded pixels are nobody's neighbour and do not count in
+``sigma_i`` (their own values, which no loss reads, are refined from their unpadded neighbours).
 
 Decisions (docs/DESIGN.md, "Pseudo-label refinement"): the defaults are PAR's (10 iterations, ``s`` 0.3,
 ``w`` 0.01) with its dilations scaled from its 448-512 px crops to the tiny 96 px images (1, 2, 4, 8), fixed
@@ -96,14 +96,16 @@ class PixelAdaptiveRefinement(nn.Module):
         are all padded keeps nothing of them, see :meth:`forward`)."""
         images = images.float()
         around = neighbours(images, self.dilations)                                   # B x 3 x M x H x W
-        spread = around.std(dim=2, keepdim=True)
+        padded_neighbour = None
+        if padding is not None and bool(padding.any()):
+            padded_neighbour = neighbours(padding[:, None].float(), self.dilations)[:, 0] > 0  # B x M x H x W
+        spread = _neighbour_spread(around, padded_neighbour)                          # B x 3 x 1 x H x W
         colour = -((around - images[:, :, None]).abs() / (self.colour_scale * spread + eps)).pow(2).mean(dim=1)
         distance = torch.tensor([float(d * (dy * dy + dx * dx) ** 0.5)
                                  for d in self.dilations for dy, dx in _DIRECTIONS], device=images.device)
         position = -(distance / (self.colour_scale * distance.std())).pow(2)          # M
         position = position[None, :, None, None].expand_as(colour)
-        if padding is not None:
-            padded_neighbour = neighbours(padding[:, None].float(), self.dilations)[:, 0] > 0  # B x M x H x W
+        if padded_neighbour is not None:
             colour = colour.masked_fill(padded_neighbour, float("-inf"))
             position = position.masked_fill(padded_neighbour, float("-inf"))
         weights = (_softmax(colour) + self.position_weight * _softmax(position)) / (1.0 + self.position_weight)
@@ -126,6 +128,20 @@ class PixelAdaptiveRefinement(nn.Module):
                 spread.addcmul_(weight, neighbour)
             refined = torch.where(kept, spread, refined)
         return refined.to(probs.dtype)
+
+
+def _neighbour_spread(around: Tensor, padded_neighbour: Optional[Tensor]) -> Tensor:
+    """``B x 3 x M x H x W`` neighbour colours -> ``B x 3 x 1 x H x W`` their standard deviation (unbiased, as
+    :meth:`torch.Tensor.std`), over the unpadded neighbours only when ``padded_neighbour`` (``B x M x H x W``
+    bool) is given: the padding's colour says nothing about how much the image varies around a pixel. Fewer than
+    two unpadded neighbours give a spread of 0."""
+    if padded_neighbour is None:
+        return around.std(dim=2, keepdim=True)
+    real = (~padded_neighbour)[:, None].to(around.dtype)                              # B x 1 x M x H x W
+    count = real.sum(dim=2, keepdim=True)
+    mean = (around * real).sum(dim=2, keepdim=True) / count.clamp_min(1.0)
+    squares = ((around - mean).pow(2) * real).sum(dim=2, keepdim=True)
+    return (squares / (count - 1.0).clamp_min(1.0)).sqrt() * (count > 1)
 
 
 def _softmax(logits: Tensor) -> Tensor:
