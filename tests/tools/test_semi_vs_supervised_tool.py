@@ -264,6 +264,21 @@ def test_only_runs_the_named_arms(tool, fake_train, tmp_path):
         tool.main(["--only", "supervised_learnable", *common])  # not an arm of (c)
 
 
+def test_semi_opts_outside_semi_are_named_as_unpaired(tool, fake_train, tmp_path, capsys):
+    """A model key in --semi-opts (learnable queries here) reaches the semi runs only: the tool warns and the JSON
+    records it, so a semi - supervised difference that compares two models says so; SEMI. keys are paired."""
+    common = ["--iters", "20", "--workers", "0", "--parallel", "1", "--output-dir", str(tmp_path), "--seeds", "0"]
+    paired = tool.main(["--semi-opts", "SEMI.TEACHER", "ema", *common])
+    assert "semi_opts_not_in_supervised_arms" not in paired["setup"] and "reach the semi arms only" not in \
+        capsys.readouterr().err
+    out = tool.main(["--semi-name", "learnable", "--semi-opts", "SEMI.TEACHER", "ema", "MODEL.HVLFORMER.QUERY_SOURCE",
+                     "learnable", *common])
+    assert out["setup"]["semi_opts_not_in_supervised_arms"] == ["MODEL.HVLFORMER.QUERY_SOURCE"]
+    assert "--semi-opts MODEL.HVLFORMER.QUERY_SOURCE reach the semi arms only" in capsys.readouterr().err
+    supervised = [c for c in fake_train if "supervised_seed0" in c[c.index("OUTPUT_DIR") + 1]]
+    assert len(supervised) == 1 and "MODEL.HVLFORMER.QUERY_SOURCE" not in supervised[0]
+
+
 def test_class_ious_reads_the_last_evaluation(tool):
     log = ("OrderedDict([('sem_seg', {'mIoU': np.float64(50.0), 'IoU-square': np.float64(12.5), 'IoU-cross': nan})])\n"
            "copypaste: 50.0\n"
