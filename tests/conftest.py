@@ -150,6 +150,15 @@ def make_tiny_model(*opts: str, config: Union[str, Path] = TINY_CONFIG, small: S
     return model
 
 
+@pytest.fixture
+def restore_builtin():
+    """Tests that re-register the built-in datasets under a temporary root restore the defaults after."""
+    yield
+    from hvlformer.data import register_builtin_datasets
+
+    register_builtin_datasets()
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg() -> Callable:
     """Factory ``tiny_cfg(*opts, config=TINY_CONFIG, small=SMALL, freeze=True)``: see :func:`make_tiny_cfg`."""

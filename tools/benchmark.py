@@ -197,9 +197,7 @@ def measure(cfg, device: torch.device, labeled: int, unlabeled: int, iters: int,
     }
     if device.type == "cuda":
         result["fits_24gb_card"] = result["peak_memory_reserved_mb"] / 1024 <= FITS_24GB_RESERVED_GIB
-    del model, optimizer
-    gc.collect()
-    return result
+    return result  # the model and optimizer go with this frame; sweep() collects before the next setting
 
 
 def _setting_cfg(args: argparse.Namespace, amp: Optional[bool], checkpointing: Optional[bool],
@@ -245,9 +243,9 @@ def sweep(args: argparse.Namespace) -> Dict[str, Any]:
             inference_done.add((impl, amp))
         except torch.cuda.OutOfMemoryError as error:
             out_of_memory = str(error).splitlines()[0]
+        # outside the except block: the traceback (and the model it holds) is gone before freeing
+        gc.collect()
         if out_of_memory is not None:
-            # outside the except block: the traceback (and the model it holds) is gone before freeing
-            gc.collect()
             torch.cuda.empty_cache()
             result = {**setting, "error": f"out of memory: {out_of_memory}"}
         print(json.dumps(result), file=sys.stderr, flush=True)  # progress: one line per setting

@@ -52,13 +52,6 @@ def evaluate_perfect(dataset_name: str) -> dict:
     return evaluator.evaluate()["sem_seg"]
 
 
-@pytest.fixture
-def restore_builtin():
-    """Tests that re-register the built-in datasets under a temporary root restore the defaults after."""
-    yield
-    register_builtin_datasets()
-
-
 # ----------------------------------------------------------------------------------------- tests
 CONTRACT_NAMES = [f"{d}_{s}" for d in NUM_CLASSES for s in ("train", "val")] + [
     f"{d}_{c}_seed{seed}_{part}"

@@ -17,7 +17,7 @@ from hvlformer.data import (
     seeded_split,
 )
 from hvlformer.data.splits import parse_split_lines
-from test_builtin_datasets import evaluate_perfect, restore_builtin  # noqa: F401
+from test_builtin_datasets import evaluate_perfect
 
 
 def touch(path: Path):

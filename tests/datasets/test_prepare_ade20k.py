@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog
 from PIL import Image
 
 from hvlformer.data import register_builtin_datasets
-from test_builtin_datasets import evaluate_perfect, load_prepare_script, restore_builtin  # noqa: F401
+from test_builtin_datasets import evaluate_perfect, load_prepare_script
 
 ade_script = load_prepare_script("ade20k")
 FILES = {"training": ["ADE_train_00000001", "ADE_train_00000002"], "validation": ["ADE_val_00000001"]}

@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog
 from PIL import Image
 
 from hvlformer.data import register_builtin_datasets
-from test_builtin_datasets import evaluate_perfect, load_prepare_script, restore_builtin  # noqa: F401
+from test_builtin_datasets import evaluate_perfect, load_prepare_script
 
 cs_script = load_prepare_script("cityscapes")
 FRAMES = {"train": [("aachen", "aachen_000000_000019"), ("bochum", "bochum_000000_000313")],

@@ -9,7 +9,7 @@ from PIL import Image
 
 from hvlformer.data import register_builtin_datasets
 from hvlformer.data import load_builtin_classes
-from test_builtin_datasets import evaluate_perfect, load_prepare_script, restore_builtin  # noqa: F401
+from test_builtin_datasets import evaluate_perfect, load_prepare_script
 
 coco_script = load_prepare_script("coco")
 SPEC = load_builtin_classes("coco81")

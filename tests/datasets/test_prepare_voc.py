@@ -11,7 +11,7 @@ from PIL import Image
 
 from hvlformer.data import default_class_colors, register_builtin_datasets
 from hvlformer.data.splits import parse_split_file
-from test_builtin_datasets import evaluate_perfect, load_prepare_script, restore_builtin  # noqa: F401
+from test_builtin_datasets import evaluate_perfect, load_prepare_script
 
 voc_script = load_prepare_script("voc")
 

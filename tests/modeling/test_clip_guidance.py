@@ -138,7 +138,7 @@ def _one_hot_layer(labels: torch.Tensor, num_classes: int, wrong: bool = False):
 
 def test_loss_is_l_mask_against_the_clip_labels_with_the_cutmix_box_from_the_other_image():
     torch.manual_seed(0)
-    num_classes, size = 3, (4, 4)
+    num_classes = 3
     labels = torch.stack([torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 2)])
     confident = torch.ones(2, 4, 4, dtype=torch.bool)
     confident[0, 0, 0] = False
