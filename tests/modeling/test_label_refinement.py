@@ -65,8 +65,8 @@ def test_affinity_is_a_distribution_that_stays_inside_one_colour():
 
 def test_the_padding_colour_changes_no_weight():
     """The colour spread sigma_i is taken over the unpadded neighbours only: whatever the padded pixels hold (a
-    batch's zero padding, or anything else), the unpadded pixels' weights are the same, and at a pixel next to the padding sigma_i
-    is the standard deviation of its unpadded neighbours' colours."""
+    batch's zero padding, or anything else), the unpadded pixels' weights are the same, and at a pixel next to the
+    padding sigma_i is the standard deviation of its unpadded neighbours' colours."""
     refinement = PixelAdaptiveRefinement(iterations=1)
     padding = torch.zeros(1, 48, 48, dtype=torch.bool)
     padding[:, :, 40:] = True
