@@ -6,15 +6,19 @@ teacher, DDP, training step, scheduler, checkpointer); the semi-supervised train
 (:meth:`Trainer.training_config`, :meth:`Trainer.build_teacher`, :meth:`Trainer.build_train_step`)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import weakref
-from typing import Optional
+from typing import Iterator, List, Optional
+
+import numpy as np
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, create_ddp_model
+from detectron2.engine import DefaultTrainer, create_ddp_model, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -85,6 +89,45 @@ def log_batch_recipe(cfg: CfgNode, world_size: int, original: Optional[CfgNode] 
     logging.getLogger("hvlformer").log(level, "\n%s", text)
 
 
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Run the block, then put torch's (CPU and current CUDA device), NumPy's and Python's global random generators
+    back as they were before it.
+
+    Why: creating a DataLoader iterator draws its base seed from torch's generator, so each evaluation during
+    training (``TEST.EVAL_PERIOD``) would shift every later random draw of the training step in this process
+    (the point sampling of the mask losses) and the trained weights would depend on how often a run is
+    evaluated."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class EvaluationWriter(hooks.PeriodicWriter):
+    """detectron2's ``PeriodicWriter`` (every ``period`` steps and after the last one) that also writes after each
+    step at which ``TEST.EVAL_PERIOD`` evaluated.
+
+    Why: the event storage keeps one latest value per key, so an evaluation not written before the next one was
+    lost from ``metrics.json`` and TensorBoard (with ``TEST.EVAL_PERIOD 10`` and the writers' 20 steps, every
+    other evaluation)."""
+
+    def __init__(self, writers: list, period: int, eval_period: int) -> None:
+        super().__init__(writers, period=period)
+        self._eval_period = eval_period
+
+    def after_step(self) -> None:
+        if self._eval_period > 0 and (self.trainer.iter + 1) % self._eval_period == 0:
+            for writer in self._writers:
+                writer.write()
+        else:
+            super().after_step()
+
+
 def amp_of(cfg: CfgNode) -> Optional[torch.dtype]:
     """The autocast dtype of ``SOLVER.AMP`` (``None``: full precision)."""
     return amp_dtype(cfg.SOLVER.AMP.DTYPE) if cfg.SOLVER.AMP.ENABLED else None
@@ -113,6 +156,13 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self) -> List[hooks.HookBase]:
+        """DefaultTrainer's hooks, with its writer replaced by :class:`EvaluationWriter` (every evaluation
+        reaches ``metrics.json``)."""
+        hook_list = super().build_hooks()
+        return [EvaluationWriter(h._writers, h._period, self.cfg.TEST.EVAL_PERIOD)
+                if type(h) is hooks.PeriodicWriter else h for h in hook_list]
 
     @classmethod
     def training_config(cls, cfg: CfgNode, world_size: int) -> CfgNode:
@@ -146,6 +196,13 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         cls.register_datasets(cfg)
         return build_detection_test_loader(cfg, dataset_name, mapper=HVLFormerSemanticDatasetMapper(cfg, is_train=False, dataset_name=dataset_name))
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model, evaluators=None):
+        """DefaultTrainer's evaluation on ``DATASETS.TEST``, leaving the global random generators as they were
+        (:func:`preserved_rng_state`): a run's weights do not depend on ``TEST.EVAL_PERIOD``."""
+        with preserved_rng_state():
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
