@@ -120,6 +120,12 @@ def add_hvlformer_config(cfg: CN) -> None:
     # Shapes: split shapes_train into NUM_LABELED labeled images (shapes_labeled) and the rest
     # (shapes_unlabeled), seeded by DATASETS.SHAPES.SEED; 0 = no split.
     cfg.DATASETS.SHAPES.NUM_LABELED = 0
+    # Shapes: make one class rare among the labeled images (a class name, "" = off): walking the seeded order, an
+    # image showing it is taken only while fewer than RARE_CLASS_LABELED_IMAGES labeled ones show it, so the
+    # labeled split holds at most that many (the others go to shapes_unlabeled). Asks whether a class seen in one
+    # or two labeled images keeps its name (issue 13 (a), docs/RESULTS.md).
+    cfg.DATASETS.SHAPES.RARE_CLASS = ""
+    cfg.DATASETS.SHAPES.RARE_CLASS_LABELED_IMAGES = 2
 
     cfg.SEMI = CN()
     # Target of the unlabeled views: "self" (the model's own original-view prediction, stop-gradient;

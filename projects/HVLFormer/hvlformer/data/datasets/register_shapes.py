@@ -92,6 +92,27 @@ def register_shapes_from_cfg(cfg) -> Tuple[str, str]:
     )
 
 
+def labeled_with_rare_class(records: List[Dict[str, Any]], order: List[int], num_labeled: int, rare_label: int,
+                            rare_images: int) -> List[int]:
+    """The first ``num_labeled`` indices of ``order`` (into ``records``) whose label maps show ``rare_label``
+    in at most ``rare_images`` of them: an image showing it is skipped once that many are taken. ``ValueError``
+    when ``records`` hold too few images without it."""
+    from PIL import Image
+
+    chosen: List[int] = []
+    with_rare = 0
+    for index in order:
+        shows = bool((np.asarray(Image.open(records[index]["sem_seg_file_name"])) == rare_label).any())
+        if shows and with_rare >= rare_images:
+            continue
+        chosen.append(index)
+        with_rare += shows
+        if len(chosen) == num_labeled:
+            return chosen
+    raise ValueError(f"only {len(chosen)} training images are left for {num_labeled} labeled ones with at most "
+                     f"{rare_images} showing class {rare_label}")
+
+
 def register_shapes_semi_split(cfg) -> Optional[Tuple[str, str]]:
     """With ``DATASETS.SHAPES.NUM_LABELED > 0``: register ``shapes_labeled`` (that many images of
     ``shapes_train``, drawn with ``DATASETS.SHAPES.SEED``) and ``shapes_unlabeled`` (the rest, no masks: their
@@ -103,12 +124,22 @@ def register_shapes_semi_split(cfg) -> Optional[Tuple[str, str]]:
         return None
     train_name, _ = register_shapes_from_cfg(cfg)
     seed = cfg.DATASETS.SHAPES.SEED
+    rare_class, rare_images = cfg.DATASETS.SHAPES.RARE_CLASS, cfg.DATASETS.SHAPES.RARE_CLASS_LABELED_IMAGES
+    class_names = list(dataset_metadata(train_name).get("stuff_classes", []))
+    if rare_class and rare_class not in class_names[1:]:
+        raise ValueError(f"DATASETS.SHAPES.RARE_CLASS={rare_class!r} is not a shape class of this dataset "
+                         f"({', '.join(class_names[1:])})")
+    if rare_class and not 0 <= rare_images <= num_labeled:
+        raise ValueError(f"DATASETS.SHAPES.RARE_CLASS_LABELED_IMAGES={rare_images} must be between 0 and "
+                         f"NUM_LABELED={num_labeled}")
 
     def split(labeled: bool) -> List[Dict[str, Any]]:
         records = DatasetCatalog.get(train_name)
         if not 0 < num_labeled < len(records):
             raise ValueError(f"DATASETS.SHAPES.NUM_LABELED={num_labeled} must be between 1 and {len(records) - 1}")
-        chosen = set(np.random.default_rng(seed).permutation(len(records))[:num_labeled].tolist())
+        order = np.random.default_rng(seed).permutation(len(records)).tolist()
+        chosen = set(order[:num_labeled] if not rare_class else
+                     labeled_with_rare_class(records, order, num_labeled, class_names.index(rare_class), rare_images))
         if labeled:
             return [r for i, r in enumerate(records) if i in chosen]
         # the masks stay out of reach of training under another key: SEMI.ORACLE_LABELS (a diagnostic) reads them
