@@ -94,9 +94,9 @@ def register_shapes_from_cfg(cfg) -> Tuple[str, str]:
 
 def labeled_with_rare_class(records: List[Dict[str, Any]], order: List[int], num_labeled: int, rare_label: int,
                             rare_images: int) -> List[int]:
-    """The first ``num_labeled`` indices of ``order`` (into ``records``) whose label maps show ``rare_label``
-    in at most ``rare_images`` of them: an image showing it is skipped once that many are taken. ``ValueError``
-    when ``records`` hold too few images without it."""
+    """``num_labeled`` indices of ``records``, taken in ``order``, of which at most ``rare_images`` have a label
+    map showing ``rare_label``: an image showing it is skipped once that many are taken. ``ValueError`` when
+    ``records`` hold too few images without it."""
     from PIL import Image
 
     chosen: List[int] = []
@@ -116,7 +116,9 @@ def labeled_with_rare_class(records: List[Dict[str, Any]], order: List[int], num
 def register_shapes_semi_split(cfg) -> Optional[Tuple[str, str]]:
     """With ``DATASETS.SHAPES.NUM_LABELED > 0``: register ``shapes_labeled`` (that many images of
     ``shapes_train``, drawn with ``DATASETS.SHAPES.SEED``) and ``shapes_unlabeled`` (the rest, no masks: their
-    label files only as ``hidden_sem_seg_file_name``, which training reads for ``SEMI.ORACLE_LABELS`` alone)."""
+    label files only as ``hidden_sem_seg_file_name``, which training reads for ``SEMI.ORACLE_LABELS`` alone).
+    ``DATASETS.SHAPES.RARE_CLASS``: at most ``RARE_CLASS_LABELED_IMAGES`` labeled images show that class
+    (:func:`labeled_with_rare_class`)."""
     from detectron2.data import DatasetCatalog
 
     num_labeled = cfg.DATASETS.SHAPES.NUM_LABELED
