@@ -19,6 +19,7 @@ import numpy as np
 from ..catalog import dataset_metadata, register_dataset
 from ..shapes import (classes_digest, check_num_classes, generate_shapes_split, resolve_classes_file,
                       shapes_class_colors, shapes_class_names)
+from ..validation import read_label_checked
 
 __all__ = ["shapes_root", "register_shapes", "register_shapes_from_cfg", "register_shapes_semi_split"]
 
@@ -97,12 +98,10 @@ def labeled_with_rare_class(records: List[Dict[str, Any]], order: List[int], num
     """``num_labeled`` indices of ``records``, taken in ``order``, of which at most ``rare_images`` have a label
     map showing ``rare_label``: an image showing it is skipped once that many are taken. ``ValueError`` when
     ``records`` hold too few images without it."""
-    from PIL import Image
-
     chosen: List[int] = []
     with_rare = 0
     for index in order:
-        shows = bool((np.asarray(Image.open(records[index]["sem_seg_file_name"])) == rare_label).any())
+        shows = bool((read_label_checked(records[index]["sem_seg_file_name"], None) == rare_label).any())
         if shows and with_rare >= rare_images:
             continue
         chosen.append(index)
@@ -127,7 +126,8 @@ def register_shapes_semi_split(cfg) -> Optional[Tuple[str, str]]:
     train_name, _ = register_shapes_from_cfg(cfg)
     seed = cfg.DATASETS.SHAPES.SEED
     rare_class, rare_images = cfg.DATASETS.SHAPES.RARE_CLASS, cfg.DATASETS.SHAPES.RARE_CLASS_LABELED_IMAGES
-    class_names = list(dataset_metadata(train_name).get("stuff_classes", []))
+    metadata = dataset_metadata(train_name)
+    class_names = list(metadata["stuff_classes"])
     if rare_class and rare_class not in class_names[1:]:
         raise ValueError(f"DATASETS.SHAPES.RARE_CLASS={rare_class!r} is not a shape class of this dataset "
                          f"({', '.join(class_names[1:])})")
@@ -148,7 +148,6 @@ def register_shapes_semi_split(cfg) -> Optional[Tuple[str, str]]:
         return [{**{k: v for k, v in r.items() if k != "sem_seg_file_name"},
                  "hidden_sem_seg_file_name": r["sem_seg_file_name"]} for i, r in enumerate(records) if i not in chosen]
 
-    metadata = dataset_metadata(train_name)
     for name, labeled in (("shapes_labeled", True), ("shapes_unlabeled", False)):
         register_dataset(name, functools.partial(split, labeled), **metadata)
     return "shapes_labeled", "shapes_unlabeled"
