@@ -48,14 +48,16 @@ def loss_family(name: str) -> str:
 
 
 def gradient_shares(gradients: Dict[str, Tensor], unlabeled: Iterable[str],
-                    preconditioner: Optional[Tensor] = None) -> Dict[str, Any]:
+                    preconditioner: Optional[Tensor] = None,
+                    groups: Optional[Dict[str, Tensor]] = None) -> Dict[str, Any]:
     """Shares of flat gradients (``P``-vectors, one per loss family, over the same parameters) in their sum.
 
     Returns ``{"families": {name: {"norm", "share"}}, "supervised": {...}, "unlabeled": {...},
     "cosine_supervised_unlabeled", "total_norm"}``; ``share = <g, g_total> / |g_total|^2`` (the shares of the
     families, and of the two groups, sum to 1). ``preconditioner``: a ``P``-vector multiplied into every gradient
     first (AdamW's ``1 / (sqrt(v) + eps)``). A family named in ``unlabeled`` is in the unlabeled group, every other
-    in the supervised group; a missing group is a zero vector (cosine 0)."""
+    in the supervised group; a missing group is a zero vector (cosine 0). ``groups``: the unscaled group sums when
+    the caller has them already (:func:`group_gradients` of the same ``gradients``), so they are not formed again."""
     scaled = {k: g * preconditioner if preconditioner is not None else g for k, g in gradients.items()}
     total = sum(scaled.values())
     total_sq = float(total.dot(total))
@@ -63,7 +65,9 @@ def gradient_shares(gradients: Dict[str, Tensor], unlabeled: Iterable[str],
     def entry(grad: Tensor) -> Dict[str, float]:
         return {"norm": float(grad.norm()), "share": float(grad.dot(total)) / total_sq if total_sq > 0 else 0.0}
 
-    sup, unl = group_gradients(scaled, unlabeled).values()
+    groups = groups if groups is not None else group_gradients(gradients, unlabeled)
+    # the preconditioner is elementwise, so the scaled groups are the scaled sums
+    sup, unl = (g * preconditioner if preconditioner is not None else g for g in groups.values())
     denominator = float(sup.norm() * unl.norm())
     return {"families": {k: entry(g) for k, g in scaled.items()},
             "supervised": entry(sup), "unlabeled": entry(unl),
@@ -152,14 +156,14 @@ def measure(cfg, steps: int, weights: str, iteration: int) -> Dict[str, Any]:
                 else [None] * len(params)
             gradients[family] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                            for g, p in zip(grads, params)]).detach()
-        report = gradient_shares(gradients, unlabeled)
-        report["module_norms"] = {k: module_norms(g, names, sizes)
-                                  for k, g in group_gradients(gradients, unlabeled).items()}
+        groups = group_gradients(gradients, unlabeled)
+        report = gradient_shares(gradients, unlabeled, groups=groups)
+        report["module_norms"] = {k: module_norms(g, names, sizes) for k, g in groups.items()}
         report["clip_factor"] = (min(1.0, clip.CLIP_VALUE / max(report["total_norm"], 1e-12))
                                  if clip.ENABLED and clip.CLIP_TYPE == "full_model" else 1.0)
         report["loss"] = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in by_family.items()}
         if preconditioner is not None:
-            adam = gradient_shares(gradients, unlabeled, preconditioner)
+            adam = gradient_shares(gradients, unlabeled, preconditioner, groups=groups)
             report["adam"] = {"families": {k: v["share"] for k, v in adam["families"].items()},
                               "supervised": adam["supervised"]["share"], "unlabeled": adam["unlabeled"]["share"],
                               "cosine_supervised_unlabeled": adam["cosine_supervised_unlabeled"],

@@ -32,6 +32,12 @@ def test_shares_by_hand(tool):
     # AdamW's per-parameter scaling: b becomes (0, 1), u (1, 0.5), the total (2, 1.5), |total|^2 = 6.25
     scaled = tool.gradient_shares(grads, unlabeled=["u"], preconditioner=torch.tensor([1.0, 0.5]))
     assert {k: v["share"] for k, v in scaled["families"].items()} == pytest.approx({"a": 0.32, "b": 0.24, "u": 0.44})
+    # the groups scaled too: supervised (1, 1), unlabeled (1, 0.5)
+    assert scaled["supervised"]["share"] == pytest.approx(0.56) and scaled["unlabeled"]["norm"] == pytest.approx(1.25 ** 0.5)
+    # group sums handed in (as the tool's loop does) give the same report
+    groups = tool.group_gradients(grads, unlabeled=["u"])
+    assert tool.gradient_shares(grads, ["u"], groups=groups) == out
+    assert tool.gradient_shares(grads, ["u"], torch.tensor([1.0, 0.5]), groups=groups) == scaled
     # no unlabeled term: the supervised group is everything, the cosine 0
     alone = tool.gradient_shares({"a": torch.tensor([3.0, 4.0])}, unlabeled=["u"])
     assert alone["supervised"]["share"] == pytest.approx(1.0) and alone["unlabeled"]["norm"] == 0.0
