@@ -74,6 +74,15 @@ TARGETS: Dict[str, Tuple[Path, List[str]]] = {
                  ["tests/engine/test_semi.py", E, "-k", "rare or repeat or labeled_list or defaults or pixel_counts"]),
     "shapes_split": (PKG / "data" / "datasets" / "register_shapes.py",
                      ["tests/engine/test_semi.py", E, "-k", "shapes_split"]),
+    # the parts of the README's (c) recipe added after the first pass: the EMA teacher, the image-guided
+    # pseudo-label refinement and the module that builds the unlabeled targets; and (e)'s CLIP ensemble
+    "ema": (PKG / "engine" / "ema.py", ["tests/engine/test_semi.py", "-k", "ema or resume or teacher"]),
+    "label_refinement": (PKG / "modeling" / "label_refinement.py", ["tests/modeling/test_label_refinement.py"]),
+    "unlabeled_objective": (PKG / "modeling" / "unlabeled_objective.py",
+                            ["tests/modeling/test_label_refinement.py", "tests/modeling/test_cmcr_pixels.py",
+                             "tests/engine/test_oracle_labels.py", "tests/engine/test_semi.py"]),
+    "clip_ensemble": (PKG / "modeling" / "clip_ensemble.py", ["tests/modeling/test_clip_ensemble.py"]),
+    "matcher": (PKG / "modeling" / "matcher.py", ["tests/modeling/test_criterion.py", E]),
 }
 
 _BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,

@@ -300,6 +300,49 @@ def test_ema_warm_up_averages_the_student_until_the_decay_is_reached():
     assert teacher.model.weight.item() == pytest.approx(0.9 * 6.0)
 
 
+def test_ema_decay_range_and_a_backbone_without_a_reference():
+    """Decay 0 and 1 are allowed (1: a frozen teacher), values outside [0, 1] are not; a model whose ``backbone`` has
+    no frozen reference tower to drop gets a teacher too."""
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Linear(2, 2)
+    for decay in (0.0, 1.0):
+        teacher = EMATeacher(model, decay=decay)
+        assert teacher.decay_at(None) == decay and teacher.decay_at(1000) == min(decay, 1 - 1 / 1001)
+    teacher_frozen = EMATeacher(torch.nn.Sequential(torch.nn.Linear(2, 2)), decay=1.0)
+    before = teacher_frozen.model[0].weight.clone()
+    student = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    teacher_frozen.update(student)
+    torch.testing.assert_close(teacher_frozen.model[0].weight, before)  # decay 1 at iteration None: unchanged
+    for decay in (-0.01, 1.01):
+        with pytest.raises(ValueError, match="SEMI.EMA_DECAY"):
+            EMATeacher(model, decay=decay)
+
+
+class _BackboneWithReference(torch.nn.Module):
+    """A backbone with a frozen reference tower E_I^0 that a copy can drop (as the CLIP backbone's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+        self.reference = torch.nn.Linear(2, 2)
+
+    def drop_reference(self) -> None:
+        self.reference = None
+
+
+def test_ema_teacher_drops_the_frozen_reference_unless_the_ensemble_runs_it():
+    """The teacher never runs E_I^0, so its copy is dropped; with TEST.CLIP_ENSEMBLE the teacher's evaluation runs
+    it, and it shares the student's tower (one object, not a second copy)."""
+    student = torch.nn.Module()
+    student.backbone = _BackboneWithReference()
+    student.clip_ensemble = None
+    assert EMATeacher(student).model.backbone.reference is None
+    student.clip_ensemble = torch.nn.Identity()
+    teacher = EMATeacher(student)
+    assert teacher.model.backbone.reference is student.backbone.reference
+    assert teacher.model.backbone.layer is not student.backbone.layer  # the rest is a copy
+
+
 def test_ema_keeps_infinite_buffers_finite_where_they_agree():
     # attention-mask buffers hold -inf; 0 * -inf at iteration 0 must not become NaN
     student = torch.nn.Linear(1, 1)

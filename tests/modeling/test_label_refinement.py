@@ -189,3 +189,78 @@ def test_the_refinement_from_the_config():
                    "SEMI.LABEL_REFINEMENT_ITERATIONS", "10")
     with pytest.raises(ValueError, match="LABEL_REFINEMENT_ITERATIONS refines the teacher's CMCR targets"):
         build_model(entropy)
+
+
+def test_neighbour_spread_over_the_unpadded_neighbours_by_hand():
+    """The masked spread is the unbiased std of the unpadded neighbours only: with 2 of them their std, with
+    one or none 0; with no mask the plain ``Tensor.std``."""
+    from hvlformer.modeling.label_refinement import _neighbour_spread
+
+    around = torch.tensor([1.0, 4.0, 10.0, -3.0]).view(1, 1, 4, 1, 1).expand(1, 3, 4, 1, 1)
+    for real, expected in (([1, 1, 1, 1], torch.tensor([1.0, 4.0, 10.0, -3.0]).std()),
+                           ([0, 1, 1, 0], torch.tensor([4.0, 10.0]).std()),   # exactly two: their std (18 ** 0.5)
+                           ([0, 0, 1, 0], 0.0), ([0, 0, 0, 0], 0.0)):
+        padded = ~torch.tensor(real, dtype=torch.bool).view(1, 4, 1, 1)
+        spread = _neighbour_spread(around, padded)
+        assert spread.shape == (1, 3, 1, 1, 1)
+        torch.testing.assert_close(spread, torch.full((1, 3, 1, 1, 1), float(expected)))
+    torch.testing.assert_close(_neighbour_spread(around, None), around.std(dim=2, keepdim=True))
+
+
+def test_a_pixel_with_only_padded_neighbours_keeps_its_distribution():
+    """Deep inside the padding every neighbour (at every dilation, and the replicated border) is padding: its
+    affinities are all 0, and the refinement leaves its distribution as it was instead of zeroing it."""
+    refinement = PixelAdaptiveRefinement(iterations=3)
+    image = _square_image(size=24, top=2, side=4)
+    padding = torch.zeros(1, 24, 24, dtype=torch.bool)
+    padding[:, :, 6:] = True  # only the six left columns are image
+    weights = refinement.affinity(image, padding)
+    assert weights[0, :, 12, 20].sum() == 0 and weights[0, :, 12, 2].sum() == pytest.approx(1.0)
+    probs = torch.softmax(torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1)), dim=1)
+    refined = refinement(probs, image, padding)
+    torch.testing.assert_close(refined[0, :, 12, 20], probs[0, :, 12, 20])
+    torch.testing.assert_close(refined.sum(dim=1), torch.ones(1, 24, 24))
+
+
+@pytest.mark.parametrize("kwargs", [{"colour_scale": 0.0}, {"colour_scale": -1.0}, {"position_weight": -0.1},
+                                    {"iterations": 0}, {"dilations": (1, 0)}, {"dilations": ()}])
+def test_refinement_rejects_settings_outside_their_range(kwargs):
+    with pytest.raises(ValueError, match="SEMI.LABEL_REFINEMENT_"):
+        PixelAdaptiveRefinement(**kwargs)
+
+
+def test_position_weight_zero_is_allowed_and_leaves_the_colour_term_alone():
+    """``position_weight`` 0 (no distance prior) is a valid setting: the weights are then the colour softmax
+    alone, uniform over the 32 neighbours on a flat image."""
+    weights = PixelAdaptiveRefinement(iterations=1, position_weight=0.0).affinity(torch.full((1, 3, 16, 16), 90.0))
+    torch.testing.assert_close(weights, torch.full((1, 32, 16, 16), 1 / 32))
+
+
+def test_on_a_flat_image_the_weights_fall_with_the_euclidean_distance():
+    """Neighbour m at dilation d in direction (dy, dx) is d * sqrt(dy^2 + dx^2) away: on a flat image (the colour
+    term uniform) the diagonal neighbour at dilation 1 (sqrt 2) weighs less than the axial one at 1 and more than
+    the axial one at 2, and neighbours at equal distance weigh the same. (A wide ``colour_scale``, which also
+    widens the distance prior, and a large ``position_weight`` make the differences visible: at the defaults nearly
+    all of the prior's weight is on the four axial neighbours at dilation 1.)"""
+    refinement = PixelAdaptiveRefinement(iterations=1, dilations=(1, 2), colour_scale=3.0, position_weight=1.0)
+    weights = refinement.affinity(torch.full((1, 3, 16, 16), 90.0))
+    at = weights[0, :, 8, 8]                # directions (-1,-1), (-1,0), (-1,1), (0,-1), (0,1), (1,-1), (1,0), (1,1)
+    axial_1, diagonal_1, axial_2 = at[1], at[0], at[8 + 1]
+    assert axial_1 > diagonal_1 > axial_2
+    torch.testing.assert_close(at[[1, 3, 4, 6]], axial_1.expand(4))
+    torch.testing.assert_close(at[[0, 2, 5, 7]], diagonal_1.expand(4))
+
+
+def test_a_coarse_map_is_upsampled_at_pixel_centres():
+    """``probs`` at a lower resolution are upsampled bilinearly with half-pixel centres (``align_corners=False``,
+    as the rest of the model upsamples): on a flat image the symmetric neighbour weights keep a linear ramp, so
+    far from the border the refined map is that upsampling exactly."""
+    ramp = torch.linspace(0.0, 1.0, 16).view(1, 1, 1, 16).expand(1, 1, 16, 16)
+    probs = torch.cat([ramp, 1.0 - ramp], dim=1)
+    refined = PixelAdaptiveRefinement(iterations=1).forward(probs, torch.full((1, 3, 64, 64), 90.0))
+    expected = F.interpolate(probs, size=(64, 64), mode="bilinear", align_corners=False)
+    # the upsampled ramp is linear from pixel 2 to 61; one iteration reaches 8 px (the largest dilation)
+    inner = (slice(None), slice(None), slice(12, 52), slice(12, 52))
+    torch.testing.assert_close(refined[inner], expected[inner])
+    assert not torch.allclose(expected[inner], F.interpolate(probs, size=(64, 64), mode="bilinear",
+                                                             align_corners=True)[inner], atol=1e-3)
