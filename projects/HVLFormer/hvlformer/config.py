@@ -478,6 +478,15 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.MODEL.HVLFORMER.TEXT.PROMPT_STYLE = "descriptions"
 
     # ------------------------------------------------------------------ test
+    # Keep the weights of the best evaluation as OUTPUT_DIR/model_best.pth (detectron2's BestCheckpointer; its
+    # metric and step in model_best.json, restored on --resume). METRIC: a key of the evaluation results as
+    # metrics.json writes them, e.g. "sem_seg/mIoU" or, for the EMA teacher, "teacher/sem_seg/mIoU"; "" = off.
+    # Evaluations come every TEST.EVAL_PERIOD steps and at the end. Why: with few labels the supervised model
+    # peaks early and falls after (docs/RESULTS.md, 10 shape kinds: by up to 10 mIoU).
+    cfg.TEST.BEST_CHECKPOINT = CN()
+    cfg.TEST.BEST_CHECKPOINT.METRIC = ""
+    # "max" (mIoU, accuracy) or "min" (a loss).
+    cfg.TEST.BEST_CHECKPOINT.MODE = "max"
     cfg.TEST.SLIDING_WINDOW = CN()
     # Sliding-window inference (count-matrix averaging); whole-image inference when False.
     cfg.TEST.SLIDING_WINDOW.ENABLED = False

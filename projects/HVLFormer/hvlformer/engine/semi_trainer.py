@@ -156,6 +156,9 @@ class SemiSupervisedTrainer(Trainer):
                 results = self.test(self.cfg, self.teacher.model)
                 return {f"teacher/{k}": v for k, v in results.items()}
 
-            # before the writers (the last hook), like detectron2's own EvalHook
-            hook_list.insert(len(hook_list) - 1, hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_teacher))
+            # before the best-checkpoint hook (which may read the teacher's results) and the writers (the last
+            # hook), like detectron2's own EvalHook
+            position = next(i for i, h in enumerate(hook_list) if isinstance(h, (hooks.BestCheckpointer,
+                                                                                 hooks.PeriodicWriter)))
+            hook_list.insert(position, hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_teacher))
         return hook_list

@@ -7,6 +7,7 @@ teacher, DDP, training step, scheduler, checkpointer); the semi-supervised train
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -128,6 +129,46 @@ class EvaluationWriter(hooks.PeriodicWriter):
             super().after_step()
 
 
+class BestCheckpointer(hooks.BestCheckpointer):
+    """detectron2's ``BestCheckpointer`` (after the evaluation hooks: ``model_best.pth`` whenever the metric
+    improves) that survives a resume and names a wrong metric.
+
+    - The best value and its step are also written to ``model_best.json`` beside the weights; a resumed run
+      (``start_iter > 0``) reads them back, so its first evaluation does not replace a better ``model_best.pth``
+      of the steps before the interruption. A run from step 0 starts afresh.
+    - A metric the evaluation did not produce is an error listing the ones it did (detectron2 only warns, and
+      the run would end without a best checkpoint)."""
+
+    def __init__(self, eval_period: int, checkpointer, val_metric: str, mode: str = "max",
+                 file_prefix: str = "model_best") -> None:
+        super().__init__(eval_period, checkpointer, val_metric, mode=mode, file_prefix=file_prefix)
+        self.record_path = os.path.join(checkpointer.save_dir, f"{file_prefix}.json")
+
+    def before_train(self) -> None:
+        if self.trainer.start_iter > 0 and os.path.isfile(self.record_path):
+            with open(self.record_path) as f:
+                record = json.load(f)
+            if record.get("metric_name") == self._val_metric:
+                self.best_metric, self.best_iter = record["metric"], record["iteration"]
+                self._logger.info(f"Best {self._val_metric} so far: {self.best_metric:0.5f} @ {self.best_iter} steps")
+
+    def _best_checking(self) -> None:
+        latest = self.trainer.storage.latest()
+        if self._val_metric not in latest:
+            evaluated = sorted(k for k in latest if "/" in k and not k.startswith(("lr", "time")))
+            raise ValueError(f"TEST.BEST_CHECKPOINT.METRIC={self._val_metric!r} is not an evaluation result of this "
+                             f"run; it has: {', '.join(evaluated) or 'none'}")
+        super()._best_checking()
+
+    def _update_best(self, val: float, iteration: int) -> bool:
+        if not super()._update_best(val, iteration):
+            return False
+        if comm.is_main_process():  # the checkpointer saves on the main process only, and so does this
+            with open(self.record_path, "w") as f:
+                json.dump({"metric_name": self._val_metric, "metric": float(val), "iteration": int(iteration)}, f)
+        return True
+
+
 def amp_of(cfg: CfgNode) -> Optional[torch.dtype]:
     """The autocast dtype of ``SOLVER.AMP`` (``None``: full precision)."""
     return amp_dtype(cfg.SOLVER.AMP.DTYPE) if cfg.SOLVER.AMP.ENABLED else None
@@ -159,10 +200,16 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self) -> List[hooks.HookBase]:
         """DefaultTrainer's hooks, with its writer replaced by :class:`EvaluationWriter` (every evaluation
-        reaches ``metrics.json``)."""
-        hook_list = super().build_hooks()
-        return [EvaluationWriter(h._writers, h._period, self.cfg.TEST.EVAL_PERIOD)
-                if type(h) is hooks.PeriodicWriter else h for h in hook_list]
+        reaches ``metrics.json``), and :class:`BestCheckpointer` with ``TEST.BEST_CHECKPOINT.METRIC``."""
+        hook_list = [EvaluationWriter(h._writers, h._period, self.cfg.TEST.EVAL_PERIOD)
+                     if type(h) is hooks.PeriodicWriter else h for h in super().build_hooks()]
+        best = self.cfg.TEST.BEST_CHECKPOINT
+        if best.METRIC:
+            # after the evaluation hooks, before the writer (the last hook); more evaluation hooks (the EMA
+            # teacher's) go in before it
+            hook_list.insert(len(hook_list) - 1, BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer,
+                                                                  best.METRIC, mode=best.MODE))
+        return hook_list
 
     @classmethod
     def training_config(cls, cfg: CfgNode, world_size: int) -> CfgNode:
