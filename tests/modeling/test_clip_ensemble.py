@@ -145,6 +145,11 @@ def test_ensemble_rejects_bad_settings():
         CLIPEnsemble(logit_scale=0.0)
     with pytest.raises(ValueError, match="LEVEL"):
         CLIPEnsemble(logit_scale=10.0, level="region")
+    # the ends of the ranges are settings: CLIP's weight 0 (the decoder alone) and 1 (CLIP alone), any positive scale
+    for weight in (0.0, 1.0):
+        assert CLIPEnsemble(logit_scale=0.5, seen_weight=weight, unseen_weight=weight).logit_scale == 0.5
+    with pytest.raises(ValueError, match="unseen_weight"):
+        CLIPEnsemble(logit_scale=10.0, unseen_weight=-0.1)
 
 
 @pytest.fixture(scope="module")

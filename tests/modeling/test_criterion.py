@@ -388,3 +388,20 @@ def test_criterion_under_autocast_and_decoder_outputs():
     total = sum(crit.weight_dict[key] * v for key, v in losses.items())
     total.backward()
     assert tq.grad is not None and tq.grad.abs().sum() > 0
+
+
+def test_matcher_class_cost_is_each_querys_probability_over_the_classes():
+    """p(class | query) is a softmax over the K + 1 classes of one query, not over the queries: query 0 gives the
+    target class 0.79 (logits [2, 0, 0]), query 1 only 0.49 though its logit is higher ([3, 3, 0]); with equal
+    masks query 0 is matched."""
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [3.0, 3.0, 0.0]]])
+    (pi, ti), = HungarianMatcher(num_points=16)({"pred_logits": logits, "pred_masks": torch.zeros(1, 2, 4, 4)},
+                                                [{"labels": torch.tensor([0]), "masks": torch.ones(1, 4, 4)}])
+    assert pi.tolist() == [0] and ti.tolist() == [0]
+
+
+def test_matcher_needs_one_nonzero_cost():
+    with pytest.raises(ValueError, match="all matching costs are 0"):
+        HungarianMatcher(cost_class=0.0, cost_mask=0.0, cost_dice=0.0)
+    for costs in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)):
+        assert HungarianMatcher(*costs).cost_class == costs[0]
