@@ -253,8 +253,17 @@ def test_relabel_objects_alone_trains_on_renamed_targets_without_the_guidance_lo
     def renamed(teacher_labels):
         probs = torch.nn.functional.one_hot(teacher_labels, len(names)).permute(0, 3, 1, 2).float() * 0.97 + 0.005
         batch = {"image_original": images, "targets": [LayerTargets(probs, torch.zeros(1), torch.zeros(1))]}
-        _, out, stats = clip_checked_targets(model, batch, torch.zeros(8, 96, 96, dtype=torch.bool))
+        clip, out, stats = clip_checked_targets(model, batch, torch.zeros(8, 96, 96, dtype=torch.bool))
+        # the agreement statistic: on the pixels confident for CLIP and for the teacher (0.97 >= the threshold, so
+        # every pixel for the teacher), the share where the two name the same class
+        both = clip.confident
+        assert both.any()
+        agreement = ((teacher_labels == clip.labels) & both).sum() / both.sum()
+        assert stats["stat_clip_guidance_agreement"].item() == pytest.approx(agreement.item(), abs=1e-6)
+        agreements.append(agreement.item())
         return out["targets"][0].probs.argmax(dim=1), stats["stat_clip_relabelled_fraction"].item()
+
+    agreements = []
 
     drifted = torch.where(small == square, torch.full_like(small, cross), small)
     back, fraction = renamed(drifted)
@@ -264,6 +273,7 @@ def test_relabel_objects_alone_trains_on_renamed_targets_without_the_guidance_lo
     assert fraction == pytest.approx((back != drifted).float().mean().item(), abs=1e-6) and fraction > 0
     kept, fraction = renamed(small)
     assert (kept == small).float().mean() > 0.95 and fraction == pytest.approx((kept != small).float().mean().item())
+    assert 0.0 < agreements[0] < agreements[1] <= 1.0  # CLIP agrees more with the right labels than with the drifted
 
 
 def test_prompt_embeddings_are_cached_per_vocabulary_and_forgotten_on_reset():
