@@ -67,6 +67,20 @@ def test_a_metric_the_evaluation_does_not_produce_is_an_error(tmp_path):
     assert saved.saved == []
 
 
+def test_other_processes_of_a_distributed_run_neither_check_nor_save(tmp_path, monkeypatch):
+    """detectron2's evaluation stores its results on the main process only: another process must not take the
+    missing metric for a wrong name."""
+    from detectron2.utils import comm
+
+    monkeypatch.setattr(comm, "is_main_process", lambda: False)
+    hook, saved = _hook(tmp_path, 0)
+    with EventStorage(0) as storage:
+        storage.put_scalars(loss_ce=1.0)
+        hook.trainer.storage = storage
+        hook._best_checking()
+    assert saved.saved == [] and not (tmp_path / "model_best.json").exists()
+
+
 def test_model_best_holds_the_weights_of_the_best_evaluation(tmp_path):
     """3 steps of the random-weight tiny config, evaluated after every step, a checkpoint after every step:
     model_best.pth equals the checkpoint of the step with the best mIoU in metrics.json (the first one on a tie)."""

@@ -137,7 +137,8 @@ class BestCheckpointer(hooks.BestCheckpointer):
       (``start_iter > 0``) reads them back, so its first evaluation does not replace a better ``model_best.pth``
       of the steps before the interruption. A run from step 0 starts afresh.
     - A metric the evaluation did not produce is an error listing the ones it did (detectron2 only warns, and
-      the run would end without a best checkpoint)."""
+      the run would end without a best checkpoint). Checked on the main process only: in a distributed run the
+      other processes' storages never hold the evaluation's results."""
 
     def __init__(self, eval_period: int, checkpointer, val_metric: str, mode: str = "max",
                  file_prefix: str = "model_best") -> None:
@@ -153,6 +154,8 @@ class BestCheckpointer(hooks.BestCheckpointer):
                 self._logger.info(f"Best {self._val_metric} so far: {self.best_metric:0.5f} @ {self.best_iter} steps")
 
     def _best_checking(self) -> None:
+        if not comm.is_main_process():
+            return  # the evaluation's results reach the main process's storage only; it alone saves
         latest = self.trainer.storage.latest()
         if self._val_metric not in latest:
             evaluated = sorted(k for k in latest if "/" in k and not k.startswith(("lr", "time")))
