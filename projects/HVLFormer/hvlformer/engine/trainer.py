@@ -158,7 +158,7 @@ class BestCheckpointer(hooks.BestCheckpointer):
             return  # the evaluation's results reach the main process's storage only; it alone saves
         latest = self.trainer.storage.latest()
         if self._val_metric not in latest:
-            evaluated = sorted(k for k in latest if "/" in k and not k.startswith(("lr", "time")))
+            evaluated = sorted(k for k in latest if "/" in k)  # evaluation results are "task/metric"
             raise ValueError(f"TEST.BEST_CHECKPOINT.METRIC={self._val_metric!r} is not an evaluation result of this "
                              f"run; it has: {', '.join(evaluated) or 'none'}")
         super()._best_checking()
@@ -166,9 +166,9 @@ class BestCheckpointer(hooks.BestCheckpointer):
     def _update_best(self, val: float, iteration: int) -> bool:
         if not super()._update_best(val, iteration):
             return False
-        if comm.is_main_process():  # the checkpointer saves on the main process only, and so does this
-            with open(self.record_path, "w") as f:
-                json.dump({"metric_name": self._val_metric, "metric": float(val), "iteration": int(iteration)}, f)
+        # only reached on the main process (see _best_checking), where the checkpointer saves too
+        with open(self.record_path, "w") as f:
+            json.dump({"metric_name": self._val_metric, "metric": float(val), "iteration": int(iteration)}, f)
         return True
 
 
