@@ -53,6 +53,47 @@ def test_parameter_groups():
     assert groups["context"]["weight_decay"] == 0.0 and groups["context"]["lr"] == 1e-4
 
 
+def test_lr_multipliers_longest_prefix_wins_over_the_backbone_multiplier():
+    multipliers = [("backbone.", 0.5), ("backbone.visual.0.", 0.0), ("head.", 2.0)]
+    groups = {g["name"]: g for g in get_parameter_groups(Toy(), 1e-4, 0.01, 0.0, 0.0, 0.1,
+                                                           lr_multipliers=multipliers)}
+    assert groups["backbone.visual.0.weight"]["lr"] == 0.0  # the longer prefix, not "backbone."
+    assert groups["backbone.visual.1.weight"]["lr"] == pytest.approx(5e-5)  # replaces BACKBONE_MULTIPLIER 0.1
+    assert groups["backbone.pyramid.weight"]["lr"] == pytest.approx(5e-5)
+    assert groups["head.weight"]["lr"] == pytest.approx(2e-4)
+    assert groups["query.weight"]["lr"] == pytest.approx(1e-4)  # no prefix: the base LR
+    assert groups["backbone.visual.0.weight"]["weight_decay"] == 0.01  # decay rules unchanged
+
+
+def test_lr_multiplier_zero_keeps_parameters_at_their_initial_values():
+    cfg = _cfg(LR_MULTIPLIERS=[["head.", 0.0]], BACKBONE_MULTIPLIER=1.0)
+    model = Toy()
+    head_before = model.head.weight.detach().clone()
+    query_before = model.query.weight.detach().clone()
+    optimizer = build_optimizer(cfg, model)
+    x = torch.randn(4, 3)
+    (model.head(model.query(torch.arange(5))).pow(2).sum() + model.head(x).sum()).backward()
+    optimizer.step()
+    assert torch.equal(model.head.weight, head_before)  # weight decay is scaled by the LR too
+    assert not torch.equal(model.query.weight, query_before)
+
+
+def test_lr_multipliers_reject_unknown_prefixes_and_bad_entries():
+    with pytest.raises(ValueError, match="no trainable parameter starts with 'htqg.hqg.'.*backbone.visual"):
+        build_optimizer(_cfg(LR_MULTIPLIERS=[["htqg.hqg.", 0.0]]), Toy())
+    with pytest.raises(ValueError, match="no trainable parameter.*'frozen.'"):  # frozen ones do not count
+        build_optimizer(_cfg(LR_MULTIPLIERS=[["frozen.", 0.5]]), Toy())
+    with pytest.raises(ValueError, match=">= 0"):
+        build_optimizer(_cfg(LR_MULTIPLIERS=[["head.", -1.0]]), Toy())
+    with pytest.raises(ValueError, match="pairs"):
+        build_optimizer(_cfg(LR_MULTIPLIERS=[["head.", 0.1, 2]]), Toy())
+
+
+def test_lr_multipliers_from_the_command_line():
+    cfg = setup_cfg(argparse.Namespace(config_file="", opts=["SOLVER.LR_MULTIPLIERS", "[['htqg.hqg.', 0.1]]"]))
+    assert [tuple(entry) for entry in cfg.SOLVER.LR_MULTIPLIERS] == [("htqg.hqg.", 0.1)]
+
+
 def test_full_model_gradient_clipping_clips_the_global_norm():
     cfg = _cfg(OPTIMIZER="SGD", BASE_LR=1.0, MOMENTUM=0.0, WEIGHT_DECAY=0.0)
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True

@@ -248,6 +248,10 @@ def add_hvlformer_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier of the CLIP vision encoder (fine-tuned at 0.1x).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Per-module learning-rate multipliers: [[parameter-name prefix, multiplier], ...]; the longest matching
+    # prefix wins over BACKBONE_MULTIPLIER; 0 keeps those parameters at their initial values. E.g.
+    # [["htqg.hqg.", 0.0]] freezes the HQG heads, so the textual queries stay the text's (docs/RESULTS.md).
+    cfg.SOLVER.LR_MULTIPLIERS = []
     # Weight decay of normalisation layers, embeddings (position, level, query) and the learnable context.
     cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Sequence, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from detectron2.config import CfgNode
@@ -21,14 +21,45 @@ EMBEDDING_NAMES = ("positional_embedding", "class_embedding", "pos_embed", "cls_
 PRETRAINED_ENCODER_PREFIXES = ("backbone.visual.",)
 
 
+def lr_multiplier_for(name: str, lr_multipliers: Sequence[Tuple[str, float]]) -> Optional[float]:
+    """The multiplier of the longest prefix in ``lr_multipliers`` that ``name`` starts with; None if none does."""
+    matches = [(len(prefix), float(multiplier)) for prefix, multiplier in lr_multipliers if name.startswith(prefix)]
+    return max(matches)[1] if matches else None
+
+
+def check_lr_multipliers(model: nn.Module, lr_multipliers: Sequence[Sequence[Any]]) -> List[Tuple[str, float]]:
+    """``SOLVER.LR_MULTIPLIERS`` as ``(prefix, multiplier)`` pairs; a ValueError for a malformed entry, a
+    negative multiplier or a prefix that matches no trainable parameter (a typo would silently train at the
+    base LR)."""
+    pairs: List[Tuple[str, float]] = []
+    names = [name for name, param in model.named_parameters() if param.requires_grad]
+    for entry in lr_multipliers:
+        if len(entry) != 2 or not isinstance(entry[0], str) or not isinstance(entry[1], (int, float)):
+            raise ValueError(f"SOLVER.LR_MULTIPLIERS entries must be [prefix, multiplier] pairs, got {entry!r}")
+        prefix, multiplier = entry[0], float(entry[1])
+        if multiplier < 0:
+            raise ValueError(f"SOLVER.LR_MULTIPLIERS: the multiplier of {prefix!r} must be >= 0, got {multiplier}")
+        if not any(name.startswith(prefix) for name in names):
+            roots = sorted({".".join(name.split(".")[:2]) for name in names})
+            raise ValueError(f"SOLVER.LR_MULTIPLIERS: no trainable parameter starts with {prefix!r}; the model's "
+                             f"parameters start with: {', '.join(roots)}")
+        pairs.append((prefix, multiplier))
+    return pairs
+
+
 def get_parameter_groups(model: nn.Module, base_lr: float, weight_decay: float, weight_decay_norm: float,
                          weight_decay_embed: float, backbone_multiplier: float,
-                         pretrained_prefixes: Sequence[str] = PRETRAINED_ENCODER_PREFIXES) -> List[Dict[str, Any]]:
+                         pretrained_prefixes: Sequence[str] = PRETRAINED_ENCODER_PREFIXES,
+                         lr_multipliers: Sequence[Tuple[str, float]] = ()) -> List[Dict[str, Any]]:
     """One group per trainable parameter with its LR and weight decay.
 
     - parameters whose name starts with one of ``pretrained_prefixes`` (default ``backbone.visual.``: the
       fine-tuned, pretrained CLIP vision encoder E_I): LR x ``backbone_multiplier``; the new layers of the
       backbone (the simple feature pyramid ``backbone.pyramid.*``) and everything else: the base LR;
+    - ``lr_multipliers`` (``SOLVER.LR_MULTIPLIERS``): ``(prefix, multiplier)`` pairs; a parameter whose name
+      starts with a prefix trains at base LR x the multiplier of the longest such prefix, in place of the
+      above. Multiplier 0 keeps a parameter at its initial value (as ``backbone_multiplier`` 0 does: it stays
+      in the optimizer with LR 0, so full-model gradient clipping sees the same gradients);
     - normalisation layers: ``weight_decay_norm``; embeddings (``nn.Embedding``, position / class /
       level embeddings, the learnable text context, the logit scale): ``weight_decay_embed``;
     - frozen parameters (the CLIP text tower) are skipped, so they cost no optimizer state.
@@ -42,7 +73,10 @@ def get_parameter_groups(model: nn.Module, base_lr: float, weight_decay: float, 
             seen.add(id(param))
             full_name = f"{module_name}.{name}" if module_name else name
             pretrained = full_name.startswith(tuple(pretrained_prefixes))
-            lr = base_lr * (backbone_multiplier if pretrained else 1.0)
+            multiplier = lr_multiplier_for(full_name, lr_multipliers)
+            if multiplier is None:
+                multiplier = backbone_multiplier if pretrained else 1.0
+            lr = base_lr * multiplier
             decay = weight_decay
             if isinstance(module, NORM_TYPES):
                 decay = weight_decay_norm
@@ -69,7 +103,8 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     ``full_model`` clips the norm over the whole model, ``value``/``norm`` use detectron2's per-parameter clipping.
     """
     groups = get_parameter_groups(model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_NORM,
-                                  cfg.SOLVER.WEIGHT_DECAY_EMBED, cfg.SOLVER.BACKBONE_MULTIPLIER)
+                                  cfg.SOLVER.WEIGHT_DECAY_EMBED, cfg.SOLVER.BACKBONE_MULTIPLIER,
+                                  lr_multipliers=check_lr_multipliers(model, cfg.SOLVER.LR_MULTIPLIERS))
     if not groups:
         raise ValueError("the model has no trainable parameters")
     name = cfg.SOLVER.OPTIMIZER.upper()
