@@ -66,6 +66,9 @@ VARIANTS = {
     # (a) Mask2Former-style learnable queries, everything else the same (issue 13's baseline; the paper's Table 4
     # baseline is TQDM, textual queries from the class names: t4_tqdm)
     "supervised_learnable": (SUPERVISED, LEARNABLE + LABELED_ONLY),
+    # (a) with anchors that hold: the HQG heads kept at their initial weights, so each class's query stays a fixed
+    # function of its text embedding (which moves only through the context tokens, held to T^0 by L^L)
+    "supervised_hqg_frozen": (SUPERVISED, LABELED_ONLY + ["SOLVER.LR_MULTIPLIERS", "[['htqg.hqg.', 0.0]]"]),
     # (b) the same config from random CLIP weights (HVL-Tiny-ViT, full learning rate on the encoder)
     "supervised_random": (RANDOM, LABELED_ONLY),
     # (d) toy Table 4: learnable-query baseline -> TQDM (textual queries from the class names, the paper's
@@ -92,6 +95,11 @@ EXPERIMENTS = {
                  ("all_labeled_minus_supervised", "supervised_all_labeled", "supervised")]),
     "anchors": (["supervised", "supervised_learnable"],
                 [("textual_minus_learnable", "supervised", "supervised_learnable")]),
+    # (a) with the textual queries held at their text-derived start (HQG frozen), next to both query sources
+    "anchors_frozen": (["supervised", "supervised_hqg_frozen", "supervised_learnable"],
+                       [("hqg_frozen_minus_learnable", "supervised_hqg_frozen", "supervised_learnable"),
+                        ("hqg_frozen_minus_textual", "supervised_hqg_frozen", "supervised"),
+                        ("textual_minus_learnable", "supervised", "supervised_learnable")]),
     # (c) and (a) in one command (their runs at once, sharing the supervised arm)
     "semi_and_anchors": (["supervised", "semi", "supervised_learnable"],
                          [("semi_minus_supervised", "semi", "supervised"),
@@ -203,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="semi",
                         help="semi: (c) semi vs supervised; anchors: (a) textual vs learnable queries; semi_and_anchors: "
-                             "(c) and (a) together; pretraining: "
+                             "(c) and (a) together; anchors_frozen: (a) with the HQG heads frozen as well; pretraining: "
                              "(b) pretrained vs random CLIP; table4: (d) the toy Table 4; tqdm: the paper's baseline (class-name "
                              "textual queries) vs learnable queries; ceiling: (c) next to every "
                              "image labeled; caa, ecac, "

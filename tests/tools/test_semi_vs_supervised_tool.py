@@ -344,3 +344,22 @@ def test_evaluations_over_training_count_steps_and_keep_the_teacher(tool, tmp_pa
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows))
     assert tool.evaluations(tmp_path, 800) == {"iteration": [400, 800], "mIoU": [70.0, 80.13]}
     assert tool.evaluations(tmp_path / "no_run", 800) == {}
+
+
+def test_anchors_frozen_freezes_the_hqg_heads_of_its_own_arm_only(tool, fake_train, tmp_path):
+    """(a) with the HQG heads frozen: a third arm beside (a)'s two, sharing their runs, with
+    SOLVER.LR_MULTIPLIERS for htqg.hqg. at 0 after the labeled-only override; three paired differences."""
+    common = ["--iters", "20", "--workers", "0", "--parallel", "1", "--output-dir", str(tmp_path), "--seeds", "0", "1"]
+    tool.main(["--experiment", "anchors", *common])
+    out = tool.main(["--experiment", "anchors_frozen", *common])
+    assert len(fake_train) == 6 and list(out["mIoU"]) == ["supervised", "supervised_hqg_frozen", "supervised_learnable"]
+    frozen = fake_train[4:]
+    assert all(c[c.index("OUTPUT_DIR") + 1].startswith(str(tmp_path / "supervised_hqg_frozen_seed")) for c in frozen)
+    assert all(c[-2:] == ["SOLVER.LR_MULTIPLIERS", "[['htqg.hqg.', 0.0]]"] for c in frozen)
+    assert all("SOLVER.LR_MULTIPLIERS" not in c for c in fake_train[:4])
+    assert "MODEL.HVLFORMER.QUERY_SOURCE" not in frozen[0]  # textual queries
+    runs = {arm: out["mIoU"][arm]["runs"] for arm in out["mIoU"]}
+    for name, arm, minus in (("hqg_frozen_minus_learnable", "supervised_hqg_frozen", "supervised_learnable"),
+                             ("hqg_frozen_minus_textual", "supervised_hqg_frozen", "supervised"),
+                             ("textual_minus_learnable", "supervised", "supervised_learnable")):
+        assert out[name]["runs"] == [round(runs[arm][i] - runs[minus][i], 2) for i in range(2)]
