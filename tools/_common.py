@@ -118,6 +118,11 @@ KEYS_ADDED_LATER = {
     ("SEMI", "LABEL_REFINEMENT_DILATIONS"): "(1, 2, 4, 8)",
     ("SEMI", "LABEL_REFINEMENT_COLOUR_SCALE"): "0.3",
     ("SEMI", "LABEL_REFINEMENT_POSITION_WEIGHT"): "0.01",
+    ("DATASETS", "SHAPES", "RARE_CLASS"): "",               # a class in few labeled images, docs/RESULTS.md
+    ("DATASETS", "SHAPES", "RARE_CLASS_LABELED_IMAGES"): "2",  # (no effect without RARE_CLASS)
+    ("TEST", "BEST_CHECKPOINT", "METRIC"): "",               # keep the best checkpoint, docs/GETTING_STARTED.md
+    ("TEST", "BEST_CHECKPOINT", "MODE"): "max",
+    ("SOLVER", "LR_MULTIPLIERS"): "[]",                      # per-module learning rates, docs/DESIGN.md
 }
 
 
@@ -140,7 +145,40 @@ def config_id(cfg) -> str:
         node = _parent_of(cfg, path)
         if node is not None and path[-1] in node and str(node[path[-1]]) == old_value:
             del node[path[-1]]
+            if not node and len(path) > 2:  # a group added with its keys (TEST.BEST_CHECKPOINT) goes too
+                del _parent_of(cfg, path[:-1])[path[-2]]
     return hashlib.sha256(cfg.dump().encode("utf-8")).hexdigest()
+
+
+def _leaves(tree: Dict, prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
+    """``{path: value}`` of every leaf of a nested config mapping."""
+    leaves: Dict[Tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            leaves.update(_leaves(value, (*prefix, key)))
+        else:
+            leaves[(*prefix, key)] = value
+    return leaves
+
+
+def same_config_as_run(cfg, config_yaml: Path) -> bool:
+    """Whether the run that dumped ``config_yaml`` trained with ``cfg``: every key of the run's config holds the
+    value ``cfg`` has, and every key of ``cfg`` the run lacks is a :data:`KEYS_ADDED_LATER` key at its old
+    behaviour. Unlike a :func:`config_id` hash stored at launch, this does not depend on when a key was listed
+    there (a run made after a key existed but before it was listed hashed it in)."""
+    import yaml
+
+    now = _leaves(yaml.safe_load(cfg.dump()))
+    then = _leaves(yaml.safe_load(config_yaml.read_text()) or {})
+    if set(then) - set(now):
+        return False  # a key the config no longer has
+    for path, value in now.items():
+        if path in then:
+            if then[path] != value:
+                return False
+        elif path not in KEYS_ADDED_LATER or str(_parent_of(cfg, path)[path[-1]]) != KEYS_ADDED_LATER[path]:
+            return False
+    return True
 
 
 def settings_of_older_runs(config_yaml: Path) -> List[str]:
@@ -187,7 +225,8 @@ def run_train_net(train_net: Path, config: Path, opts: Sequence[str], out: Path,
     (``benchmark_opts.json``) from the same CLIP weights (``benchmark_clip.json``: path and sha256, so a
     checkpoint retrained in place is noticed; for runs from before that file, the weights path of the run's
     dumped ``config.yaml``) and the same resolved config (``benchmark_config.json``: :func:`config_id`, so an
-    edited config file is noticed; runs from before that file are judged without it). Returns the finished
+    edited config file is noticed; on a differing hash the run's dumped ``config.yaml`` is compared key by key,
+    :func:`same_config_as_run`; runs from before that file are judged without it). Returns the finished
     process, or None when the run is reused; the caller checks its return code."""
     opts = [str(o) for o in opts]
     command, weights, resolved = out / "benchmark_opts.json", out / "benchmark_clip.json", out / "benchmark_config.json"
@@ -198,8 +237,10 @@ def run_train_net(train_net: Path, config: Path, opts: Sequence[str], out: Path,
             same = json.loads(weights.read_text()) == current
         else:
             same = _dumped_clip_weights(out) == current["pretrained"]
-        if resolved.exists():
-            same = same and json.loads(resolved.read_text()) == current_config
+        if resolved.exists() and json.loads(resolved.read_text()) != current_config:
+            # the hash differs: a config file or default was edited, or a key was listed in KEYS_ADDED_LATER after
+            # the run hashed it; the run's own dumped config tells which
+            same = same and (out / "config.yaml").exists() and same_config_as_run(cfg, out / "config.yaml")
         if same:
             return None
     out.mkdir(parents=True, exist_ok=True)

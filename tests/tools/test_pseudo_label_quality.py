@@ -309,6 +309,49 @@ def test_config_id_ignores_a_later_key_at_its_old_behaviour(load_tool):
     assert common.config_id(refined) != common.config_id(current)
 
 
+def test_config_id_drops_a_group_added_later_whole(load_tool):
+    """TEST.BEST_CHECKPOINT came as a group: at its old behaviour the hash is the run's from before it."""
+    common = load_tool("_common")
+    current = common.resolved_cfg(REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml", [])
+    before = current.clone()
+    before.defrost()
+    del before.TEST["BEST_CHECKPOINT"]
+    del before.SOLVER["LR_MULTIPLIERS"]
+    assert common.config_id(current) == common.config_id(before)
+
+
+def test_same_config_as_run_compares_the_runs_own_config(tmp_path, load_tool):
+    """The key-by-key check behind a differing hash: a key the run lacks passes only as a KEYS_ADDED_LATER key at
+    its old behaviour; any other missing, extra or changed key makes it another run."""
+    import yaml
+
+    common = load_tool("_common")
+    config = REPO_ROOT / "configs" / "tiny" / "hvlformer_tiny_shapes.yaml"
+    current = common.resolved_cfg(config, [])
+    dumped = yaml.safe_load(current.dump())
+    run_config = tmp_path / "config.yaml"
+
+    def same(tree, cfg=current):
+        run_config.write_text(yaml.safe_dump(tree))
+        return common.same_config_as_run(cfg, run_config)
+
+    assert same(dumped)
+    older = yaml.safe_load(current.dump())
+    del older["TEST"]["BEST_CHECKPOINT"], older["SOLVER"]["LR_MULTIPLIERS"], older["DATASETS"]["SHAPES"]["RARE_CLASS"]
+    assert same(older)  # made before those keys existed, or before they were listed: the same run
+    frozen = common.resolved_cfg(config, ["SOLVER.LR_MULTIPLIERS", "[['htqg.hqg.', 0.0]]"])
+    assert not same(older, frozen)  # the key at another value than the old behaviour
+    lacking = yaml.safe_load(current.dump())
+    del lacking["SOLVER"]["BASE_LR"]
+    assert not same(lacking)  # not a key added later
+    changed = yaml.safe_load(current.dump())
+    changed["SOLVER"]["BASE_LR"] = 0.001
+    assert not same(changed)
+    extra = yaml.safe_load(current.dump())
+    extra["SOLVER"]["REMOVED_KEY"] = 1
+    assert not same(extra)
+
+
 def test_finished_run_cfg_reads_the_run_and_lets_inference_switches_win(tmp_path, load_tool):
     """A finished run's config comes from its own config.yaml (not from the config file it started from),
     MODEL.WEIGHTS points at its model_final.pth (or the checkpoint given), and ``opts`` override both."""

@@ -173,6 +173,24 @@ def test_run_is_repeated_when_the_config_file_changes(tool, fake_train, tmp_path
     assert launch() is None and len(fake_train) == 2
 
 
+def test_run_with_an_outdated_hash_is_judged_by_its_own_config(tool, fake_train, tmp_path):
+    """A stored config hash can differ for a run of the same config (a key listed in KEYS_ADDED_LATER after the
+    run hashed it): the run's dumped config.yaml then decides, key by key."""
+    from _common import resolved_cfg
+
+    out = tmp_path / "run"
+    launch = _launcher(tool, tool.SUPERVISED, out, tmp_path)
+    assert launch() is not None and len(fake_train) == 1
+    (out / "benchmark_config.json").write_text(json.dumps({"config_sha256": "an older hash"}))
+    assert launch() is not None and len(fake_train) == 2  # no config.yaml (the fake run dumps none): run again
+    (out / "benchmark_config.json").write_text(json.dumps({"config_sha256": "an older hash"}))
+    opts = json.loads((out / "benchmark_opts.json").read_text())
+    (out / "config.yaml").write_text(resolved_cfg(tool.SUPERVISED, opts).dump())
+    assert launch() is None and len(fake_train) == 2  # the run's own config is the requested one: reused
+    (out / "config.yaml").write_text(resolved_cfg(tool.SUPERVISED, [*opts, "SOLVER.BASE_LR", "0.123"]).dump())
+    assert launch() is not None and len(fake_train) == 3
+
+
 def test_failed_run_raises_with_its_stderr(tool, monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
         command, 1, stdout="", stderr="KeyError: 'Non-existent config key: SEMI.TYPO'"))
