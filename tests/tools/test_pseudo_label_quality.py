@@ -254,7 +254,9 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
                   "SEMI.CLIP_RELABEL_OBJECTS", "False", "SEMI.ORACLE_LABELS", "False",
                   "SEMI.MASK_CONSISTENCY_PIXELS", "0", "SEMI.ORACLE_COVERAGE", "all",
                   "SEMI.LABEL_REFINEMENT_ITERATIONS", "0", "SEMI.LABEL_REFINEMENT_DILATIONS", "(1, 2, 4, 8)",
-                  "SEMI.LABEL_REFINEMENT_COLOUR_SCALE", "0.3", "SEMI.LABEL_REFINEMENT_POSITION_WEIGHT", "0.01"]
+                  "SEMI.LABEL_REFINEMENT_COLOUR_SCALE", "0.3", "SEMI.LABEL_REFINEMENT_POSITION_WEIGHT", "0.01",
+                  "DATASETS.SHAPES.RARE_CLASS", "", "DATASETS.SHAPES.RARE_CLASS_LABELED_IMAGES", "2",
+                  "TEST.BEST_CHECKPOINT.METRIC", "", "TEST.BEST_CHECKPOINT.MODE", "max", "SOLVER.LR_MULTIPLIERS", "[]"]
     assert common.settings_of_older_runs(old) == both_older
     new = tmp_path / "new.yaml"
     new.write_text("MODEL:\n  HVLFORMER:\n    QUERY_NORM: true\n    QUERY_ZERO_BIAS: true\n"
@@ -265,8 +267,10 @@ def test_runs_from_before_the_query_norm_load_as_trained(tmp_path, load_tool):
                    "  ORACLE_LABELS: true\n  MASK_CONSISTENCY_PIXELS: 9216\n  ORACLE_COVERAGE: teacher\n"
                    "  LABEL_REFINEMENT_ITERATIONS: 10\n  LABEL_REFINEMENT_DILATIONS: [1, 2]\n"
                    "  LABEL_REFINEMENT_COLOUR_SCALE: 0.5\n  LABEL_REFINEMENT_POSITION_WEIGHT: 0.0\n"
-                   "TEST:\n  CLIP_ENSEMBLE:\n    LEVEL: pixel\n"
-                   "DATASETS:\n  SHAPES:\n    CLASSES_FILE: shapes_square_cross_textures_swapped.json\n")
+                   "TEST:\n  CLIP_ENSEMBLE:\n    LEVEL: pixel\n  BEST_CHECKPOINT:\n    METRIC: sem_seg/mIoU\n    MODE: max\n"
+                   "DATASETS:\n  SHAPES:\n    CLASSES_FILE: shapes_square_cross_textures_swapped.json\n"
+                   "    RARE_CLASS: square\n    RARE_CLASS_LABELED_IMAGES: 2\n"
+                   "SOLVER:\n  LR_MULTIPLIERS: []\n")
     assert common.settings_of_older_runs(new) == []
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
