@@ -1,6 +1,9 @@
 """tools/query_drift.py: the rebuilt initial model is the run's, and the drift measures on known queries."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,12 +15,20 @@ def tool(load_tool):
     return load_tool("query_drift")
 
 
-@pytest.mark.parametrize("config", [TINY_CONFIG, TINY_SEMI_CONFIG], ids=["supervised", "semi"])
-def test_initial_model_is_the_runs_start(tool, tmp_path, config):
+@pytest.fixture(scope="module")
+def lr0_runs(tmp_path_factory):
+    """One-step runs at LR 0 (their checkpoints hold the initial weights) of the supervised and semi trainers."""
+    root = tmp_path_factory.mktemp("lr0")
+    return {name: short_semi_run(root / name, "SOLVER.MAX_ITER", "1", "SOLVER.BASE_LR", "0.0", "SEED", "3",
+                                 config=config)
+            for name, config in (("supervised", TINY_CONFIG), ("semi", TINY_SEMI_CONFIG))}
+
+
+@pytest.mark.parametrize("trainer", ["supervised", "semi"])
+def test_initial_model_is_the_runs_start(tool, lr0_runs, trainer):
     """A run at LR 0 keeps its initial weights: the rebuilt model must equal its checkpoint tensor for tensor
     (not only the queries), for both trainers; the tool then reports no drift."""
-    run = short_semi_run(tmp_path / "run", "SOLVER.MAX_ITER", "1", "SOLVER.BASE_LR", "0.0", "SEED", "3",
-                         config=config)
+    run = lr0_runs[trainer]
     rebuilt = tool.initial_model(run).state_dict()
     saved = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     assert set(saved) <= set(rebuilt)
@@ -28,12 +39,21 @@ def test_initial_model_is_the_runs_start(tool, tmp_path, config):
     assert steps[1]["cos_to_start"] == pytest.approx(1.0, abs=1e-6) and steps[1]["relative_change"] == 0.0
 
 
-def test_trained_textual_queries_move(tool, tmp_path):
-    run = short_semi_run(tmp_path / "run", "SEED", "3", "SOLVER.WARMUP_FACTOR", "1.0", config=TINY_CONFIG)  # 2 steps
+def test_every_checkpoint_is_read_in_step_order(tool, lr0_runs, tmp_path):
+    """A checkpoint whose HQG weights differ (standing for a trained one) is read at its step: its queries moved,
+    model_final.pth (the last step again) is not counted twice."""
+    run = Path(shutil.copytree(lr0_runs["supervised"], tmp_path / "run"))
+    final = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 0
+    moved = {**final, "iteration": 9, "model": dict(final["model"])}
+    weight = "htqg.hqg.heads.0.0.weight"
+    moved["model"][weight] = final["model"][weight].flip(0)  # another first layer for level 0
+    torch.save(moved, run / "model_0000009.pth")
     record = tool.run_drift(run)
     assert record["query_source"] == "text" and len(record["classes"]) == 6
-    assert [s["step"] for s in record["steps"]] == [0, 1, 2]
-    assert 0 < record["steps"][2]["relative_change"] and record["steps"][2]["cos_to_start"] < 1.0
+    assert [s["step"] for s in record["steps"]] == [0, 1, 10]
+    assert record["steps"][1]["relative_change"] == 0.0 and 0 < record["steps"][2]["relative_change"]
+    assert record["steps"][2]["cos_to_start"] < 1.0 and record["steps"][2]["text_cos_to_start"] == 1.0
 
 
 def test_drift_measures_on_known_queries(tool):
