@@ -87,6 +87,8 @@ def test_lr_multipliers_reject_unknown_prefixes_and_bad_entries():
         build_optimizer(_cfg(LR_MULTIPLIERS=[["head.", -1.0]]), Toy())
     with pytest.raises(ValueError, match="pairs"):
         build_optimizer(_cfg(LR_MULTIPLIERS=[["head.", 0.1, 2]]), Toy())
+    with pytest.raises(ValueError, match="'head.' is listed twice"):
+        build_optimizer(_cfg(LR_MULTIPLIERS=[["head.", 0.1], ["head.", 0.0]]), Toy())
 
 
 def test_lr_multipliers_from_the_command_line():

@@ -29,8 +29,8 @@ def lr_multiplier_for(name: str, lr_multipliers: Sequence[Tuple[str, float]]) ->
 
 def check_lr_multipliers(model: nn.Module, lr_multipliers: Sequence[Sequence[Any]]) -> List[Tuple[str, float]]:
     """``SOLVER.LR_MULTIPLIERS`` as ``(prefix, multiplier)`` pairs; a ValueError for a malformed entry, a
-    negative multiplier or a prefix that matches no trainable parameter (a typo would silently train at the
-    base LR)."""
+    negative multiplier, a prefix listed twice or a prefix that matches no trainable parameter (a typo would
+    silently train at the base LR)."""
     pairs: List[Tuple[str, float]] = []
     names = [name for name, param in model.named_parameters() if param.requires_grad]
     for entry in lr_multipliers:
@@ -39,6 +39,8 @@ def check_lr_multipliers(model: nn.Module, lr_multipliers: Sequence[Sequence[Any
         prefix, multiplier = entry[0], float(entry[1])
         if multiplier < 0:
             raise ValueError(f"SOLVER.LR_MULTIPLIERS: the multiplier of {prefix!r} must be >= 0, got {multiplier}")
+        if any(prefix == listed for listed, _ in pairs):
+            raise ValueError(f"SOLVER.LR_MULTIPLIERS: {prefix!r} is listed twice")
         if not any(name.startswith(prefix) for name in names):
             roots = sorted({".".join(name.split(".")[:2]) for name in names})
             raise ValueError(f"SOLVER.LR_MULTIPLIERS: no trainable parameter starts with {prefix!r}; the model's "
