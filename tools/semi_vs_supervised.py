@@ -247,8 +247,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              "architecture (e.g. HVL-Tiny-ViT-P8 for the v3 candidate; default: the configs' own)")
     parser.add_argument("--only", nargs="+", default=None, metavar="ARM",
                         help="run only these arms of the experiment (e.g. semi, while another command trains the "
-                             "supervised runs) and print their mIoU; the same command without --only then reuses "
-                             "every finished run and writes the comparison")
+                             "supervised runs): the table of those arms and the differences between two of them; "
+                             "the same command without --only then reuses every finished run for the whole table")
     parser.add_argument("--parallel", type=int, default=2, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per run")
@@ -277,12 +277,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if unknown:
             parser.error(f"--only {' '.join(unknown)}: not an arm of --experiment {args.experiment} ({', '.join(arms)})")
         jobs = [job for job in jobs if job[0] in args.only]
+        # a part of the experiment: its arms, and the differences between two of them
+        arms = [arm for arm in arms if arm in args.only]
+        differences = [d for d in differences if d[1] in args.only and d[2] in args.only]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda job: (job, run(job[0], job[1], args)), jobs))
-    if args.only:  # a part of the experiment: no comparison
-        partial = {f"{arm}_seed{seed}": miou for (arm, seed), miou in results}
-        emit_json({"mIoU": partial})
-        return {"mIoU": partial}
     table: Dict[str, Dict[int, float]] = {}
     for (variant, seed), miou in results:
         table.setdefault(variant, {})[seed] = miou
@@ -296,6 +295,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                   "batch": "8 labeled (+ 8 unlabeled for semi)",
                   "arms": {arm: {"config": str(VARIANTS[arm][0].relative_to(ROOT)), "opts": VARIANTS[arm][1]}
                            for arm in arms},
+                  **({"only": arms} if args.only else {}),
                   "command": "python tools/semi_vs_supervised.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "environment": machine_environment()},
         "mIoU": {arm: {**summarise(list(table[arm].values())), "seeds": sorted(table[arm])} for arm in arms},

@@ -269,11 +269,13 @@ def test_experiments_are_one_command_each(tool, fake_train, tmp_path):
 
 
 def test_only_runs_the_named_arms(tool, fake_train, tmp_path):
-    """--only semi trains the semi arm alone and compares nothing; the full command then trains only what is
-    missing (the supervised runs) and reuses the semi ones."""
+    """--only semi trains the semi arm alone: its table, no difference; the full command then trains only what
+    is missing (the supervised runs) and reuses the semi ones."""
     common = ["--iters", "20", "--workers", "0", "--parallel", "1", "--output-dir", str(tmp_path), "--seeds", "0", "1"]
-    out = tool.main(["--only", "semi", *common])
-    assert out == {"mIoU": {"semi_seed0": 41.0, "semi_seed1": 42.0}}
+    out = tool.main(["--only", "semi", "--json-out", str(tmp_path / "semi.json"), *common])
+    assert list(out["mIoU"]) == ["semi"] and out["mIoU"]["semi"]["runs"] == [41.0, 42.0]
+    assert out["setup"]["only"] == ["semi"] and "semi_minus_supervised" not in out
+    assert json.loads((tmp_path / "semi.json").read_text()) == out
     assert [c[c.index("OUTPUT_DIR") + 1] for c in fake_train] == [str(tmp_path / "semi_seed0"), str(tmp_path / "semi_seed1")]
     full = tool.main(common)
     assert len(fake_train) == 4 and all("supervised_seed" in c[c.index("OUTPUT_DIR") + 1] for c in fake_train[2:])
@@ -381,3 +383,14 @@ def test_anchors_frozen_freezes_the_hqg_heads_of_its_own_arm_only(tool, fake_tra
                              ("hqg_frozen_minus_textual", "supervised_hqg_frozen", "supervised"),
                              ("textual_minus_learnable", "supervised", "supervised_learnable")):
         assert out[name]["runs"] == [round(runs[arm][i] - runs[minus][i], 2) for i in range(2)]
+
+
+def test_only_two_arms_compares_those_two(tool, fake_train, tmp_path):
+    """--only with two arms of a three-arm experiment: their table and the one difference between them."""
+    common = ["--iters", "20", "--workers", "0", "--parallel", "1", "--output-dir", str(tmp_path), "--seeds", "3"]
+    out = tool.main(["--experiment", "anchors_frozen", "--only", "supervised_hqg_frozen", "supervised", *common])
+    assert list(out["mIoU"]) == ["supervised", "supervised_hqg_frozen"] and len(fake_train) == 2
+    assert [k for k in out if k.endswith(("_minus_learnable", "_minus_textual"))] == ["hqg_frozen_minus_textual"]
+    assert out["hqg_frozen_minus_textual"]["runs"] == [round(out["mIoU"]["supervised_hqg_frozen"]["runs"][0]
+                                                             - out["mIoU"]["supervised"]["runs"][0], 2)]
+    assert set(out["class_IoU"]) == set(out["evaluations"]) == {"supervised", "supervised_hqg_frozen"}
