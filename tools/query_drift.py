@@ -24,7 +24,6 @@ tests/tools/test_query_drift.py) and compares them with every checkpoint's:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -33,19 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from _common import emit_json
-
-CHECKPOINT = re.compile(r"model_(\d+|final)\.pth$")
+from _common import emit_json, resolved_cfg, run_checkpoints, settings_of_older_runs
 
 
 def initial_model(run: Path) -> nn.Module:
-    """The model of ``run`` as its training started: built from the run's ``config.yaml`` after seeding every
-    generator with its ``SEED``, as ``train_net.py`` does. A ValueError for a run without a fixed seed."""
+    """The model of ``run`` as its training started: built from the run's ``config.yaml`` (with the settings of
+    keys added after the run, :func:`_common.settings_of_older_runs`) after seeding every generator with its
+    ``SEED``, as ``train_net.py`` does. A ValueError for a run without a fixed seed."""
     from detectron2.utils.env import seed_all_rng
 
-    from hvlformer import build_trainer_class, setup_cfg
+    from hvlformer import build_trainer_class
 
-    cfg = setup_cfg(argparse.Namespace(config_file=str(run / "config.yaml"), opts=[]))
+    config = run / "config.yaml"
+    cfg = resolved_cfg(config, settings_of_older_runs(config))
     if cfg.SEED < 0:
         raise ValueError(f"{run}: SEED is {cfg.SEED} (a random seed), so its initial weights cannot be rebuilt")
     seed_all_rng(cfg.SEED)
@@ -77,24 +76,23 @@ def drift(start: Dict[str, Tensor], now: Dict[str, Tensor]) -> Dict[str, Any]:
     }
 
 
-def checkpoints(run: Path) -> List[Path]:
-    """``model_*.pth`` of ``run`` in file-name order (``model_final.pth`` last)."""
-    return sorted((path for path in run.glob("model_*.pth") if CHECKPOINT.search(path.name)),
-                  key=lambda path: (path.stem == "model_final", path.name))
-
-
 def run_drift(run: Path) -> Dict[str, Any]:
     """Every checkpoint of ``run`` against its initial model: ``{"query_source", "classes", "steps": [...]}``,
-    one entry per distinct training step (``model_final.pth`` repeats the last periodic checkpoint's)."""
+    one entry per distinct training step (the periodic checkpoints, :func:`_common.run_checkpoints`, then
+    ``model_final.pth`` unless it repeats the last of them)."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     model = initial_model(run)
     start = queries_and_text(model)
     steps: Dict[int, Dict[str, Any]] = {0: {"step": 0, **drift(start, start)}}
-    for path in checkpoints(run):
-        extra = DetectionCheckpointer(model).load(str(path))
-        step = int(extra.get("iteration", -1)) + 1  # detectron2 stores the 0-based index of the last step done
+    for step, path in run_checkpoints(run):
+        DetectionCheckpointer(model).load(str(path))
         steps[step] = {"step": step, **drift(start, queries_and_text(model))}
+    if (run / "model_final.pth").exists():
+        extra = DetectionCheckpointer(model).load(str(run / "model_final.pth"))
+        step = int(extra.get("iteration", -1)) + 1  # detectron2 stores the 0-based index of the last step done
+        if step not in steps:
+            steps[step] = {"step": step, **drift(start, queries_and_text(model))}
     return {"query_source": "text" if model.htqg.hqg is not None else "learnable",
             "classes": list(model.training_class_names),
             "steps": [steps[step] for step in sorted(steps)]}
