@@ -405,3 +405,21 @@ def test_matcher_needs_one_nonzero_cost():
         HungarianMatcher(cost_class=0.0, cost_mask=0.0, cost_dice=0.0)
     for costs in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)):
         assert HungarianMatcher(*costs).cost_class == costs[0]
+
+
+def test_matcher_samples_predictions_and_targets_of_different_sizes_at_the_same_places():
+    # A 4 px prediction (column 1 on) against 48 px targets: with the align_corners=False convention of
+    # inference's upsampling, column 1 covers x in [1/4, 1/2) of the image, exactly target 1. Sampled
+    # with align_corners=True it would cover [1/6, 1/2), exactly target 0, listed first so that a matcher
+    # blind to the masks (or to where they are) picks it.
+    pred = torch.full((1, 1, 4, 4), -10.0)
+    pred[0, 0, :, 1] = 10.0
+    targets = torch.zeros(2, 48, 48)
+    targets[0, :, 8:24] = 1
+    targets[1, :, 12:24] = 1
+    for seed in range(5):
+        torch.manual_seed(seed)
+        (pi, ti), = HungarianMatcher(num_points=1024)(
+            {"pred_logits": torch.zeros(1, 1, 3), "pred_masks": pred},
+            [{"labels": torch.tensor([0, 0]), "masks": targets}])
+        assert pi.tolist() == [0] and ti.tolist() == [1]
