@@ -37,3 +37,17 @@ def test_the_rare_class_shows_in_exactly_the_asked_number_of_labeled_images():
 def test_an_unknown_rare_class_is_a_clear_error():
     with pytest.raises(ValueError, match="RARE_CLASS='hexagon' is not a shape class"):
         _split("DATASETS.SHAPES.RARE_CLASS", "hexagon")
+
+
+def test_the_rare_class_split_reads_the_label_files_once(monkeypatch):
+    import hvlformer.data.datasets.register_shapes as register_shapes
+
+    reads = []
+    read = register_shapes.read_label_checked
+    monkeypatch.setattr(register_shapes, "read_label_checked", lambda *a: reads.append(a[0]) or read(*a))
+    first = _split("DATASETS.SHAPES.RARE_CLASS", "star")
+    assert reads and len(reads) == len(set(reads))  # the walk reads each image it passes once
+    walked = len(reads)
+    assert (first[0], first[1]) == ([r["sem_seg_file_name"] for r in DatasetCatalog.get("shapes_labeled")],
+                                    [r["hidden_sem_seg_file_name"] for r in DatasetCatalog.get("shapes_unlabeled")])
+    assert len(reads) == walked  # two more fetches of both splits read nothing again
