@@ -135,18 +135,19 @@ def register_shapes_semi_split(cfg) -> Optional[Tuple[str, str]]:
         raise ValueError(f"DATASETS.SHAPES.RARE_CLASS_LABELED_IMAGES={rare_images} must be between 0 and "
                          f"NUM_LABELED={num_labeled}")
 
-    @functools.lru_cache(maxsize=1)
-    def labeled_indices(num_records: int) -> FrozenSet[int]:
-        # Computed once for both splits and every catalog fetch: with RARE_CLASS it reads label files.
-        order = np.random.default_rng(seed).permutation(num_records).tolist()
-        return frozenset(order[:num_labeled] if not rare_class else labeled_with_rare_class(
-            DatasetCatalog.get(train_name), order, num_labeled, class_names.index(rare_class), rare_images))
+    # the labeled indices, chosen at the first fetch of either split and kept for both and every later fetch:
+    # with RARE_CLASS choosing them reads label files
+    labeled_indices: List[FrozenSet[int]] = []
 
     def split(labeled: bool) -> List[Dict[str, Any]]:
         records = DatasetCatalog.get(train_name)
         if not 0 < num_labeled < len(records):
             raise ValueError(f"DATASETS.SHAPES.NUM_LABELED={num_labeled} must be between 1 and {len(records) - 1}")
-        chosen = labeled_indices(len(records))
+        if not labeled_indices:
+            order = np.random.default_rng(seed).permutation(len(records)).tolist()
+            labeled_indices.append(frozenset(order[:num_labeled] if not rare_class else labeled_with_rare_class(
+                records, order, num_labeled, class_names.index(rare_class), rare_images)))
+        chosen = labeled_indices[0]
         if labeled:
             return [r for i, r in enumerate(records) if i in chosen]
         # the masks stay out of reach of training under another key: SEMI.ORACLE_LABELS (a diagnostic) reads them
